@@ -1,1 +1,125 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! xtask prepares and checks; the assertions of scenarios live in test binaries. It finds the
+//! repository root from `CARGO_MANIFEST_DIR`, keeps few dependencies, and its checks also run as
+//! `#[test]`s (see `tidy.rs`).
+
+mod bench;
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  ci        What CI runs (the README's test command): formatting check, clippy with
+            -D warnings on all targets, the layering checks, then every test of the workspace.
+  tidy      Only the layering and documentation checks (fast; no compilation).
+  bench     Runs the criterion benchmarks (package migration-benches) and rewrites the
+            generated section of BENCHMARKS.md with the medians and the machine they came from.
+            Extra arguments after `--` go to criterion, e.g. `cargo xtask bench -- seal`.
+  help      This text.
+
+Environment:
+  CI=true   Set by CI; `ci` then also refuses a dirty Cargo.lock (`--locked`).
+";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    let root = project_root();
+    match cmd.as_str() {
+        "ci" => {
+            no_extra_args(&cmd, &rest)?;
+            ci(&root)
+        }
+        "tidy" => {
+            no_extra_args(&cmd, &rest)?;
+            tidy::run_all(&root)
+        }
+        "bench" => {
+            let filter: Vec<String> = rest.into_iter().skip_while(|a| a == "--").collect();
+            bench::run(&root, &filter)
+        }
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => {
+            eprint!("{HELP}");
+            bail!("unknown command `{other}`")
+        }
+    }
+}
+
+fn no_extra_args(cmd: &str, rest: &[String]) -> Result<()> {
+    if let Some(first) = rest.first() {
+        bail!("`cargo xtask {cmd}` takes no arguments, got `{first}` (see `cargo xtask help`)");
+    }
+    Ok(())
+}
+
+/// The repository root: xtask lives one level below it.
+pub(crate) fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn ci(root: &Path) -> Result<()> {
+    let locked = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let mut steps: Vec<(&str, Vec<&str>)> = vec![
+        ("formatting", vec!["fmt", "--all", "--", "--check"]),
+        (
+            "clippy",
+            vec![
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        // Unit, integration and doc tests; benches are compiled by clippy above.
+        ("tests", vec!["test", "--workspace"]),
+    ];
+    if locked {
+        for (_, args) in &mut steps {
+            if args[0] != "fmt" {
+                args.insert(1, "--locked");
+            }
+        }
+    }
+    tidy::run_all(root).context("layering checks failed")?;
+    println!("xtask ci: layering checks passed");
+    for (name, args) in steps {
+        let started = Instant::now();
+        println!("xtask ci: {name}: cargo {}", args.join(" "));
+        let status = Command::new(cargo())
+            .args(&args)
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("could not start cargo for {name}"))?;
+        if !status.success() {
+            bail!("{name} failed ({status}): cargo {}", args.join(" "));
+        }
+        println!(
+            "xtask ci: {name} passed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    println!("xtask ci: all checks passed");
+    Ok(())
+}
+
+pub(crate) fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
