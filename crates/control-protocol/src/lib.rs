@@ -1,1 +1,45 @@
-//! control-protocol
+//! The control stream between the server wrapper and the client wrapper, without I/O.
+//!
+//! ```text
+//!  sender                                             receiver
+//!  Message ──encode()──► bytes ══ first bidi QUIC stream ══► ControlDecoder::push()
+//!                                                            ControlDecoder::next()
+//!                                                              ├─► Ok(Some(Message))
+//!                                                              └─► Err(DecodeError)
+//!                                                                   └─close_code()─► reset/stop
+//!  client only:  Message ──ClientControl::on_message()──► ClientEvent  (+ answers in `out`)
+//! ```
+//!
+//! The control stream is the first bidirectional stream of every QUIC connection between the
+//! client wrapper (cwrapper) and the server wrapper (swrapper, inside the process that is
+//! checkpointed and restored elsewhere). On it the server announces a migration (`Migrate`,
+//! optionally preceded by `Quiesce`), the client swaps its real UDP peer and acknowledges
+//! (`Ack`), and the server says `Resumed` once it runs again, or `MigrateAborted` to send the
+//! client back. See [`Message`] for the sequences.
+//!
+//! Each message is one [`migration_wire::frame`] whose body is
+//! `version: u16 BE | kind: u8 | postcard payload`. This crate only turns messages into bytes
+//! and back: the wrappers own the streams, the clock and the sockets.
+//!
+//! Every decoded message has been checked: a supported version, a known kind, the right
+//! direction for the decoding side, a payload with no bytes left over, and strings and tokens
+//! within their bounds. Nothing here panics on input; every failure is a typed error that maps
+//! to a QUIC application error code ([`CloseCode`]).
+
+mod client;
+mod close;
+mod codec;
+mod message;
+mod types;
+
+pub use client::{ClientControl, ClientError, ClientEvent, ClientState};
+pub use close::{CloseCode, UnknownCloseCode};
+pub use codec::{
+    ControlDecoder, DecodeError, EncodeError, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS, encode,
+};
+pub use message::{Message, MessageKind};
+pub use types::{
+    ByeReason, ClientId, Field, InvalidVersionRange, LengthError, MAX_BYE_REASON, MAX_CLIENT_ID,
+    MAX_TOKEN, MigrationId, Role, Token, VersionRange,
+};

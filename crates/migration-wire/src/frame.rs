@@ -68,18 +68,19 @@ pub fn encode<T: Serialize + ?Sized>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; LEN_PREFIX]);
-    let taken = std::mem::take(out);
-    let mut buf = postcard::to_extend(msg, taken).map_err(FrameError::Encode)?;
-    let body_len = buf.len() - start - LEN_PREFIX;
+    // Serialize through `&mut Vec` so that a failure cannot lose what `out` held before.
+    if let Err(e) = postcard::to_io(msg, &mut *out) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e));
+    }
+    let body_len = out.len() - start - LEN_PREFIX;
     match check_len(body_len as u64, max) {
         Ok(len) => {
-            buf[start..start + LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
-            *out = buf;
+            out[start..start + LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
             Ok(())
         }
         Err(e) => {
-            buf.truncate(start);
-            *out = buf;
+            out.truncate(start);
             Err(e)
         }
     }
@@ -301,6 +302,26 @@ mod tests {
             out,
             vec![7],
             "a refused message leaves the output untouched"
+        );
+    }
+
+    #[test]
+    fn encode_failure_keeps_earlier_frames() {
+        /// A sequence of unknown length, which postcard cannot encode.
+        struct UnknownLen;
+        impl Serialize for UnknownLen {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq([1u8, 2, 3].iter().filter(|_| true))
+            }
+        }
+        let mut out = Vec::new();
+        encode(&7u8, 64, &mut out).unwrap();
+        let before = out.clone();
+        let err = encode(&UnknownLen, 64, &mut out).unwrap_err();
+        assert!(matches!(err, FrameError::Encode(_)));
+        assert_eq!(
+            out, before,
+            "a failed encode leaves earlier frames in place"
         );
     }
 

@@ -1,11 +1,36 @@
 //! Bytes on the move: framing, compression, and the chunker that streams a CRIU image set.
 //!
 //! ```text
-//!  directory ──Chunker──► Chunk{path, offset, seq, digest, payload} ──frame──► transport
-//!                          (payload = seal(compress(bytes)))
-//!  transport ──FrameDecoder──► Chunk ──Reassembler──► directory (atomically, or nothing)
+//!  sender                                                   receiver
+//!  ──────                                                   ────────
+//!  root/ ──Chunker──► StreamItem ──frame::encode──► bytes ──read_frame──► StreamItem
+//!          (walk sorted, read chunk,                                        │
+//!           sha256, compress, seal)                              Reassembler::push
+//!                                                                           │
+//!   Header, Chunk{seq, path, offset, len, digest, payload}…, End           ▼
+//!                                                 dest.partial-* ──verified End──► dest
+//!                                                 (removed on any error)
 //! ```
+//!
+//! * [`frame`]: length-delimited frames with a bound checked before allocating.
+//! * [`compress`]: per-stream [`Compression`] with reusable contexts ([`Codec`]) and a
+//!   decompression bound enforced while decompressing.
+//! * [`chunk`]: the stream items and the [`Chunker`] that produces them from a directory.
+//! * [`reassemble`]: the [`Reassembler`] that verifies them and rebuilds the directory
+//!   atomically.
+//!
+//! `Chunker::write_to` and `Reassembler::read_from` run the whole pipeline over any
+//! `Write`/`Read` pair; `next_item` and `push` let a caller pipeline the stages on threads.
 
+pub mod chunk;
+pub mod compress;
 pub mod frame;
+pub mod reassemble;
 
-pub use frame::{FrameDecoder, FrameError};
+pub use chunk::{
+    Chunk, ChunkError, Chunker, ChunkerConfig, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, STREAM_VERSION,
+    StreamEnd, StreamHeader, StreamItem, StreamSummary,
+};
+pub use compress::{Codec, CompressError, Compression, ParseCompressionError};
+pub use frame::{FrameDecoder, FrameError, ReadFrameError};
+pub use reassemble::{ReassembleError, Reassembler, ReassemblerConfig};

@@ -1,0 +1,486 @@
+//! Sealing keys, key ids and key files.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Label HMAC'd with the key to derive its [`KeyId`].
+const KEY_ID_LABEL: &[u8] = b"migration-crypto key-id v1";
+
+/// The system random number generator failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// `ring::rand::SystemRandom` could not produce random bytes.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// A key given as bytes was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The key must have exactly `expected` bytes.
+    #[error("key must be {expected} bytes, found {found}")]
+    WrongLength {
+        /// Required length in bytes.
+        expected: usize,
+        /// Length given.
+        found: usize,
+    },
+    /// The key must have at least `min` bytes.
+    #[error("key must be at least {min} bytes, found {found}")]
+    TooShort {
+        /// Minimum length in bytes.
+        min: usize,
+        /// Length given.
+        found: usize,
+    },
+}
+
+/// Reading or writing a key file failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyFileError {
+    /// The key file does not exist.
+    #[error("key file {} not found", path.display())]
+    NotFound {
+        /// The file asked for.
+        path: PathBuf,
+    },
+    /// The path exists but is not a regular file (a directory, a socket, ...).
+    #[error("key file {} is not a regular file", path.display())]
+    NotAFile {
+        /// The file asked for.
+        path: PathBuf,
+    },
+    /// The key file is readable by every user; fix with `chmod 600`.
+    #[error("key file {} is world-readable (mode {mode:o}); run chmod 600", path.display())]
+    WorldReadable {
+        /// The file asked for.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key file does not hold exactly [`Key::LEN`] bytes.
+    #[error("key file {} holds {found} bytes, expected {}", path.display(), Key::LEN)]
+    WrongLength {
+        /// The file asked for.
+        path: PathBuf,
+        /// Its length in bytes (from its metadata when longer than a key;
+        /// at least `Key::LEN + 1` then).
+        found: u64,
+    },
+    /// [`write_key_file`] refuses to replace an existing file.
+    #[error("key file {} already exists; refusing to overwrite", path.display())]
+    AlreadyExists {
+        /// The file asked for.
+        path: PathBuf,
+    },
+    /// Any other I/O error.
+    #[error("key file {}: {source}", path.display())]
+    Io {
+        /// The file asked for.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Identifies a [`Key`] without revealing it: the first 8 bytes of
+/// `HMAC-SHA256(key, "migration-crypto key-id v1")`. Displays as hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct KeyId(pub [u8; 8]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::hex::write_hex(f, &self.0)
+    }
+}
+
+/// Derives an 8-byte id for `key` under `label`.
+pub(crate) fn derive_id(key: &[u8], label: &[u8]) -> [u8; 8] {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), label);
+    let mut id = [0u8; 8];
+    // HMAC-SHA256 tags are 32 bytes, so the first 8 always exist.
+    id.copy_from_slice(&tag.as_ref()[..8]);
+    id
+}
+
+/// Fills `buf` from the system RNG.
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| CryptoError::Random)
+}
+
+/// A 32-byte AES-256-GCM sealing key. Zeroized on drop; `Debug` shows only
+/// its [`KeyId`].
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct Key {
+    bytes: [u8; Key::LEN],
+    #[zeroize(skip)]
+    id: KeyId,
+}
+
+impl Key {
+    /// Length of a key in bytes.
+    pub const LEN: usize = 32;
+
+    /// Generates a new random key.
+    pub fn generate() -> Result<Key, CryptoError> {
+        let mut bytes = Zeroizing::new([0u8; Key::LEN]);
+        fill_random(bytes.as_mut())?;
+        Ok(Key::from_array(&bytes))
+    }
+
+    /// Builds a key from exactly [`Key::LEN`] bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Key, KeyError> {
+        let array: &[u8; Key::LEN] = bytes.try_into().map_err(|_| KeyError::WrongLength {
+            expected: Key::LEN,
+            found: bytes.len(),
+        })?;
+        Ok(Key::from_array(array))
+    }
+
+    fn from_array(bytes: &[u8; Key::LEN]) -> Key {
+        Key {
+            bytes: *bytes,
+            id: KeyId(derive_id(bytes, KEY_ID_LABEL)),
+        }
+    }
+
+    /// The key's id, safe to log and to put in record headers.
+    pub fn id(&self) -> KeyId {
+        self.id
+    }
+
+    /// The raw key bytes (crate-internal: HKDF input and key files).
+    pub(crate) fn as_bytes(&self) -> &[u8; Key::LEN] {
+        &self.bytes
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &format_args!("{}", self.id))
+            .finish()
+    }
+}
+
+fn io_error(path: &Path, source: io::Error) -> KeyFileError {
+    if source.kind() == io::ErrorKind::NotFound {
+        KeyFileError::NotFound {
+            path: path.to_path_buf(),
+        }
+    } else {
+        KeyFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Loads a key file holding exactly [`Key::LEN`] raw bytes.
+///
+/// Refuses a file that is world-readable (mode `& 0o004`) or not a regular
+/// file, and never reads more than `Key::LEN + 1` bytes, so pointing it at
+/// a huge file is harmless.
+pub fn load_key_file(path: &Path) -> Result<Key, KeyFileError> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    // fstat the opened file, not the path, so the checks and the read see
+    // the same file.
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if !meta.is_file() {
+        return Err(KeyFileError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o004 != 0 {
+            return Err(KeyFileError::WorldReadable {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    let mut buf = Zeroizing::new([0u8; Key::LEN + 1]);
+    let mut filled = 0;
+    let mut limited = file.take((Key::LEN + 1) as u64);
+    loop {
+        match limited.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                filled += n;
+                if filled == buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
+    if filled != Key::LEN {
+        let found = if filled > Key::LEN {
+            meta.len().max(filled as u64)
+        } else {
+            filled as u64
+        };
+        return Err(KeyFileError::WrongLength {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    let key = Key::from_bytes(&buf[..Key::LEN]).map_err(|_| KeyFileError::WrongLength {
+        path: path.to_path_buf(),
+        found: filled as u64,
+    })?;
+    Ok(key)
+}
+
+/// Writes `key` to a new file at `path` with mode 0600.
+///
+/// Refuses to overwrite an existing file ([`KeyFileError::AlreadyExists`]).
+/// A partially written file is removed on failure.
+pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyFileError> {
+    let mut options = File::options();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            KeyFileError::AlreadyExists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            io_error(path, e)
+        }
+    })?;
+    let result = file
+        .write_all(key.as_bytes())
+        .and_then(|()| file.sync_all());
+    if let Err(e) = result {
+        drop(file);
+        // Best effort: do not leave a truncated key behind.
+        let _ = std::fs::remove_file(path);
+        return Err(io_error(path, e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn key_bytes() -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = 0xA0 ^ i as u8;
+        }
+        b
+    }
+
+    fn write_raw(dir: &Path, name: &str, data: &[u8], mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, data).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn from_bytes_exact_length_only() {
+        assert!(Key::from_bytes(&[7u8; 32]).is_ok());
+        assert_eq!(
+            Key::from_bytes(&[7u8; 31]).unwrap_err(),
+            KeyError::WrongLength {
+                expected: 32,
+                found: 31
+            }
+        );
+        assert_eq!(
+            Key::from_bytes(&[7u8; 33]).unwrap_err(),
+            KeyError::WrongLength {
+                expected: 32,
+                found: 33
+            }
+        );
+        assert_eq!(
+            Key::from_bytes(&[]).unwrap_err(),
+            KeyError::WrongLength {
+                expected: 32,
+                found: 0
+            }
+        );
+    }
+
+    #[test]
+    fn key_id_is_hmac_prefix_and_stable() {
+        let k = Key::from_bytes(&key_bytes()).unwrap();
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &key_bytes()),
+            b"migration-crypto key-id v1",
+        );
+        assert_eq!(&k.id().0[..], &tag.as_ref()[..8]);
+        assert_eq!(k.id(), k.clone().id());
+        let other = Key::from_bytes(&[1u8; 32]).unwrap();
+        assert_ne!(k.id(), other.id());
+        assert_eq!(k.id().to_string().len(), 16);
+        assert_eq!(
+            KeyId([0, 1, 2, 0xab, 0xcd, 0xef, 0x10, 0xff]).to_string(),
+            "000102abcdef10ff"
+        );
+    }
+
+    #[test]
+    fn generate_gives_distinct_keys() {
+        let a = Key::generate().unwrap();
+        let b = Key::generate().unwrap();
+        assert_ne!(a.as_bytes(), b.as_bytes());
+        assert_ne!(a.id(), b.id());
+    }
+
+    #[test]
+    fn debug_does_not_leak_key_bytes() {
+        let k = Key::from_bytes(&key_bytes()).unwrap();
+        let dbg = format!("{k:?}");
+        assert!(dbg.contains(&k.id().to_string()), "{dbg}");
+        let mut hex_key = String::new();
+        for b in key_bytes() {
+            hex_key.push_str(&format!("{b:02x}"));
+        }
+        assert!(!dbg.contains(&hex_key));
+        assert!(!dbg.contains(&format!("{:?}", key_bytes())));
+    }
+
+    #[test]
+    fn zeroize_clears_bytes() {
+        let mut k = Key::from_bytes(&key_bytes()).unwrap();
+        k.zeroize();
+        assert_eq!(k.as_bytes(), &[0u8; 32]);
+    }
+
+    #[test]
+    fn write_then_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let k = Key::generate().unwrap();
+        write_key_file(&path, &k).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let loaded = load_key_file(&path).unwrap();
+        assert_eq!(loaded.as_bytes(), k.as_bytes());
+        assert_eq!(loaded.id(), k.id());
+    }
+
+    #[test]
+    fn write_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", b"old", 0o600);
+        let err = write_key_file(&path, &Key::generate().unwrap()).unwrap_err();
+        assert!(
+            matches!(err, KeyFileError::AlreadyExists { path: ref p } if *p == path),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
+
+    #[test]
+    fn load_good_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", &key_bytes(), 0o600);
+        let k = load_key_file(&path).unwrap();
+        assert_eq!(k.as_bytes(), &key_bytes());
+        // Group-readable is allowed; only world-readable is refused.
+        let path = write_raw(dir.path(), "g", &key_bytes(), 0o640);
+        assert!(load_key_file(&path).is_ok());
+    }
+
+    #[test]
+    fn load_world_readable_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", &key_bytes(), 0o644);
+        match load_key_file(&path).unwrap_err() {
+            KeyFileError::WorldReadable { path: p, mode } => {
+                assert_eq!(p, path);
+                assert_eq!(mode, 0o644);
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn load_short_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", &[1u8; 31], 0o600);
+        assert!(matches!(
+            load_key_file(&path).unwrap_err(),
+            KeyFileError::WrongLength { found: 31, .. }
+        ));
+        let path = write_raw(dir.path(), "empty", &[], 0o600);
+        assert!(matches!(
+            load_key_file(&path).unwrap_err(),
+            KeyFileError::WrongLength { found: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn load_long_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", &[1u8; 33], 0o600);
+        assert!(matches!(
+            load_key_file(&path).unwrap_err(),
+            KeyFileError::WrongLength { found: 33, .. }
+        ));
+        // A big file is reported with its real size but never slurped.
+        let path = dir.path().join("big");
+        let f = File::create(&path).unwrap();
+        f.set_len(1 << 40).unwrap(); // sparse 1 TiB
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            load_key_file(&path).unwrap_err(),
+            KeyFileError::WrongLength { found, .. } if found == 1 << 40
+        ));
+    }
+
+    #[test]
+    fn load_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope");
+        match load_key_file(&path).unwrap_err() {
+            KeyFileError::NotFound { path: p } => assert_eq!(p, path),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn load_directory_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        match load_key_file(dir.path()).unwrap_err() {
+            KeyFileError::NotAFile { path: p } => assert_eq!(p, dir.path()),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_display_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope");
+        let msg = load_key_file(&path).unwrap_err().to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+}

@@ -1,0 +1,1560 @@
+//! Rebuilding a directory from a chunk stream, atomically.
+//!
+//! ```text
+//!  StreamItem ──push──► checks (order, path, sizes) ──► open ──► decompress ──► sha256 ──► write
+//!                                                                              into dest.partial-*
+//!  End ──push──► totals + digest (+ sealed end) verified ──finish──► rename dest.partial-* → dest
+//!  any error, or drop without finish ──► dest.partial-* removed
+//! ```
+//!
+//! The [`Reassembler`] writes into a fresh staging directory next to the destination and renames
+//! it to the destination only once the end of the stream has been verified. Every check failure
+//! is a typed [`ReassembleError`], after which the staging directory is already gone: nothing
+//! partial is ever left behind.
+
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use migration_crypto::{OpenError, Opener, Sha256, sha256};
+
+use crate::chunk::{
+    Chunk, MODE_MASK, STREAM_VERSION, StreamEnd, StreamHeader, StreamItem, StreamSummary, end_aad,
+    is_safe_relative_path,
+};
+use crate::compress::{Codec, CompressError, Compression};
+use crate::frame::{self, FrameError, ReadFrameError};
+
+/// Configuration of a [`Reassembler`].
+#[derive(Debug)]
+pub struct ReassemblerConfig {
+    /// Expect a stream sealed under this opener's key; `None` expects an unsealed stream.
+    pub opener: Option<Opener>,
+    /// Largest plaintext length accepted for one chunk.
+    pub max_chunk: usize,
+    /// Largest total of plaintext bytes accepted, `None` for no limit.
+    pub max_total_bytes: Option<u64>,
+}
+
+/// Errors of the [`Reassembler`]. When one is returned the staging directory has been removed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReassembleError {
+    /// The destination already exists.
+    #[error("destination {path} already exists")]
+    DestinationExists {
+        /// The destination.
+        path: PathBuf,
+    },
+    /// A directory above the destination is a symlink.
+    #[error("{path}, above the destination, is a symlink")]
+    SymlinkInDestination {
+        /// The symlink.
+        path: PathBuf,
+    },
+    /// A filesystem operation on the destination side failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The reader given to [`Reassembler::read_from`] failed.
+    #[error("reading the stream: {0}")]
+    Read(#[source] io::Error),
+    /// A frame is oversized or its body is not a stream item.
+    #[error(transparent)]
+    Frame(FrameError),
+    /// The first item is not a header.
+    #[error("the stream does not start with a header")]
+    MissingHeader,
+    /// A second header arrived.
+    #[error("a header arrived in the middle of the stream")]
+    UnexpectedHeader,
+    /// The header's format version is not [`STREAM_VERSION`].
+    #[error("unsupported stream version {got}")]
+    UnsupportedVersion {
+        /// Version received.
+        got: u16,
+    },
+    /// A sealed stream was expected but this one (or its end) is not sealed.
+    #[error("the stream is not sealed but the receiver requires sealing")]
+    Unsealed,
+    /// The stream (or its end) is sealed but the receiver has no key.
+    #[error("the stream is sealed but the receiver has no key to open it")]
+    UnexpectedlySealed,
+    /// A sealed payload or end failed to open: tampered, or sealed under another key.
+    #[error("opening sealed data: {0}")]
+    Open(#[source] OpenError),
+    /// A chunk path is unsafe: absolute, `..`, `.`, empty component, NUL, backslash, too long.
+    #[error("unsafe path {path:?} in the stream")]
+    PathTraversal {
+        /// The path received.
+        path: String,
+    },
+    /// A chunk path needs a directory where a file was written, or the reverse.
+    #[error("path {path:?} conflicts with a file already received")]
+    PathConflict {
+        /// The path received.
+        path: String,
+    },
+    /// A chunk arrived twice: its sequence number was already seen, or its file already exists.
+    #[error("duplicate chunk {seq}")]
+    Duplicate {
+        /// Sequence number of the duplicate.
+        seq: u64,
+    },
+    /// Chunks are missing before this one.
+    #[error("chunk {got} arrived where chunk {expected} was expected")]
+    Gap {
+        /// The sequence number expected.
+        expected: u64,
+        /// The one received.
+        got: u64,
+    },
+    /// A chunk does not continue its file where the previous one ended.
+    #[error("chunk of {path:?} at offset {got}, expected offset {expected}")]
+    OffsetMismatch {
+        /// The file.
+        path: String,
+        /// The offset expected.
+        expected: u64,
+        /// The offset received.
+        got: u64,
+    },
+    /// A chunk of another file arrived before the last chunk of this one.
+    #[error("file {path:?} was left unfinished")]
+    UnfinishedFile {
+        /// The unfinished file.
+        path: String,
+    },
+    /// A chunk that is not the last of its file is empty (the sender never does this).
+    #[error("chunk {seq} is empty but not the last of its file")]
+    EmptyChunk {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// A chunk announces more plaintext than `max_chunk`.
+    #[error("chunk {seq} of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Sequence number.
+        seq: u64,
+        /// Announced plaintext length.
+        len: u32,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The stream carries more plaintext than `max_total_bytes`.
+    #[error("the stream exceeds the maximum of {max} bytes")]
+    TotalTooLarge {
+        /// Configured maximum.
+        max: u64,
+    },
+    /// A payload decompresses to more or fewer bytes than its announced length.
+    #[error("chunk {seq} does not decompress to its announced {expected} bytes")]
+    LengthMismatch {
+        /// Sequence number.
+        seq: u64,
+        /// Announced plaintext length.
+        expected: u32,
+    },
+    /// A payload does not decompress.
+    #[error("chunk {seq} does not decompress: {source}")]
+    Decompress {
+        /// Sequence number.
+        seq: u64,
+        /// The decompression error.
+        #[source]
+        source: CompressError,
+    },
+    /// A chunk's plaintext does not match its digest.
+    #[error("digest mismatch in {path:?} at offset {offset}")]
+    DigestMismatch {
+        /// The file.
+        path: String,
+        /// Offset of the chunk.
+        offset: u64,
+    },
+    /// The end's totals or digest differ from what was received.
+    #[error("end of stream mismatch: received {computed:?}, sender claims {claimed:?}")]
+    EndMismatch {
+        /// Totals of what was received.
+        computed: StreamSummary,
+        /// Totals the sender claims.
+        claimed: StreamSummary,
+    },
+    /// An item arrived after the end.
+    #[error("an item arrived after the end of the stream")]
+    AfterEnd,
+    /// The input ended before the end of the stream.
+    #[error("the stream ended before its end item")]
+    Truncated,
+    /// The reassembler failed earlier and cannot continue.
+    #[error("the reassembler failed earlier and cannot continue")]
+    Failed,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReassembleError + '_ {
+    move |source| ReassembleError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Bytes a frame may need beyond the plaintext of a `max_chunk` chunk: compression expansion of
+/// incompressible data, sealing overhead and the chunk's fields (path included).
+pub fn max_frame_for(max_chunk: usize) -> usize {
+    max_chunk
+        .saturating_add(max_chunk / 64)
+        .saturating_add(64 * 1024)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ExpectHeader,
+    Chunks,
+    Ended,
+    Done,
+    Failed,
+}
+
+#[derive(Debug)]
+struct WritingFile {
+    file: File,
+    path: String,
+    next_offset: u64,
+}
+
+/// Writes a chunk stream into a new directory, atomically.
+pub struct Reassembler {
+    dest: PathBuf,
+    staging: Option<PathBuf>,
+    opener: Option<Opener>,
+    max_chunk: usize,
+    max_total: Option<u64>,
+    state: State,
+    header: Option<StreamHeader>,
+    next_seq: u64,
+    files: u64,
+    bytes: u64,
+    hasher: Option<Sha256>,
+    current: Option<WritingFile>,
+    codec: Codec,
+    opened: Vec<u8>,
+    plain: Vec<u8>,
+    aad: Vec<u8>,
+    summary: Option<StreamSummary>,
+}
+
+impl fmt::Debug for Reassembler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reassembler")
+            .field("dest", &self.dest)
+            .field("staging", &self.staging)
+            .field("state", &self.state)
+            .field("next_seq", &self.next_seq)
+            .field("files", &self.files)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Reassembler {
+    /// Creates the staging directory `<dest>.partial-<pid>-<n>` next to `dest`.
+    ///
+    /// Fails if `dest` exists ([`ReassembleError::DestinationExists`]) or if a directory above
+    /// it is a symlink ([`ReassembleError::SymlinkInDestination`]).
+    pub fn new(dest: &Path, config: ReassemblerConfig) -> Result<Reassembler, ReassembleError> {
+        match fs::symlink_metadata(dest) {
+            Ok(_) => {
+                return Err(ReassembleError::DestinationExists {
+                    path: dest.to_owned(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(dest)(e)),
+        }
+        for ancestor in dest.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                continue;
+            }
+            match fs::symlink_metadata(ancestor) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(ReassembleError::SymlinkInDestination {
+                        path: ancestor.to_owned(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return Err(io_err(ancestor)(e)),
+            }
+        }
+        let Some(name) = dest.file_name() else {
+            return Err(io_err(dest)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "destination has no file name",
+            )));
+        };
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let staging = create_staging(&parent, name)?;
+        let ReassemblerConfig {
+            opener,
+            max_chunk,
+            max_total_bytes,
+        } = config;
+        Ok(Reassembler {
+            dest: dest.to_owned(),
+            staging: Some(staging),
+            opener,
+            max_chunk,
+            max_total: max_total_bytes,
+            state: State::ExpectHeader,
+            header: None,
+            next_seq: 0,
+            files: 0,
+            bytes: 0,
+            hasher: Some(Sha256::new()),
+            current: None,
+            codec: Codec::new(),
+            opened: Vec::new(),
+            plain: Vec::new(),
+            aad: Vec::new(),
+            summary: None,
+        })
+    }
+
+    /// The staging directory, while it exists.
+    pub fn staging_dir(&self) -> Option<&Path> {
+        self.staging.as_deref()
+    }
+
+    /// Takes one item. On error the staging directory is removed and every later call fails
+    /// with [`ReassembleError::Failed`].
+    pub fn push(&mut self, item: StreamItem) -> Result<(), ReassembleError> {
+        let res = match self.state {
+            State::Failed | State::Done => return Err(ReassembleError::Failed),
+            State::Ended => Err(ReassembleError::AfterEnd),
+            State::ExpectHeader => match item {
+                StreamItem::Header(h) => self.on_header(h),
+                _ => Err(ReassembleError::MissingHeader),
+            },
+            State::Chunks => match item {
+                StreamItem::Header(_) => Err(ReassembleError::UnexpectedHeader),
+                StreamItem::Chunk(c) => self.on_chunk(c),
+                StreamItem::End(e) => self.on_end(e),
+            },
+        };
+        if res.is_err() {
+            self.abort();
+        }
+        res
+    }
+
+    /// Whether the end of the stream has been received and verified.
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Renames the staging directory to the destination, once the end was verified.
+    ///
+    /// Fails with [`ReassembleError::Truncated`] if the end has not been received.
+    pub fn finish(mut self) -> Result<StreamSummary, ReassembleError> {
+        let summary = match (self.state, self.summary) {
+            (State::Ended, Some(s)) => s,
+            (State::Failed, _) => return Err(ReassembleError::Failed),
+            _ => return Err(ReassembleError::Truncated),
+        };
+        let Some(staging) = self.staging.clone() else {
+            return Err(ReassembleError::Failed);
+        };
+        // rename(2) would silently replace an empty directory created meanwhile.
+        if fs::symlink_metadata(&self.dest).is_ok() {
+            return Err(ReassembleError::DestinationExists {
+                path: self.dest.clone(),
+            });
+        }
+        fs::rename(&staging, &self.dest).map_err(io_err(&self.dest))?;
+        self.staging = None;
+        self.state = State::Done;
+        Ok(summary)
+    }
+
+    /// Reads frames from `r` until the end item, then [`finish`](Self::finish)es. Bytes after
+    /// the end's frame are left unread.
+    pub fn read_from<R: Read>(mut self, mut r: R) -> Result<StreamSummary, ReassembleError> {
+        let max = max_frame_for(self.max_chunk);
+        let mut buf = Vec::new();
+        while !self.is_ended() {
+            match frame::read_frame(&mut r, max, &mut buf) {
+                Ok(true) => {}
+                Ok(false) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
+                    return Err(ReassembleError::Truncated);
+                }
+                Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
+                Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
+            }
+            let item = frame::decode_body::<StreamItem>(&buf).map_err(ReassembleError::Frame)?;
+            self.push(item)?;
+        }
+        self.finish()
+    }
+
+    fn abort(&mut self) {
+        self.state = State::Failed;
+        self.current = None;
+        if let Some(staging) = self.staging.take() {
+            // Best effort: nothing better to do with an error while already failing.
+            let _ = fs::remove_dir_all(staging);
+        }
+    }
+
+    fn staging(&self) -> Result<&Path, ReassembleError> {
+        self.staging.as_deref().ok_or(ReassembleError::Failed)
+    }
+
+    fn on_header(&mut self, h: StreamHeader) -> Result<(), ReassembleError> {
+        if h.version != STREAM_VERSION {
+            return Err(ReassembleError::UnsupportedVersion { got: h.version });
+        }
+        match (h.sealed_with, &self.opener) {
+            (None, None) => {}
+            (Some(found), Some(opener)) => {
+                let expected = opener.key_id();
+                if found != expected {
+                    return Err(ReassembleError::Open(OpenError::WrongKey {
+                        expected,
+                        found,
+                    }));
+                }
+            }
+            (None, Some(_)) => return Err(ReassembleError::Unsealed),
+            (Some(_), None) => return Err(ReassembleError::UnexpectedlySealed),
+        }
+        self.header = Some(h);
+        self.state = State::Chunks;
+        Ok(())
+    }
+
+    fn on_chunk(&mut self, c: Chunk) -> Result<(), ReassembleError> {
+        let Some(header) = self.header else {
+            return Err(ReassembleError::MissingHeader);
+        };
+        if c.seq < self.next_seq {
+            return Err(ReassembleError::Duplicate { seq: c.seq });
+        }
+        if c.seq > self.next_seq {
+            return Err(ReassembleError::Gap {
+                expected: self.next_seq,
+                got: c.seq,
+            });
+        }
+        if c.len as usize > self.max_chunk {
+            return Err(ReassembleError::TooLarge {
+                seq: c.seq,
+                len: c.len,
+                max: self.max_chunk,
+            });
+        }
+        let total = self.bytes.saturating_add(u64::from(c.len));
+        if let Some(max) = self.max_total
+            && total > max
+        {
+            return Err(ReassembleError::TotalTooLarge { max });
+        }
+        if !is_safe_relative_path(&c.path) {
+            return Err(ReassembleError::PathTraversal { path: c.path });
+        }
+        if c.len == 0 && !c.last_of_file {
+            return Err(ReassembleError::EmptyChunk { seq: c.seq });
+        }
+        match &self.current {
+            Some(cur) if cur.path != c.path => {
+                return Err(ReassembleError::UnfinishedFile {
+                    path: cur.path.clone(),
+                });
+            }
+            Some(cur) if cur.next_offset != c.offset => {
+                return Err(ReassembleError::OffsetMismatch {
+                    path: c.path,
+                    expected: cur.next_offset,
+                    got: c.offset,
+                });
+            }
+            Some(_) => {}
+            None if c.offset != 0 => {
+                return Err(ReassembleError::OffsetMismatch {
+                    path: c.path,
+                    expected: 0,
+                    got: c.offset,
+                });
+            }
+            None => {
+                let file = self.create_file(&c)?;
+                self.current = Some(WritingFile {
+                    file,
+                    path: c.path.clone(),
+                    next_offset: 0,
+                });
+            }
+        }
+
+        c.descriptor(&mut self.aad);
+        let data: &[u8] = match self.opener.as_mut() {
+            Some(opener) => {
+                self.opened.clear();
+                opener
+                    .open(&self.aad, &c.payload, &mut self.opened)
+                    .map_err(ReassembleError::Open)?;
+                &self.opened
+            }
+            None => &c.payload,
+        };
+        let len = c.len as usize;
+        let plain: &[u8] = if header.compression == Compression::None {
+            data
+        } else {
+            self.plain.clear();
+            self.plain.reserve(len);
+            match self
+                .codec
+                .decompress(header.compression, data, len, &mut self.plain)
+            {
+                Ok(()) => {}
+                Err(CompressError::OutputTooLarge { .. }) => {
+                    return Err(ReassembleError::LengthMismatch {
+                        seq: c.seq,
+                        expected: c.len,
+                    });
+                }
+                Err(source) => {
+                    return Err(ReassembleError::Decompress { seq: c.seq, source });
+                }
+            }
+            &self.plain
+        };
+        if plain.len() != len {
+            return Err(ReassembleError::LengthMismatch {
+                seq: c.seq,
+                expected: c.len,
+            });
+        }
+        if sha256(plain) != c.digest {
+            return Err(ReassembleError::DigestMismatch {
+                path: c.path,
+                offset: c.offset,
+            });
+        }
+        let staging = self.staging.as_deref().ok_or(ReassembleError::Failed)?;
+        let Some(cur) = self.current.as_mut() else {
+            return Err(ReassembleError::Failed);
+        };
+        cur.file
+            .write_all(plain)
+            .map_err(|e| io_err(&staging.join(&c.path))(e))?;
+        cur.next_offset += u64::from(c.len);
+        if c.last_of_file {
+            cur.file
+                .set_permissions(fs::Permissions::from_mode(c.mode & MODE_MASK))
+                .map_err(|e| io_err(&staging.join(&c.path))(e))?;
+            self.current = None;
+            self.files += 1;
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&self.aad);
+        }
+        self.next_seq += 1;
+        self.bytes = total;
+        Ok(())
+    }
+
+    fn create_file(&self, c: &Chunk) -> Result<File, ReassembleError> {
+        let staging = self.staging()?;
+        let full = staging.join(&c.path);
+        if let Some((dirs, _)) = c.path.rsplit_once('/') {
+            let mut builder = DirBuilder::new();
+            builder.recursive(true).mode(0o755);
+            builder.create(staging.join(dirs)).map_err(|e| {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
+                ) {
+                    ReassembleError::PathConflict {
+                        path: c.path.clone(),
+                    }
+                } else {
+                    io_err(&full)(e)
+                }
+            })?;
+        }
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&full)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => match fs::symlink_metadata(&full) {
+                    Ok(m) if m.is_dir() => ReassembleError::PathConflict {
+                        path: c.path.clone(),
+                    },
+                    _ => ReassembleError::Duplicate { seq: c.seq },
+                },
+                io::ErrorKind::NotADirectory => ReassembleError::PathConflict {
+                    path: c.path.clone(),
+                },
+                _ => io_err(&full)(e),
+            })
+    }
+
+    fn on_end(&mut self, end: StreamEnd) -> Result<(), ReassembleError> {
+        let Some(header) = self.header else {
+            return Err(ReassembleError::MissingHeader);
+        };
+        if let Some(cur) = &self.current {
+            return Err(ReassembleError::UnfinishedFile {
+                path: cur.path.clone(),
+            });
+        }
+        let digest = self
+            .hasher
+            .take()
+            .map(Sha256::finish)
+            .ok_or(ReassembleError::Failed)?;
+        let computed = StreamSummary {
+            chunks: self.next_seq,
+            files: self.files,
+            bytes: self.bytes,
+            digest,
+        };
+        if computed != end.summary {
+            return Err(ReassembleError::EndMismatch {
+                computed,
+                claimed: end.summary,
+            });
+        }
+        match (self.opener.as_mut(), end.seal) {
+            (None, None) => {}
+            (Some(_), None) => return Err(ReassembleError::Unsealed),
+            (None, Some(_)) => return Err(ReassembleError::UnexpectedlySealed),
+            (Some(opener), Some(record)) => {
+                end_aad(&mut self.aad, &header, &end.summary)
+                    .map_err(FrameError::Encode)
+                    .map_err(ReassembleError::Frame)?;
+                self.opened.clear();
+                opener
+                    .open(&self.aad, &record, &mut self.opened)
+                    .map_err(ReassembleError::Open)?;
+                if !self.opened.is_empty() {
+                    return Err(ReassembleError::Open(OpenError::Tampered));
+                }
+            }
+        }
+        self.summary = Some(computed);
+        self.state = State::Ended;
+        Ok(())
+    }
+}
+
+impl Drop for Reassembler {
+    fn drop(&mut self) {
+        if let Some(staging) = self.staging.take() {
+            let _ = fs::remove_dir_all(staging);
+        }
+    }
+}
+
+fn create_staging(parent: &Path, name: &std::ffi::OsStr) -> Result<PathBuf, ReassembleError> {
+    let pid = std::process::id();
+    let mut last_err = None;
+    for _ in 0..64 {
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut file_name = name.to_owned();
+        file_name.push(format!(".partial-{pid}-{n}"));
+        let path = parent.join(file_name);
+        match DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    Err(io_err(parent)(last_err.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::AlreadyExists, "no free staging name")
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{Chunker, ChunkerConfig};
+    use migration_crypto::{Key, Sealer};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const CS: usize = 8;
+
+    /// A source tree and the key to seal with.
+    struct Fixture {
+        src: tempfile::TempDir,
+        out: tempfile::TempDir,
+        key: Key,
+    }
+
+    fn fixture() -> Fixture {
+        let src = tempfile::tempdir().unwrap();
+        let r = src.path();
+        fs::create_dir_all(r.join("d/e")).unwrap();
+        fs::write(r.join("a"), b"hello world, this is a").unwrap();
+        fs::write(r.join("d/e/f"), vec![7u8; 2 * CS]).unwrap();
+        fs::write(r.join("empty"), b"").unwrap();
+        fs::set_permissions(r.join("a"), fs::Permissions::from_mode(0o640)).unwrap();
+        Fixture {
+            src,
+            out: tempfile::tempdir().unwrap(),
+            key: Key::generate().unwrap(),
+        }
+    }
+
+    impl Fixture {
+        fn items(&self, compression: Compression, sealed: bool) -> Vec<StreamItem> {
+            let mut c = Chunker::new(
+                self.src.path(),
+                ChunkerConfig {
+                    chunk_size: CS,
+                    compression,
+                    sealer: sealed.then(|| Sealer::new(&self.key).unwrap()),
+                },
+            )
+            .unwrap();
+            let mut v = Vec::new();
+            while let Some(i) = c.next_item().unwrap() {
+                v.push(i);
+            }
+            v
+        }
+
+        fn dest(&self) -> PathBuf {
+            self.out.path().join("dest")
+        }
+
+        fn reassembler(&self, sealed: bool) -> Reassembler {
+            Reassembler::new(&self.dest(), self.config(sealed)).unwrap()
+        }
+
+        fn config(&self, sealed: bool) -> ReassemblerConfig {
+            ReassemblerConfig {
+                opener: sealed.then(|| Opener::new(&self.key)),
+                max_chunk: CS,
+                max_total_bytes: None,
+            }
+        }
+
+        /// Pushes all items into a fresh reassembler and finishes; on error checks that nothing
+        /// is left in the output directory.
+        fn run(
+            &self,
+            items: Vec<StreamItem>,
+            sealed: bool,
+        ) -> Result<StreamSummary, ReassembleError> {
+            self.run_with(items, self.config(sealed))
+        }
+
+        fn run_with(
+            &self,
+            items: Vec<StreamItem>,
+            config: ReassemblerConfig,
+        ) -> Result<StreamSummary, ReassembleError> {
+            let mut r = Reassembler::new(&self.dest(), config).unwrap();
+            let staging = r.staging_dir().unwrap().to_owned();
+            assert!(staging.is_dir());
+            let res = items
+                .into_iter()
+                .try_for_each(|i| r.push(i))
+                .and_then(|()| r.finish());
+            if res.is_err() {
+                assert!(!staging.exists(), "staging left behind");
+                self.assert_clean();
+            }
+            res
+        }
+
+        fn assert_clean(&self) {
+            let left: Vec<_> = fs::read_dir(self.out.path()).unwrap().collect();
+            assert!(left.is_empty(), "left behind: {left:?}");
+        }
+    }
+
+    fn chunk_mut(items: &mut [StreamItem], seq: u64) -> &mut Chunk {
+        items
+            .iter_mut()
+            .find_map(|i| match i {
+                StreamItem::Chunk(c) if c.seq == seq => Some(c),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn end_mut(items: &mut [StreamItem]) -> &mut StreamEnd {
+        match items.last_mut().unwrap() {
+            StreamItem::End(e) => e,
+            _ => panic!("no end"),
+        }
+    }
+
+    /// Reads a directory tree into path -> (mode, bytes).
+    fn read_tree(root: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+            for e in fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                let m = fs::symlink_metadata(&p).unwrap();
+                if m.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+                    out.insert(rel, (m.permissions().mode() & 0o777, fs::read(&p).unwrap()));
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    #[test]
+    fn round_trip_every_mode() {
+        for compression in [
+            Compression::None,
+            Compression::Zstd { level: 3 },
+            Compression::Gzip { level: 6 },
+        ] {
+            for sealed in [false, true] {
+                let f = fixture();
+                let items = f.items(compression, sealed);
+                let summary = f.run(items, sealed).unwrap();
+                assert_eq!(summary.files, 3);
+                assert_eq!(summary.bytes, 22 + 16);
+                assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+                assert_eq!(read_tree(&f.dest())["a"].0, 0o640);
+                // Only dest remains: the staging directory was renamed.
+                assert_eq!(fs::read_dir(f.out.path()).unwrap().count(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn write_to_and_read_from_round_trip() {
+        let f = fixture();
+        let chunker = Chunker::new(
+            f.src.path(),
+            ChunkerConfig {
+                chunk_size: CS,
+                compression: Compression::Zstd { level: 1 },
+                sealer: Some(Sealer::new(&f.key).unwrap()),
+            },
+        )
+        .unwrap();
+        let mut wire = Vec::new();
+        let sent = chunker.write_to(&mut wire).unwrap();
+        wire.extend_from_slice(b"after the end");
+        let mut reader: &[u8] = &wire;
+        let got = f.reassembler(true).read_from(&mut reader).unwrap();
+        assert_eq!(got, sent);
+        assert_eq!(
+            reader, b"after the end",
+            "bytes after the end are left unread"
+        );
+        assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+    }
+
+    #[test]
+    fn destination_exists() {
+        let f = fixture();
+        fs::create_dir(f.dest()).unwrap();
+        assert!(matches!(
+            Reassembler::new(&f.dest(), f.config(false)),
+            Err(ReassembleError::DestinationExists { .. })
+        ));
+        // Also when it appears while streaming.
+        fs::remove_dir(f.dest()).unwrap();
+        let mut r = f.reassembler(false);
+        let staging = r.staging_dir().unwrap().to_owned();
+        for i in f.items(Compression::None, false) {
+            r.push(i).unwrap();
+        }
+        fs::create_dir(f.dest()).unwrap();
+        assert!(matches!(
+            r.finish(),
+            Err(ReassembleError::DestinationExists { .. })
+        ));
+        assert!(!staging.exists());
+    }
+
+    #[test]
+    fn symlink_in_destination_ancestry() {
+        let f = fixture();
+        fs::create_dir(f.out.path().join("real")).unwrap();
+        std::os::unix::fs::symlink("real", f.out.path().join("link")).unwrap();
+        assert!(matches!(
+            Reassembler::new(&f.out.path().join("link/dest"), f.config(false)),
+            Err(ReassembleError::SymlinkInDestination { path }) if path.ends_with("link")
+        ));
+        assert_eq!(fs::read_dir(f.out.path().join("real")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn drop_without_finish_removes_staging() {
+        let f = fixture();
+        let mut r = f.reassembler(false);
+        let staging = r.staging_dir().unwrap().to_owned();
+        let mut items = f.items(Compression::None, false);
+        items.pop();
+        for i in items {
+            r.push(i).unwrap();
+        }
+        assert!(staging.join("a").is_file());
+        drop(r);
+        f.assert_clean();
+    }
+
+    #[test]
+    fn path_traversal() {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "",
+            "a\0b",
+            "..\\x",
+            "a/b/..",
+            "x/",
+        ] {
+            let f = fixture();
+            let mut items = f.items(Compression::None, false);
+            chunk_mut(&mut items, 0).path = bad.to_owned();
+            assert!(
+                matches!(f.run(items, false), Err(ReassembleError::PathTraversal { path }) if path == bad),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_seq() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        let again = items[2].clone();
+        items.insert(3, again);
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::Duplicate { seq: 1 })
+        ));
+    }
+
+    #[test]
+    fn duplicate_file() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        // Resend "a"'s chunks (seq 0..=2) renumbered after them.
+        let a: Vec<Chunk> = (0..3).map(|s| chunk_mut(&mut items, s).clone()).collect();
+        let mut rebuilt = vec![items[0].clone()];
+        for (n, c) in a.iter().chain(a.iter()).enumerate() {
+            let mut c = c.clone();
+            c.seq = n as u64;
+            rebuilt.push(StreamItem::Chunk(c));
+        }
+        assert!(matches!(
+            f.run(rebuilt, false),
+            Err(ReassembleError::Duplicate { seq: 3 })
+        ));
+    }
+
+    #[test]
+    fn gap() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        items.remove(2);
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::Gap {
+                expected: 1,
+                got: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn offset_mismatch() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 1).offset = 9;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::OffsetMismatch {
+                expected: 8,
+                got: 9,
+                ..
+            })
+        ));
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 0).offset = 8;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::OffsetMismatch {
+                expected: 0,
+                got: 8,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unfinished_file() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 1).path = "other".into();
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnfinishedFile { path }) if path == "a"
+        ));
+        let mut items = f.items(Compression::None, false);
+        let n = items.len();
+        // The last chunk of "d/e/f" (seq 4) loses its flag; "empty" follows.
+        chunk_mut(&mut items, n as u64 - 4).last_of_file = false;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnfinishedFile { path }) if path == "d/e/f"
+        ));
+        // The stream's last chunk loses its flag: the end finds the file open.
+        let mut items = f.items(Compression::None, false);
+        let n = items.len();
+        items.remove(n - 2); // "empty"
+        chunk_mut(&mut items, 4).last_of_file = false;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnfinishedFile { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_chunk_that_is_not_last() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        let empty = items
+            .iter()
+            .find_map(|i| match i {
+                StreamItem::Chunk(c) if c.len == 0 => Some(c.seq),
+                _ => None,
+            })
+            .unwrap();
+        chunk_mut(&mut items, empty).last_of_file = false;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::EmptyChunk { seq }) if seq == empty
+        ));
+    }
+
+    #[test]
+    fn path_conflict() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        // "d/e/f" becomes "a/f": "a" is already a file.
+        for c in items.iter_mut().filter_map(|i| match i {
+            StreamItem::Chunk(c) if c.path == "d/e/f" => Some(c),
+            _ => None,
+        }) {
+            c.path = "a/f".into();
+        }
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::PathConflict { path }) if path == "a/f"
+        ));
+        let mut items = f.items(Compression::None, false);
+        // "empty" becomes "d": a directory already.
+        let seq = items.len() as u64 - 3;
+        chunk_mut(&mut items, seq).path = "d".into();
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::PathConflict { path }) if path == "d"
+        ));
+    }
+
+    #[test]
+    fn digest_mismatch() {
+        for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+            let f = fixture();
+            let mut items = f.items(compression, false);
+            chunk_mut(&mut items, 1).digest.0[0] ^= 1;
+            assert!(matches!(
+                f.run(items, false),
+                Err(ReassembleError::DigestMismatch { path, offset: 8 }) if path == "a"
+            ));
+        }
+        // Unsealed, a changed payload of the same length is caught by the digest.
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 0).payload[0] ^= 1;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::DigestMismatch { offset: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_sealed_payload() {
+        let f = fixture();
+        let mut items = f.items(Compression::Zstd { level: 1 }, true);
+        let p = &mut chunk_mut(&mut items, 1).payload;
+        let n = p.len();
+        p[n - 1] ^= 1;
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::Open(OpenError::Tampered))
+        ));
+    }
+
+    #[test]
+    fn moved_sealed_chunk_fails_to_open() {
+        // Same content and digest under another path: only the AAD catches it.
+        let f = fixture();
+        let mut items = f.items(Compression::None, true);
+        let seq = items.len() as u64 - 3; // "empty"
+        chunk_mut(&mut items, seq).path = "renamed".into();
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::Open(OpenError::Tampered))
+        ));
+    }
+
+    #[test]
+    fn wrong_key() {
+        let f = fixture();
+        let items = f.items(Compression::None, true);
+        let other = Key::generate().unwrap();
+        let config = ReassemblerConfig {
+            opener: Some(Opener::new(&other)),
+            ..f.config(false)
+        };
+        assert!(matches!(
+            f.run_with(items.clone(), config),
+            Err(ReassembleError::Open(OpenError::WrongKey { .. }))
+        ));
+        // Even if the header lies about the key.
+        let mut items = items;
+        let StreamItem::Header(h) = &mut items[0] else {
+            panic!()
+        };
+        h.sealed_with = Some(other.id());
+        let config = ReassemblerConfig {
+            opener: Some(Opener::new(&other)),
+            ..f.config(false)
+        };
+        assert!(matches!(
+            f.run_with(items, config),
+            Err(ReassembleError::Open(OpenError::WrongKey { .. }))
+        ));
+    }
+
+    #[test]
+    fn missing_and_unexpected_header() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        items.remove(0);
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::MissingHeader)
+        ));
+        let mut items = f.items(Compression::None, false);
+        let end = items.pop().unwrap();
+        assert!(matches!(
+            f.run(vec![end], false),
+            Err(ReassembleError::MissingHeader)
+        ));
+        let h = items[0].clone();
+        items.insert(2, h);
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnexpectedHeader)
+        ));
+    }
+
+    #[test]
+    fn unsupported_version() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        let StreamItem::Header(h) = &mut items[0] else {
+            panic!()
+        };
+        h.version = 2;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnsupportedVersion { got: 2 })
+        ));
+    }
+
+    #[test]
+    fn sealing_expectations() {
+        let f = fixture();
+        assert!(matches!(
+            f.run(f.items(Compression::None, false), true),
+            Err(ReassembleError::Unsealed)
+        ));
+        assert!(matches!(
+            f.run(f.items(Compression::None, true), false),
+            Err(ReassembleError::UnexpectedlySealed)
+        ));
+        // The end's seal stripped.
+        let mut items = f.items(Compression::None, true);
+        end_mut(&mut items).seal = None;
+        assert!(matches!(f.run(items, true), Err(ReassembleError::Unsealed)));
+        // An unsealed stream whose end claims a seal.
+        let mut items = f.items(Compression::None, false);
+        end_mut(&mut items).seal = Some(vec![0; 49]);
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnexpectedlySealed)
+        ));
+    }
+
+    #[test]
+    fn end_mismatch() {
+        let f = fixture();
+        for tweak in 0..4 {
+            let mut items = f.items(Compression::None, false);
+            let s = &mut end_mut(&mut items).summary;
+            match tweak {
+                0 => s.chunks += 1,
+                1 => s.files -= 1,
+                2 => s.bytes += 1,
+                _ => s.digest.0[31] ^= 1,
+            }
+            assert!(
+                matches!(
+                    f.run(items, false),
+                    Err(ReassembleError::EndMismatch { .. })
+                ),
+                "{tweak}"
+            );
+        }
+        // An unsealed mode change is caught by the end digest over the descriptors.
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 2).mode = 0o777;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::EndMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_sealed_stream_with_forged_end_fails() {
+        // Drop the last file and recompute a plausible end: the sealed end record catches it.
+        let f = fixture();
+        let mut items = f.items(Compression::None, true);
+        let end = items.pop().unwrap();
+        let StreamItem::End(mut end) = end else {
+            panic!()
+        };
+        let last = items.pop().unwrap();
+        let StreamItem::Chunk(last) = last else {
+            panic!()
+        };
+        let mut h = Sha256::new();
+        let mut d = Vec::new();
+        for i in &items {
+            if let StreamItem::Chunk(c) = i {
+                c.descriptor(&mut d);
+                h.update(&d);
+            }
+        }
+        end.summary.chunks -= 1;
+        end.summary.files -= 1;
+        end.summary.bytes -= u64::from(last.len);
+        end.summary.digest = h.finish();
+        items.push(StreamItem::End(end));
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::Open(OpenError::Tampered))
+        ));
+    }
+
+    #[test]
+    fn truncated() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        items.pop();
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::Truncated)
+        ));
+        // read_from: input cut at every frame boundary and inside frames.
+        let chunker = Chunker::new(
+            f.src.path(),
+            ChunkerConfig {
+                chunk_size: CS,
+                compression: Compression::None,
+                sealer: None,
+            },
+        )
+        .unwrap();
+        let mut wire = Vec::new();
+        chunker.write_to(&mut wire).unwrap();
+        for cut in [0, 3, 10, wire.len() / 2, wire.len() - 1] {
+            let r = f.reassembler(false);
+            assert!(
+                matches!(r.read_from(&wire[..cut]), Err(ReassembleError::Truncated)),
+                "{cut}"
+            );
+            f.assert_clean();
+        }
+    }
+
+    #[test]
+    fn decompress_error() {
+        let f = fixture();
+        let mut items = f.items(Compression::Zstd { level: 1 }, false);
+        chunk_mut(&mut items, 0).payload = b"not zstd".to_vec();
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::Decompress {
+                seq: 0,
+                source: CompressError::Corrupt(_)
+            })
+        ));
+    }
+
+    #[test]
+    fn too_large_and_length_mismatch() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 0).len = CS as u32 + 1;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::TooLarge {
+                seq: 0,
+                len: 9,
+                max: CS
+            })
+        ));
+        for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+            // Announced shorter than the payload decompresses to.
+            let mut items = f.items(compression, false);
+            chunk_mut(&mut items, 0).len = 7;
+            assert!(matches!(
+                f.run(items, false),
+                Err(ReassembleError::LengthMismatch {
+                    seq: 0,
+                    expected: 7
+                })
+            ));
+            // Announced longer.
+            let mut items = f.items(compression, false);
+            chunk_mut(&mut items, 2).len = 8;
+            assert!(matches!(
+                f.run(items, false),
+                Err(ReassembleError::LengthMismatch {
+                    seq: 2,
+                    expected: 8
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn total_too_large() {
+        let f = fixture();
+        let config = ReassemblerConfig {
+            max_total_bytes: Some(37),
+            ..f.config(false)
+        };
+        assert!(matches!(
+            f.run_with(f.items(Compression::None, false), config),
+            Err(ReassembleError::TotalTooLarge { max: 37 })
+        ));
+        let config = ReassemblerConfig {
+            max_total_bytes: Some(38),
+            ..f.config(false)
+        };
+        f.run_with(f.items(Compression::None, false), config)
+            .unwrap();
+    }
+
+    #[test]
+    fn after_end_and_after_failure() {
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        let extra = items[1].clone();
+        items.push(extra.clone());
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::AfterEnd)
+        ));
+
+        let mut r = f.reassembler(false);
+        assert!(matches!(
+            r.push(extra.clone()),
+            Err(ReassembleError::MissingHeader)
+        ));
+        assert!(r.staging_dir().is_none());
+        assert!(matches!(r.push(extra), Err(ReassembleError::Failed)));
+        assert!(matches!(r.finish(), Err(ReassembleError::Failed)));
+        f.assert_clean();
+    }
+
+    #[test]
+    fn oversized_frame() {
+        let f = fixture();
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::Frame(FrameError::TooLarge { .. }))
+        ));
+        f.assert_clean();
+        let mut wire = Vec::new();
+        frame::encode_raw(b"\xff\xff garbage", 1024, &mut wire).unwrap();
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::Frame(FrameError::Decode(_)))
+        ));
+        f.assert_clean();
+    }
+
+    #[test]
+    fn io_error_from_reader() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("boom"))
+            }
+        }
+        let f = fixture();
+        assert!(matches!(
+            f.reassembler(false).read_from(Failing),
+            Err(ReassembleError::Read(_))
+        ));
+        f.assert_clean();
+    }
+
+    fn wire(f: &Fixture, compression: Compression, sealed: bool) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for i in f.items(compression, sealed) {
+            frame::encode(&i, frame::DEFAULT_MAX_FRAME, &mut wire).unwrap();
+        }
+        wire
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+        #[test]
+        fn round_trip_random_trees(
+            files in proptest::collection::vec((0usize..4, 0usize..4, any::<u8>()), 0..7),
+            chunk_size in 1usize..40,
+            compression in 0usize..3,
+            sealed in any::<bool>(),
+        ) {
+            let dirs = ["", "d1", "d1/d2", "e"];
+            let src = tempfile::tempdir().unwrap();
+            for (n, (dir, size_kind, byte)) in files.iter().enumerate() {
+                let size = match size_kind {
+                    0 => 0,
+                    1 => chunk_size,
+                    2 => 3 * chunk_size,
+                    _ => (*byte as usize * 7) % (4 * chunk_size) + 1,
+                };
+                let d = src.path().join(dirs[*dir]);
+                fs::create_dir_all(&d).unwrap();
+                let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(*byte)).collect();
+                fs::write(d.join(format!("f{n}.img")), data).unwrap();
+            }
+            let compression = [
+                Compression::None,
+                Compression::Zstd { level: 1 },
+                Compression::Gzip { level: 1 },
+            ][compression];
+            let key = Key::generate().unwrap();
+            let chunker = Chunker::new(src.path(), ChunkerConfig {
+                chunk_size,
+                compression,
+                sealer: sealed.then(|| Sealer::new(&key).unwrap()),
+            }).unwrap();
+            let mut wire = Vec::new();
+            let sent = chunker.write_to(&mut wire).unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let dest = out.path().join("dest");
+            let r = Reassembler::new(&dest, ReassemblerConfig {
+                opener: sealed.then(|| Opener::new(&key)),
+                max_chunk: chunk_size,
+                max_total_bytes: None,
+            }).unwrap();
+            let got = r.read_from(&wire[..]).unwrap();
+            prop_assert_eq!(got, sent);
+            prop_assert_eq!(sent.files, files.len() as u64);
+            prop_assert_eq!(read_tree(&dest), read_tree(src.path()));
+        }
+
+        #[test]
+        fn item_codec_round_trips(seq in any::<u64>(), path in "[a-z]{1,8}(/[a-z]{1,8}){0,3}",
+                                  offset in any::<u64>(), len in any::<u32>(), mode in 0u32..0o1000,
+                                  digest in any::<[u8; 32]>(), last in any::<bool>(),
+                                  payload in proptest::collection::vec(any::<u8>(), 0..300),
+                                  seal in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))) {
+            let items = vec![
+                StreamItem::Header(StreamHeader {
+                    version: STREAM_VERSION,
+                    compression: Compression::Zstd { level: mode as i32 - 200 },
+                    sealed_with: last.then_some(migration_crypto::KeyId([mode as u8; 8])),
+                    chunk_size: len,
+                }),
+                StreamItem::Chunk(Chunk { seq, path, offset, len, mode,
+                    digest: migration_crypto::Digest(digest), last_of_file: last, payload }),
+                StreamItem::End(StreamEnd {
+                    summary: StreamSummary { chunks: seq, files: offset, bytes: u64::from(len),
+                        digest: migration_crypto::Digest(digest) },
+                    seal,
+                }),
+            ];
+            for item in items {
+                let mut buf = Vec::new();
+                frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut buf).unwrap();
+                let back: StreamItem = frame::decode_body(&buf[frame::LEN_PREFIX..]).unwrap();
+                prop_assert_eq!(back, item);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_leave_nothing(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            with_header in any::<bool>(),
+        ) {
+            let f = fixture();
+            let mut input = Vec::new();
+            if with_header {
+                let header = f.items(Compression::Zstd { level: 1 }, false).swap_remove(0);
+                frame::encode(&header, 1024, &mut input).unwrap();
+            }
+            input.extend_from_slice(&bytes);
+            let res = f.reassembler(false).read_from(&input[..]);
+            prop_assert!(res.is_err());
+            f.assert_clean();
+        }
+
+        #[test]
+        fn any_flipped_bit_in_a_sealed_stream_is_rejected(pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let f = fixture();
+            let mut w = wire(&f, Compression::Zstd { level: 1 }, true);
+            let i = pos.index(w.len());
+            w[i] ^= 1 << bit;
+            let res = f.reassembler(true).read_from(&w[..]);
+            prop_assert!(res.is_err(), "flip at {} accepted", i);
+            f.assert_clean();
+        }
+    }
+}
