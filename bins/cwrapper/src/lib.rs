@@ -1,0 +1,481 @@
+//! The client wrapper: a quinn client connection that follows its server when it moves.
+//!
+//! ```text
+//!  app ──connection()──► quinn::Connection ──► SwappableUdp ──► real peer (swappable)
+//!                                              (quinn sees one fixed fake peer)
+//!  control task: first bi stream ── Hello ──►
+//!                                 ◄── Welcome / Migrate / MigrateAborted / Resumed / Bye
+//!    Migrate(id, addr): set_peer(addr) (old and new peer overlap until the new one answers),
+//!                       publish "migration seen", Ack
+//!  app ──events()──► watch::Receiver<ClientStatus> (migration seen, resumed, control state)
+//! ```
+//!
+//! The control stream is opened and `Hello` written before [`MigratingClient::connect`]
+//! returns, so it is stream 0 and the server takes it as the control stream whatever streams
+//! the application opens afterwards.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control_protocol::{
+    ByeReason, ClientControl, ClientEvent, ClientId, CloseCode, Role, SUPPORTED_VERSIONS,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use udp_shim_client::SwappableUdp;
+use wrapper_support::control::ControlReader;
+use wrapper_support::{ControlStreamError, TlsError};
+
+pub use quinn;
+pub use udp_shim_client::ShimStats;
+
+/// How the client is set up.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The server's first address.
+    pub server: SocketAddr,
+    /// The name the server's certificate is issued for.
+    pub server_name: String,
+    /// Certificates to trust (the server's self-signed one, or its CA).
+    pub roots: Vec<quinn::rustls::pki_types::CertificateDer<'static>>,
+    /// ALPN protocols offered.
+    pub alpn: Vec<Vec<u8>>,
+    /// What the client calls itself in Hello.
+    pub client_id: String,
+    /// Local address to bind (default: any address, any port, of the server's family).
+    pub bind: Option<SocketAddr>,
+    /// Connection idle timeout; must outlast the longest freeze.
+    pub idle_timeout: Duration,
+    /// How long the handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Options with the defaults of the demo: 30 s idle timeout, 10 s to connect.
+    pub fn new(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        roots: Vec<quinn::rustls::pki_types::CertificateDer<'static>>,
+        alpn: Vec<Vec<u8>>,
+        client_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            server,
+            server_name: server_name.into(),
+            roots,
+            alpn,
+            client_id: client_id.into(),
+            bind: None,
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of the client wrapper.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The client id is longer than the protocol allows.
+    #[error("client id: {0}")]
+    ClientId(#[from] control_protocol::LengthError),
+    /// The local socket could not be set up.
+    #[error("socket: {0}")]
+    Socket(#[from] udp_shim_client::ShimError),
+    /// The endpoint could not be created.
+    #[error("endpoint: {0}")]
+    Endpoint(#[source] io::Error),
+    /// quinn refused to start the connection.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The handshake did not finish in time.
+    #[error("no handshake with {server} within {timeout:?}")]
+    ConnectTimeout {
+        /// The server dialled.
+        server: SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The control stream could not be opened or written.
+    #[error("control stream: {0}")]
+    Control(#[from] ControlStreamError),
+    /// Writing on the control stream failed.
+    #[error("control stream write: {0}")]
+    ControlWrite(#[from] quinn::WriteError),
+    /// Encoding a control message failed.
+    #[error("control message: {0}")]
+    Encode(#[from] control_protocol::EncodeError),
+}
+
+/// One migration as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationSeen {
+    /// The migration's identifier, hex.
+    pub id: String,
+    /// Where the server goes.
+    pub new_addr: SocketAddr,
+    /// When the `Migrate` arrived.
+    pub at: Instant,
+    /// Whether this was a swap back after an aborted move.
+    pub aborted: bool,
+}
+
+/// The state of the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlStatus {
+    /// Hello sent, no Welcome yet.
+    Connecting,
+    /// Working: negotiated version and the server's session id.
+    Open {
+        /// Negotiated control protocol version.
+        version: u16,
+        /// The server's identifier of this session.
+        session_id: u64,
+    },
+    /// Closed: why. The connection itself may still be fine.
+    Closed {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// What the application can watch.
+#[derive(Debug, Clone)]
+pub struct ClientStatus {
+    /// Migrations seen so far (`Migrate` or `MigrateAborted`), in order.
+    pub migrations: Vec<MigrationSeen>,
+    /// `Resumed` messages received (the server runs at its new address).
+    pub resumed: u64,
+    /// Whether the server asked the application to stop sending (two-phase migration) and it
+    /// has not resumed yet.
+    pub quiesce_requested: bool,
+    /// The control stream.
+    pub control: ControlStatus,
+}
+
+/// Requests from the application to the control task.
+#[derive(Debug)]
+enum Request {
+    Quiesced,
+    Bye(String),
+}
+
+/// A client connection whose server may move.
+#[derive(Debug)]
+pub struct MigratingClient {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    shim: Arc<SwappableUdp>,
+    status: watch::Receiver<ClientStatus>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl MigratingClient {
+    /// Connects, opens the control stream and sends Hello. Call inside a tokio runtime.
+    pub async fn connect(opts: ClientOptions) -> Result<Self, ClientError> {
+        let client_id = ClientId::new(opts.client_id.clone())?;
+        let bind = opts.bind.unwrap_or(match opts.server {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        });
+        let shim = Arc::new(SwappableUdp::bind(bind, opts.server)?);
+        let mut endpoint =
+            udp_shim_client::client_endpoint(shim.clone()).map_err(ClientError::Endpoint)?;
+        let transport = wrapper_support::tls::transport_config(opts.idle_timeout)?;
+        let alpn: Vec<&[u8]> = opts.alpn.iter().map(Vec::as_slice).collect();
+        endpoint.set_default_client_config(wrapper_support::tls::client_config(
+            &opts.roots,
+            &alpn,
+            transport,
+        )?);
+        let connecting = endpoint.connect(shim.fake_peer(), &opts.server_name)?;
+        let connection = tokio::time::timeout(opts.connect_timeout, connecting)
+            .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                server: opts.server,
+                timeout: opts.connect_timeout,
+            })??;
+        let (mut send, recv) = connection.open_bi().await?;
+        let mut out = Vec::new();
+        let control = ClientControl::new(client_id, SUPPORTED_VERSIONS, &mut out)?;
+        send.write_all(&out).await?;
+        let (status_tx, status) = watch::channel(ClientStatus {
+            migrations: Vec::new(),
+            resumed: 0,
+            quiesce_requested: false,
+            control: ControlStatus::Connecting,
+        });
+        let (requests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(control_task(ControlTask {
+            control,
+            reader: ControlReader::new(recv, Role::Client),
+            send,
+            shim: shim.clone(),
+            status: status_tx,
+            requests: rx,
+            quiesce_id: None,
+        }));
+        info!(server = %opts.server, id = connection.stable_id(), "connected");
+        Ok(Self {
+            endpoint,
+            connection,
+            shim,
+            status,
+            requests,
+        })
+    }
+
+    /// The QUIC connection. Open application streams on it; the control stream is taken.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// The socket shim (its statistics, its current real peer).
+    pub fn shim(&self) -> &Arc<SwappableUdp> {
+        &self.shim
+    }
+
+    /// The real address the client sends to now.
+    pub fn peer(&self) -> SocketAddr {
+        self.shim.peer()
+    }
+
+    /// A receiver of status changes (migrations seen, resumed, control stream state).
+    pub fn events(&self) -> watch::Receiver<ClientStatus> {
+        self.status.clone()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> ClientStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Resolves when the `n`-th migration (counting from 1) has been seen; at once if it has.
+    /// `None` if the control stream closed first.
+    pub async fn migration_seen(&self, n: usize) -> Option<MigrationSeen> {
+        let mut rx = self.status.clone();
+        let result = rx
+            .wait_for(|s| {
+                s.migrations.len() >= n || matches!(s.control, ControlStatus::Closed { .. })
+            })
+            .await;
+        result
+            .ok()
+            .and_then(|s| s.migrations.get(n.checked_sub(1)?).cloned())
+    }
+
+    /// The application stopped sending after a quiesce request: tell the server.
+    pub fn confirm_quiesced(&self) {
+        let _ = self.requests.send(Request::Quiesced);
+    }
+
+    /// Sends Bye on the control stream, closes the connection and waits for the endpoint to
+    /// finish (bounded).
+    pub async fn close(self, reason: &str) {
+        let _ = self.requests.send(Request::Bye(reason.to_owned()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.connection
+            .close(quinn::VarInt::from_u32(0), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct ControlTask {
+    control: ClientControl,
+    reader: ControlReader,
+    send: quinn::SendStream,
+    shim: Arc<SwappableUdp>,
+    status: watch::Sender<ClientStatus>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    /// The migration whose quiesce request awaits the application's confirmation.
+    quiesce_id: Option<control_protocol::MigrationId>,
+}
+
+async fn control_task(mut t: ControlTask) {
+    let mut out = Vec::new();
+    let reason = loop {
+        out.clear();
+        let step = tokio::select! {
+            msg = t.reader.next() => match msg {
+                Ok(Some(msg)) => on_server_message(&mut t, msg, &mut out),
+                Ok(None) => break "server finished the control stream".to_owned(),
+                Err(e) => {
+                    let code = e.close_code();
+                    close_stream(&mut t, code);
+                    break format!("control stream error: {e}");
+                }
+            },
+            req = t.requests.recv() => match req {
+                Some(Request::Quiesced) => on_quiesced(&mut t, &mut out),
+                Some(Request::Bye(reason)) => {
+                    let _ = t.control.bye(ByeReason::truncating(&reason), &mut out);
+                    let _ = t.send.write_all(&out).await;
+                    let _ = t.send.finish();
+                    break format!("closed by the application: {reason}");
+                }
+                None => break "client dropped".to_owned(),
+            },
+        };
+        if let Err((code, why)) = step {
+            close_stream(&mut t, code);
+            break why;
+        }
+        if !out.is_empty()
+            && let Err(e) = t.send.write_all(&out).await
+        {
+            break format!("control stream write failed: {e}");
+        }
+    };
+    warn!("control stream closed: {reason}");
+    t.status
+        .send_modify(|s| s.control = ControlStatus::Closed { reason });
+}
+
+fn close_stream(t: &mut ControlTask, code: CloseCode) {
+    let v = quinn::VarInt::from_u32(code.as_u32());
+    let _ = t.send.reset(v);
+    t.reader.stop(code);
+}
+
+fn on_quiesced(t: &mut ControlTask, out: &mut Vec<u8>) -> Result<(), (CloseCode, String)> {
+    let Some(id) = t.quiesce_id.take() else {
+        debug!("quiesced confirmation with no quiesce pending: ignored");
+        return Ok(());
+    };
+    t.control
+        .quiesced(id, out)
+        .map_err(|e| (e.close_code(), e.to_string()))
+}
+
+fn on_server_message(
+    t: &mut ControlTask,
+    msg: control_protocol::Message,
+    out: &mut Vec<u8>,
+) -> Result<(), (CloseCode, String)> {
+    let event = t
+        .control
+        .on_message(msg, out)
+        .map_err(|e| (e.close_code(), format!("control protocol: {e}")))?;
+    match event {
+        ClientEvent::Welcomed {
+            version,
+            session_id,
+        } => {
+            info!(version, session_id, "control stream open");
+            t.status.send_modify(|s| {
+                s.control = ControlStatus::Open {
+                    version,
+                    session_id,
+                }
+            });
+        }
+        ClientEvent::SwapPeer {
+            migration_id,
+            new_addr,
+            ..
+        } => {
+            let at = Instant::now();
+            // Swap, then publish: whoever sees the migration also sees the new peer.
+            swap(t, new_addr);
+            t.status.send_modify(|s| {
+                s.migrations.push(MigrationSeen {
+                    id: migration_id.to_string(),
+                    new_addr,
+                    at,
+                    aborted: false,
+                });
+            });
+            t.control
+                .swapped(migration_id, out)
+                .map_err(|e| (e.close_code(), e.to_string()))?;
+            info!(id = %migration_id, %new_addr, "migration seen: peer swapped, ack sent");
+        }
+        ClientEvent::SwapBack {
+            migration_id,
+            fallback_addr,
+        } => {
+            let at = Instant::now();
+            swap(t, fallback_addr);
+            t.status.send_modify(|s| {
+                s.migrations.push(MigrationSeen {
+                    id: migration_id.to_string(),
+                    new_addr: fallback_addr,
+                    at,
+                    aborted: true,
+                });
+                s.quiesce_requested = false;
+            });
+            t.control
+                .swapped(migration_id, out)
+                .map_err(|e| (e.close_code(), e.to_string()))?;
+            info!(id = %migration_id, %fallback_addr, "migration aborted: swapped back, ack sent");
+        }
+        ClientEvent::Quiesce { migration_id, .. } => {
+            info!(id = %migration_id, "quiesce requested");
+            t.quiesce_id = Some(migration_id);
+            t.status.send_modify(|s| s.quiesce_requested = true);
+        }
+        ClientEvent::Resumed { migration_id } => {
+            info!(id = %migration_id, "server resumed");
+            t.status.send_modify(|s| {
+                s.resumed += 1;
+                s.quiesce_requested = false;
+            });
+        }
+        ClientEvent::Bye { reason } => {
+            info!(reason = reason.as_str(), "server said bye");
+        }
+        ClientEvent::Repeated { kind, migration_id } => {
+            debug!(?kind, id = %migration_id, "repeated control message");
+        }
+        other => debug!(?other, "control event"),
+    }
+    Ok(())
+}
+
+fn swap(t: &ControlTask, addr: SocketAddr) {
+    if let Err(e) = t.shim.set_peer(addr) {
+        warn!(%addr, "peer swap refused: {e}");
+    }
+}
+
+/// Errors of one echo exchange.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EchoError {
+    /// No stream could be opened (the connection is gone).
+    #[error("open stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    /// The request could not be written.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The stream was already closed.
+    #[error("finish: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    /// The reply could not be read.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadToEndError),
+    /// The request or the reply does not encode or decode.
+    #[error(transparent)]
+    Codec(#[from] demo_echo::EchoError),
+}
+
+/// One request of the demo echo service on a fresh bidirectional stream.
+pub async fn echo_once(
+    conn: &quinn::Connection,
+    req: &demo_echo::EchoRequest,
+) -> Result<demo_echo::EchoReply, EchoError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&req.encode()?).await?;
+    send.finish()?;
+    let bytes = recv.read_to_end(demo_echo::MAX_FRAME).await?;
+    Ok(demo_echo::EchoReply::decode(&bytes)?)
+}

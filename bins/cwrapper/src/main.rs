@@ -1,0 +1,340 @@
+//! cwrapper: the demo ping/echo client that follows its server across migrations.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cwrapper::{ClientOptions, ControlStatus, MigratingClient};
+use demo_echo::EchoChecker;
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+/// Ping/echo client of the demo echo server (swrapper), through a socket that follows the
+/// server when it moves.
+///
+/// Each echo is one request on a fresh stream, with a deadline. When the server announces a
+/// migration, the deadline tightens to --migrated-io-timeout-ms so that recovery is observed
+/// promptly, and the client reports the downtime: from the last successful echo before the
+/// migration to the first one after, as a human line and as a JSON line on stdout. Every reply
+/// is checked: sequence in order, no gap, no duplicate, and the server's per-connection counter
+/// advancing by exactly one (so a server that lost its state is detected).
+///
+/// Exit status: 0 when every check passed, 1 on a failed check or an unrecoverable error.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// The server's first address.
+    #[arg(long, env = "TARGET_ADDR", default_value = "127.0.0.1:5242")]
+    target: SocketAddr,
+    /// The name in the server's certificate.
+    #[arg(long, env = "CWRAPPER_SERVER_NAME", default_value = "localhost")]
+    server_name: String,
+    /// PEM certificate(s) to trust: the server's (swrapper writes it to --cert-out).
+    #[arg(long, env = "CWRAPPER_CA")]
+    ca: PathBuf,
+    /// What the client calls itself on the control stream (default: cwrapper-<pid>).
+    #[arg(long, env = "CWRAPPER_CLIENT_ID")]
+    client_id: Option<String>,
+    /// Pause between echoes, in milliseconds.
+    #[arg(long, env = "CWRAPPER_INTERVAL_MS", default_value_t = 10)]
+    interval_ms: u64,
+    /// Deadline of one echo in normal operation, in milliseconds.
+    #[arg(long, env = "CWRAPPER_IO_TIMEOUT_MS", default_value_t = 1000)]
+    io_timeout_ms: u64,
+    /// Deadline of one echo once a migration was seen, until the first echo after it.
+    #[arg(long, env = "CWRAPPER_MIGRATED_IO_TIMEOUT_MS", default_value_t = 50)]
+    migrated_io_timeout_ms: u64,
+    /// After an IO error or a missed deadline, retry on a new stream instead of ending the
+    /// session (also turned on by TRANSPARENT=1).
+    #[arg(long)]
+    stay_connected: bool,
+    /// Give up when no echo succeeded this long after a migration was seen, in milliseconds.
+    #[arg(long, env = "CWRAPPER_RECOVERY_DEADLINE_MS", default_value_t = 10_000)]
+    recovery_deadline_ms: u64,
+    /// Stop after this many echoes (0: run until SIGINT or SIGTERM).
+    #[arg(long, env = "CWRAPPER_COUNT", default_value_t = 0)]
+    count: u64,
+    /// Stop after this many seconds (0: no limit).
+    #[arg(long, env = "CWRAPPER_DURATION_S", default_value_t = 0)]
+    duration_s: u64,
+    /// Write the final report (JSON) here.
+    #[arg(long, env = "CWRAPPER_JSON")]
+    json: Option<PathBuf>,
+    /// How long the first connection (handshake) may take, in milliseconds.
+    #[arg(long, env = "CWRAPPER_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// Connection idle timeout in seconds; must outlast the longest freeze.
+    #[arg(long, env = "CWRAPPER_IDLE_TIMEOUT_S", default_value_t = 30)]
+    idle_timeout_s: u64,
+    /// Log filter (tracing's EnvFilter syntax), logs go to stderr.
+    #[arg(long, env = "CWRAPPER_LOG", default_value = "info")]
+    log: String,
+}
+
+/// One migration as the client measured it.
+#[derive(Debug, Clone, Serialize)]
+struct MigrationRecord {
+    event: &'static str,
+    id: String,
+    new_addr: SocketAddr,
+    aborted: bool,
+    /// Milliseconds since the client started.
+    seen_at_ms: f64,
+    last_echo_before_ms: Option<f64>,
+    first_echo_after_ms: Option<f64>,
+    downtime_ms: Option<f64>,
+    /// Echo attempts that missed their deadline or failed during this migration.
+    failed_attempts: u64,
+    /// The server was heard from at its new address (or the client swapped back after an
+    /// abort) and an echo succeeded after that.
+    completed: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    event: &'static str,
+    target: SocketAddr,
+    stable_id: usize,
+    connections: u64,
+    echoes: u64,
+    failed_attempts: u64,
+    migrations: Vec<MigrationRecord>,
+    control: String,
+    foreign_datagrams_dropped: u64,
+    verified: bool,
+    error: Option<String>,
+}
+
+fn transparent_env() -> bool {
+    std::env::var("TRANSPARENT").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.stay_connected |= transparent_env();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("invalid --log filter `{}`", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    for (name, v) in [
+        ("--io-timeout-ms", args.io_timeout_ms),
+        ("--migrated-io-timeout-ms", args.migrated_io_timeout_ms),
+        ("--recovery-deadline-ms", args.recovery_deadline_ms),
+        ("--connect-timeout-ms", args.connect_timeout_ms),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let report = rt.block_on(run(&args))?;
+    let text = serde_json::to_string(&report).context("encoding the report")?;
+    println!("{text}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.verified {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(args: &Args) -> Result<Report> {
+    let roots = wrapper_support::tls::load_certs(&args.ca)?;
+    let client_id = args
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("cwrapper-{}", std::process::id()));
+    let mut opts = ClientOptions::new(
+        args.target,
+        &args.server_name,
+        roots,
+        vec![demo_echo::ALPN.to_vec()],
+        client_id,
+    );
+    opts.idle_timeout = Duration::from_secs(args.idle_timeout_s);
+    opts.connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let client = MigratingClient::connect(opts)
+        .await
+        .with_context(|| format!("connecting to {}", args.target))?;
+    let conn = client.connection().clone();
+    let started = Instant::now();
+    let ms = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1e3;
+    let mut report = Report {
+        event: "summary",
+        target: args.target,
+        stable_id: conn.stable_id(),
+        connections: 1,
+        echoes: 0,
+        failed_attempts: 0,
+        migrations: Vec::new(),
+        control: String::new(),
+        foreign_datagrams_dropped: 0,
+        verified: false,
+        error: None,
+    };
+    let mut checker = EchoChecker::default();
+    let mut last_ok: Option<Instant> = None;
+    // The migration whose downtime is being measured: (index in report.migrations, the
+    // number of `Resumed` seen before it).
+    let mut window: Option<(usize, u64)> = None;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
+    let error = loop {
+        if args.count > 0 && report.echoes >= args.count {
+            break None;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break None;
+        }
+        // New migrations seen by the control task open a measurement window.
+        let status = client.status();
+        while report.migrations.len() < status.migrations.len() {
+            let m = &status.migrations[report.migrations.len()];
+            report.migrations.push(MigrationRecord {
+                event: "migration",
+                id: m.id.clone(),
+                new_addr: m.new_addr,
+                aborted: m.aborted,
+                seen_at_ms: ms(m.at),
+                last_echo_before_ms: None,
+                first_echo_after_ms: None,
+                downtime_ms: None,
+                failed_attempts: 0,
+                completed: false,
+            });
+            window = Some((report.migrations.len() - 1, status.resumed));
+            info!(id = %m.id, to = %m.new_addr, "migration seen: deadlines tightened");
+        }
+        let timeout = Duration::from_millis(if window.is_some() {
+            args.migrated_io_timeout_ms
+        } else {
+            args.io_timeout_ms
+        });
+        let req = checker.request(checker.next_seq().to_be_bytes().to_vec());
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, cwrapper::echo_once(&conn, &req)) => r,
+            _ = sigint.recv() => break None,
+            _ = sigterm.recv() => break None,
+        };
+        let failure = match result {
+            Ok(Ok(reply)) => {
+                if let Err(e) = checker.check(&req, &reply) {
+                    break Some(format!("echo check failed: {e}"));
+                }
+                let now = Instant::now();
+                report.echoes += 1;
+                if let Some((i, resumed_before)) = window {
+                    let m = &mut report.migrations[i];
+                    // The downtime is the longest pause between two successful echoes while
+                    // the migration is under way (the server keeps answering from its old
+                    // address until it freezes).
+                    let before = last_ok.map_or(m.seen_at_ms, ms);
+                    let gap = ms(now) - before;
+                    if m.downtime_ms.is_none_or(|d| gap > d) {
+                        m.downtime_ms = Some(gap);
+                        m.last_echo_before_ms = Some(before);
+                        m.first_echo_after_ms = Some(ms(now));
+                    }
+                    // Over once the server says it runs at its new address, or the client
+                    // heard from it there (or swapped back after an abort).
+                    let shim = client.shim();
+                    let moved = client.status().resumed > resumed_before
+                        || (shim.previous_peer().is_none() && shim.peer() == m.new_addr);
+                    if moved {
+                        window = None;
+                        m.completed = true;
+                        let d = m.downtime_ms.unwrap_or(gap);
+                        println!(
+                            "[client] migration {} to {}: downtime {d:.1} ms ({} failed attempts)",
+                            m.id, m.new_addr, m.failed_attempts
+                        );
+                        println!("{}", serde_json::to_string(m).unwrap_or_default());
+                    }
+                }
+                last_ok = Some(now);
+                None
+            }
+            Ok(Err(e)) => Some(format!("echo failed: {e:#}")),
+            Err(_) => Some(format!("no echo within {timeout:?}")),
+        };
+        if let Some(why) = failure {
+            if !args.stay_connected {
+                break Some(format!("{why} (use --stay-connected to retry)"));
+            }
+            report.failed_attempts += 1;
+            if let Some(reason) = conn.close_reason() {
+                break Some(format!("connection closed: {reason}"));
+            }
+            let now = Instant::now();
+            let outage = ms(now) - last_ok.map_or(0.0, ms);
+            match window {
+                Some((i, _)) => {
+                    let m = &mut report.migrations[i];
+                    m.failed_attempts += 1;
+                    let outage = ms(now) - last_ok.map_or(m.seen_at_ms, ms).max(m.seen_at_ms);
+                    if outage > args.recovery_deadline_ms as f64 {
+                        break Some(format!(
+                            "server unreachable at {} for {outage:.0} ms after migration {} (deadline {} ms)",
+                            m.new_addr, m.id, args.recovery_deadline_ms
+                        ));
+                    }
+                }
+                None => {
+                    warn!("{why}; retrying on a new stream");
+                    if outage > args.recovery_deadline_ms as f64 {
+                        break Some(format!(
+                            "server unreachable at {} for {outage:.0} ms (deadline {} ms)",
+                            client.peer(),
+                            args.recovery_deadline_ms
+                        ));
+                    }
+                }
+            }
+            // Retry the same request at once: the server answers a retry idempotently.
+            continue;
+        }
+        if args.interval_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+        }
+    };
+    report.control = match client.status().control {
+        ControlStatus::Open { .. } => "open".to_owned(),
+        ControlStatus::Connecting => "connecting".to_owned(),
+        ControlStatus::Closed { reason } => format!("closed: {reason}"),
+    };
+    report.foreign_datagrams_dropped = client.shim().stats().dropped_foreign;
+    report.stable_id = conn.stable_id();
+    report.verified = error.is_none() && report.migrations.iter().all(|m| m.completed);
+    report.error = match (error, report.migrations.iter().find(|m| !m.completed)) {
+        (Some(e), _) => Some(e),
+        (None, Some(m)) => Some(format!(
+            "migration {} was seen but the server was not reached at {} before the end",
+            m.id, m.new_addr
+        )),
+        (None, None) => None,
+    };
+    if let Some(e) = &report.error {
+        warn!("{e}");
+    }
+    println!(
+        "[client] summary: {} echoes, {} migrations, {} failed attempts, verified: {}",
+        report.echoes,
+        report.migrations.len(),
+        report.failed_attempts,
+        report.verified
+    );
+    client.close("client done").await;
+    Ok(report)
+}

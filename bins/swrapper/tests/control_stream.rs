@@ -1,0 +1,207 @@
+//! Bad input on the control stream: the server closes that stream with an error code, while the
+//! connection and the application keep working.
+
+// Test helpers outside #[test] functions unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use control_protocol::{CloseCode, Message, SUPPORTED_VERSIONS};
+use demo_echo::{EchoReply, EchoRequest};
+use swrapper::{MigratableServer, MigrationHandle, ServerOptions};
+use wrapper_support::Identity;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A server, and a plain quinn connection to it (no control stream opened yet).
+async fn setup() -> (MigrationHandle, quinn::Endpoint, quinn::Connection) {
+    let (identity, _) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+    let roots = identity.certs.clone();
+    let mut opts = ServerOptions::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        identity,
+        vec![demo_echo::ALPN.to_vec()],
+    );
+    opts.hello_timeout = Duration::from_secs(2);
+    let server = MigratableServer::bind(opts).unwrap();
+    let handle = server.handle();
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        while let Some(app) = server.accept().await {
+            tokio::spawn(swrapper::serve_echo(app));
+        }
+    });
+    let transport = wrapper_support::tls::transport_config(Duration::from_secs(10)).unwrap();
+    let cfg = wrapper_support::tls::client_config(&roots, &[demo_echo::ALPN], transport).unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(cfg);
+    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    (handle, endpoint, conn)
+}
+
+/// Sends `bytes` as the first stream and returns the code the server reset it with.
+async fn control_reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(_)) => continue, // e.g. a Bye before the reset
+            Ok(None) => panic!("control stream finished instead of reset"),
+            Err(quinn::ReadError::Reset(code)) => return code.into_inner(),
+            Err(e) => panic!("unexpected read error: {e}"),
+        }
+    }
+}
+
+/// After the control stream was refused, the application still answers on the connection.
+async fn echo_still_works(conn: &quinn::Connection) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = EchoRequest {
+        seq: 0,
+        payload: b"still here".to_vec(),
+    };
+    send.write_all(&req.encode().unwrap()).await.unwrap();
+    send.finish().unwrap();
+    let reply = EchoReply::decode(&recv.read_to_end(1 << 16).await.unwrap()).unwrap();
+    assert_eq!(reply.payload, req.payload);
+    assert_eq!(reply.served, 1);
+    assert!(conn.close_reason().is_none());
+}
+
+fn frame(version: u16, kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut body = version.to_be_bytes().to_vec();
+    body.push(kind);
+    body.extend_from_slice(payload);
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_the_control_stream_only() {
+    tokio::time::timeout(LIMIT, async {
+        let (handle, _ep, conn) = setup().await;
+        let code = control_reset_code(&conn, &frame(1, 200, b"??")).await;
+        assert_eq!(code, u64::from(CloseCode::ProtocolViolation.as_u32()));
+        echo_still_works(&conn).await;
+        // The session was never registered: nothing to migrate, no crash.
+        assert!(handle.sessions().is_empty());
+        assert_eq!(handle.handshakes(), 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_version_is_refused_with_its_code() {
+    tokio::time::timeout(LIMIT, async {
+        let (_handle, _ep, conn) = setup().await;
+        let code = control_reset_code(&conn, &frame(99, 1, b"")).await;
+        assert_eq!(code, u64::from(CloseCode::UnsupportedVersion.as_u32()));
+        echo_still_works(&conn).await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_before_it_arrives() {
+    tokio::time::timeout(LIMIT, async {
+        let (_handle, _ep, conn) = setup().await;
+        let code = control_reset_code(&conn, &u32::MAX.to_be_bytes()).await;
+        assert_eq!(code, u64::from(CloseCode::FrameTooLarge.as_u32()));
+        echo_still_works(&conn).await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_message_from_the_client_is_unexpected() {
+    tokio::time::timeout(LIMIT, async {
+        let (_handle, _ep, conn) = setup().await;
+        let mut bytes = Vec::new();
+        control_protocol::encode(
+            &Message::Welcome {
+                version: 1,
+                session_id: 1,
+            },
+            &mut bytes,
+        )
+        .unwrap();
+        let code = control_reset_code(&conn, &bytes).await;
+        // The server's decoder refuses a server-to-client kind from a client.
+        assert_eq!(code, u64::from(CloseCode::UnexpectedMessage.as_u32()));
+        echo_still_works(&conn).await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_a_good_hello_closes_the_stream_and_the_session_stays() {
+    tokio::time::timeout(LIMIT, async {
+        let (handle, _ep, conn) = setup().await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut hello = Vec::new();
+        control_protocol::encode(
+            &Message::Hello {
+                client_id: control_protocol::ClientId::new("raw").unwrap(),
+                supported: SUPPORTED_VERSIONS,
+            },
+            &mut hello,
+        )
+        .unwrap();
+        send.write_all(&hello).await.unwrap();
+        // Welcome comes back.
+        let mut dec = control_protocol::ControlDecoder::new(control_protocol::Role::Client);
+        let mut buf = [0u8; 256];
+        let welcome = loop {
+            let n = recv.read(&mut buf).await.unwrap().unwrap();
+            dec.push(&buf[..n]);
+            if let Some(m) = dec.next().unwrap() {
+                break m;
+            }
+        };
+        assert!(matches!(welcome, Message::Welcome { version: 1, .. }));
+        assert_eq!(handle.sessions().len(), 1);
+        send.write_all(&[0, 0, 0, 3, 0, 1, 0]).await.unwrap(); // kind 0: reserved
+        let code = loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("finished instead of reset"),
+                Err(quinn::ReadError::Reset(c)) => break c.into_inner(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(code, u64::from(CloseCode::ProtocolViolation.as_u32()));
+        echo_still_works(&conn).await;
+        // The session is still held (the connection is alive), its control stream is closed.
+        for _ in 0..100 {
+            if handle.sessions().first().is_some_and(|s| !s.control_open) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sessions = handle.sessions();
+        assert_eq!(sessions.len(), 1);
+        assert!(!sessions[0].control_open);
+        // Announcing reports that client as missing at once, without waiting for the deadline.
+        let started = std::time::Instant::now();
+        let report = handle
+            .announce(
+                migration_core::MigrationId::from_bytes([5; 16]),
+                SocketAddr::from(([127, 0, 0, 1], 9)),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(report.missing.len(), 1);
+        assert!(report.acked.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    })
+    .await
+    .unwrap();
+}
