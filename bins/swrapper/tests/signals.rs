@@ -1,0 +1,237 @@
+//! The swrapper binary driven by signals and its admin directory, as the orchestrator drives it:
+//! SIGTERM announces (and parks), SIGUSR2 renews the socket and resumes, SIGUSR1 aborts.
+//! The client is the cwrapper library, in this process.
+
+// Test helpers outside #[test] functions unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cwrapper::{ClientOptions, MigratingClient};
+use demo_echo::EchoChecker;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Kills the server (by the PID this test started) if the test fails midway.
+struct ServerProcess(Option<Child>);
+
+impl ServerProcess {
+    fn signal(&self, sig: Signal) {
+        let child = self.0.as_ref().unwrap();
+        kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), sig).unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(dir: &Path, addr: SocketAddr) -> ServerProcess {
+    let child = Command::new(env!("CARGO_BIN_EXE_swrapper"))
+        .args(["--listen", &addr.to_string(), "--log", "warn"])
+        .arg("--cert-out")
+        .arg(dir.join("cert.pem"))
+        .arg("--admin-dir")
+        .arg(dir)
+        .arg("--park-after-announce")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    ServerProcess(Some(child))
+}
+
+/// Waits for `name.json` in the admin directory (then removes it, ready for the next event).
+async fn event(dir: &Path, name: &str) -> Value {
+    let path = dir.join(format!("{name}.json"));
+    for _ in 0..1000 {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            std::fs::remove_file(&path).unwrap();
+            return serde_json::from_str(&text).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no {name}.json after 10 s");
+}
+
+async fn connect(dir: &Path, addr: SocketAddr) -> MigratingClient {
+    let cert = dir.join("cert.pem");
+    for _ in 0..500 {
+        if cert.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let roots = wrapper_support::tls::load_certs(&cert).unwrap();
+    let opts = ClientOptions::new(
+        addr,
+        "localhost",
+        roots,
+        vec![demo_echo::ALPN.to_vec()],
+        "signal-test",
+    );
+    MigratingClient::connect(opts).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_announce_park_resume_and_abort() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = start(dir.path(), addr);
+        let client = Arc::new(connect(dir.path(), addr).await);
+
+        // The application: echoes in a loop, retrying a missed deadline on a new stream.
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoes = Arc::new(AtomicU64::new(0));
+        let app = {
+            let (client, stop, echoes) = (client.clone(), stop.clone(), echoes.clone());
+            tokio::spawn(async move {
+                let mut checker = EchoChecker::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let req = checker.request(vec![1, 2, 3]);
+                    let got = tokio::time::timeout(
+                        Duration::from_millis(100),
+                        cwrapper::echo_once(client.connection(), &req),
+                    )
+                    .await;
+                    if let Ok(Ok(reply)) = got {
+                        checker.check(&req, &reply).unwrap();
+                        echoes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                checker.next_seq()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // SIGTERM without a target: a clear error in announce.json, nothing else happens.
+        server.signal(Signal::SIGTERM);
+        let e = event(dir.path(), "announce").await;
+        assert!(
+            e["error"].as_str().unwrap().contains("no target address"),
+            "{e}"
+        );
+
+        // A move "in place" (same address: the process stays, the socket is renewed).
+        std::fs::write(
+            dir.path().join("migrate.json"),
+            format!(r#"{{"new_addr": "{addr}", "deadline_ms": 2000}}"#),
+        )
+        .unwrap();
+        server.signal(Signal::SIGTERM);
+        let e = event(dir.path(), "announce").await;
+        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
+        assert!(e["missing"].as_array().unwrap().is_empty(), "{e}");
+        assert_eq!(e["parked"], true, "{e}");
+        // Parked: the port is free, as a checkpoint needs.
+        drop(UdpSocket::bind(addr).unwrap());
+        let before = echoes.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.signal(Signal::SIGUSR2);
+        let e = event(dir.path(), "resumed").await;
+        assert_eq!(e["told"], 1, "{e}");
+        assert_eq!(e["handshakes"], 1, "{e}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            echoes.load(Ordering::Relaxed) > before,
+            "echoes did not resume"
+        );
+        let status = client.status();
+        assert_eq!(status.migrations.len(), 1);
+        assert_eq!(status.resumed, 1);
+
+        // An aborted move: announce, then SIGUSR1 sends the clients back (abort.json).
+        std::fs::write(
+            dir.path().join("abort.json"),
+            format!(r#"{{"fallback_addr": "{addr}"}}"#),
+        )
+        .unwrap();
+        server.signal(Signal::SIGTERM);
+        let e = event(dir.path(), "announce").await;
+        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
+        server.signal(Signal::SIGUSR1);
+        let e = event(dir.path(), "aborted").await;
+        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
+        assert_eq!(e["address"], addr.to_string());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = client.status();
+        // The second Migrate, then its abort.
+        assert_eq!(status.migrations.len(), 3);
+        assert!(!status.migrations[1].aborted);
+        assert!(status.migrations[2].aborted);
+        // Unparked by the abort: echoes go on.
+        let before = echoes.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            echoes.load(Ordering::Relaxed) > before,
+            "echoes did not resume"
+        );
+
+        stop.store(true, Ordering::Relaxed);
+        let served = app.await.unwrap();
+        assert!(served > 20, "only {served} echoes");
+        assert!(client.connection().close_reason().is_none());
+
+        // SIGINT ends the server cleanly.
+        server.signal(Signal::SIGINT);
+        let mut server = server;
+        let mut child = server.0.take().unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_migrate_json_is_reported_not_fatal() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let server = start(dir.path(), addr);
+        let _client = connect(dir.path(), addr).await;
+        for bad in [
+            "not json",
+            r#"{"new_addr": "nowhere"}"#,
+            r#"{"new_addr": "127.0.0.1:1", "surprise": 1}"#,
+            r#"{"new_addr": "127.0.0.1:1", "migration_id": "xyz"}"#,
+        ] {
+            std::fs::write(dir.path().join("migrate.json"), bad).unwrap();
+            server.signal(Signal::SIGTERM);
+            let e = event(dir.path(), "announce").await;
+            assert!(
+                e["error"].as_str().unwrap().contains("migrate.json"),
+                "{bad}: {e}"
+            );
+        }
+        // Still serving: a client connects.
+        let again = connect(dir.path(), addr).await;
+        assert!(again.connection().close_reason().is_none());
+    })
+    .await
+    .unwrap();
+}
