@@ -5,6 +5,7 @@
 //! `#[test]`s (see `tidy.rs`).
 
 mod bench;
+mod setup;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,14 @@ Commands:
   bench     Runs the criterion benchmarks (package migration-benches) and rewrites the
             generated section of BENCHMARKS.md with the medians and the machine they came from.
             Extra arguments after `--` go to criterion, e.g. `cargo xtask bench -- seal`.
+  setup     Installs what the end-to-end migration needs (as root, on Debian-like systems):
+            podman, runc, netavark, iptables, iproute2, nsenter, busybox-static and CRIU >= 4.2
+            (from Debian sid with its own glibc, in /opt/quic-live-migrate/criu behind the
+            wrapper /usr/local/sbin/criu; the mirror is read from the system's apt sources).
+            Skips what is present, then verifies each part and runs a podman smoke container
+            from a locally imported busybox image (no registry).
+            `--check` only reports what is missing; `--if-needed` installs only when something
+            is missing and skips the verification; `--reinstall-criu` fetches CRIU again.
   help      This text.
 
 Environment:
@@ -47,6 +56,13 @@ fn main() -> Result<()> {
             let filter: Vec<String> = rest.into_iter().skip_while(|a| a == "--").collect();
             bench::run(&root, &filter)
         }
+        "setup" if rest.iter().any(|a| a == "--if-needed") => {
+            if rest.len() > 1 {
+                bail!("`--if-needed` takes no other option (see `cargo xtask help`)");
+            }
+            setup::ensure(&root)
+        }
+        "setup" => setup::run(&root, &setup::Options::from_args(&rest)?),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

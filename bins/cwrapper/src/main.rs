@@ -121,6 +121,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("invalid --log filter `{}`", args.log))?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     for (name, v) in [
         ("--io-timeout-ms", args.io_timeout_ms),

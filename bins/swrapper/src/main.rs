@@ -49,7 +49,9 @@ struct Args {
     migrate_to: Option<SocketAddr>,
     /// Directory for the orchestrator: SIGTERM reads `migrate.json` from it
     /// ({"new_addr": "127.0.0.1:5243", "migration_id": "<32 hex>"?, "deadline_ms": 2000?}) and writes
-    /// `announce.json` (the acks) into it; other events are written as `<event>.json`.
+    /// `announce.json` (the acks) into it; other events are written as `<event>.json`:
+    /// `ready` at start, `resumed` after SIGUSR2, `aborted` after SIGUSR1 (which reads the
+    /// clients' fallback address from `abort.json`: {"fallback_addr": "127.0.0.1:5242"}).
     #[arg(long, env = "SWRAPPER_ADMIN_DIR")]
     admin_dir: Option<PathBuf>,
     /// How long to wait for the clients' acks after announcing.
@@ -82,6 +84,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("invalid --log filter `{}`", args.log))?,
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.ack_deadline_ms == 0 {
         bail!("--ack-deadline-ms must be at least 1");
@@ -120,6 +123,11 @@ async fn run(args: Args) -> Result<()> {
         MigratableServer::bind(opts).with_context(|| format!("serving on {}", args.listen))?;
     let handle = server.handle();
     info!(addr = %server.local_addr(), pid = std::process::id(), "echo server ready");
+    write_event(
+        &args,
+        "ready",
+        &serde_json::json!({ "pid": std::process::id(), "addr": server.local_addr() }),
+    );
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;

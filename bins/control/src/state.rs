@@ -1,0 +1,193 @@
+//! What `control up` set up, kept in the state directory so that later commands (and
+//! `control down` after a failure) know what to drive and what to remove.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// Version of the state file layout.
+const STATE_VERSION: u32 = 1;
+
+/// One of the two containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Side {
+    /// The source container (host port `SRC_PORT`).
+    A,
+    /// The target container (host port `DST_PORT`).
+    B,
+}
+
+impl Side {
+    pub(crate) fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::A => "A",
+            Side::B => "B",
+        })
+    }
+}
+
+/// A container that provides a network namespace and a host port map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Container {
+    pub(crate) name: String,
+    /// Its network namespace (podman's SandboxKey).
+    pub(crate) netns: PathBuf,
+    /// The host UDP port mapped to its port 4242.
+    pub(crate) host_port: u16,
+}
+
+/// The deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct State {
+    pub(crate) version: u32,
+    /// The container image.
+    pub(crate) image: String,
+    pub(crate) a: Container,
+    pub(crate) b: Container,
+    /// The server process (the same PID after every restore).
+    pub(crate) server_pid: i32,
+    /// Where the server runs now.
+    pub(crate) side: Side,
+    /// Certificate the clients trust.
+    pub(crate) cert: PathBuf,
+    /// The server's admin directory (signals' inputs and outputs).
+    pub(crate) admin_dir: PathBuf,
+    /// The server's log.
+    pub(crate) server_log: PathBuf,
+    /// Where CRIU image sets go, one directory per migration.
+    pub(crate) images_dir: PathBuf,
+    /// Migrations done so far.
+    pub(crate) migrations: u32,
+}
+
+impl State {
+    pub(crate) fn new_version() -> u32 {
+        STATE_VERSION
+    }
+
+    pub(crate) fn container(&self, side: Side) -> &Container {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("state.json")
+    }
+
+    /// Whether a deployment's state exists in `state_dir`.
+    pub(crate) fn exists(state_dir: &Path) -> bool {
+        Self::path(state_dir).exists()
+    }
+
+    /// Loads the state; a clear error when nothing is up or the file is damaged.
+    pub(crate) fn load(state_dir: &Path) -> Result<Self> {
+        let path = Self::path(state_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!(
+                    "nothing is up: no {} (run `control up` first)",
+                    path.display()
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let state: State = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is damaged; remove the deployment with `control down`",
+                path.display()
+            )
+        })?;
+        if state.version != STATE_VERSION {
+            bail!(
+                "{} has layout version {}, this control understands {STATE_VERSION}; \
+                 remove the deployment with the control that made it",
+                path.display(),
+                state.version
+            );
+        }
+        Ok(state)
+    }
+
+    /// Saves atomically (write, then rename).
+    pub(crate) fn save(&self, state_dir: &Path) -> Result<()> {
+        let path = Self::path(state_dir);
+        let tmp = state_dir.join(".state.json.tmp");
+        let text = serde_json::to_string_pretty(self).context("encoding the state")?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> State {
+        State {
+            version: STATE_VERSION,
+            image: "localhost/qlm-server:latest".into(),
+            a: Container {
+                name: "qlm-a".into(),
+                netns: "/run/netns/a".into(),
+                host_port: 5242,
+            },
+            b: Container {
+                name: "qlm-b".into(),
+                netns: "/run/netns/b".into(),
+                host_port: 5243,
+            },
+            server_pid: 1234,
+            side: Side::A,
+            cert: dir.join("cert.pem"),
+            admin_dir: dir.join("admin"),
+            server_log: dir.join("server.log"),
+            images_dir: dir.join("images"),
+            migrations: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sample(dir.path());
+        s.save(dir.path()).unwrap();
+        assert!(State::exists(dir.path()));
+        assert_eq!(State::load(dir.path()).unwrap(), s);
+        assert_eq!(s.container(Side::B).host_port, 5243);
+        assert_eq!(Side::A.other(), Side::B);
+    }
+
+    #[test]
+    fn missing_damaged_and_foreign_state_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", State::load(dir.path()).unwrap_err());
+        assert!(err.contains("nothing is up"), "{err}");
+        std::fs::write(dir.path().join("state.json"), "{ not json").unwrap();
+        let err = format!("{:#}", State::load(dir.path()).unwrap_err());
+        assert!(err.contains("damaged"), "{err}");
+        let mut s = serde_json::to_value(sample(dir.path())).unwrap();
+        s["version"] = 99.into();
+        std::fs::write(dir.path().join("state.json"), s.to_string()).unwrap();
+        let err = format!("{:#}", State::load(dir.path()).unwrap_err());
+        assert!(err.contains("layout version 99"), "{err}");
+        let mut s = serde_json::to_value(sample(dir.path())).unwrap();
+        s["surprise"] = 1.into();
+        std::fs::write(dir.path().join("state.json"), s.to_string()).unwrap();
+        assert!(State::load(dir.path()).is_err());
+    }
+}
