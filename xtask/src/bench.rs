@@ -185,9 +185,25 @@ fn render(rows: &[Row], machine: &str) -> String {
 }
 
 fn splice(old: &str, section: &str) -> String {
-    match (old.find(BEGIN), old.find(END)) {
+    splice_between(
+        old,
+        BEGIN,
+        END,
+        section
+            .trim_start_matches(BEGIN)
+            .trim_end()
+            .trim_end_matches(END)
+            .trim(),
+    )
+}
+
+/// Replaces the text between the markers `begin` and `end` in `old` with `body` (adding the
+/// markers at the end of `old` when it has none), leaving the rest alone.
+pub(crate) fn splice_between(old: &str, begin: &str, end: &str, body: &str) -> String {
+    let section = format!("{begin}\n{}\n{end}\n", body.trim());
+    match (old.find(begin), old.find(end)) {
         (Some(b), Some(e)) if e > b => {
-            let rest = old[e + END.len()..].trim_start_matches('\n');
+            let rest = old[e + end.len()..].trim_start_matches('\n');
             let sep = if rest.is_empty() { "" } else { "\n" };
             format!("{}{section}{sep}{rest}", &old[..b])
         }
@@ -196,7 +212,7 @@ fn splice(old: &str, section: &str) -> String {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

@@ -5,6 +5,7 @@
 //! `#[test]`s (see `tidy.rs`).
 
 mod bench;
+mod e2e;
 mod setup;
 mod tidy;
 
@@ -19,7 +20,21 @@ cargo xtask <command>
 
 Commands:
   ci        What CI runs (the README's test command): formatting check, clippy with
-            -D warnings on all targets, the layering checks, then every test of the workspace.
+            -D warnings on all targets, the layering checks, every test of the workspace, then
+            (as root) e2e-migrate. Not root: e2e-migrate is skipped with a message, unless
+            CI=true, where it is required.
+  e2e-migrate
+            The main job: builds the release binaries, runs `setup` when something is
+            missing, brings podman containers A and B up, starts the demo client, migrates the
+            server A -> B -> A with CRIU, and then runs a scenario whose restore is made to fail
+            (rollback to A, then a successful move). Checks: one handshake, no echo lost or
+            repeated, the server's counter continued, each migration's downtime. Prints a
+            summary, writes target/e2e/e2e-report.json, exits non-zero when a check fails,
+            prints diagnostics (server, client, criu and container logs) on failure, and always
+            cleans up.
+            --moves N (default 2) moves in the main scenario; --preserve keeps the last
+            scenario's containers and logs; --no-rollback skips the rollback scenario;
+            --write-benchmarks puts the figures into BENCHMARKS.md.
   tidy      Only the layering and documentation checks (fast; no compilation).
   bench     Runs the criterion benchmarks (package migration-benches) and rewrites the
             generated section of BENCHMARKS.md with the medians and the machine they came from.
@@ -56,6 +71,7 @@ fn main() -> Result<()> {
             let filter: Vec<String> = rest.into_iter().skip_while(|a| a == "--").collect();
             bench::run(&root, &filter)
         }
+        "e2e-migrate" => e2e::run(&root, &e2e::Options::from_args(&rest)?),
         "setup" if rest.iter().any(|a| a == "--if-needed") => {
             if rest.len() > 1 {
                 bail!("`--if-needed` takes no other option (see `cargo xtask help`)");
@@ -131,6 +147,19 @@ fn ci(root: &Path) -> Result<()> {
             "xtask ci: {name} passed in {:.1} s",
             started.elapsed().as_secs_f64()
         );
+    }
+    if setup::is_root() {
+        let started = Instant::now();
+        println!("xtask ci: end-to-end migration (cargo xtask e2e-migrate)");
+        e2e::run(root, &e2e::Options::from_args(&[])?)?;
+        println!(
+            "xtask ci: e2e-migrate passed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    } else if locked {
+        bail!("CI=true but not root: the end-to-end migration (podman, criu) needs root");
+    } else {
+        println!("xtask ci: SKIPPED e2e-migrate: it needs root (podman rootful, criu, netns)");
     }
     println!("xtask ci: all checks passed");
     Ok(())

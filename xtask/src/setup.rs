@@ -1071,6 +1071,14 @@ fn parse_version_token(token: &str) -> Option<Version> {
     })
 }
 
+/// Whether this process runs as root (effective uid 0).
+pub(crate) fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_euid(&s))
+        == Some(0)
+}
+
 /// The effective uid from `/proc/self/status` ("Uid:\treal\teffective\tsaved\tfs").
 fn parse_euid(status: &str) -> Option<u32> {
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;

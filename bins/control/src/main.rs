@@ -135,12 +135,17 @@ struct RunArgs {
     /// Pause between echoes of the demo client, in milliseconds.
     #[arg(long, default_value_t = 5)]
     client_interval_ms: u64,
+    /// Make the restore of this migration (1-based) fail, expecting a rollback (the server is
+    /// restored in the source again, the client swaps back and keeps its connection).
+    #[arg(long)]
+    fail_restore_at: Option<u32>,
     /// Keep everything (containers, state, logs) at the end, for debugging.
     #[arg(long)]
     preserve: bool,
-    /// Write the combined report (migrations and the client's view) here.
+    /// Write the combined report (migrations and the client's view) here (default:
+    /// <state-dir>/run-report.json).
     #[arg(long)]
-    report: Option<PathBuf>,
+    run_report: Option<PathBuf>,
 }
 
 fn main() {
@@ -211,6 +216,9 @@ fn preflight() -> Result<()> {
 /// Marks an images directory as control's own.
 const IMAGES_MARKER: &str = ".quic-live-migrate-images";
 
+/// Prefix of image sets kept for inspection.
+pub(crate) const KEPT_PREFIX: &str = "kept-";
+
 /// Refuses an images directory that holds anything but control's marker: files of someone
 /// else (foreign), or image sets left by an earlier run (stale).
 fn check_images_dir(dir: &Path) -> Result<()> {
@@ -223,7 +231,12 @@ fn check_images_dir(dir: &Path) -> Result<()> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let ours = entries.iter().any(|e| e == IMAGES_MARKER);
-    let others: Vec<&String> = entries.iter().filter(|e| *e != IMAGES_MARKER).collect();
+    // Image sets kept on purpose (a failed or rolled-back migration, --keep-images) are
+    // renamed `kept-<id>`; anything else is a leftover of a migration that never finished.
+    let others: Vec<&String> = entries
+        .iter()
+        .filter(|e| *e != IMAGES_MARKER && !(ours && e.starts_with(KEPT_PREFIX)))
+        .collect();
     match (ours, others.is_empty()) {
         (_, true) => Ok(()),
         (false, false) => bail!(
@@ -421,7 +434,8 @@ fn start_server(
     Ok(pid)
 }
 
-fn migrate_cmd(common: &Common, args: &MigrateArgs) -> Result<Value> {
+/// One migration with its report written and summarised; `Ok` whatever its result.
+fn migrate_once(common: &Common, args: &MigrateArgs) -> Result<Value> {
     preflight()?;
     let mut state = State::load(&common.state_dir)?;
     let report = migrate::migrate(&common.state_dir, &mut state, args)?;
@@ -440,9 +454,15 @@ fn migrate_cmd(common: &Common, args: &MigrateArgs) -> Result<Value> {
         .with_context(|| format!("writing {}", path.display()))?;
     migrate::print_summary(&report);
     println!("report: {}", path.display());
+    Ok(report)
+}
+
+fn migrate_cmd(common: &Common, args: &MigrateArgs) -> Result<Value> {
+    let report = migrate_once(common, args)?;
     if report["result"] != "completed" {
         bail!(
-            "migration did not complete: {}",
+            "migration {}: {}",
+            report["result"].as_str().unwrap_or("?"),
             report["failure"].as_str().unwrap_or("see the report")
         );
     }
@@ -661,14 +681,32 @@ fn run_inner(common: &Common, args: &RunArgs) -> Result<()> {
     std::thread::sleep(Duration::from_millis(1000));
     let mut migrations = Vec::new();
     let mut failure = None;
-    for n in 0..args.moves {
-        if n > 0 {
+    for n in 1..=args.moves {
+        if n > 1 {
             std::thread::sleep(Duration::from_millis(args.pause_ms));
         }
-        match migrate_cmd(common, &args.migrate) {
-            Ok(r) => migrations.push(r),
+        let inject = args.fail_restore_at == Some(n);
+        let margs = MigrateArgs {
+            fail_restore: args.migrate.fail_restore || inject,
+            report: None,
+            ..args.migrate.clone()
+        };
+        let expected = if margs.fail_restore {
+            "rolled_back"
+        } else {
+            "completed"
+        };
+        match migrate_once(common, &margs) {
+            Ok(r) => {
+                let got = r["result"].as_str().unwrap_or("?").to_owned();
+                migrations.push(r);
+                if got != expected {
+                    failure = Some(format!("migration {n}: {got}, expected {expected}"));
+                    break;
+                }
+            }
             Err(e) => {
-                failure = Some(format!("migration {}: {e:#}", n + 1));
+                failure = Some(format!("migration {n}: {e:#}"));
                 break;
             }
         }
@@ -679,21 +717,210 @@ fn run_inner(common: &Common, args: &RunArgs) -> Result<()> {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
+    let summary = summarize(&migrations, &client_report, client_status.code());
+    let mut problems: Vec<String> = summary["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    if let Some(f) = &failure {
+        problems.insert(0, f.clone());
+    }
     let combined = json!({
+        "summary": summary,
         "migrations": migrations,
         "client": client_report,
         "client_exit": client_status.code(),
-        "failure": failure,
+        "problems": problems,
     });
     let path = args
-        .report
+        .run_report
         .clone()
         .unwrap_or_else(|| common.state_dir.join("run-report.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&combined)?)
         .with_context(|| format!("writing {}", path.display()))?;
+    print_run_summary(&combined);
     println!("run report: {}", path.display());
-    if let Some(f) = failure {
-        bail!("{f}");
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Joins each migration with what the client saw of it, and checks the run.
+fn summarize(migrations: &[Value], client: &Value, client_exit: Option<i32>) -> Value {
+    let mut problems = Vec::new();
+    let records = client["migrations"].as_array().cloned().unwrap_or_default();
+    let mut rows = Vec::new();
+    for m in migrations {
+        let id = m["migration_id"].as_str().unwrap_or_default();
+        let result = m["result"].as_str().unwrap_or("?");
+        // The client's record of the Migrate measures the pause, also when the move was
+        // rolled back (its window closes at the first echo after the abort).
+        let seen = records
+            .iter()
+            .find(|r| r["id"] == id && r["aborted"] != true);
+        let downtime = seen.and_then(|r| r["downtime_ms"].as_f64());
+        let handshakes = m["resumed"]["handshakes"]
+            .as_u64()
+            .or_else(|| m["aborted"]["handshakes"].as_u64());
+        if downtime.is_none() {
+            problems.push(format!("migration {id}: the client reported no downtime"));
+        }
+        if handshakes != Some(1) {
+            problems.push(format!(
+                "migration {id}: the server counted {handshakes:?} handshakes, expected 1"
+            ));
+        }
+        rows.push(json!({
+            "id": id,
+            "from": m["from"],
+            "to": m["to"],
+            "result": result,
+            "freeze_ms": m["timeline"]["freeze_time_us"].as_u64().map(|u| u as f64 / 1e3),
+            "dump_ms": m["dump"]["wall_ms"],
+            "dump_criu_startup_ms": m["dump"]["startup_ms"],
+            "restore_ms": m["restore"]["wall_ms"],
+            "restore_criu_startup_ms": m["restore"]["startup_ms"],
+            "image_bytes": m["image_bytes"],
+            "client_downtime_ms": downtime,
+            "server_handshakes": handshakes,
+        }));
+    }
+    if client.is_null() {
+        problems.push("the client wrote no report".to_owned());
+    } else {
+        if client["verified"] != true {
+            problems.push(format!(
+                "the client's checks failed: {}",
+                client["error"].as_str().unwrap_or("not verified")
+            ));
+        }
+        if client["control"] != "open" {
+            problems.push(format!(
+                "the client's control stream: {}",
+                client["control"]
+            ));
+        }
+    }
+    if client_exit != Some(0) {
+        problems.push(format!("the client exited with {client_exit:?}"));
+    }
+    let completed: Vec<&Value> = rows.iter().filter(|r| r["result"] == "completed").collect();
+    let pick =
+        |key: &str| -> Vec<f64> { completed.iter().filter_map(|r| r[key].as_f64()).collect() };
+    json!({
+        "rows": rows,
+        "completed": completed.len(),
+        "client_downtime_median_ms": median(pick("client_downtime_ms")),
+        "freeze_median_ms": median(pick("freeze_ms")),
+        "dump_median_ms": median(pick("dump_ms")),
+        "restore_median_ms": median(pick("restore_ms")),
+        "dump_criu_startup_median_ms": median(pick("dump_criu_startup_ms")),
+        "restore_criu_startup_median_ms": median(pick("restore_criu_startup_ms")),
+        "echoes": client["echoes"],
+        "client_verified": client["verified"],
+        "problems": problems,
+    })
+}
+
+fn print_run_summary(combined: &Value) {
+    let s = &combined["summary"];
+    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+    println!(
+        "\n{:<34} {:<7} {:<7} {:>11} {:>9} {:>10} {:>11} {:>10}",
+        "migration", "from", "to", "result", "freeze", "dump", "restore", "downtime"
+    );
+    for r in s["rows"].as_array().into_iter().flatten() {
+        println!(
+            "{:<34} {:<7} {:<7} {:>11} {:>6} ms {:>7} ms {:>8} ms {:>7} ms",
+            r["id"].as_str().unwrap_or("?"),
+            r["from"].as_str().unwrap_or("?"),
+            r["to"].as_str().unwrap_or("?"),
+            r["result"].as_str().unwrap_or("?"),
+            f(&r["freeze_ms"]),
+            f(&r["dump_ms"]),
+            f(&r["restore_ms"]),
+            f(&r["client_downtime_ms"]),
+        );
+    }
+    println!(
+        "client: {} echoes, verified: {}; medians over completed moves: downtime {} ms, freeze {} ms",
+        s["echoes"],
+        s["client_verified"],
+        f(&s["client_downtime_median_ms"]),
+        f(&s["freeze_median_ms"]),
+    );
+    for p in combined["problems"].as_array().into_iter().flatten() {
+        println!("PROBLEM: {}", p.as_str().unwrap_or("?"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn images_directories_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        // Missing or empty: fine.
+        check_images_dir(&images).unwrap();
+        std::fs::create_dir(&images).unwrap();
+        check_images_dir(&images).unwrap();
+        // Someone else's files: refused.
+        std::fs::write(images.join("core-1.img"), b"x").unwrap();
+        let err = format!("{:#}", check_images_dir(&images).unwrap_err());
+        assert!(err.contains("did not make"), "{err}");
+        // Ours, with a leftover image set: stale, refused.
+        std::fs::remove_file(images.join("core-1.img")).unwrap();
+        std::fs::write(images.join(IMAGES_MARKER), b"").unwrap();
+        std::fs::create_dir(images.join("0123abcd")).unwrap();
+        let err = format!("{:#}", check_images_dir(&images).unwrap_err());
+        assert!(err.contains("stale"), "{err}");
+        // Kept on purpose: accepted.
+        std::fs::rename(images.join("0123abcd"), images.join("kept-0123abcd")).unwrap();
+        check_images_dir(&images).unwrap();
+    }
+
+    #[test]
+    fn the_run_summary_flags_what_went_wrong() {
+        let migration = |id: &str, result: &str, handshakes: u64| {
+            json!({ "migration_id": id, "result": result, "from": "a", "to": "b",
+                    "resumed": { "handshakes": handshakes },
+                    "timeline": { "freeze_time_us": 100_000 } })
+        };
+        let client = json!({
+            "verified": true, "control": "open", "echoes": 100,
+            "migrations": [ { "id": "m1", "aborted": false, "downtime_ms": 120.0 } ],
+        });
+        let s = summarize(&[migration("m1", "completed", 1)], &client, Some(0));
+        assert_eq!(s["problems"], json!([]));
+        assert_eq!(s["client_downtime_median_ms"], 120.0);
+        assert_eq!(s["freeze_median_ms"], 100.0);
+        let bad_client =
+            json!({ "verified": false, "error": "gap", "control": "closed: x", "migrations": [] });
+        let s = summarize(&[migration("m1", "completed", 2)], &bad_client, Some(1));
+        let problems = s["problems"].to_string();
+        for needle in ["no downtime", "2", "gap", "control stream", "exited"] {
+            assert!(problems.contains(needle), "{needle}: {problems}");
+        }
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
 }

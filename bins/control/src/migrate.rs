@@ -353,7 +353,11 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, args: &MigrateArgs) -
     }
     state.migrations += 1;
     state.save(state_dir)?;
-    if !args.keep_images {
+    if args.keep_images {
+        if let Some(kept) = keep(&images) {
+            report["images_dir"] = json!(kept);
+        }
+    } else {
         std::fs::remove_dir_all(&images).ok();
     }
     Ok(finish(report, &m, t0, "completed", None))
@@ -462,6 +466,13 @@ fn transfer_sealed(src: &Path, dest: &Path) -> Result<(PathBuf, Value)> {
     ))
 }
 
+/// Keeps an image set for inspection under a name that later migrations accept.
+fn keep(images: &Path) -> Option<PathBuf> {
+    let name = images.file_name()?.to_string_lossy().into_owned();
+    let kept = images.with_file_name(format!("{}{name}", crate::KEPT_PREFIX));
+    std::fs::rename(images, &kept).ok().map(|()| kept)
+}
+
 fn finish(
     mut report: Value,
     m: &Migration,
@@ -469,6 +480,12 @@ fn finish(
     result: &str,
     failure: Option<String>,
 ) -> Value {
+    if result != "completed"
+        && let Some(dir) = report["images_dir"].as_str().map(PathBuf::from)
+        && let Some(kept) = keep(&dir)
+    {
+        report["images_dir"] = json!(kept);
+    }
     report["result"] = json!(result);
     report["failure"] = json!(failure);
     report["wall_ms"] = json!(ms(t0.elapsed()));

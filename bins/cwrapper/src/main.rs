@@ -91,6 +91,8 @@ struct MigrationRecord {
     /// The server was heard from at its new address (or the client swapped back after an
     /// abort) and an echo succeeded after that.
     completed: bool,
+    /// The server aborted this migration (a record with `aborted` follows).
+    rolled_back: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,6 +205,14 @@ async fn run(args: &Args) -> Result<Report> {
         let status = client.status();
         while report.migrations.len() < status.migrations.len() {
             let m = &status.migrations[report.migrations.len()];
+            // An abort settles the migration it aborts: that one is rolled back, and the
+            // abort's own record measures the pause until the server answers again.
+            if m.aborted
+                && let Some((i, _)) = window
+                && report.migrations[i].id == m.id
+            {
+                report.migrations[i].rolled_back = true;
+            }
             report.migrations.push(MigrationRecord {
                 event: "migration",
                 id: m.id.clone(),
@@ -214,6 +224,7 @@ async fn run(args: &Args) -> Result<Report> {
                 downtime_ms: None,
                 failed_attempts: 0,
                 completed: false,
+                rolled_back: false,
             });
             window = Some((report.migrations.len() - 1, status.resumed));
             info!(id = %m.id, to = %m.new_addr, "migration seen: deadlines tightened");
@@ -317,8 +328,9 @@ async fn run(args: &Args) -> Result<Report> {
     };
     report.foreign_datagrams_dropped = client.shim().stats().dropped_foreign;
     report.stable_id = conn.stable_id();
-    report.verified = error.is_none() && report.migrations.iter().all(|m| m.completed);
-    report.error = match (error, report.migrations.iter().find(|m| !m.completed)) {
+    let settled = |m: &MigrationRecord| m.completed || m.rolled_back;
+    report.verified = error.is_none() && report.migrations.iter().all(settled);
+    report.error = match (error, report.migrations.iter().find(|m| !settled(m))) {
         (Some(e), _) => Some(e),
         (None, Some(m)) => Some(format!(
             "migration {} was seen but the server was not reached at {} before the end",

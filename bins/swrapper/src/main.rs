@@ -300,11 +300,9 @@ async fn on_abort(args: &Args, handle: &MigrationHandle) {
     {
         Ok(report) => {
             info!(%fallback, acked = report.acked.len(), missing = report.missing.len(), "SIGUSR1: migration aborted");
-            write_event(
-                args,
-                "aborted",
-                &serde_json::to_value(&report).unwrap_or_default(),
-            );
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["handshakes"] = serde_json::json!(handle.handshakes());
+            write_event(args, "aborted", &v);
         }
         Err(e) => {
             warn!("SIGUSR1: {e}");
