@@ -1,0 +1,314 @@
+//! control's command line and its refusals: each is checked before anything is started or
+//! stopped. The refusals that need the real world (podman, criu) run as root only, against
+//! containers of their own (own names, ports, state and image directories), and clean up.
+
+// Test helpers outside #[test] functions unwrap too: a failure there is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn control(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_control"))
+        .args(args)
+        .env_remove("QLM_STATE_DIR")
+        .env_remove("QLM_IMAGES_DIR")
+        .env_remove("SRC_PORT")
+        .env_remove("DST_PORT")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn help_of_every_subcommand_explains_flags_and_environment() {
+    let top = control(&["--help"]);
+    assert!(top.status.success());
+    let text = String::from_utf8_lossy(&top.stdout);
+    for needle in [
+        "up",
+        "migrate",
+        "down",
+        "status",
+        "logs",
+        "run",
+        "QLM_STATE_DIR",
+        "cargo xtask setup",
+    ] {
+        assert!(
+            text.contains(needle),
+            "control --help lacks {needle}:\n{text}"
+        );
+    }
+    let expect: &[(&str, &[&str])] = &[
+        (
+            "up",
+            &["SRC_PORT", "DST_PORT", "QLM_BIN_DIR", "--images-dir"],
+        ),
+        (
+            "migrate",
+            &[
+                "QLM_ACK_DEADLINE_MS",
+                "--transfer",
+                "--fail-restore",
+                "--keep-images",
+            ],
+        ),
+        (
+            "run",
+            &[
+                "--moves",
+                "--preserve",
+                "--fail-restore-at",
+                "SRC_PORT",
+                "--run-report",
+            ],
+        ),
+        ("down", &["--state-dir"]),
+        ("status", &["--state-dir"]),
+        ("logs", &["--images-dir"]),
+    ];
+    for (sub, needles) in expect {
+        let o = control(&[sub, "--help"]);
+        assert!(o.status.success(), "{sub} --help");
+        let text = String::from_utf8_lossy(&o.stdout);
+        for n in *needles {
+            assert!(text.contains(n), "control {sub} --help lacks {n}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_by_the_parser() {
+    for args in [
+        &["up", "--src-port", "70000"][..],
+        &["up", "--src-port", "x"],
+        &["migrate", "--transfer", "carrier-pigeon"],
+        &["run", "--moves", "-1"],
+        &["frobnicate"],
+    ] {
+        let o = control(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = control(&["--log", "=[==", "status"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("invalid --log filter"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn without_root_nothing_starts() {
+    // As root, drop to nobody for this one command (setpriv from util-linux).
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["--state-dir", state.to_str().unwrap(), "up"];
+    let o = if is_root() {
+        let found = Command::new("setpriv").arg("--help").output().is_ok();
+        if !found {
+            eprintln!("SKIP without_root_nothing_starts: setpriv not installed");
+            return;
+        }
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_control"))
+            .args(args)
+            .output()
+            .unwrap()
+    } else {
+        control(&args)
+    };
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("control must run as root"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!state.exists(), "state was created before the root check");
+}
+
+#[test]
+fn status_and_migrate_without_a_deployment_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("nothing");
+    let o = control(&["--state-dir", state.to_str().unwrap(), "status"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
+    if is_root() && has_tools() {
+        let o = control(&["--state-dir", state.to_str().unwrap(), "migrate"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
+    }
+}
+
+fn has_tools() -> bool {
+    ["podman", "criu", "runc", "nsenter"].iter().all(|t| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+    })
+}
+
+/// A deployment of the test's own: names, ports, state and image directories; removed on drop.
+struct World {
+    dir: tempfile::TempDir,
+    images: PathBuf,
+    name: String,
+    ports: (u16, u16),
+}
+
+impl World {
+    /// `None` (with a printed reason) when the test cannot run here.
+    fn new(tag: &str) -> Option<World> {
+        if !is_root() {
+            eprintln!("SKIP {tag}: needs root (podman rootful, criu)");
+            return None;
+        }
+        if !has_tools() {
+            eprintln!("SKIP {tag}: podman, criu, runc or nsenter missing (cargo xtask setup)");
+            return None;
+        }
+        let swrapper = Path::new(env!("CARGO_BIN_EXE_control")).with_file_name("swrapper");
+        if !swrapper.is_file() {
+            eprintln!("SKIP {tag}: no swrapper binary next to control (cargo build -p swrapper)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let images = PathBuf::from(format!("/dev/shm/qlm-test-{tag}-{}", std::process::id()));
+        // Two free ports, different from the defaults and from each other.
+        let a = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let b = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let ports = (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        );
+        Some(World {
+            dir,
+            images,
+            name: format!("qlmt{}{tag}", std::process::id()),
+            ports,
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_control"))
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--images-dir")
+            .arg(&self.images)
+            .args(["--name", &self.name, "--log", "warn"])
+            .args(args)
+            .env("SRC_PORT", self.ports.0.to_string())
+            .env("DST_PORT", self.ports.1.to_string())
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let o = self.run(&["status"]);
+        assert!(o.status.success(), "status: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+        let _ = std::fs::remove_dir_all(&self.images);
+    }
+}
+
+#[test]
+fn a_host_port_in_use_is_refused_before_anything_starts() {
+    let Some(w) = World::new("port") else {
+        return;
+    };
+    let busy = UdpSocket::bind(("0.0.0.0", w.ports.1)).unwrap();
+    let o = w.run(&["up"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "host UDP port {} (DST_PORT) is already in use",
+            w.ports.1
+        )),
+        "{err}"
+    );
+    assert!(!w.dir.path().join("state").exists(), "state was created");
+    drop(busy);
+}
+
+#[test]
+fn a_foreign_or_stale_images_directory_is_refused() {
+    let Some(w) = World::new("img") else {
+        return;
+    };
+    std::fs::create_dir_all(&w.images).unwrap();
+    std::fs::write(w.images.join("somebody-elses.img"), b"x").unwrap();
+    let o = w.run(&["up"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("did not make"), "{}", stderr(&o));
+    // Nothing was started, and the foreign file is untouched.
+    assert!(w.images.join("somebody-elses.img").exists());
+    assert!(!w.dir.path().join("state").exists());
+}
+
+#[test]
+fn migrate_while_b_is_down_leaves_a_untouched_and_down_cleans_up() {
+    let Some(w) = World::new("bdown") else {
+        return;
+    };
+    let o = w.run(&["up"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let before = w.status();
+    assert_eq!(before["server"]["running"], true);
+    // A stale image set (a migration that never finished) blocks the next migration.
+    let stale = w.images.join("0123456789abcdef0123456789abcdef");
+    std::fs::create_dir_all(&stale).unwrap();
+    let o = w.run(&["migrate"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("stale image sets"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&stale).unwrap();
+    // Stop container B behind control's back.
+    let b = format!("{}-b", w.name);
+    let stop = Command::new("podman")
+        .args(["--runtime", "runc", "stop", "-t", "0", &b])
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let o = w.run(&["migrate"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is not running"), "{}", stderr(&o));
+    let after = w.status();
+    assert_eq!(after["server"]["running"], true, "{after}");
+    assert_eq!(after["server"]["pid"], before["server"]["pid"]);
+    assert_eq!(after["server"]["side"], "A");
+    assert_eq!(after["migrations"], 0);
+    // down removes everything, also with B stopped.
+    let o = w.run(&["down"]);
+    assert!(o.status.success(), "down: {}", stderr(&o));
+    assert!(!w.dir.path().join("state").exists());
+    assert!(!w.images.exists());
+    let pid = before["server"]["pid"].as_i64().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+            // A zombie awaiting init's reaping has an empty cmdline.
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty()
+        }
+    );
+}
