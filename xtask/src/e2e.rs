@@ -116,11 +116,19 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     }];
     if !opts.no_rollback {
         scenarios.push(Scenario {
-            title: "restore fails in B: rollback to A, then move on",
+            title: "restore fails in B (rollback: restored in A again), dump fails (rollback: A \
+                    goes on), then moves on",
             name: "qlm-e2e-rb",
-            args: ["--moves", "3", "--fail-restore-at", "2"]
-                .map(String::from)
-                .to_vec(),
+            args: [
+                "--moves",
+                "4",
+                "--fail-restore-at",
+                "2",
+                "--fail-dump-at",
+                "3",
+            ]
+            .map(String::from)
+            .to_vec(),
         });
     }
 
@@ -236,9 +244,15 @@ fn check(sc: &Scenario<'_>, report: &Value) -> Vec<String> {
         ));
     }
     let rolled_back = rows.iter().filter(|r| r["result"] == "rolled_back").count();
-    let wants_rollback = sc.args.iter().any(|a| a == "--fail-restore-at");
-    if wants_rollback && rolled_back != 1 {
-        problems.push(format!("{rolled_back} migrations rolled back, expected 1"));
+    let wants_rollback = sc
+        .args
+        .iter()
+        .filter(|a| a.as_str() == "--fail-restore-at" || a.as_str() == "--fail-dump-at")
+        .count();
+    if rolled_back != wants_rollback {
+        problems.push(format!(
+            "{rolled_back} migrations rolled back, expected {wants_rollback}"
+        ));
     }
     // Both directions were exercised by completed moves, the second from a restored process.
     let dirs: Vec<(String, String)> = rows

@@ -118,6 +118,10 @@ struct MigrateArgs {
     /// pstree image is hidden from it), so the server must be restored in the source again.
     #[arg(long)]
     fail_restore: bool,
+    /// Fault injection for testing the rollback: make the final dump fail (its image directory
+    /// is not a directory), so the server must go on serving in the source.
+    #[arg(long, conflicts_with = "fail_restore")]
+    fail_dump: bool,
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +143,10 @@ struct RunArgs {
     /// restored in the source again, the client swaps back and keeps its connection).
     #[arg(long)]
     fail_restore_at: Option<u32>,
+    /// Make the dump of this migration (1-based) fail, expecting a rollback (the server goes on
+    /// in the source, the client swaps back and keeps its connection).
+    #[arg(long)]
+    fail_dump_at: Option<u32>,
     /// Keep everything (containers, state, logs) at the end, for debugging.
     #[arg(long)]
     preserve: bool,
@@ -685,13 +693,13 @@ fn run_inner(common: &Common, args: &RunArgs) -> Result<()> {
         if n > 1 {
             std::thread::sleep(Duration::from_millis(args.pause_ms));
         }
-        let inject = args.fail_restore_at == Some(n);
         let margs = MigrateArgs {
-            fail_restore: args.migrate.fail_restore || inject,
+            fail_restore: args.migrate.fail_restore || args.fail_restore_at == Some(n),
+            fail_dump: args.migrate.fail_dump || args.fail_dump_at == Some(n),
             report: None,
             ..args.migrate.clone()
         };
-        let expected = if margs.fail_restore {
+        let expected = if margs.fail_restore || margs.fail_dump {
             "rolled_back"
         } else {
             "completed"

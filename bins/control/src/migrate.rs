@@ -211,7 +211,13 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, args: &MigrateArgs) -
 
     // 3. Final dump: the process is frozen, written out and killed.
     let dump_dir = images.join("final");
-    std::fs::create_dir_all(&dump_dir)?;
+    if args.fail_dump {
+        // Fault injection: criu cannot write its images into a regular file.
+        warn!("fault injection: the dump will fail");
+        std::fs::write(&dump_dir, b"")?;
+    } else {
+        std::fs::create_dir_all(&dump_dir)?;
+    }
     let dump = criu::dump(
         state.server_pid,
         &src.netns,

@@ -126,6 +126,8 @@ pub struct MigrationSeen {
     pub at: Instant,
     /// Whether this was a swap back after an aborted move.
     pub aborted: bool,
+    /// `Resumed` messages received before this one was seen.
+    pub resumed_before: u64,
 }
 
 /// The state of the control stream.
@@ -391,6 +393,7 @@ fn on_server_message(
                     new_addr,
                     at,
                     aborted: false,
+                    resumed_before: s.resumed,
                 });
             });
             t.control
@@ -410,6 +413,7 @@ fn on_server_message(
                     new_addr: fallback_addr,
                     at,
                     aborted: true,
+                    resumed_before: s.resumed,
                 });
                 s.quiesce_requested = false;
             });

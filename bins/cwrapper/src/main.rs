@@ -110,6 +110,42 @@ struct Report {
     error: Option<String>,
 }
 
+/// Opens a measurement window for each migration the control task has seen since the last
+/// call. An abort settles the migration it aborts (rolled back); its own record measures the
+/// pause until the server answers again.
+fn sync_migrations(
+    status: &cwrapper::ClientStatus,
+    report: &mut Report,
+    window: &mut Option<(usize, u64)>,
+    started: Instant,
+) {
+    let ms = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1e3;
+    while report.migrations.len() < status.migrations.len() {
+        let m = &status.migrations[report.migrations.len()];
+        if m.aborted
+            && let Some((i, _)) = *window
+            && report.migrations[i].id == m.id
+        {
+            report.migrations[i].rolled_back = true;
+        }
+        report.migrations.push(MigrationRecord {
+            event: "migration",
+            id: m.id.clone(),
+            new_addr: m.new_addr,
+            aborted: m.aborted,
+            seen_at_ms: ms(m.at),
+            last_echo_before_ms: None,
+            first_echo_after_ms: None,
+            downtime_ms: None,
+            failed_attempts: 0,
+            completed: false,
+            rolled_back: false,
+        });
+        *window = Some((report.migrations.len() - 1, m.resumed_before));
+        info!(id = %m.id, to = %m.new_addr, "migration seen: deadlines tightened");
+    }
+}
+
 fn transparent_env() -> bool {
     std::env::var("TRANSPARENT").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
@@ -201,34 +237,7 @@ async fn run(args: &Args) -> Result<Report> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break None;
         }
-        // New migrations seen by the control task open a measurement window.
-        let status = client.status();
-        while report.migrations.len() < status.migrations.len() {
-            let m = &status.migrations[report.migrations.len()];
-            // An abort settles the migration it aborts: that one is rolled back, and the
-            // abort's own record measures the pause until the server answers again.
-            if m.aborted
-                && let Some((i, _)) = window
-                && report.migrations[i].id == m.id
-            {
-                report.migrations[i].rolled_back = true;
-            }
-            report.migrations.push(MigrationRecord {
-                event: "migration",
-                id: m.id.clone(),
-                new_addr: m.new_addr,
-                aborted: m.aborted,
-                seen_at_ms: ms(m.at),
-                last_echo_before_ms: None,
-                first_echo_after_ms: None,
-                downtime_ms: None,
-                failed_attempts: 0,
-                completed: false,
-                rolled_back: false,
-            });
-            window = Some((report.migrations.len() - 1, status.resumed));
-            info!(id = %m.id, to = %m.new_addr, "migration seen: deadlines tightened");
-        }
+        sync_migrations(&client.status(), &mut report, &mut window, started);
         let timeout = Duration::from_millis(if window.is_some() {
             args.migrated_io_timeout_ms
         } else {
@@ -240,6 +249,9 @@ async fn run(args: &Args) -> Result<Report> {
             _ = sigint.recv() => break None,
             _ = sigterm.recv() => break None,
         };
+        // Migrations seen while the echo was in flight open their window before the echo is
+        // counted: a reply that took the whole freeze must count as the first after it.
+        sync_migrations(&client.status(), &mut report, &mut window, started);
         let failure = match result {
             Ok(Ok(reply)) => {
                 if let Err(e) = checker.check(&req, &reply) {
