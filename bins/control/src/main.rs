@@ -245,31 +245,27 @@ fn check_images_dir(dir: &Path) -> Result<()> {
         .iter()
         .filter(|e| *e != IMAGES_MARKER && !(ours && e.starts_with(KEPT_PREFIX)))
         .collect();
-    match (ours, others.is_empty()) {
-        (_, true) => Ok(()),
-        (false, false) => bail!(
-            "images directory {} holds files control did not make ({}); refusing to use it \
-             (choose another --images-dir)",
-            dir.display(),
-            others
-                .iter()
-                .take(5)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        (true, false) => bail!(
-            "images directory {} holds stale image sets from an earlier run ({}); \
-             `control down` removes them",
-            dir.display(),
-            others
-                .iter()
-                .take(5)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+    if others.is_empty() {
+        return Ok(());
     }
+    let listing = others
+        .iter()
+        .take(5)
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ours {
+        bail!(
+            "images directory {} holds stale image sets from an earlier run ({listing}); \
+             `control down` removes them",
+            dir.display()
+        )
+    }
+    bail!(
+        "images directory {} holds files control did not make ({listing}); refusing to use it \
+         (choose another --images-dir)",
+        dir.display()
+    )
 }
 
 fn wait_event(admin: &Path, name: &str, limit: Duration) -> Result<Value> {

@@ -60,6 +60,26 @@ fn step(m: &mut Migration, e: Event) {
     }
 }
 
+/// Waits for the server's `name.json`; an `error` in it is an error here.
+fn server_event(admin: &Path, name: &str, limit: Duration) -> Result<Value> {
+    let v = crate::wait_event(admin, name, limit)?;
+    if let Some(e) = v.get("error") {
+        bail!("the server reported: {e}");
+    }
+    Ok(v)
+}
+
+/// Ends the migration as failed (nothing to roll back).
+fn fail(report: Value, m: &mut Migration, t0: Instant, reason: String) -> Value {
+    step(
+        m,
+        Event::Fail {
+            reason: reason.clone(),
+        },
+    );
+    finish(report, m, t0, "failed", Some(reason))
+}
+
 /// What went wrong, and how the rollback went.
 struct Failed {
     phase: &'static str,
@@ -122,37 +142,10 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, args: &MigrateArgs) -
     )?;
     step(&mut m, Event::Start);
     signal(state.server_pid, Signal::SIGTERM)?;
-    let announce = crate::wait_event(
-        admin,
-        "announce",
-        Duration::from_millis(args.ack_deadline_ms) + Duration::from_secs(5),
-    );
-    let announce = match announce {
-        Ok(a) if a.get("error").is_none() => a,
-        Ok(a) => {
-            step(
-                &mut m,
-                Event::Fail {
-                    reason: format!("announce: {}", a["error"]),
-                },
-            );
-            return Ok(finish(
-                report,
-                &m,
-                t0,
-                "failed",
-                Some(format!("announce failed: {}", a["error"])),
-            ));
-        }
-        Err(e) => {
-            step(
-                &mut m,
-                Event::Fail {
-                    reason: format!("{e:#}"),
-                },
-            );
-            return Ok(finish(report, &m, t0, "failed", Some(format!("{e:#}"))));
-        }
+    let limit = Duration::from_millis(args.ack_deadline_ms) + Duration::from_secs(5);
+    let announce = match server_event(admin, "announce", limit) {
+        Ok(a) => a,
+        Err(e) => return Ok(fail(report, &mut m, t0, format!("announce: {e:#}"))),
     };
     info!(
         acked = announce["acked"].as_array().map_or(0, Vec::len),
@@ -327,35 +320,12 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, args: &MigrateArgs) -
 
     // 6. The restored server renews its socket in the new namespace and tells the clients.
     signal(pid, Signal::SIGUSR2)?;
-    match crate::wait_event(admin, "resumed", Duration::from_secs(5)) {
-        Ok(r) if r.get("error").is_none() => {
+    match server_event(admin, "resumed", Duration::from_secs(5)) {
+        Ok(r) => {
             report["resumed"] = r;
             step(&mut m, Event::ResumeDone);
         }
-        Ok(r) => {
-            step(
-                &mut m,
-                Event::Fail {
-                    reason: format!("resume: {}", r["error"]),
-                },
-            );
-            return Ok(finish(
-                report,
-                &m,
-                t0,
-                "failed",
-                Some(format!("resume failed: {}", r["error"])),
-            ));
-        }
-        Err(e) => {
-            step(
-                &mut m,
-                Event::Fail {
-                    reason: format!("{e:#}"),
-                },
-            );
-            return Ok(finish(report, &m, t0, "failed", Some(format!("{e:#}"))));
-        }
+        Err(e) => return Ok(fail(report, &mut m, t0, format!("resume: {e:#}"))),
     }
     state.migrations += 1;
     state.save(state_dir)?;
@@ -407,11 +377,7 @@ fn rollback(
             report["rollback_restore"] = json!(t);
         }
         signal(state.server_pid, Signal::SIGUSR1)?;
-        let aborted = crate::wait_event(&state.admin_dir, "aborted", Duration::from_secs(5))?;
-        if let Some(e) = aborted.get("error") {
-            bail!("the server could not abort: {e}");
-        }
-        Ok(aborted)
+        server_event(&state.admin_dir, "aborted", Duration::from_secs(5))
     })();
     match outcome {
         Ok(aborted) => {
