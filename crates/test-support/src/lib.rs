@@ -16,10 +16,12 @@
 
 pub mod echo;
 pub mod netns;
+pub mod socket;
 pub mod tls;
 pub mod wait;
 
 pub use echo::{Accepted, Echo, EchoError, spawn_echo_server};
 pub use netns::{Netns, is_root, no_fork, run};
+pub use socket::send_as_quinn;
 pub use tls::{TlsError, configs};
 pub use wait::{TEST_LIMIT, TimedOut, eventually, eventually_within};

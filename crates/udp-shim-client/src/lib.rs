@@ -454,19 +454,11 @@ mod tests {
         UdpSocket::bind(localhost(0)).unwrap()
     }
 
-    /// Sends as quinn does: wait for writability through a poller, retry on `WouldBlock`.
+    /// Sends as quinn does; the shim must never return an error other than `WouldBlock`.
     async fn send(shim: &Arc<SwappableUdp>, transmit: &Transmit<'_>) {
-        let mut poller = shim.clone().create_io_poller();
-        loop {
-            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
-                .await
-                .unwrap();
-            match shim.try_send(transmit) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("try_send surfaced {e}"),
-            }
-        }
+        test_support::send_as_quinn(shim, transmit)
+            .await
+            .expect("a shim surfaced a send error to quinn");
     }
 
     #[test]
