@@ -9,8 +9,9 @@
 //! - `seal`: seal alone at 1 MiB records (the per-core sealing target: >= 1 GiB/s).
 //! - `zstd1`, `gzip1`: compress + decompress at level 1; `zstd1_compress`: compression alone.
 //! - `pipeline`: a 64 MiB directory chunked (1 MiB chunks), compressed with zstd level 1, sealed,
-//!   framed and reassembled (`full`), against each stage run alone on the same data:
-//!   `read_frame` (walk, read, digest, frame), `compress`, `seal`, `reassemble` (verify, write).
+//!   framed and reassembled (`full`, the same code path as `control`'s sealed transfer), against
+//!   each stage run alone on the same data: `read_frame` (walk, read, digest, frame; through
+//!   `Chunker::write_to`, so on its threads), `compress`, `seal`, `reassemble` (verify, write).
 
 use std::hint::black_box;
 use std::sync::OnceLock;
@@ -182,7 +183,10 @@ fn pipeline(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(total));
     // Everything: the sender (read, digest, compress, seal, frame) and the receiver (open,
-    // decompress, verify, write) run at once, joined by a pipe, as they would on two hosts.
+    // decompress, verify, write) run at once, joined by a pipe, as they would on two hosts and
+    // as `control`'s `transfer_sealed` runs them: `Chunker::write_to` (reading, compressing and
+    // writing on three threads) into a 256 KiB `BufWriter`, `Reassembler::read_from` out of a
+    // 256 KiB `BufReader`.
     g.bench_function(BenchmarkId::new("full", "64MiB"), |b| {
         b.iter(|| {
             let (reader, writer) = std::io::pipe().expect("pipe");

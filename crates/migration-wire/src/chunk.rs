@@ -12,6 +12,24 @@
 //! item travels in one [`frame`]. The [`Reassembler`](crate::reassemble::Reassembler) rebuilds
 //! the tree on the other side.
 //!
+//! # Three stages in `write_to`
+//!
+//! [`Chunker::write_to`] runs the sender as a pipeline joined by bounded channels:
+//!
+//! ```text
+//!  chunk-reader thread        chunk-sealer thread                 calling thread
+//!  walk, read, sha256 ──2──►  compress, seal, frame head ──2──►  write head, write payload
+//!        ▲                        │       ▲                           │
+//!        └── plaintext buffer ◄───┘       └──── frame buffer ◄────────┘
+//! ```
+//!
+//! Compression dominates; giving it a thread of its own, and the writes another, means it
+//! neither waits for the disk nor for a slow reader on the other end of `w`. The bytes
+//! written are exactly those of framing every [`Chunker::next_item`] in turn: one thread
+//! compresses and seals, in sequence order. At most [`READ_BUFFERS`] plaintext buffers and
+//! [`FRAME_BUFFERS`] frame buffers exist at once, so memory stays a few chunks whatever the
+//! size of the tree. Neither thread outlives the call.
+//!
 //! # Integrity and authenticity
 //!
 //! * Every chunk carries the SHA-256 of its plaintext; the receiver checks it after decrypting
@@ -41,9 +59,11 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread;
 
 use migration_crypto::{Digest, KeyId, SealError, Sealer, Sha256, sha256};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::compress::{Codec, CompressError, Compression};
 use crate::frame::{self, FrameError};
@@ -59,9 +79,19 @@ pub const MAX_CHUNK_SIZE: usize = 8 << 20;
 pub const MAX_PATH_LEN: usize = 4096;
 /// Permission bits a file is recreated with: no setuid, setgid or sticky bit.
 pub const MODE_MASK: u32 = 0o777;
+/// Plaintext buffers of `chunk_size` bytes that [`Chunker::write_to`] keeps at most: one being
+/// read, one queued, one being compressed and sealed.
+pub const READ_BUFFERS: usize = 3;
+/// Frame buffers (each about one chunk) that [`Chunker::write_to`] keeps at most: one being
+/// filled, one queued, one being written.
+pub const FRAME_BUFFERS: usize = 3;
+/// Items queued between two stages of [`Chunker::write_to`].
+const QUEUE_DEPTH: usize = 2;
 
 const CHUNK_AAD_LABEL: &[u8] = b"migration-wire chunk v1\0";
 const END_AAD_LABEL: &[u8] = b"migration-wire end v1\0";
+/// Index of [`StreamItem::Chunk`] among the variants, as postcard encodes it.
+const CHUNK_VARIANT: u32 = 1;
 
 /// One unit of a stream; each is carried in one frame.
 ///
@@ -129,11 +159,47 @@ impl fmt::Debug for Chunk {
 impl Chunk {
     /// Writes the chunk's descriptor into `out` (cleared first): the sealing AAD and the unit
     /// of the end digest.
+    #[cfg(test)]
+    pub(crate) fn descriptor(&self, out: &mut Vec<u8>) {
+        self.borrowed().descriptor(out);
+    }
+
+    /// The chunk's fields, borrowed.
+    pub(crate) fn borrowed(&self) -> ChunkRef<'_> {
+        ChunkRef {
+            seq: self.seq,
+            path: &self.path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            payload: &self.payload,
+        }
+    }
+}
+
+/// A [`Chunk`] borrowing its path and payload from a frame body: the receiver decodes this to
+/// avoid copying each payload out of the frame. Same encoding as [`Chunk`].
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkRef<'a> {
+    pub(crate) seq: u64,
+    pub(crate) path: &'a str,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    pub(crate) mode: u32,
+    pub(crate) digest: Digest,
+    pub(crate) last_of_file: bool,
+    pub(crate) payload: &'a [u8],
+}
+
+impl ChunkRef<'_> {
+    /// Writes the chunk's descriptor into `out` (cleared first).
     pub(crate) fn descriptor(&self, out: &mut Vec<u8>) {
         descriptor(
             out,
             self.seq,
-            &self.path,
+            self.path,
             self.offset,
             self.len,
             self.mode,
@@ -141,6 +207,19 @@ impl Chunk {
             self.last_of_file,
         );
     }
+}
+
+/// A [`StreamItem`] whose chunk borrows from the frame body. Same encoding (the variants are in
+/// the same order).
+#[derive(Deserialize, Debug)]
+pub(crate) enum StreamItemRef<'a> {
+    /// See [`StreamItem::Header`].
+    Header(StreamHeader),
+    /// See [`StreamItem::Chunk`].
+    #[serde(borrow)]
+    Chunk(ChunkRef<'a>),
+    /// See [`StreamItem::End`].
+    End(StreamEnd),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -342,48 +421,113 @@ enum State {
     Failed,
 }
 
+/// A chunk as read: every field but the payload. Its plaintext is the first `len` bytes of the
+/// buffer it was read into.
+#[derive(Debug)]
+struct ChunkMeta {
+    seq: u64,
+    path: String,
+    offset: u64,
+    len: u32,
+    mode: u32,
+    digest: Digest,
+    last_of_file: bool,
+}
+
+/// Counts of a finished walk (the digest is the [`Encoder`]'s).
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    chunks: u64,
+    files: u64,
+    bytes: u64,
+}
+
+/// What the [`Walker`] produced.
+#[derive(Debug)]
+enum Walked {
+    Header,
+    Chunk(ChunkMeta),
+    End(Totals),
+}
+
+/// The reading half of a chunker: walks the tree, reads and digests chunks. Runs on the read
+/// thread in [`Chunker::write_to`].
+#[derive(Debug)]
+struct Walker {
+    root: PathBuf,
+    chunk_size: usize,
+    state: State,
+    stack: Vec<DirFrame>,
+    current: Option<OpenFile>,
+    seq: u64,
+    files: u64,
+    bytes: u64,
+}
+
+/// Where [`Encoder::payload`] left a chunk's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadAt {
+    /// The payload is the plaintext itself (unsealed, uncompressed stream).
+    Plain,
+    /// The payload was appended to the output buffer.
+    Out,
+}
+
+/// The encoding half of a chunker: compresses, seals and folds descriptors into the end
+/// digest, strictly in sequence order.
+struct Encoder {
+    header: StreamHeader,
+    compression: Compression,
+    sealer: Option<Sealer>,
+    codec: Codec,
+    /// Compressed bytes awaiting sealing.
+    scratch: Vec<u8>,
+    aad: Vec<u8>,
+    hasher: Option<Sha256>,
+    /// Fail to compress the chunk with this sequence number (tests of error paths).
+    #[cfg(test)]
+    fail_at: Option<u64>,
+}
+
+impl fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Encoder")
+            .field("header", &self.header)
+            .field("sealer", &self.sealer)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Turns a directory tree into stream items, one file chunk at a time.
 ///
 /// Memory is bounded by one read buffer of `chunk_size` bytes and one compression scratch
 /// buffer (used only when sealing compressed chunks), plus the payload of the item being
-/// returned, whatever the size of the files.
+/// returned, whatever the size of the files. [`Chunker::write_to`] keeps at most
+/// [`READ_BUFFERS`] read buffers and [`FRAME_BUFFERS`] frame buffers instead.
 pub struct Chunker {
-    root: PathBuf,
-    chunk_size: usize,
-    compression: Compression,
-    sealer: Option<Sealer>,
-    header: StreamHeader,
-    codec: Codec,
-    state: State,
-    stack: Vec<DirFrame>,
-    current: Option<OpenFile>,
-    /// Read buffer; its length stays `chunk_size` (initialized once), `filled` says how much
-    /// of it holds data.
+    walker: Walker,
+    enc: Encoder,
+    /// Read buffer of [`Chunker::next_item`]; its length stays `chunk_size` (initialized
+    /// once).
     buf: Vec<u8>,
-    /// Compressed bytes awaiting sealing.
-    scratch: Vec<u8>,
-    aad: Vec<u8>,
-    seq: u64,
-    files: u64,
-    bytes: u64,
-    hasher: Option<Sha256>,
 }
 
 impl fmt::Debug for Chunker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Chunker")
-            .field("root", &self.root)
-            .field("header", &self.header)
-            .field("state", &self.state)
-            .field("seq", &self.seq)
-            .field("files", &self.files)
-            .field("bytes", &self.bytes)
+            .field("root", &self.walker.root)
+            .field("header", &self.enc.header)
+            .field("state", &self.walker.state)
+            .field("seq", &self.walker.seq)
+            .field("files", &self.walker.files)
+            .field("bytes", &self.walker.bytes)
             .finish_non_exhaustive()
     }
 }
 
 impl Chunker {
-    /// Prepares to stream the tree under `root`. Nothing is read until [`Chunker::next_item`].
+    /// Prepares to stream the tree under `root`. Nothing is read until [`Chunker::next_item`]
+    /// or [`Chunker::write_to`].
     pub fn new(root: &Path, config: ChunkerConfig) -> Result<Chunker, ChunkError> {
         let ChunkerConfig {
             chunk_size,
@@ -412,78 +556,576 @@ impl Chunker {
             chunk_size: chunk_size as u32,
         };
         Ok(Chunker {
-            root: canonical,
-            chunk_size,
-            compression,
-            sealer,
-            header,
-            codec: Codec::new(),
-            state: State::Start,
-            stack: Vec::new(),
-            current: None,
+            walker: Walker {
+                root: canonical,
+                chunk_size,
+                state: State::Start,
+                stack: Vec::new(),
+                current: None,
+                seq: 0,
+                files: 0,
+                bytes: 0,
+            },
+            enc: Encoder {
+                header,
+                compression,
+                sealer,
+                codec: Codec::new(),
+                scratch: Vec::new(),
+                aad: Vec::new(),
+                hasher: Some(Sha256::new()),
+                #[cfg(test)]
+                fail_at: None,
+            },
             buf: Vec::new(),
-            scratch: Vec::new(),
-            aad: Vec::new(),
-            seq: 0,
-            files: 0,
-            bytes: 0,
-            hasher: Some(Sha256::new()),
         })
     }
 
     /// The header this chunker sends first.
     pub fn header(&self) -> &StreamHeader {
-        &self.header
+        &self.enc.header
     }
 
     /// Capacity of the buffers the chunker keeps between items (read buffer and compression
     /// scratch). Stays within about two chunks whatever the size of the files.
     pub fn buffer_capacity(&self) -> usize {
-        self.buf.capacity() + self.scratch.capacity()
+        self.buf.capacity() + self.enc.scratch.capacity()
     }
 
     /// The next item of the stream, `Ok(None)` after the end. After an error every later call
     /// fails with [`ChunkError::Failed`].
     pub fn next_item(&mut self) -> Result<Option<StreamItem>, ChunkError> {
-        match self.state {
-            State::Failed => Err(ChunkError::Failed),
-            State::Done => Ok(None),
-            State::Start => match self.list_dir(String::new()) {
-                Ok(frame) => {
-                    self.stack.push(frame);
-                    self.state = State::Walking;
-                    Ok(Some(StreamItem::Header(self.header)))
-                }
-                Err(e) => {
-                    self.state = State::Failed;
-                    Err(e)
-                }
+        let res = match self.walker.next(&mut self.buf)? {
+            None => return Ok(None),
+            Some(Walked::Header) => Ok(StreamItem::Header(self.enc.header)),
+            Some(Walked::Chunk(meta)) => {
+                let plain = &self.buf[..meta.len as usize];
+                let mut payload = Vec::new();
+                self.enc.payload(&meta, plain, &mut payload).map(|at| {
+                    if at == PayloadAt::Plain {
+                        payload.extend_from_slice(plain);
+                    }
+                    StreamItem::Chunk(meta.into_chunk(payload))
+                })
+            }
+            Some(Walked::End(totals)) => self.enc.end(totals).map(StreamItem::End),
+        };
+        if res.is_err() {
+            self.walker.fail();
+        }
+        res.map(Some)
+    }
+
+    /// Writes the whole stream (from where [`Chunker::next_item`] left it, normally the start)
+    /// to `w` as frames, then flushes it; returns the totals sent.
+    ///
+    /// Two threads started for the call walk, read and digest the files, and compress, seal
+    /// and frame the chunks, while this one writes the frames (see the
+    /// [module documentation](self)); the bytes written are the same as framing each
+    /// [`Chunker::next_item`] in turn. An error of any stage is returned as `next_item` or the
+    /// writer ([`ChunkError::Write`]) would return it, after the frames of the items before it;
+    /// both threads have ended by then. If the threads cannot be started, the stream is written
+    /// from this thread alone.
+    pub fn write_to<W: Write>(self, w: W) -> Result<StreamSummary, ChunkError> {
+        self.write_pipelined(w).0
+    }
+
+    /// [`Chunker::write_to`], also returning what the threads allocated (`None` when it ran
+    /// on this thread alone).
+    fn write_pipelined<W: Write>(
+        self,
+        mut w: W,
+    ) -> (Result<StreamSummary, ChunkError>, Option<PipeStats>) {
+        let Chunker { walker, enc, buf } = self;
+        // Each thread waits for its state before doing anything, so that if either cannot be
+        // started both states are still here for the sequential fallback.
+        let (start_read_tx, start_read_rx) = mpsc::sync_channel::<Walker>(1);
+        let (start_seal_tx, start_seal_rx) = mpsc::sync_channel::<Encoder>(1);
+        let (items_tx, items_rx) = mpsc::sync_channel::<Piped>(QUEUE_DEPTH);
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Ready, ChunkError>>(QUEUE_DEPTH);
+        // Room for every buffer that can exist: returning one never blocks.
+        let (free_read_tx, free_read_rx) = mpsc::sync_channel::<Vec<u8>>(READ_BUFFERS);
+        let (free_frame_tx, free_frame_rx) = mpsc::sync_channel::<FrameBufs>(FRAME_BUFFERS);
+        let free_read_tx2 = free_read_tx.clone();
+        thread::scope(|s| {
+            let reader = thread::Builder::new()
+                .name("chunk-reader".into())
+                .spawn_scoped(s, move || {
+                    let walker = start_read_rx.recv().ok()?;
+                    Some(read_side(walker, &items_tx, &free_read_rx))
+                });
+            let sealer = thread::Builder::new()
+                .name("chunk-sealer".into())
+                .spawn_scoped(s, move || {
+                    let enc = start_seal_rx.recv().ok()?;
+                    Some(seal_side(
+                        enc,
+                        items_rx,
+                        ready_tx,
+                        free_read_tx,
+                        free_frame_rx,
+                    ))
+                });
+            let (Ok(reader), Ok(sealer)) = (reader, sealer) else {
+                // Dropping the start senders ends whichever thread was started.
+                drop((start_read_tx, start_seal_tx));
+                let res = Chunker { walker, enc, buf }.write_sequential(w);
+                return (res, None);
+            };
+            // A thread that is waiting for its start cannot fail: the sends succeed. Were one
+            // to fail anyway, the channels close and `write_ready` returns `Failed`.
+            let _ = start_read_tx.send(walker);
+            let _ = start_seal_tx.send(enc);
+            // Consumes this side's channel ends: a thread blocked on one of them wakes up and
+            // ends as soon as this returns.
+            let res = write_ready(&mut w, ready_rx, free_read_tx2, free_frame_tx);
+            let read_buffers = reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let frames = sealer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let stats = PipeStats {
+                read_buffers: read_buffers.unwrap_or(0),
+                frame_buffers: frames.map_or(0, |f| f.0),
+                peak_frame_bytes: frames.map_or(0, |f| f.1),
+            };
+            (res, Some(stats))
+        })
+    }
+
+    /// [`Chunker::write_to`] on this thread alone.
+    fn write_sequential<W: Write>(mut self, mut w: W) -> Result<StreamSummary, ChunkError> {
+        let mut bufs = FrameBufs::default();
+        loop {
+            let Some(walked) = self.walker.next(&mut self.buf)? else {
+                // `next` returns the end before `None`: the stream was written already.
+                return Err(ChunkError::Failed);
+            };
+            let framed = self.enc.frame(walked, &self.buf, &mut bufs)?;
+            if let Some(summary) = write_frame(&mut w, &bufs, framed, &self.buf)? {
+                return Ok(summary);
+            }
+        }
+    }
+}
+
+/// What the threads of [`Chunker::write_to`] allocated (read by the tests).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(test), allow(dead_code))]
+struct PipeStats {
+    /// Plaintext buffers of `chunk_size` bytes, at most [`READ_BUFFERS`].
+    read_buffers: usize,
+    /// Frame buffers, at most [`FRAME_BUFFERS`].
+    frame_buffers: usize,
+    /// Largest capacity of one frame buffer, plus the compression scratch buffer.
+    peak_frame_bytes: usize,
+}
+
+/// What the read thread sends: an item of the walk (or its error) and the buffer holding a
+/// chunk's plaintext (passed along with every item so that it comes back).
+type Piped = (Result<Option<Walked>, ChunkError>, Vec<u8>);
+
+/// A frame ready to be written: its head, then its payload.
+#[derive(Debug, Default)]
+struct FrameBufs {
+    /// Length prefix and everything before the payload.
+    head: Vec<u8>,
+    /// The payload, unless it is the plaintext itself.
+    out: Vec<u8>,
+}
+
+/// What [`Encoder::frame`] left in a [`FrameBufs`].
+#[derive(Debug, Clone, Copy)]
+enum Framed {
+    /// `head`, then `out` (empty for the header).
+    Out,
+    /// `head`, then the first `len` bytes of the plaintext buffer.
+    Plain(usize),
+    /// `head` is the end item, then the writer is flushed.
+    End(StreamSummary),
+}
+
+/// What the sealing thread sends to the writing one.
+#[derive(Debug)]
+struct Ready {
+    framed: Framed,
+    bufs: FrameBufs,
+    /// The plaintext buffer, for [`Framed::Plain`].
+    plain: Option<Vec<u8>>,
+}
+
+/// The read thread of [`Chunker::write_to`]: walks and reads into buffers taken from `free`
+/// (at most [`READ_BUFFERS`] of them ever exist) and sends each item to `items`. Ends after the
+/// end item, an error, or as soon as the others are gone. Returns how many buffers it
+/// allocated.
+fn read_side(mut walker: Walker, items: &SyncSender<Piped>, free: &Receiver<Vec<u8>>) -> usize {
+    let mut allocated = 0;
+    loop {
+        let mut buf = match free.try_recv() {
+            Ok(b) => b,
+            Err(TryRecvError::Empty) if allocated < READ_BUFFERS => {
+                allocated += 1;
+                Vec::new()
+            }
+            Err(TryRecvError::Empty) => match free.recv() {
+                Ok(b) => b,
+                Err(_) => return allocated,
             },
-            State::Walking => match self.walk() {
-                Ok(item) => Ok(Some(item)),
-                Err(e) => {
-                    self.state = State::Failed;
-                    self.current = None;
-                    Err(e)
-                }
+            Err(TryRecvError::Disconnected) => return allocated,
+        };
+        let res = walker.next(&mut buf);
+        let last = !matches!(res, Ok(Some(Walked::Header | Walked::Chunk(_))));
+        if items.send((res, buf)).is_err() || last {
+            return allocated;
+        }
+    }
+}
+
+/// The sealing thread of [`Chunker::write_to`]: compresses, seals and frames each item into
+/// buffers taken from `free` (at most [`FRAME_BUFFERS`] exist), returns plaintext buffers to
+/// the read thread as soon as they are consumed, and sends frames (or the first error) to
+/// `ready`. Returns how many frame buffers it allocated and the largest one's capacity plus
+/// the compression scratch.
+fn seal_side(
+    mut enc: Encoder,
+    items: Receiver<Piped>,
+    ready: SyncSender<Result<Ready, ChunkError>>,
+    free_read: SyncSender<Vec<u8>>,
+    free: Receiver<FrameBufs>,
+) -> (usize, usize) {
+    let mut allocated = 0;
+    let mut peak = 0;
+    let mut spare: Option<FrameBufs> = None;
+    let stats = |allocated, peak, enc: &Encoder| (allocated, peak + enc.scratch.capacity());
+    loop {
+        // A closed channel means the read thread died; the writer then sees this one close.
+        let Ok((walked, plain)) = items.recv() else {
+            return stats(allocated, peak, &enc);
+        };
+        let walked = match walked {
+            Ok(Some(w)) => w,
+            // `next` returns the end before `None`: the stream was written already.
+            Ok(None) => {
+                let _ = ready.send(Err(ChunkError::Failed));
+                return stats(allocated, peak, &enc);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return stats(allocated, peak, &enc);
+            }
+        };
+        let mut bufs = match spare.take().map_or_else(|| free.try_recv(), Ok) {
+            Ok(b) => b,
+            Err(TryRecvError::Empty) if allocated < FRAME_BUFFERS => {
+                allocated += 1;
+                FrameBufs::default()
+            }
+            Err(TryRecvError::Empty) => match free.recv() {
+                Ok(b) => b,
+                Err(_) => return stats(allocated, peak, &enc),
             },
+            Err(TryRecvError::Disconnected) => return stats(allocated, peak, &enc),
+        };
+        let framed = match enc.frame(walked, &plain, &mut bufs) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return stats(allocated, peak, &enc);
+            }
+        };
+        peak = peak.max(bufs.head.capacity() + bufs.out.capacity());
+        let plain = match framed {
+            Framed::Plain(_) => Some(plain),
+            Framed::Out | Framed::End(_) => {
+                // Consumed: the read thread may refill it while this frame is written. The
+                // read thread may be gone already; then the buffer is simply dropped.
+                let _ = free_read.send(plain);
+                None
+            }
+        };
+        let last = matches!(framed, Framed::End(_));
+        let sent = ready.send(Ok(Ready {
+            framed,
+            bufs,
+            plain,
+        }));
+        if sent.is_err() || last {
+            return stats(allocated, peak, &enc);
+        }
+    }
+}
+
+/// The writing side of [`Chunker::write_to`], on the calling thread: writes each frame
+/// received and returns its buffers. Consumes its channel ends so that they are closed on
+/// return.
+fn write_ready<W: Write>(
+    w: &mut W,
+    ready: Receiver<Result<Ready, ChunkError>>,
+    free_read: SyncSender<Vec<u8>>,
+    free_frame: SyncSender<FrameBufs>,
+) -> Result<StreamSummary, ChunkError> {
+    loop {
+        // The sealing thread sends an end or an error before it stops, unless it died.
+        let Ok(ready) = ready.recv() else {
+            return Err(ChunkError::Failed);
+        };
+        let Ready {
+            framed,
+            bufs,
+            plain,
+        } = ready?;
+        let done = write_frame(w, &bufs, framed, plain.as_deref().unwrap_or_default())?;
+        // The other threads may be gone already; then the buffers are simply dropped.
+        if let Some(p) = plain {
+            let _ = free_read.send(p);
+        }
+        let _ = free_frame.send(bufs);
+        if let Some(summary) = done {
+            return Ok(summary);
+        }
+    }
+}
+
+/// Writes one frame: the head, then the payload (never copied into a frame buffer); after the
+/// end item, flushes `w` and returns the summary.
+fn write_frame<W: Write>(
+    w: &mut W,
+    bufs: &FrameBufs,
+    framed: Framed,
+    plain: &[u8],
+) -> Result<Option<StreamSummary>, ChunkError> {
+    w.write_all(&bufs.head).map_err(ChunkError::Write)?;
+    match framed {
+        Framed::Out => w.write_all(&bufs.out).map_err(ChunkError::Write)?,
+        Framed::Plain(len) => {
+            let payload = plain.get(..len).ok_or(ChunkError::Failed)?;
+            w.write_all(payload).map_err(ChunkError::Write)?;
+        }
+        Framed::End(summary) => {
+            w.flush().map_err(ChunkError::Write)?;
+            return Ok(Some(summary));
+        }
+    }
+    Ok(None)
+}
+
+/// The fields of a chunk frame before the payload's bytes. Postcard encodes `serde_bytes` as
+/// a varint length then the bytes, and the payload is the last field of the last thing in the
+/// frame, so this followed by the payload is exactly the encoding of the [`StreamItem`].
+struct ChunkHead<'a> {
+    meta: &'a ChunkMeta,
+    payload_len: u64,
+}
+
+impl Serialize for ChunkHead<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            seq: u64,
+            path: &'a str,
+            offset: u64,
+            len: u32,
+            mode: u32,
+            digest: &'a Digest,
+            last_of_file: bool,
+            payload_len: u64,
+        }
+        let m = self.meta;
+        let fields = Fields {
+            seq: m.seq,
+            path: &m.path,
+            offset: m.offset,
+            len: m.len,
+            mode: m.mode,
+            digest: &m.digest,
+            last_of_file: m.last_of_file,
+            payload_len: self.payload_len,
+        };
+        s.serialize_newtype_variant("StreamItem", CHUNK_VARIANT, "Chunk", &fields)
+    }
+}
+
+/// Appends to `out` the frame prefix and the head of a chunk's frame whose payload, of
+/// `payload_len` bytes, is to be written right after it.
+fn encode_chunk_head(
+    meta: &ChunkMeta,
+    payload_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; frame::LEN_PREFIX]);
+    let head = ChunkHead {
+        meta,
+        payload_len: payload_len as u64,
+    };
+    if let Err(e) = postcard::to_io(&head, &mut *out) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e).into());
+    }
+    let body = (out.len() - start - frame::LEN_PREFIX) as u64 + payload_len as u64;
+    match frame::check_len(body, frame::DEFAULT_MAX_FRAME) {
+        Ok(len) => {
+            out[start..start + frame::LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e.into())
+        }
+    }
+}
+
+impl ChunkMeta {
+    fn into_chunk(self, payload: Vec<u8>) -> Chunk {
+        Chunk {
+            seq: self.seq,
+            path: self.path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            payload,
+        }
+    }
+}
+
+impl Encoder {
+    /// Frames one item into `bufs` (cleared first), the plaintext of a chunk being in `plain`.
+    fn frame(
+        &mut self,
+        walked: Walked,
+        plain: &[u8],
+        bufs: &mut FrameBufs,
+    ) -> Result<Framed, ChunkError> {
+        bufs.head.clear();
+        bufs.out.clear();
+        match walked {
+            Walked::Header => {
+                let item = StreamItem::Header(self.header);
+                frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut bufs.head)?;
+                Ok(Framed::Out)
+            }
+            Walked::Chunk(meta) => {
+                let plain = plain.get(..meta.len as usize).ok_or(ChunkError::Failed)?;
+                let (framed, payload_len) = match self.payload(&meta, plain, &mut bufs.out)? {
+                    PayloadAt::Plain => (Framed::Plain(plain.len()), plain.len()),
+                    PayloadAt::Out => (Framed::Out, bufs.out.len()),
+                };
+                encode_chunk_head(&meta, payload_len, &mut bufs.head)?;
+                Ok(framed)
+            }
+            Walked::End(totals) => {
+                let end = self.end(totals)?;
+                let summary = end.summary;
+                frame::encode(
+                    &StreamItem::End(end),
+                    frame::DEFAULT_MAX_FRAME,
+                    &mut bufs.head,
+                )?;
+                Ok(Framed::End(summary))
+            }
         }
     }
 
-    /// Writes the whole stream to `w` as frames, then flushes it; returns the totals sent.
-    pub fn write_to<W: Write>(mut self, mut w: W) -> Result<StreamSummary, ChunkError> {
-        let mut frame_buf = Vec::new();
-        while let Some(item) = self.next_item()? {
-            frame_buf.clear();
-            frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut frame_buf)?;
-            w.write_all(&frame_buf).map_err(ChunkError::Write)?;
-            if let StreamItem::End(end) = item {
-                w.flush().map_err(ChunkError::Write)?;
-                return Ok(end.summary);
-            }
+    /// Computes the payload of chunk `meta` whose plaintext is `plain`: appended to `out`, or
+    /// `plain` itself ([`PayloadAt::Plain`]). Folds the descriptor into the end digest.
+    fn payload(
+        &mut self,
+        meta: &ChunkMeta,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<PayloadAt, ChunkError> {
+        #[cfg(test)]
+        if self.fail_at == Some(meta.seq) {
+            return Err(CompressError::Compress(io::Error::other("injected")).into());
         }
-        // next_item returns End before None, so this is only reached if called twice.
-        Err(ChunkError::Failed)
+        descriptor(
+            &mut self.aad,
+            meta.seq,
+            &meta.path,
+            meta.offset,
+            meta.len,
+            meta.mode,
+            &meta.digest,
+            meta.last_of_file,
+        );
+        let at = match self.sealer.as_mut() {
+            None if self.compression == Compression::None => PayloadAt::Plain,
+            None => {
+                self.codec.compress(self.compression, plain, out)?;
+                PayloadAt::Out
+            }
+            Some(sealer) => {
+                let to_seal = if self.compression == Compression::None {
+                    plain
+                } else {
+                    self.scratch.clear();
+                    self.codec
+                        .compress(self.compression, plain, &mut self.scratch)?;
+                    &self.scratch[..]
+                };
+                sealer.seal(&self.aad, to_seal, out)?;
+                PayloadAt::Out
+            }
+        };
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&self.aad);
+        }
+        Ok(at)
+    }
+
+    /// The end item for a walk with these totals.
+    fn end(&mut self, totals: Totals) -> Result<StreamEnd, ChunkError> {
+        let digest = self
+            .hasher
+            .take()
+            .map(Sha256::finish)
+            .ok_or(ChunkError::Failed)?;
+        let summary = StreamSummary {
+            chunks: totals.chunks,
+            files: totals.files,
+            bytes: totals.bytes,
+            digest,
+        };
+        let seal = match self.sealer.as_mut() {
+            None => None,
+            Some(sealer) => {
+                end_aad(&mut self.aad, &self.header, &summary).map_err(FrameError::Encode)?;
+                let mut record = Vec::with_capacity(migration_crypto::SEAL_OVERHEAD);
+                sealer.seal(&self.aad, &[], &mut record)?;
+                Some(record)
+            }
+        };
+        Ok(StreamEnd { summary, seal })
+    }
+}
+
+impl Walker {
+    /// The next item of the walk, a chunk's plaintext read into `buf` (resized to
+    /// `chunk_size` once), `Ok(None)` after the end. After an error every later call fails with
+    /// [`ChunkError::Failed`].
+    fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<Walked>, ChunkError> {
+        let res = match self.state {
+            State::Failed => return Err(ChunkError::Failed),
+            State::Done => return Ok(None),
+            State::Start => self.list_dir(String::new()).map(|frame| {
+                self.stack.push(frame);
+                self.state = State::Walking;
+                Walked::Header
+            }),
+            State::Walking => self.walk(buf),
+        };
+        if res.is_err() {
+            self.fail();
+        }
+        res.map(Some)
+    }
+
+    fn fail(&mut self) {
+        self.state = State::Failed;
+        self.current = None;
     }
 
     fn list_dir(&self, rel: String) -> Result<DirFrame, ChunkError> {
@@ -504,13 +1146,18 @@ impl Chunker {
         Ok(DirFrame { rel, rest: names })
     }
 
-    fn walk(&mut self) -> Result<StreamItem, ChunkError> {
+    fn walk(&mut self, buf: &mut Vec<u8>) -> Result<Walked, ChunkError> {
         loop {
             if self.current.is_some() {
-                return self.next_chunk();
+                return self.next_chunk(buf);
             }
             let Some(frame) = self.stack.last_mut() else {
-                return self.end();
+                self.state = State::Done;
+                return Ok(Walked::End(Totals {
+                    chunks: self.seq,
+                    files: self.files,
+                    bytes: self.bytes,
+                }));
             };
             let Some(name) = frame.rest.pop() else {
                 self.stack.pop();
@@ -560,22 +1207,22 @@ impl Chunker {
         });
     }
 
-    fn next_chunk(&mut self) -> Result<StreamItem, ChunkError> {
+    fn next_chunk(&mut self, buf: &mut Vec<u8>) -> Result<Walked, ChunkError> {
         let Some(cur) = self.current.as_mut() else {
             return Err(ChunkError::Failed);
         };
-        if self.buf.len() != self.chunk_size {
-            // Once per chunker: the buffer keeps this length (and its contents) from now on.
-            self.buf = vec![0; self.chunk_size];
+        if buf.len() != self.chunk_size {
+            // Once per buffer: it keeps this length (and its contents) from now on.
+            *buf = vec![0; self.chunk_size];
         }
         let mut filled = 0;
         if let Some(b) = cur.peek.take() {
-            self.buf[0] = b;
+            buf[0] = b;
             filled = 1;
         }
         let path_of = |rel: &str| self.root.join(rel);
         while filled < self.chunk_size {
-            match cur.file.read(&mut self.buf[filled..]) {
+            match cur.file.read(&mut buf[filled..]) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -598,58 +1245,21 @@ impl Chunker {
         } else {
             true
         };
-        let plain = &self.buf[..filled];
-        let digest = sha256(plain);
+        let digest = sha256(&buf[..filled]);
         // filled <= chunk_size <= MAX_CHUNK_SIZE fits in u32.
         let len = filled as u32;
-        let seq = self.seq;
-        let offset = cur.offset;
-        descriptor(
-            &mut self.aad,
-            seq,
-            &cur.rel,
-            offset,
-            len,
-            cur.mode,
-            &digest,
-            last_of_file,
-        );
-        let payload = match self.sealer.as_mut() {
-            None => {
-                let mut p = Vec::with_capacity(self.compression.max_compressed_len(filled));
-                self.codec.compress(self.compression, plain, &mut p)?;
-                p
-            }
-            Some(sealer) => {
-                let to_seal = if self.compression == Compression::None {
-                    plain
-                } else {
-                    self.scratch.clear();
-                    self.codec
-                        .compress(self.compression, plain, &mut self.scratch)?;
-                    &self.scratch[..]
-                };
-                let mut p = Vec::with_capacity(to_seal.len() + migration_crypto::SEAL_OVERHEAD);
-                sealer.seal(&self.aad, to_seal, &mut p)?;
-                p
-            }
-        };
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&self.aad);
-        }
-        let chunk = Chunk {
-            seq,
+        let meta = ChunkMeta {
+            seq: self.seq,
             path: if last_of_file {
                 std::mem::take(&mut cur.rel)
             } else {
                 cur.rel.clone()
             },
-            offset,
+            offset: cur.offset,
             len,
             mode: cur.mode,
             digest,
             last_of_file,
-            payload,
         };
         cur.offset += u64::from(len);
         self.seq += 1;
@@ -658,32 +1268,7 @@ impl Chunker {
             self.files += 1;
             self.current = None;
         }
-        Ok(StreamItem::Chunk(chunk))
-    }
-
-    fn end(&mut self) -> Result<StreamItem, ChunkError> {
-        let digest = self
-            .hasher
-            .take()
-            .map(Sha256::finish)
-            .ok_or(ChunkError::Failed)?;
-        let summary = StreamSummary {
-            chunks: self.seq,
-            files: self.files,
-            bytes: self.bytes,
-            digest,
-        };
-        let seal = match self.sealer.as_mut() {
-            None => None,
-            Some(sealer) => {
-                end_aad(&mut self.aad, &self.header, &summary).map_err(FrameError::Encode)?;
-                let mut record = Vec::with_capacity(migration_crypto::SEAL_OVERHEAD);
-                sealer.seal(&self.aad, &[], &mut record)?;
-                Some(record)
-            }
-        };
-        self.state = State::Done;
-        Ok(StreamItem::End(StreamEnd { summary, seal }))
+        Ok(Walked::Chunk(meta))
     }
 }
 
@@ -954,6 +1539,406 @@ mod tests {
             w.bytes > 0 && w.bytes < 1 << 20,
             "zeros compress: {}",
             w.bytes
+        );
+    }
+}
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+    use crate::reassemble::{Reassembler, ReassemblerConfig};
+    use migration_crypto::{Key, Opener};
+    use proptest::prelude::*;
+
+    fn cfg(chunk_size: usize, compression: Compression, sealer: Option<Sealer>) -> ChunkerConfig {
+        ChunkerConfig {
+            chunk_size,
+            compression,
+            sealer,
+        }
+    }
+
+    /// A tree with several files and directories, an empty file and a multi-chunk file.
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        fs::create_dir_all(r.join("a/b")).unwrap();
+        fs::write(r.join("a/b/pages.img"), pattern(10_000)).unwrap();
+        fs::write(r.join("a/core.img"), b"core").unwrap();
+        fs::write(r.join("empty"), b"").unwrap();
+        fs::write(r.join("z.img"), pattern(4096)).unwrap();
+        dir
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i / 997) as u8)
+            .collect()
+    }
+
+    /// The reference: every `next_item` framed with `frame::encode`.
+    fn framed_items(c: &mut Chunker) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(item) = c.next_item().unwrap() {
+            frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn frames(mut wire: &[u8]) -> Vec<StreamItem> {
+        let mut buf = Vec::new();
+        let mut items = Vec::new();
+        while frame::read_frame(&mut wire, frame::DEFAULT_MAX_FRAME, &mut buf).unwrap() {
+            items.push(frame::decode_body(&buf).unwrap());
+        }
+        items
+    }
+
+    /// A writer that fails once `limit` bytes were written (or on flush, with `limit: None`).
+    struct FailingWriter {
+        written: Vec<u8>,
+        limit: Option<usize>,
+    }
+
+    impl Write for FailingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let room = self.limit.map_or(buf.len(), |l| l - self.written.len());
+            if room == 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "peer gone"));
+            }
+            let n = room.min(buf.len());
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            match self.limit {
+                None => Err(io::Error::new(io::ErrorKind::StorageFull, "flush failed")),
+                Some(_) => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn pipelined_bytes_equal_sequential_and_next_item_bytes() {
+        let dir = tree();
+        for compression in [
+            Compression::None,
+            Compression::Zstd { level: 1 },
+            Compression::Gzip { level: 1 },
+        ] {
+            for chunk_size in [1, 1000, 4096, 1 << 20] {
+                let reference = framed_items(
+                    &mut Chunker::new(dir.path(), cfg(chunk_size, compression, None)).unwrap(),
+                );
+                let mut piped = Vec::new();
+                let (res, stats) = Chunker::new(dir.path(), cfg(chunk_size, compression, None))
+                    .unwrap()
+                    .write_pipelined(&mut piped);
+                let summary = res.unwrap();
+                assert!(stats.is_some(), "ran on threads");
+                let mut seq = Vec::new();
+                let seq_summary = Chunker::new(dir.path(), cfg(chunk_size, compression, None))
+                    .unwrap()
+                    .write_sequential(&mut seq)
+                    .unwrap();
+                assert!(
+                    piped == reference,
+                    "{compression} {chunk_size}: pipelined differs"
+                );
+                assert!(
+                    seq == reference,
+                    "{compression} {chunk_size}: sequential differs"
+                );
+                assert_eq!(summary, seq_summary);
+                assert_eq!(summary.files, 4);
+                assert_eq!(summary.bytes, 10_000 + 4 + 4096);
+            }
+        }
+    }
+
+    #[test]
+    fn pipelined_sealed_stream_reassembles_like_the_sequential_one() {
+        let dir = tree();
+        let key = Key::generate().unwrap();
+        let sealed = || {
+            cfg(
+                1000,
+                Compression::Zstd { level: 1 },
+                Some(Sealer::new(&key).unwrap()),
+            )
+        };
+        let reference = framed_items(&mut Chunker::new(dir.path(), sealed()).unwrap());
+        let mut piped = Vec::new();
+        let sent = Chunker::new(dir.path(), sealed())
+            .unwrap()
+            .write_to(&mut piped)
+            .unwrap();
+        // Same items but for the payloads and the end seal, which depend on the random salt.
+        let strip = |items: Vec<StreamItem>| -> Vec<StreamItem> {
+            items
+                .into_iter()
+                .map(|i| match i {
+                    StreamItem::Chunk(c) => StreamItem::Chunk(Chunk {
+                        payload: Vec::new(),
+                        ..c
+                    }),
+                    StreamItem::End(e) => StreamItem::End(StreamEnd { seal: None, ..e }),
+                    h => h,
+                })
+                .collect()
+        };
+        assert_eq!(strip(frames(&piped)), strip(frames(&reference)));
+        let out = tempfile::tempdir().unwrap();
+        for (n, wire) in [piped, reference].into_iter().enumerate() {
+            let dest = out.path().join(format!("d{n}"));
+            let r = Reassembler::new(
+                &dest,
+                ReassemblerConfig {
+                    opener: Some(Opener::new(&key)),
+                    max_chunk: 1000,
+                    max_total_bytes: None,
+                },
+            )
+            .unwrap();
+            assert_eq!(r.read_from(&wire[..]).unwrap(), sent);
+            assert_eq!(
+                fs::read(dest.join("a/b/pages.img")).unwrap(),
+                pattern(10_000)
+            );
+            assert_eq!(fs::read(dest.join("z.img")).unwrap(), pattern(4096));
+        }
+    }
+
+    #[test]
+    fn write_to_continues_where_next_item_left_off() {
+        let dir = tree();
+        let reference = framed_items(
+            &mut Chunker::new(dir.path(), cfg(1000, Compression::None, None)).unwrap(),
+        );
+        let mut c = Chunker::new(dir.path(), cfg(1000, Compression::None, None)).unwrap();
+        let mut wire = Vec::new();
+        for _ in 0..3 {
+            let item = c.next_item().unwrap().unwrap();
+            frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut wire).unwrap();
+        }
+        c.write_to(&mut wire).unwrap();
+        assert!(wire == reference);
+
+        // After the end there is nothing left to write.
+        let mut c = Chunker::new(dir.path(), cfg(1000, Compression::None, None)).unwrap();
+        while c.next_item().unwrap().is_some() {}
+        let mut wire = Vec::new();
+        assert!(matches!(c.write_to(&mut wire), Err(ChunkError::Failed)));
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn read_thread_error_is_returned_after_the_frames_before_it() {
+        let dir = tree();
+        // "zz" sorts last: every file before it is sent first.
+        let _sock = std::os::unix::net::UnixListener::bind(dir.path().join("zz")).unwrap();
+        let mut c =
+            Chunker::new(dir.path(), cfg(1000, Compression::Zstd { level: 1 }, None)).unwrap();
+        let mut reference = Vec::new();
+        let mut n = 0;
+        while let Ok(Some(item)) = c.next_item() {
+            frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut reference).unwrap();
+            n += 1;
+        }
+        let mut wire = Vec::new();
+        let err = Chunker::new(dir.path(), cfg(1000, Compression::Zstd { level: 1 }, None))
+            .unwrap()
+            .write_to(&mut wire)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChunkError::UnsupportedFileType { path } if path.ends_with("zz")),
+            "{err:?}"
+        );
+        assert!(
+            wire == reference,
+            "complete frames of the items before the error"
+        );
+        let items = frames(&wire);
+        assert_eq!(items.len(), n);
+        assert!(!items.iter().any(|i| matches!(i, StreamItem::End(_))));
+
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        let err = Chunker::new(dir.path(), cfg(1000, Compression::None, None))
+            .unwrap()
+            .write_to(io::sink())
+            .unwrap_err();
+        assert!(matches!(err, ChunkError::SymlinkEscapes { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn sealing_thread_error_is_returned_after_the_frames_before_it() {
+        let dir = tree();
+        let key = Key::generate().unwrap();
+        let mut c = Chunker::new(
+            dir.path(),
+            cfg(
+                1000,
+                Compression::Zstd { level: 1 },
+                Some(Sealer::new(&key).unwrap()),
+            ),
+        )
+        .unwrap();
+        c.enc.fail_at = Some(4);
+        let mut wire = Vec::new();
+        let (res, stats) = c.write_pipelined(&mut wire);
+        assert!(stats.is_some());
+        assert!(
+            matches!(res, Err(ChunkError::Compress(CompressError::Compress(ref e))) if e.to_string() == "injected"),
+            "{res:?}"
+        );
+        let items = frames(&wire);
+        // The header and chunks 0 to 3.
+        assert_eq!(items.len(), 5);
+        assert!(matches!(items.last(), Some(StreamItem::Chunk(c)) if c.seq == 3));
+    }
+
+    #[test]
+    fn writer_error_is_returned_and_stops_both_threads() {
+        // A big file, so that the read thread is blocked with full buffers when the writer fails.
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("big")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        drop(f);
+        for limit in [0, 3, 100, 5000] {
+            let mut w = FailingWriter {
+                written: Vec::new(),
+                limit: Some(limit),
+            };
+            let err = Chunker::new(dir.path(), cfg(64 << 10, Compression::None, None))
+                .unwrap()
+                .write_to(&mut w)
+                .unwrap_err();
+            assert!(
+                matches!(&err, ChunkError::Write(e) if e.kind() == io::ErrorKind::BrokenPipe),
+                "{limit}: {err:?}"
+            );
+            assert_eq!(w.written.len(), limit);
+        }
+        // A failing flush after the end frame.
+        let dir = tree();
+        let mut w = FailingWriter {
+            written: Vec::new(),
+            limit: None,
+        };
+        let err = Chunker::new(dir.path(), cfg(1000, Compression::None, None))
+            .unwrap()
+            .write_to(&mut w)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChunkError::Write(e) if e.kind() == io::ErrorKind::StorageFull),
+            "{err:?}"
+        );
+        assert!(matches!(
+            frames(&w.written).last(),
+            Some(StreamItem::End(_))
+        ));
+    }
+
+    #[test]
+    fn pipelined_memory_stays_bounded_on_a_large_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("big")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        drop(f);
+        let key = Key::generate().unwrap();
+        let cs = 1 << 20;
+        let c = Chunker::new(
+            dir.path(),
+            cfg(
+                cs,
+                Compression::Zstd { level: 1 },
+                Some(Sealer::new(&key).unwrap()),
+            ),
+        )
+        .unwrap();
+        let mut wire = Vec::new();
+        let (res, stats) = c.write_pipelined(&mut wire);
+        let summary = res.unwrap();
+        let stats = stats.unwrap();
+        assert_eq!(summary.chunks, 64);
+        assert!(stats.read_buffers <= READ_BUFFERS, "{stats:?}");
+        assert!(stats.frame_buffers <= FRAME_BUFFERS, "{stats:?}");
+        assert!(stats.peak_frame_bytes <= 2 * cs + 64 * 1024, "{stats:?}");
+        assert!(wire.len() < 1 << 20, "zeros compress: {}", wire.len());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+
+        #[test]
+        fn pipelined_equals_next_item_on_random_trees(
+            sizes in proptest::collection::vec(0usize..3000, 0..6),
+            chunk_size in 1usize..2000,
+            compression in 0usize..3,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            for (n, size) in sizes.iter().enumerate() {
+                let d = dir.path().join(["", "x", "x/y"][n % 3]);
+                fs::create_dir_all(&d).unwrap();
+                fs::write(d.join(format!("f{n}")), pattern(*size)).unwrap();
+            }
+            let compression = [
+                Compression::None,
+                Compression::Zstd { level: 1 },
+                Compression::Gzip { level: 1 },
+            ][compression];
+            let reference = framed_items(
+                &mut Chunker::new(dir.path(), cfg(chunk_size, compression, None)).unwrap(),
+            );
+            let mut piped = Vec::new();
+            Chunker::new(dir.path(), cfg(chunk_size, compression, None))
+                .unwrap()
+                .write_to(&mut piped)
+                .unwrap();
+            prop_assert!(piped == reference);
+        }
+
+        #[test]
+        fn chunk_head_and_payload_encode_like_the_item(
+            seq in any::<u64>(), path in "[a-z]{1,8}(/[a-z]{1,8}){0,3}", offset in any::<u64>(),
+            len in any::<u32>(), mode in any::<u32>(), digest in any::<[u8; 32]>(),
+            last_of_file in any::<bool>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let meta = ChunkMeta { seq, path, offset, len, mode, digest: Digest(digest), last_of_file };
+            let mut split = Vec::new();
+            encode_chunk_head(&meta, payload.len(), &mut split).unwrap();
+            split.extend_from_slice(&payload);
+            let mut whole = Vec::new();
+            let item = StreamItem::Chunk(meta.into_chunk(payload));
+            frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut whole).unwrap();
+            prop_assert_eq!(split, whole);
+        }
+    }
+
+    #[test]
+    fn chunk_head_refuses_a_payload_the_peer_would_refuse() {
+        let meta = ChunkMeta {
+            seq: 0,
+            path: "f".into(),
+            offset: 0,
+            len: 0,
+            mode: 0,
+            digest: Digest([0; 32]),
+            last_of_file: true,
+        };
+        let mut head = vec![1, 2];
+        let err = encode_chunk_head(&meta, frame::DEFAULT_MAX_FRAME, &mut head).unwrap_err();
+        assert!(
+            matches!(err, ChunkError::Frame(FrameError::TooLarge { .. })),
+            "{err:?}"
+        );
+        assert_eq!(
+            head,
+            vec![1, 2],
+            "a refused head leaves the output untouched"
         );
     }
 }

@@ -11,7 +11,7 @@
 //!  +----------------+---------------------------+
 //! ```
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Size of the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -88,6 +88,13 @@ pub fn encode<T: Serialize + ?Sized>(
 
 /// Decodes one message from a complete frame body, refusing trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    decode_body_borrowed(body)
+}
+
+/// [`decode_body`] for a message that may borrow from the body (a payload as `&[u8]`).
+pub(crate) fn decode_body_borrowed<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body).map_err(FrameError::Decode)?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
@@ -95,7 +102,8 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
-fn check_len(len: u64, max: usize) -> Result<u32, FrameError> {
+/// The length prefix of a body of `len` bytes, or [`FrameError::TooLarge`] above `max`.
+pub(crate) fn check_len(len: u64, max: usize) -> Result<u32, FrameError> {
     match u32::try_from(len) {
         Ok(l) if len <= max as u64 => Ok(l),
         _ => Err(FrameError::TooLarge { len, max }),
@@ -200,17 +208,37 @@ impl FrameDecoder {
 
 /// Reads one frame body from a blocking reader into `buf` (cleared first).
 ///
-/// Returns `Ok(false)` on a clean end of input before any byte of a new frame.
+/// Returns `Ok(false)` on a clean end of input before any byte of a new frame. Reusing one
+/// `buf` across calls avoids allocating, and zero-fills only what a body needs beyond the
+/// length of the previous one.
 pub fn read_frame<R: std::io::Read>(
     reader: &mut R,
     max: usize,
     buf: &mut Vec<u8>,
 ) -> Result<bool, ReadFrameError> {
+    match read_frame_into(reader, max, buf)? {
+        Some(len) => {
+            buf.truncate(len);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Reads one frame body into `buf[..len]` and returns `Some(len)`, `None` on a clean end of
+/// input before any byte of a new frame. `buf` only grows (zero-filled once up to the largest
+/// body seen) and bytes past `len` are stale: reading a frame costs no zero-filling once the
+/// buffer has reached the stream's largest frame.
+pub(crate) fn read_frame_into<R: std::io::Read>(
+    reader: &mut R,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Option<usize>, ReadFrameError> {
     let mut prefix = [0u8; LEN_PREFIX];
     let mut got = 0;
     while got < LEN_PREFIX {
         match reader.read(&mut prefix[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) if got == 0 => return Ok(None),
             Ok(0) => {
                 return Err(ReadFrameError::Frame(FrameError::Truncated {
                     missing: LEN_PREFIX - got,
@@ -226,11 +254,13 @@ pub fn read_frame<R: std::io::Read>(
         return Err(ReadFrameError::Frame(FrameError::TooLarge { len, max }));
     }
     let len = len as usize;
-    buf.clear();
-    buf.resize(len, 0);
+    if buf.len() < len {
+        // Bounded by `max` above.
+        buf.resize(len, 0);
+    }
     let mut filled = 0;
     while filled < len {
-        match reader.read(&mut buf[filled..]) {
+        match reader.read(&mut buf[filled..len]) {
             Ok(0) => {
                 return Err(ReadFrameError::Frame(FrameError::Truncated {
                     missing: len - filled,
@@ -241,7 +271,7 @@ pub fn read_frame<R: std::io::Read>(
             Err(e) => return Err(ReadFrameError::Io(e)),
         }
     }
-    Ok(true)
+    Ok(Some(len))
 }
 
 /// Errors of [`read_frame`].
@@ -349,6 +379,39 @@ mod tests {
         ));
         let mut empty: &[u8] = &[];
         assert!(!read_frame(&mut empty, 64, &mut buf).unwrap());
+    }
+
+    #[test]
+    fn read_frame_into_only_grows_its_buffer() {
+        let mut wire = Vec::new();
+        for body in [&b"a longer body"[..], b"", b"abc", b"a body longer still"] {
+            encode_raw(body, 64, &mut wire).unwrap();
+        }
+        let mut r: &[u8] = &wire;
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        let mut lens = Vec::new();
+        while let Some(len) = read_frame_into(&mut r, 64, &mut buf).unwrap() {
+            got.push(buf[..len].to_vec());
+            lens.push(buf.len());
+        }
+        assert_eq!(
+            got,
+            vec![
+                b"a longer body".to_vec(),
+                vec![],
+                b"abc".to_vec(),
+                b"a body longer still".to_vec()
+            ]
+        );
+        assert_eq!(lens, vec![13, 13, 13, 19], "never shrinks");
+        // read_frame presents exactly the body, even after a longer one.
+        let mut r: &[u8] = &wire;
+        let mut buf = Vec::new();
+        assert!(read_frame(&mut r, 64, &mut buf).unwrap());
+        assert!(read_frame(&mut r, 64, &mut buf).unwrap());
+        assert!(read_frame(&mut r, 64, &mut buf).unwrap());
+        assert_eq!(buf, b"abc");
     }
 
     #[test]

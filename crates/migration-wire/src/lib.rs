@@ -20,7 +20,9 @@
 //!   atomically.
 //!
 //! `Chunker::write_to` and `Reassembler::read_from` run the whole pipeline over any
-//! `Write`/`Read` pair; `next_item` and `push` let a caller pipeline the stages on threads.
+//! `Write`/`Read` pair; `write_to` runs the sender's stages on threads of its own (reading,
+//! compressing and sealing, writing), with the same output as framing each `next_item`.
+//! `next_item` and `push` give a caller the items one at a time.
 
 pub mod chunk;
 pub mod compress;

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use migration_crypto::{OpenError, Opener, Sha256, sha256};
 
 use crate::chunk::{
-    Chunk, MODE_MASK, STREAM_VERSION, StreamEnd, StreamHeader, StreamItem, StreamSummary, end_aad,
-    is_safe_relative_path,
+    ChunkRef, MODE_MASK, STREAM_VERSION, StreamEnd, StreamHeader, StreamItem, StreamItemRef,
+    StreamSummary, end_aad, is_safe_relative_path,
 };
 use crate::compress::{Codec, CompressError, Compression};
 use crate::frame::{self, FrameError, ReadFrameError};
@@ -340,17 +340,27 @@ impl Reassembler {
     /// Takes one item. On error the staging directory is removed and every later call fails
     /// with [`ReassembleError::Failed`].
     pub fn push(&mut self, item: StreamItem) -> Result<(), ReassembleError> {
+        let item = match &item {
+            StreamItem::Header(h) => StreamItemRef::Header(*h),
+            StreamItem::Chunk(c) => StreamItemRef::Chunk(c.borrowed()),
+            StreamItem::End(e) => StreamItemRef::End(e.clone()),
+        };
+        self.push_ref(item)
+    }
+
+    /// [`Reassembler::push`] of an item whose chunk borrows its payload from a frame.
+    fn push_ref(&mut self, item: StreamItemRef<'_>) -> Result<(), ReassembleError> {
         let res = match self.state {
             State::Failed | State::Done => return Err(ReassembleError::Failed),
             State::Ended => Err(ReassembleError::AfterEnd),
             State::ExpectHeader => match item {
-                StreamItem::Header(h) => self.on_header(h),
+                StreamItemRef::Header(h) => self.on_header(h),
                 _ => Err(ReassembleError::MissingHeader),
             },
             State::Chunks => match item {
-                StreamItem::Header(_) => Err(ReassembleError::UnexpectedHeader),
-                StreamItem::Chunk(c) => self.on_chunk(c),
-                StreamItem::End(e) => self.on_end(e),
+                StreamItemRef::Header(_) => Err(ReassembleError::UnexpectedHeader),
+                StreamItemRef::Chunk(c) => self.on_chunk(c),
+                StreamItemRef::End(e) => self.on_end(e),
             },
         };
         if res.is_err() {
@@ -390,20 +400,25 @@ impl Reassembler {
 
     /// Reads frames from `r` until the end item, then [`finish`](Self::finish)es. Bytes after
     /// the end's frame are left unread.
+    ///
+    /// One frame buffer is reused for the whole stream and each chunk is verified and written
+    /// straight from it: payloads are not copied out of their frames.
     pub fn read_from<R: Read>(mut self, mut r: R) -> Result<StreamSummary, ReassembleError> {
         let max = max_frame_for(self.max_chunk);
         let mut buf = Vec::new();
         while !self.is_ended() {
-            match frame::read_frame(&mut r, max, &mut buf) {
-                Ok(true) => {}
-                Ok(false) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
+            let len = match frame::read_frame_into(&mut r, max, &mut buf) {
+                Ok(Some(len)) => len,
+                // Returning drops `self`, which removes the staging directory.
+                Ok(None) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
                     return Err(ReassembleError::Truncated);
                 }
                 Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
                 Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
-            }
-            let item = frame::decode_body::<StreamItem>(&buf).map_err(ReassembleError::Frame)?;
-            self.push(item)?;
+            };
+            let item = frame::decode_body_borrowed::<StreamItemRef<'_>>(&buf[..len])
+                .map_err(ReassembleError::Frame)?;
+            self.push_ref(item)?;
         }
         self.finish()
     }
@@ -444,7 +459,7 @@ impl Reassembler {
         Ok(())
     }
 
-    fn on_chunk(&mut self, c: Chunk) -> Result<(), ReassembleError> {
+    fn on_chunk(&mut self, c: ChunkRef<'_>) -> Result<(), ReassembleError> {
         let Some(header) = self.header else {
             return Err(ReassembleError::MissingHeader);
         };
@@ -470,21 +485,23 @@ impl Reassembler {
         {
             return Err(ReassembleError::TotalTooLarge { max });
         }
-        if !is_safe_relative_path(&c.path) {
-            return Err(ReassembleError::PathTraversal { path: c.path });
+        if !is_safe_relative_path(c.path) {
+            return Err(ReassembleError::PathTraversal {
+                path: c.path.to_owned(),
+            });
         }
         if c.len == 0 && !c.last_of_file {
             return Err(ReassembleError::EmptyChunk { seq: c.seq });
         }
         match &self.current {
-            Some(cur) if cur.path != c.path => {
+            Some(cur) if cur.path.as_str() != c.path => {
                 return Err(ReassembleError::UnfinishedFile {
                     path: cur.path.clone(),
                 });
             }
             Some(cur) if cur.next_offset != c.offset => {
                 return Err(ReassembleError::OffsetMismatch {
-                    path: c.path,
+                    path: c.path.to_owned(),
                     expected: cur.next_offset,
                     got: c.offset,
                 });
@@ -492,7 +509,7 @@ impl Reassembler {
             Some(_) => {}
             None if c.offset != 0 => {
                 return Err(ReassembleError::OffsetMismatch {
-                    path: c.path,
+                    path: c.path.to_owned(),
                     expected: 0,
                     got: c.offset,
                 });
@@ -501,7 +518,7 @@ impl Reassembler {
                 let file = self.create_file(&c)?;
                 self.current = Some(WritingFile {
                     file,
-                    path: c.path.clone(),
+                    path: c.path.to_owned(),
                     next_offset: 0,
                 });
             }
@@ -512,11 +529,11 @@ impl Reassembler {
             Some(opener) => {
                 self.opened.clear();
                 opener
-                    .open(&self.aad, &c.payload, &mut self.opened)
+                    .open(&self.aad, c.payload, &mut self.opened)
                     .map_err(ReassembleError::Open)?;
                 &self.opened
             }
-            None => &c.payload,
+            None => c.payload,
         };
         let len = c.len as usize;
         let plain: &[u8] = if header.compression == Compression::None {
@@ -549,7 +566,7 @@ impl Reassembler {
         }
         if sha256(plain) != c.digest {
             return Err(ReassembleError::DigestMismatch {
-                path: c.path,
+                path: c.path.to_owned(),
                 offset: c.offset,
             });
         }
@@ -559,12 +576,12 @@ impl Reassembler {
         };
         cur.file
             .write_all(plain)
-            .map_err(|e| io_err(&staging.join(&c.path))(e))?;
+            .map_err(|e| io_err(&staging.join(c.path))(e))?;
         cur.next_offset += u64::from(c.len);
         if c.last_of_file {
             cur.file
                 .set_permissions(fs::Permissions::from_mode(c.mode & MODE_MASK))
-                .map_err(|e| io_err(&staging.join(&c.path))(e))?;
+                .map_err(|e| io_err(&staging.join(c.path))(e))?;
             self.current = None;
             self.files += 1;
         }
@@ -576,9 +593,9 @@ impl Reassembler {
         Ok(())
     }
 
-    fn create_file(&self, c: &Chunk) -> Result<File, ReassembleError> {
+    fn create_file(&self, c: &ChunkRef<'_>) -> Result<File, ReassembleError> {
         let staging = self.staging()?;
-        let full = staging.join(&c.path);
+        let full = staging.join(c.path);
         if let Some((dirs, _)) = c.path.rsplit_once('/') {
             let mut builder = DirBuilder::new();
             builder.recursive(true).mode(0o755);
@@ -588,7 +605,7 @@ impl Reassembler {
                     io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
                 ) {
                     ReassembleError::PathConflict {
-                        path: c.path.clone(),
+                        path: c.path.to_owned(),
                     }
                 } else {
                     io_err(&full)(e)
@@ -603,12 +620,12 @@ impl Reassembler {
             .map_err(|e| match e.kind() {
                 io::ErrorKind::AlreadyExists => match fs::symlink_metadata(&full) {
                     Ok(m) if m.is_dir() => ReassembleError::PathConflict {
-                        path: c.path.clone(),
+                        path: c.path.to_owned(),
                     },
                     _ => ReassembleError::Duplicate { seq: c.seq },
                 },
                 io::ErrorKind::NotADirectory => ReassembleError::PathConflict {
-                    path: c.path.clone(),
+                    path: c.path.to_owned(),
                 },
                 _ => io_err(&full)(e),
             })
@@ -693,7 +710,7 @@ fn create_staging(parent: &Path, name: &std::ffi::OsStr) -> Result<PathBuf, Reas
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::{Chunker, ChunkerConfig};
+    use crate::chunk::{Chunk, Chunker, ChunkerConfig};
     use migration_crypto::{Key, Sealer};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -1524,7 +1541,17 @@ mod tests {
             for item in items {
                 let mut buf = Vec::new();
                 frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut buf).unwrap();
-                let back: StreamItem = frame::decode_body(&buf[frame::LEN_PREFIX..]).unwrap();
+                let body = &buf[frame::LEN_PREFIX..];
+                let borrowed: StreamItemRef<'_> = frame::decode_body_borrowed(body).unwrap();
+                match (&borrowed, &item) {
+                    (StreamItemRef::Header(a), StreamItem::Header(b)) => prop_assert_eq!(a, b),
+                    (StreamItemRef::Chunk(a), StreamItem::Chunk(b)) => {
+                        prop_assert_eq!(*a, b.borrowed());
+                    }
+                    (StreamItemRef::End(a), StreamItem::End(b)) => prop_assert_eq!(a, b),
+                    _ => prop_assert!(false, "variant mismatch: {:?}", borrowed),
+                }
+                let back: StreamItem = frame::decode_body(body).unwrap();
                 prop_assert_eq!(back, item);
             }
         }
