@@ -177,6 +177,25 @@ fn render(rows: &[Row], machine: &str) -> String {
             );
         }
     }
+    // Alternatives against a `stock` baseline in the same group and input (time ratio: below
+    // 1.0 is faster than stock).
+    for base in rows.iter().filter(|r| r.function == "stock") {
+        for r in rows
+            .iter()
+            .filter(|r| r.group == base.group && r.value == base.value && r.function != "stock")
+        {
+            let _ = writeln!(
+                ratios,
+                "- `{}` {}: `{}` {} vs `stock` {}: time ratio {:.2}",
+                r.group,
+                r.value.as_deref().unwrap_or(""),
+                r.function,
+                human_time(r.median_ns),
+                human_time(base.median_ns),
+                r.median_ns / base.median_ns
+            );
+        }
+    }
     if !ratios.is_empty() {
         let _ = writeln!(s, "\nRatios (same run):\n\n{ratios}");
     }
@@ -264,6 +283,19 @@ mod tests {
         assert!(s.contains("| 320 |"), "64 MiB in 200 ms is 320 MiB/s: {s}");
         assert!(
             s.contains("slowest stage alone (`compress`) 160.00 ms: ratio 1.25"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn alternatives_are_compared_with_stock() {
+        let mut stock = row("stock", 1e7);
+        stock.group = "shim_bulk".into();
+        let mut shims = row("shims", 1.1e7);
+        shims.group = "shim_bulk".into();
+        let s = render(&[stock, shims], "m");
+        assert!(
+            s.contains("`shims` 11.00 ms vs `stock` 10.00 ms: time ratio 1.10"),
             "{s}"
         );
     }

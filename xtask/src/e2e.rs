@@ -116,8 +116,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     }];
     if !opts.no_rollback {
         scenarios.push(Scenario {
-            title: "restore fails in B (rollback: restored in A again), dump fails (rollback: A \
-                    goes on), then moves on",
+            title: "image sets sealed through migration-wire; restore fails in B (rollback: \
+                    restored in A again), dump fails (rollback: A goes on), then moves on",
             name: "qlm-e2e-rb",
             args: [
                 "--moves",
@@ -126,6 +126,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
                 "2",
                 "--fail-dump-at",
                 "3",
+                "--transfer",
+                "sealed",
             ]
             .map(String::from)
             .to_vec(),

@@ -768,12 +768,13 @@ fn summarize(migrations: &[Value], client: &Value, client_exit: Option<i32>) -> 
     for m in migrations {
         let id = m["migration_id"].as_str().unwrap_or_default();
         let result = m["result"].as_str().unwrap_or("?");
-        // The client's record of the Migrate measures the pause, also when the move was
-        // rolled back (its window closes at the first echo after the abort).
-        let seen = records
+        // The client's record of the Migrate measures the pause; when the move was rolled back,
+        // the pause may end in the record of the abort instead: the longest of them counts.
+        let downtime = records
             .iter()
-            .find(|r| r["id"] == id && r["aborted"] != true);
-        let downtime = seen.and_then(|r| r["downtime_ms"].as_f64());
+            .filter(|r| r["id"] == id)
+            .filter_map(|r| r["downtime_ms"].as_f64())
+            .reduce(f64::max);
         let handshakes = m["resumed"]["handshakes"]
             .as_u64()
             .or_else(|| m["aborted"]["handshakes"].as_u64());
@@ -924,6 +925,20 @@ mod tests {
         for needle in ["no downtime", "2", "gap", "control stream", "exited"] {
             assert!(problems.contains(needle), "{needle}: {problems}");
         }
+        // A rolled-back move whose pause ended in the abort's record.
+        let rolled = json!({
+            "verified": true, "control": "open", "echoes": 100,
+            "migrations": [ { "id": "m2", "aborted": false, "downtime_ms": 7.5 },
+                            { "id": "m2", "aborted": true, "downtime_ms": 185.0 },
+                            { "id": "m3", "aborted": false, "downtime_ms": null },
+                            { "id": "m3", "aborted": true, "downtime_ms": 12.0 } ],
+        });
+        let mut m2 = migration("m2", "rolled_back", 1);
+        m2["aborted"] = json!({ "handshakes": 1 });
+        let s = summarize(&[m2, migration("m3", "rolled_back", 1)], &rolled, Some(0));
+        assert_eq!(s["rows"][0]["client_downtime_ms"], 185.0);
+        assert_eq!(s["rows"][1]["client_downtime_ms"], 12.0);
+        assert_eq!(s["problems"], json!([]));
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
     }
