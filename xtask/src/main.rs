@@ -7,6 +7,7 @@
 mod bench;
 mod e2e;
 mod setup;
+mod shim_cost;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,15 @@ Commands:
   bench     Runs the criterion benchmarks (package migration-benches) and rewrites the
             generated section of BENCHMARKS.md with the medians and the machine they came from.
             Extra arguments after `--` go to criterion, e.g. `cargo xtask bench -- seal`.
+  shim-cost What the UDP shims cost against quinn's stock socket, in instructions (callgrind:
+            repeatable where time is not on this noisy machine). Builds the release binary
+            shim_cost (package migration-benches) and runs each variant (stock, shims,
+            client_shim, server_shim) under `valgrind --tool=callgrind` with a small and a big
+            count of 32-byte round trips (200, 1200) and of 256 KiB transfers (20, 120); the
+            difference per operation cancels the set-up. Prints the table and the ratios
+            against stock. Needs valgrind.
+            --repeat N (default 2) runs of each count, to show the spread; --mode rtt|bulk
+            only one workload; --write-benchmarks puts the table into BENCHMARKS.md.
   setup     Installs what the end-to-end migration needs (as root, on Debian-like systems):
             podman, runc, netavark, iptables, iproute2, nsenter, busybox-static and CRIU >= 4.2
             (from Debian sid with its own glibc, in /opt/quic-live-migrate/criu behind the
@@ -72,6 +82,7 @@ fn main() -> Result<()> {
             bench::run(&root, &filter)
         }
         "e2e-migrate" => e2e::run(&root, &e2e::Options::from_args(&rest)?),
+        "shim-cost" => shim_cost::run(&root, &shim_cost::Options::from_args(&rest)?),
         "setup" if rest.iter().any(|a| a == "--if-needed") => {
             if rest.len() > 1 {
                 bail!("`--if-needed` takes no other option (see `cargo xtask help`)");
