@@ -110,6 +110,13 @@ struct Report {
     error: Option<String>,
 }
 
+/// How one echo attempt ended.
+enum Outcome {
+    Done(Result<demo_echo::EchoReply, cwrapper::EchoError>),
+    TimedOut,
+    Stop,
+}
+
 /// Opens a measurement window for each migration the control task has seen since the last
 /// call. An abort settles the migration it aborts (rolled back); its own record measures the
 /// pause until the server answers again.
@@ -227,6 +234,7 @@ async fn run(args: &Args) -> Result<Report> {
     // The migration whose downtime is being measured: (index in report.migrations, the
     // number of `Resumed` seen before it).
     let mut window: Option<(usize, u64)> = None;
+    let mut events = client.events();
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
@@ -244,10 +252,32 @@ async fn run(args: &Args) -> Result<Report> {
             args.io_timeout_ms
         });
         let req = checker.request(checker.next_seq().to_be_bytes().to_vec());
-        let result = tokio::select! {
-            r = tokio::time::timeout(timeout, cwrapper::echo_once(&conn, &req)) => r,
-            _ = sigint.recv() => break None,
-            _ = sigterm.recv() => break None,
+        // The deadline tightens if a migration is announced while this echo is in flight.
+        let sent_at = tokio::time::Instant::now();
+        let mut deadline = sent_at + timeout;
+        let echo = cwrapper::echo_once(&conn, &req);
+        tokio::pin!(echo);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut echo => break Outcome::Done(r),
+                () = tokio::time::sleep_until(deadline) => break Outcome::TimedOut,
+                Ok(()) = events.changed() => {
+                    let seen = events.borrow_and_update().migrations.len();
+                    if seen > report.migrations.len() {
+                        let tight = tokio::time::Instant::now()
+                            + Duration::from_millis(args.migrated_io_timeout_ms);
+                        deadline = deadline.min(tight);
+                    }
+                }
+                _ = sigint.recv() => break Outcome::Stop,
+                _ = sigterm.recv() => break Outcome::Stop,
+            }
+        };
+        let waited = deadline.saturating_duration_since(sent_at);
+        let result = match outcome {
+            Outcome::Stop => break None,
+            Outcome::Done(r) => Ok(r),
+            Outcome::TimedOut => Err(()),
         };
         // Migrations seen while the echo was in flight open their window before the echo is
         // counted: a reply that took the whole freeze must count as the first after it.
@@ -291,7 +321,7 @@ async fn run(args: &Args) -> Result<Report> {
                 None
             }
             Ok(Err(e)) => Some(format!("echo failed: {e:#}")),
-            Err(_) => Some(format!("no echo within {timeout:?}")),
+            Err(()) => Some(format!("no echo within {waited:?}")),
         };
         if let Some(why) = failure {
             if !args.stay_connected {
