@@ -27,60 +27,20 @@
 //! Exits 0 when every answer was right; prints one summary line on stdout (with quinn's UDP
 //! I/O counts, since callgrind does not see the kernel's share of the work).
 
-use std::error::Error;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::time::Duration;
 
-use quinn::rustls::{
-    self, RootCertStore,
-    pki_types::{CertificateDer, PrivatePkcs8KeyDer},
-};
-use udp_shim_client::SwappableUdp;
-use udp_shim_server::MigratableUdp;
+use migration_benches::{BoxError, Pair, Variant, exchange, request_and_answer};
 
 /// Bytes per round-trip request (and echo).
 const PING: usize = 32;
 /// Bytes per bulk transfer.
 const BULK: usize = 256 * 1024;
-/// Requests up to this size are echoed; larger ones are answered with their byte count.
-const ECHO_MAX: usize = 64;
 /// Flow-control window (connection and stream) of both ends: see [`transport`].
 const WINDOW: u32 = 96 * 1024;
 
-type BoxError = Box<dyn Error + Send + Sync>;
-
 const USAGE: &str =
     "usage: shim_cost --variant stock|shims|client_shim|server_shim --mode rtt|bulk --count N";
-
-/// Which ends of the connection run on a shim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Variant {
-    Stock,
-    Shims,
-    ClientShim,
-    ServerShim,
-}
-
-impl Variant {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "stock" => Self::Stock,
-            "shims" => Self::Shims,
-            "client_shim" => Self::ClientShim,
-            "server_shim" => Self::ServerShim,
-            _ => return None,
-        })
-    }
-
-    fn server_shim(self) -> bool {
-        matches!(self, Self::Shims | Self::ServerShim)
-    }
-
-    fn client_shim(self) -> bool {
-        matches!(self, Self::Shims | Self::ClientShim)
-    }
-}
 
 /// The exchange repeated `count` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,16 +60,10 @@ impl Mode {
 
     /// The request and the answer expected for it.
     fn request_and_answer(self) -> (Vec<u8>, Vec<u8>) {
-        match self {
-            Self::Rtt => {
-                let request: Vec<u8> = (0..PING).map(|i| i as u8).collect();
-                (request.clone(), request)
-            }
-            Self::Bulk => (
-                (0..BULK).map(|i| (i % 251) as u8).collect(),
-                (BULK as u64).to_le_bytes().to_vec(),
-            ),
-        }
+        request_and_answer(match self {
+            Self::Rtt => PING,
+            Self::Bulk => BULK,
+        })
     }
 }
 
@@ -172,122 +126,25 @@ const NO_PACING_WINDOW: u64 = 1 << 33;
 ///   the machine is busy) the number of send calls and ACKs per transfer varied by 40% between
 ///   identical runs, and the instruction count by 2-3%. Flow control, which is driven by events
 ///   only, is then the sole limit.
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport() -> quinn::TransportConfig {
     let mut congestion = quinn::congestion::CubicConfig::default();
     congestion.initial_window(NO_PACING_WINDOW);
     let mut t = quinn::TransportConfig::default();
     t.receive_window(WINDOW.into())
         .stream_receive_window(WINDOW.into())
-        .congestion_controller_factory(Arc::new(congestion));
-    Arc::new(t)
-}
-
-/// Server and client configs sharing one self-signed certificate for "localhost".
-fn tls_configs() -> Result<(quinn::ServerConfig, quinn::ClientConfig), BoxError> {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
-    let cert: CertificateDer<'static> = certified.cert.der().clone();
-    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-
-    let server_crypto = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key.into())?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(server_crypto)?,
-    ));
-    server.transport_config(transport());
-
-    let mut roots = RootCertStore::empty();
-    roots.add(cert)?;
-    let client_crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(client_crypto)?,
-    ));
-    client.transport_config(transport());
-    Ok((server, client))
-}
-
-/// Accepts connections and answers every bidirectional stream (see [`answer`]).
-async fn serve(endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(async move {
-            let Ok(connection) = incoming.await else {
-                return;
-            };
-            while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(answer(send, recv));
-            }
-        });
-    }
-}
-
-/// Reads the stream to its end without copying; echoes it if it is at most [`ECHO_MAX`]
-/// bytes, else answers with its length (u64, little endian).
-async fn answer(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let mut head = Vec::with_capacity(ECHO_MAX);
-    let mut total = 0_usize;
-    loop {
-        match recv.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => {
-                total += chunk.bytes.len();
-                let room = ECHO_MAX.saturating_sub(head.len());
-                head.extend_from_slice(&chunk.bytes[..room.min(chunk.bytes.len())]);
-            }
-            Ok(None) => break,
-            Err(_) => return,
-        }
-    }
-    let reply = if total <= ECHO_MAX {
-        head
-    } else {
-        (total as u64).to_le_bytes().to_vec()
-    };
-    if send.write_all(&reply).await.is_ok() {
-        let _ = send.finish();
-    }
-}
-
-/// Sends `request` on a fresh bidirectional stream and returns the whole answer.
-async fn exchange(connection: &quinn::Connection, request: &[u8]) -> Result<Vec<u8>, BoxError> {
-    let (mut send, mut recv) = connection.open_bi().await?;
-    send.write_all(request).await?;
-    send.finish()?;
-    Ok(recv.read_to_end(ECHO_MAX).await?)
+        .congestion_controller_factory(std::sync::Arc::new(congestion));
+    t
 }
 
 /// Connects the variant's endpoints, runs the exchanges, closes; returns the summary line.
 async fn run(args: &Args) -> Result<String, BoxError> {
-    let (server_config, client_config) = tls_configs()?;
-    let any_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let (server, server_shim) = if args.variant.server_shim() {
-        let shim = Arc::new(MigratableUdp::bind(any_port)?);
-        let endpoint = udp_shim_server::server_endpoint(shim.clone(), server_config)?;
-        (endpoint, Some(shim))
-    } else {
-        (quinn::Endpoint::server(server_config, any_port)?, None)
-    };
-    let server_addr = server.local_addr()?;
-    tokio::spawn(serve(server.clone()));
-
-    let (client, client_shim, remote) = if args.variant.client_shim() {
-        let shim = Arc::new(SwappableUdp::bind(any_port, server_addr)?);
-        let endpoint = udp_shim_client::client_endpoint(shim.clone())?;
-        let fake = shim.fake_peer();
-        (endpoint, Some(shim), fake)
-    } else {
-        (quinn::Endpoint::client(any_port)?, None, server_addr)
-    };
-    let connection = client
-        .connect_with(client_config, remote, "localhost")?
-        .await?;
+    let (server_config, client_config) = migration_benches::tls_configs(transport)?;
+    let pair = Pair::connect(args.variant, server_config, client_config).await?;
+    let connection = &pair.connection;
 
     let (request, expected) = args.mode.request_and_answer();
     for i in 0..args.count {
-        let answer = exchange(&connection, &request).await?;
+        let answer = exchange(connection, &request).await?;
         if answer != expected {
             return Err(format!(
                 "exchange {i}: unexpected answer of {} bytes (expected {})",
@@ -311,17 +168,15 @@ async fn run(args: &Args) -> Result<String, BoxError> {
         stats.udp_rx.ios,
         stats.path.lost_packets,
     );
-    if let Some(shim) = &client_shim {
+    if let Some(shim) = &pair.client_shim {
         summary.push_str(&format!("; client shim {:?}", shim.stats()));
     }
-    if let Some(shim) = &server_shim {
+    if let Some(shim) = &pair.server_shim {
         summary.push_str(&format!("; server shim {:?}", shim.stats()));
     }
     // No wait for the draining period: it is timer-driven, and nothing after this is measured
     // differently between two counts.
-    connection.close(0_u32.into(), b"done");
-    client.close(0_u32.into(), b"done");
-    server.close(0_u32.into(), b"done");
+    pair.close(Duration::ZERO).await;
     Ok(summary)
 }
 
@@ -399,12 +254,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        for variant in [
-            Variant::Stock,
-            Variant::Shims,
-            Variant::ClientShim,
-            Variant::ServerShim,
-        ] {
+        for variant in Variant::ALL {
             for (mode, count) in [(Mode::Rtt, 3), (Mode::Bulk, 1)] {
                 let summary = rt
                     .block_on(run(&Args {
