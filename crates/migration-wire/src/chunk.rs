@@ -59,6 +59,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread;
 
@@ -647,12 +648,17 @@ impl Chunker {
         let (free_read_tx, free_read_rx) = mpsc::sync_channel::<Vec<u8>>(READ_BUFFERS);
         let (free_frame_tx, free_frame_rx) = mpsc::sync_channel::<FrameBufs>(FRAME_BUFFERS);
         let free_read_tx2 = free_read_tx.clone();
+        // Set by the writing side when it stops early (its writer failed, or an error came
+        // through); the other two stop at their next item instead of reading and sealing the
+        // rest of the tree.
+        let cancel = AtomicBool::new(false);
+        let cancel = &cancel;
         thread::scope(|s| {
             let reader = thread::Builder::new()
                 .name("chunk-reader".into())
                 .spawn_scoped(s, move || {
                     let walker = start_read_rx.recv().ok()?;
-                    Some(read_side(walker, &items_tx, &free_read_rx))
+                    Some(read_side(walker, &items_tx, &free_read_rx, cancel))
                 });
             let sealer = thread::Builder::new()
                 .name("chunk-sealer".into())
@@ -664,6 +670,7 @@ impl Chunker {
                         ready_tx,
                         free_read_tx,
                         free_frame_rx,
+                        cancel,
                     ))
                 });
             let (Ok(reader), Ok(sealer)) = (reader, sealer) else {
@@ -678,7 +685,7 @@ impl Chunker {
             let _ = start_seal_tx.send(enc);
             // Consumes this side's channel ends: a thread blocked on one of them wakes up and
             // ends as soon as this returns.
-            let res = write_ready(&mut w, ready_rx, free_read_tx2, free_frame_tx);
+            let res = write_ready(&mut w, ready_rx, free_read_tx2, free_frame_tx, cancel);
             let read_buffers = reader
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -759,9 +766,17 @@ struct Ready {
 /// (at most [`READ_BUFFERS`] of them ever exist) and sends each item to `items`. Ends after the
 /// end item, an error, or as soon as the others are gone. Returns how many buffers it
 /// allocated.
-fn read_side(mut walker: Walker, items: &SyncSender<Piped>, free: &Receiver<Vec<u8>>) -> usize {
+fn read_side(
+    mut walker: Walker,
+    items: &SyncSender<Piped>,
+    free: &Receiver<Vec<u8>>,
+    cancel: &AtomicBool,
+) -> usize {
     let mut allocated = 0;
     loop {
+        if cancel.load(Ordering::Acquire) {
+            return allocated;
+        }
         let mut buf = match free.try_recv() {
             Ok(b) => b,
             Err(TryRecvError::Empty) if allocated < READ_BUFFERS => {
@@ -793,16 +808,24 @@ fn seal_side(
     ready: SyncSender<Result<Ready, ChunkError>>,
     free_read: SyncSender<Vec<u8>>,
     free: Receiver<FrameBufs>,
+    cancel: &AtomicBool,
 ) -> (usize, usize) {
     let mut allocated = 0;
     let mut peak = 0;
     let mut spare: Option<FrameBufs> = None;
     let stats = |allocated, peak, enc: &Encoder| (allocated, peak + enc.scratch.capacity());
     loop {
-        // A closed channel means the read thread died; the writer then sees this one close.
+        // A closed channel means the read thread ended (cancelled, or it died); the writer
+        // then sees this one close.
         let Ok((walked, plain)) = items.recv() else {
             return stats(allocated, peak, &enc);
         };
+        if cancel.load(Ordering::Acquire) {
+            // Hand the buffer back so that a read thread waiting for one wakes up, sees the
+            // flag and ends.
+            let _ = free_read.send(plain);
+            return stats(allocated, peak, &enc);
+        }
         let walked = match walked {
             Ok(Some(w)) => w,
             // `next` returns the end before `None`: the stream was written already.
@@ -859,11 +882,41 @@ fn seal_side(
 /// The writing side of [`Chunker::write_to`], on the calling thread: writes each frame
 /// received and returns its buffers. Consumes its channel ends so that they are closed on
 /// return.
+///
+/// When it stops before the end (the writer failed, or an error came through), it sets
+/// `cancel` and then keeps taking frames, without writing them, until the sealing thread has
+/// ended, handing every buffer back: the read thread may be waiting for a plaintext buffer
+/// that sits in a queued frame, and the sealing thread for an item that the read thread can
+/// only send once it has a buffer. Dropping the queue instead would leave both waiting on
+/// each other for ever.
 fn write_ready<W: Write>(
     w: &mut W,
     ready: Receiver<Result<Ready, ChunkError>>,
     free_read: SyncSender<Vec<u8>>,
     free_frame: SyncSender<FrameBufs>,
+    cancel: &AtomicBool,
+) -> Result<StreamSummary, ChunkError> {
+    let res = write_frames(w, &ready, &free_read, &free_frame);
+    if res.is_err() {
+        cancel.store(true, Ordering::Release);
+        // Ends when the sealing thread has dropped its sender: it checks `cancel` after every
+        // item, and the read thread sends at most one more item after the flag is set.
+        for ready in ready.iter().flatten() {
+            if let Some(p) = ready.plain {
+                let _ = free_read.send(p);
+            }
+            let _ = free_frame.send(ready.bufs);
+        }
+    }
+    res
+}
+
+/// The loop of [`write_ready`] until the end frame or the first error.
+fn write_frames<W: Write>(
+    w: &mut W,
+    ready: &Receiver<Result<Ready, ChunkError>>,
+    free_read: &SyncSender<Vec<u8>>,
+    free_frame: &SyncSender<FrameBufs>,
 ) -> Result<StreamSummary, ChunkError> {
     loop {
         // The sealing thread sends an end or an error before it stops, unless it died.
