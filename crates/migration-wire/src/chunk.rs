@@ -1602,6 +1602,7 @@ mod pipeline_tests {
     use crate::reassemble::{Reassembler, ReassemblerConfig};
     use migration_crypto::{Key, Opener};
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn cfg(chunk_size: usize, compression: Compression, sealer: Option<Sealer>) -> ChunkerConfig {
         ChunkerConfig {
@@ -1859,15 +1860,27 @@ mod pipeline_tests {
         let f = File::create(dir.path().join("big")).unwrap();
         f.set_len(64 << 20).unwrap();
         drop(f);
-        for limit in [0, 3, 100, 5000] {
+        for limit in [0, 3, 100, 5000, 200_000] {
             let mut w = FailingWriter {
                 written: Vec::new(),
                 limit: Some(limit),
             };
-            let err = Chunker::new(dir.path(), cfg(64 << 10, Compression::None, None))
-                .unwrap()
-                .write_to(&mut w)
-                .unwrap_err();
+            let c = Chunker::new(dir.path(), cfg(64 << 10, Compression::None, None)).unwrap();
+            // A deadlock here once hung CI for 90 minutes: fail in a minute instead.
+            let (done_tx, done_rx) = mpsc::channel();
+            let dir_path = dir.path().to_owned();
+            let watched = thread::spawn(move || {
+                let res = c.write_to(&mut w);
+                let _ = done_tx.send(());
+                (res, w)
+            });
+            assert!(
+                done_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+                "write_to did not return within 60 s after its writer failed at {limit} bytes \
+                 ({dir_path:?})"
+            );
+            let (res, w) = watched.join().unwrap();
+            let err = res.unwrap_err();
             assert!(
                 matches!(&err, ChunkError::Write(e) if e.kind() == io::ErrorKind::BrokenPipe),
                 "{limit}: {err:?}"
