@@ -9,13 +9,67 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 const BEGIN: &str = "<!-- xtask e2e-migrate: generated section begins -->";
 const END: &str = "<!-- xtask e2e-migrate: generated section ends -->";
+
+/// The container-name prefixes of the two scenarios (`control --name`).
+const NAMES: [&str; 2] = ["qlm-e2e", "qlm-e2e-rb"];
+/// A scenario takes about a minute; one that has not ended after this is hung.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// `control logs` and `control down`.
+const HOUSEKEEPING_LIMIT: Duration = Duration::from_secs(3 * 60);
+
+/// Where e2e-migrate keeps its binaries, reports, state and images.
+struct Paths {
+    bin: PathBuf,
+    out_dir: PathBuf,
+    state: PathBuf,
+    images: PathBuf,
+}
+
+impl Paths {
+    fn new(root: &Path) -> Self {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let out_dir = target.join("e2e");
+        Paths {
+            bin: target.join("release"),
+            state: out_dir.join("state"),
+            out_dir,
+            images: PathBuf::from("/dev/shm/quic-live-migrate-e2e"),
+        }
+    }
+
+    fn control(&self, name: &str) -> Command {
+        control_cmd(&self.bin, &self.state, &self.images, name)
+    }
+}
+
+/// After e2e-migrate was stopped at its time limit (by `cargo xtask ci`): removes the
+/// containers and state of both scenarios, best effort, saying what it does.
+pub(crate) fn clean_up_after_a_kill(root: &Path) {
+    let paths = Paths::new(root);
+    if !paths.bin.join("control").exists() {
+        return;
+    }
+    for name in NAMES {
+        println!("e2e: cleaning up after the stop: control down --name {name}");
+        let res = crate::limit::status(
+            paths.control(name).arg("down"),
+            "control down",
+            HOUSEKEEPING_LIMIT,
+        );
+        if !res.as_ref().is_ok_and(|s| s.success()) {
+            println!("e2e: control down --name {name} did not succeed: {res:?}");
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Options {
@@ -100,25 +154,20 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("e2e: checking podman, runc and CRIU (installing what is missing)...");
     crate::setup::ensure(root)?;
 
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("release");
-    let out_dir = target.join("e2e");
-    std::fs::create_dir_all(&out_dir)?;
-    let state = out_dir.join("state");
-    let images = PathBuf::from("/dev/shm/quic-live-migrate-e2e");
+    let paths = Paths::new(root);
+    let out_dir = &paths.out_dir;
+    std::fs::create_dir_all(out_dir)?;
 
     let mut scenarios = vec![Scenario {
         title: "migrate A -> B -> A",
-        name: "qlm-e2e",
+        name: NAMES[0],
         args: vec!["--moves".into(), opts.moves.to_string()],
     }];
     if !opts.no_rollback {
         scenarios.push(Scenario {
             title: "image sets sealed through migration-wire; restore fails in B (rollback: \
                     restored in A again), dump fails (rollback: A goes on), then moves on",
-            name: "qlm-e2e-rb",
+            name: NAMES[1],
             args: [
                 "--moves",
                 "4",
@@ -140,21 +189,28 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         println!("\ne2e: scenario {}: {}", i + 1, sc.title);
         let report_path = out_dir.join(format!("scenario-{}.json", i + 1));
         let _ = std::fs::remove_file(&report_path);
-        let status = control_cmd(&bin, &state, &images, sc.name)
-            .arg("run")
-            .args(&sc.args)
-            .arg("--preserve")
-            .arg("--run-report")
-            .arg(&report_path)
-            .status()
-            .context("starting control run")?;
+        let status = crate::limit::status(
+            paths
+                .control(sc.name)
+                .arg("run")
+                .args(&sc.args)
+                .arg("--preserve")
+                .arg("--run-report")
+                .arg(&report_path),
+            "control run",
+            SCENARIO_LIMIT,
+        );
         let report: Value = std::fs::read_to_string(&report_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(Value::Null);
         let mut problems = check(sc, &report);
-        if !status.success() && problems.is_empty() {
-            problems.push(format!("control run exited with {status}"));
+        match &status {
+            Ok(status) if !status.success() && problems.is_empty() => {
+                problems.push(format!("control run exited with {status}"));
+            }
+            Ok(_) => {}
+            Err(e) => problems.insert(0, format!("{e:#}")),
         }
         if !problems.is_empty() {
             println!("\ne2e: scenario {} FAILED:", i + 1);
@@ -162,21 +218,25 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
                 println!("  - {p}");
             }
             println!("\ne2e: diagnostics:");
-            let _ = control_cmd(&bin, &state, &images, sc.name)
-                .arg("logs")
-                .status();
+            let _ = crate::limit::status(
+                paths.control(sc.name).arg("logs"),
+                "control logs",
+                HOUSEKEEPING_LIMIT,
+            );
             failures.push(format!("scenario {}: {}", i + 1, problems.join("; ")));
         }
         let keep = opts.preserve && i + 1 == scenarios.len();
         if keep {
             println!(
                 "e2e: --preserve: kept containers and state in {}",
-                state.display()
+                paths.state.display()
             );
         } else {
-            let down = control_cmd(&bin, &state, &images, sc.name)
-                .arg("down")
-                .status();
+            let down = crate::limit::status(
+                paths.control(sc.name).arg("down"),
+                "control down",
+                HOUSEKEEPING_LIMIT,
+            );
             if !down.is_ok_and(|s| s.success()) {
                 failures.push(format!("scenario {}: control down failed", i + 1));
             }

@@ -6,13 +6,14 @@
 
 mod bench;
 mod e2e;
+mod limit;
 mod setup;
 mod shim_cost;
 mod tidy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -23,7 +24,9 @@ Commands:
   ci        What CI runs (the README's test command): formatting check, clippy with
             -D warnings on all targets, the layering checks, every test of the workspace, then
             (as root) e2e-migrate. Not root: e2e-migrate is skipped with a message, unless
-            CI=true, where it is required.
+            CI=true, where it is required. Each step has a time limit (formatting 5 min, clippy,
+            tests and e2e-migrate 30 min each, 80 min in all); a step that overruns is stopped
+            with everything it started, and ci fails naming it.
   e2e-migrate
             The main job: builds the release binaries, runs `setup` when something is
             missing, brings podman containers A and B up, starts the demo client, migrates the
@@ -116,10 +119,17 @@ pub(crate) fn project_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Everything `ci` runs must end within this, well inside CI's own 90 minutes, so that a hang
+/// fails with a message naming the step instead of a silent timeout.
+const CI_BUDGET: Duration = Duration::from_secs(80 * 60);
+
 fn ci(root: &Path) -> Result<()> {
+    let started = Instant::now();
+    let deadline = started + CI_BUDGET;
     let locked = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    let mut steps: Vec<(&str, Vec<&str>)> = vec![
-        ("formatting", vec!["fmt", "--all", "--", "--check"]),
+    // (name, cargo arguments, the step's own limit)
+    let mut steps: Vec<(&str, Vec<&str>, u64)> = vec![
+        ("formatting", vec!["fmt", "--all", "--", "--check"], 5),
         (
             "clippy",
             vec![
@@ -130,12 +140,13 @@ fn ci(root: &Path) -> Result<()> {
                 "-D",
                 "warnings",
             ],
+            30,
         ),
         // Unit, integration and doc tests; benches are compiled by clippy above.
-        ("tests", vec!["test", "--workspace"]),
+        ("tests", vec!["test", "--workspace"], 30),
     ];
     if locked {
-        for (_, args) in &mut steps {
+        for (_, args, _) in &mut steps {
             if args[0] != "fmt" {
                 args.insert(1, "--locked");
             }
@@ -143,37 +154,74 @@ fn ci(root: &Path) -> Result<()> {
     }
     tidy::run_all(root).context("layering checks failed")?;
     println!("xtask ci: layering checks passed");
-    for (name, args) in steps {
-        let started = Instant::now();
-        println!("xtask ci: {name}: cargo {}", args.join(" "));
-        let status = Command::new(cargo())
-            .args(&args)
-            .current_dir(root)
-            .status()
-            .with_context(|| format!("could not start cargo for {name}"))?;
+    for (name, args, minutes) in steps {
+        let step_started = Instant::now();
+        let limit = step_limit(deadline, minutes);
+        println!(
+            "xtask ci: {name}: cargo {} (limit {} s)",
+            args.join(" "),
+            limit.as_secs()
+        );
+        let status = limit::status(
+            Command::new(cargo()).args(&args).current_dir(root),
+            name,
+            limit,
+        )?;
         if !status.success() {
             bail!("{name} failed ({status}): cargo {}", args.join(" "));
         }
         println!(
             "xtask ci: {name} passed in {:.1} s",
-            started.elapsed().as_secs_f64()
+            step_started.elapsed().as_secs_f64()
         );
     }
     if setup::is_root() {
-        let started = Instant::now();
-        println!("xtask ci: end-to-end migration (cargo xtask e2e-migrate)");
-        e2e::run(root, &e2e::Options::from_args(&[])?)?;
+        let step_started = Instant::now();
+        let limit = step_limit(deadline, 30);
+        println!(
+            "xtask ci: end-to-end migration (cargo xtask e2e-migrate, limit {} s)",
+            limit.as_secs()
+        );
+        // A child process, so that a hang anywhere in it (build, set-up, a scenario) is
+        // stopped at the limit with everything it started; then the containers are removed.
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let res = limit::status(
+            Command::new(exe).arg("e2e-migrate").current_dir(root),
+            "e2e-migrate",
+            limit,
+        );
+        let ok = res.as_ref().is_ok_and(|s| s.success());
+        if res.is_err() {
+            e2e::clean_up_after_a_kill(root);
+        }
+        if !ok {
+            return Err(res
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("e2e-migrate failed")));
+        }
         println!(
             "xtask ci: e2e-migrate passed in {:.1} s",
-            started.elapsed().as_secs_f64()
+            step_started.elapsed().as_secs_f64()
         );
     } else if locked {
         bail!("CI=true but not root: the end-to-end migration (podman, criu) needs root");
     } else {
         println!("xtask ci: SKIPPED e2e-migrate: it needs root (podman rootful, criu, netns)");
     }
-    println!("xtask ci: all checks passed");
+    println!(
+        "xtask ci: all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// A step's limit: its own, or what is left of the whole budget if that is less (at least a
+/// minute, so that a step that is about to start is not refused outright).
+fn step_limit(deadline: Instant, minutes: u64) -> Duration {
+    let left = deadline.saturating_duration_since(Instant::now());
+    Duration::from_secs(minutes * 60)
+        .min(left)
+        .max(Duration::from_secs(60))
 }
 
 pub(crate) fn cargo() -> String {
