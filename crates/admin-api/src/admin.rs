@@ -1,0 +1,675 @@
+//! The server's admin directory: requests from control, events from the server.
+//!
+//! One file per kind. A request is consumed by the server when it reads it; an event is
+//! consumed by control when it reads it. Every request and every event after `ready` names
+//! its migration, and a reader that expects migration X refuses an event about migration Y
+//! ([`AdminError::Stale`]) instead of taking it for the answer.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use migration_core::MigrationId;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Largest admin file read (a report of thousands of sessions fits easily).
+const MAX_FILE: u64 = 16 << 20;
+
+/// Errors reading or writing the admin directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The admin directory does not exist or is not a directory.
+    #[error("admin directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// A file could not be read, written, renamed or removed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not the JSON of its kind (it was removed all the same).
+    #[error("{path} is not a valid {kind}: {source}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What it should have held.
+        kind: &'static str,
+        /// Why it does not.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file is larger than any valid one.
+    #[error("{path} is {len} bytes, more than the {max} an admin file may have")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// An event about another migration than the one awaited: left over from an earlier
+    /// migration, or written by something else.
+    #[error("stale {kind} event: it names migration {found}, expected {expected}")]
+    Stale {
+        /// The event's kind.
+        kind: &'static str,
+        /// The migration it names (`none` when it names none).
+        found: String,
+        /// The migration awaited (`none` when none is).
+        expected: String,
+    },
+    /// The server answered, with an error.
+    #[error("the server reported ({kind}): {message}")]
+    ServerReported {
+        /// The event's kind.
+        kind: &'static str,
+        /// What it said.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("the server wrote no {file} within {limit:?}")]
+    Timeout {
+        /// The file awaited.
+        file: &'static str,
+        /// How long it was awaited.
+        limit: Duration,
+    },
+}
+
+/// A request control writes for the server (read when it gets the matching signal).
+pub trait Request: Serialize + DeserializeOwned {
+    /// Its file name in the admin directory.
+    const FILE: &'static str;
+    /// What it is, for messages.
+    const KIND: &'static str;
+    /// The migration it belongs to.
+    fn migration_id(&self) -> MigrationId;
+}
+
+/// An event the server writes for control.
+pub trait ServerEvent: Serialize + DeserializeOwned {
+    /// Its file name in the admin directory.
+    const FILE: &'static str;
+    /// What it is, for messages.
+    const KIND: &'static str;
+}
+
+/// SIGTERM: announce the move to `new_addr` to every client, wait for their acks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// Where the clients are sent.
+    pub new_addr: SocketAddr,
+    /// How long the server waits for the acks, in milliseconds (at least 1).
+    pub deadline_ms: u64,
+}
+
+impl Request for MigrateRequest {
+    const FILE: &'static str = "migrate.json";
+    const KIND: &'static str = "migrate request";
+    fn migration_id(&self) -> MigrationId {
+        self.migration_id
+    }
+}
+
+/// SIGUSR1: the move failed; send the clients back to `fallback_addr` and serve again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbortRequest {
+    /// The migration that failed.
+    pub migration_id: MigrationId,
+    /// Where the clients go back to.
+    pub fallback_addr: SocketAddr,
+    /// How long the server waits for the clients' acks, in milliseconds (at least 1).
+    pub deadline_ms: u64,
+}
+
+impl Request for AbortRequest {
+    const FILE: &'static str = "abort.json";
+    const KIND: &'static str = "abort request";
+    fn migration_id(&self) -> MigrationId {
+        self.migration_id
+    }
+}
+
+/// SIGUSR2: the process was restored; renew the socket and tell the clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// The migration that completed.
+    pub migration_id: MigrationId,
+}
+
+impl Request for ResumeRequest {
+    const FILE: &'static str = "resume.json";
+    const KIND: &'static str = "resume request";
+    fn migration_id(&self) -> MigrationId {
+        self.migration_id
+    }
+}
+
+/// The server serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// Its process id.
+    pub pid: u32,
+    /// Its socket's address.
+    pub addr: SocketAddr,
+}
+
+impl ServerEvent for Ready {
+    const FILE: &'static str = "ready.json";
+    const KIND: &'static str = "ready";
+}
+
+/// A client of the server, as the announce report names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRef {
+    /// The server's session number.
+    pub session: u64,
+    /// What the client called itself.
+    pub client_id: String,
+}
+
+/// Who was told, who answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceOutcome {
+    /// The address the clients were sent to.
+    pub address: SocketAddr,
+    /// Clients that acknowledged in time.
+    pub acked: Vec<ClientRef>,
+    /// Clients that did not.
+    pub missing: Vec<ClientRef>,
+    /// From the announcement to the last ack (or the deadline), in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// The move was announced; when `parked`, the socket is closed, ready for the checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announced {
+    /// The clients' answers.
+    pub outcome: AnnounceOutcome,
+    /// Whether the socket is parked.
+    pub parked: bool,
+    /// Handshakes the server completed since it started.
+    pub handshakes: u64,
+}
+
+impl ServerEvent for Announced {
+    const FILE: &'static str = "announce.json";
+    const KIND: &'static str = "announce";
+}
+
+/// The restored server serves again and told its clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resumed {
+    /// Its new socket's address (inside its network namespace).
+    pub addr: SocketAddr,
+    /// Clients told `Resumed`.
+    pub told: usize,
+    /// Handshakes the server completed since it started (a move must not add any).
+    pub handshakes: u64,
+}
+
+impl ServerEvent for Resumed {
+    const FILE: &'static str = "resumed.json";
+    const KIND: &'static str = "resumed";
+}
+
+/// The move was abandoned; the clients were sent back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aborted {
+    /// The clients' answers to `MigrateAborted`.
+    pub outcome: AnnounceOutcome,
+    /// Handshakes the server completed since it started.
+    pub handshakes: u64,
+}
+
+impl ServerEvent for Aborted {
+    const FILE: &'static str = "aborted.json";
+    const KIND: &'static str = "aborted";
+}
+
+/// What an event file holds: the migration it answers and the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<T> {
+    /// The migration; `None` for `ready`, or when the server could not read the request.
+    pub migration_id: Option<MigrationId>,
+    /// The event, or why the server could not do what was asked.
+    pub result: Result<T, String>,
+}
+
+fn id_text(id: Option<MigrationId>) -> String {
+    id.map_or_else(|| "none".to_owned(), |i| i.to_string())
+}
+
+/// The admin directory of one server.
+#[derive(Debug, Clone)]
+pub struct AdminDir {
+    dir: PathBuf,
+}
+
+impl AdminDir {
+    /// Uses `dir`, which must be an existing directory.
+    ///
+    /// # Errors
+    /// [`AdminError::NotADirectory`].
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AdminError> {
+        let dir = dir.into();
+        if !dir.is_dir() {
+            return Err(AdminError::NotADirectory(dir));
+        }
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `value` as `name` atomically: a temporary file created exclusively with mode
+    /// 0600, then renamed over `name`.
+    fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), AdminError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let io = |source| AdminError::Io {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
+        // A temporary file left by a writer that died is ours to replace.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&text).map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// Reads and removes `name`; `None` when it does not exist.
+    fn take(&self, name: &str) -> Result<Option<Vec<u8>>, AdminError> {
+        use std::io::Read as _;
+        let path = self.dir.join(name);
+        let io = |source| AdminError::Io {
+            path: path.clone(),
+            source,
+        };
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        // Removed first: whatever it holds, it is consumed.
+        std::fs::remove_file(&path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        if len > MAX_FILE {
+            return Err(AdminError::TooLarge {
+                path,
+                len,
+                max: MAX_FILE,
+            });
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        f.take(MAX_FILE).read_to_end(&mut bytes).map_err(io)?;
+        Ok(Some(bytes))
+    }
+
+    fn parse<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        kind: &'static str,
+        bytes: &[u8],
+    ) -> Result<T, AdminError> {
+        serde_json::from_slice(bytes).map_err(|source| AdminError::Malformed {
+            path: self.dir.join(name),
+            kind,
+            source,
+        })
+    }
+
+    /// Writes a request (replacing an unread one of the same kind).
+    ///
+    /// # Errors
+    /// [`AdminError::Io`].
+    pub fn send_request<R: Request>(&self, request: &R) -> Result<(), AdminError> {
+        self.write(R::FILE, request)
+    }
+
+    /// Takes (reads and removes) the request of kind `R`; `None` when there is none.
+    ///
+    /// # Errors
+    /// [`AdminError::Io`], [`AdminError::TooLarge`], [`AdminError::Malformed`] (the file is
+    /// removed all the same).
+    pub fn take_request<R: Request>(&self) -> Result<Option<R>, AdminError> {
+        match self.take(R::FILE)? {
+            None => Ok(None),
+            Some(bytes) => self.parse(R::FILE, R::KIND, &bytes).map(Some),
+        }
+    }
+
+    /// Writes an event.
+    ///
+    /// # Errors
+    /// [`AdminError::Io`].
+    pub fn post_event<E: ServerEvent>(&self, event: &Envelope<E>) -> Result<(), AdminError> {
+        self.write(E::FILE, event)
+    }
+
+    /// Takes the event of kind `E` if there is one, checking that it answers `expected`.
+    ///
+    /// # Errors
+    /// [`AdminError::Stale`] for an event about another migration (or about one when none is
+    /// expected), [`AdminError::ServerReported`] when the server answered with an error, and
+    /// the errors of reading the file.
+    pub fn take_event<E: ServerEvent>(
+        &self,
+        expected: Option<MigrationId>,
+    ) -> Result<Option<E>, AdminError> {
+        let Some(bytes) = self.take(E::FILE)? else {
+            return Ok(None);
+        };
+        let env: Envelope<E> = self.parse(E::FILE, E::KIND, &bytes)?;
+        let stale = || AdminError::Stale {
+            kind: E::KIND,
+            found: id_text(env.migration_id),
+            expected: id_text(expected),
+        };
+        match (env.migration_id, expected) {
+            (Some(found), Some(want)) if found != want => return Err(stale()),
+            (Some(_), None) => return Err(stale()),
+            // The server could not read the request, so it could not name the migration:
+            // an error without an id answers whatever was asked.
+            (None, Some(_)) if env.result.is_ok() => return Err(stale()),
+            _ => {}
+        }
+        env.result.map(Some).map_err(|message| AdminError::ServerReported {
+            kind: E::KIND,
+            message,
+        })
+    }
+
+    /// Waits up to `limit` for the event of kind `E` answering `expected` (see
+    /// [`AdminDir::take_event`]).
+    ///
+    /// # Errors
+    /// [`AdminError::Timeout`], and those of [`AdminDir::take_event`].
+    pub fn wait_event<E: ServerEvent>(
+        &self,
+        expected: Option<MigrationId>,
+        limit: Duration,
+    ) -> Result<E, AdminError> {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.take_event::<E>(expected)? {
+                return Ok(e);
+            }
+            if start.elapsed() > limit {
+                return Err(AdminError::Timeout {
+                    file: E::FILE,
+                    limit,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes every request and event file left over (from an interrupted run, or written by
+    /// something else); returns the names of those removed.
+    ///
+    /// # Errors
+    /// [`AdminError::Io`].
+    pub fn clear(&self) -> Result<Vec<&'static str>, AdminError> {
+        let mut removed = Vec::new();
+        for name in [
+            MigrateRequest::FILE,
+            AbortRequest::FILE,
+            ResumeRequest::FILE,
+            Announced::FILE,
+            Resumed::FILE,
+            Aborted::FILE,
+        ] {
+            let path = self.dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(name),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(AdminError::Io { path, source }),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn id(n: u8) -> MigrationId {
+        MigrationId::from_bytes([n; 16])
+    }
+
+    fn dir() -> (tempfile::TempDir, AdminDir) {
+        let t = tempfile::tempdir().unwrap();
+        let a = AdminDir::open(t.path()).unwrap();
+        (t, a)
+    }
+
+    fn announced() -> Announced {
+        Announced {
+            outcome: AnnounceOutcome {
+                address: "127.0.0.1:5243".parse().unwrap(),
+                acked: vec![ClientRef {
+                    session: 1,
+                    client_id: "car".into(),
+                }],
+                missing: vec![],
+                elapsed_ms: 1.5,
+            },
+            parked: true,
+            handshakes: 1,
+        }
+    }
+
+    #[test]
+    fn a_request_is_private_and_consumed_when_read() {
+        let (t, a) = dir();
+        let req = MigrateRequest {
+            migration_id: id(1),
+            new_addr: "127.0.0.1:5243".parse().unwrap(),
+            deadline_ms: 2000,
+        };
+        a.send_request(&req).unwrap();
+        let mode = std::fs::metadata(t.path().join("migrate.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(a.take_request::<MigrateRequest>().unwrap(), Some(req));
+        assert!(!t.path().join("migrate.json").exists());
+        assert_eq!(a.take_request::<MigrateRequest>().unwrap(), None);
+    }
+
+    #[test]
+    fn a_malformed_request_is_a_typed_error_and_is_removed() {
+        let (t, a) = dir();
+        for bad in [
+            "{ not json",
+            r#"{"new_addr":"127.0.0.1:1","deadline_ms":5}"#,
+            r#"{"migration_id":"zz","new_addr":"127.0.0.1:1","deadline_ms":5}"#,
+            r#"{"migration_id":"01010101010101010101010101010101","new_addr":"127.0.0.1:1","deadline_ms":5,"extra":1}"#,
+            "",
+        ] {
+            std::fs::write(t.path().join("migrate.json"), bad).unwrap();
+            let err = a.take_request::<MigrateRequest>().unwrap_err();
+            assert!(matches!(err, AdminError::Malformed { .. }), "{bad}: {err}");
+            assert!(!t.path().join("migrate.json").exists());
+        }
+    }
+
+    #[test]
+    fn an_event_for_the_awaited_migration_is_taken() {
+        let (_t, a) = dir();
+        a.post_event(&Envelope {
+            migration_id: Some(id(1)),
+            result: Ok(announced()),
+        })
+        .unwrap();
+        assert_eq!(
+            a.take_event::<Announced>(Some(id(1))).unwrap(),
+            Some(announced())
+        );
+        assert_eq!(a.take_event::<Announced>(Some(id(1))).unwrap(), None);
+    }
+
+    #[test]
+    fn a_stale_announce_of_another_migration_is_refused() {
+        let (t, a) = dir();
+        a.post_event(&Envelope {
+            migration_id: Some(id(7)),
+            result: Ok(announced()),
+        })
+        .unwrap();
+        let err = a.take_event::<Announced>(Some(id(1))).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, AdminError::Stale { .. }), "{msg}");
+        assert!(msg.contains(&id(7).to_string()), "{msg}");
+        assert!(msg.contains(&id(1).to_string()), "{msg}");
+        // Consumed all the same: the next reader does not see it again.
+        assert!(!t.path().join("announce.json").exists());
+        // An event naming no migration while one is awaited is refused too (unless it is an
+        // error: the server could not read the request).
+        a.post_event(&Envelope {
+            migration_id: None,
+            result: Ok(announced()),
+        })
+        .unwrap();
+        assert!(matches!(
+            a.take_event::<Announced>(Some(id(1))),
+            Err(AdminError::Stale { .. })
+        ));
+        a.post_event::<Announced>(&Envelope {
+            migration_id: None,
+            result: Err("bad request".into()),
+        })
+        .unwrap();
+        let err = a.take_event::<Announced>(Some(id(1))).unwrap_err();
+        assert!(
+            matches!(&err, AdminError::ServerReported { message, .. } if message == "bad request"),
+            "{err}"
+        );
+        // A migration's event while none is awaited (ready) is foreign.
+        a.post_event(&Envelope {
+            migration_id: Some(id(2)),
+            result: Ok(Ready {
+                pid: 1,
+                addr: "0.0.0.0:4242".parse().unwrap(),
+            }),
+        })
+        .unwrap();
+        assert!(matches!(
+            a.take_event::<Ready>(None),
+            Err(AdminError::Stale { .. })
+        ));
+    }
+
+    #[test]
+    fn an_error_from_the_server_is_reported() {
+        let (_t, a) = dir();
+        a.post_event::<Resumed>(&Envelope {
+            migration_id: Some(id(3)),
+            result: Err("rebind failed".into()),
+        })
+        .unwrap();
+        let err = a.take_event::<Resumed>(Some(id(3))).unwrap_err();
+        assert!(err.to_string().contains("rebind failed"), "{err}");
+    }
+
+    #[test]
+    fn garbage_and_oversized_event_files_are_typed_errors() {
+        let (t, a) = dir();
+        std::fs::write(t.path().join("resumed.json"), b"\xff\x00garbage").unwrap();
+        assert!(matches!(
+            a.take_event::<Resumed>(Some(id(1))),
+            Err(AdminError::Malformed { .. })
+        ));
+        let f = std::fs::File::create(t.path().join("resumed.json")).unwrap();
+        f.set_len(MAX_FILE + 1).unwrap();
+        assert!(matches!(
+            a.take_event::<Resumed>(Some(id(1))),
+            Err(AdminError::TooLarge { .. })
+        ));
+        assert!(!t.path().join("resumed.json").exists());
+    }
+
+    #[test]
+    fn waiting_times_out_with_the_file_named() {
+        let (_t, a) = dir();
+        let err = a
+            .wait_event::<Aborted>(Some(id(1)), Duration::from_millis(20))
+            .unwrap_err();
+        assert!(err.to_string().contains("aborted.json"), "{err}");
+    }
+
+    #[test]
+    fn clear_removes_leftovers_only() {
+        let (t, a) = dir();
+        std::fs::write(t.path().join("announce.json"), "{}").unwrap();
+        std::fs::write(t.path().join("migrate.json"), "{}").unwrap();
+        std::fs::write(t.path().join("ready.json"), "{}").unwrap();
+        std::fs::write(t.path().join("notes.txt"), "mine").unwrap();
+        let mut removed = a.clear().unwrap();
+        removed.sort_unstable();
+        assert_eq!(removed, vec!["announce.json", "migrate.json"]);
+        assert!(t.path().join("notes.txt").exists());
+        assert!(t.path().join("ready.json").exists());
+    }
+
+    #[test]
+    fn a_missing_directory_is_refused() {
+        assert!(matches!(
+            AdminDir::open("/nonexistent/admin"),
+            Err(AdminError::NotADirectory(_))
+        ));
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_does_not_block_writing() {
+        let (t, a) = dir();
+        std::fs::write(t.path().join(".resume.json.tmp"), "half").unwrap();
+        a.send_request(&ResumeRequest {
+            migration_id: id(4),
+        })
+        .unwrap();
+        assert_eq!(
+            a.take_request::<ResumeRequest>().unwrap(),
+            Some(ResumeRequest {
+                migration_id: id(4)
+            })
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! The JSON reports: per migration (control), per run (control run, read by xtask), and the
+//! demo client's (cwrapper, read by control).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use migration_core::{FinalDumpReason, MigrationId, Recovery};
+use serde::{Deserialize, Serialize};
+
+use crate::admin::{Aborted, Announced, Resumed};
+
+/// How one criu run spent its time, read from its log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriuTiming {
+    /// Wall time of the whole command, as control saw it.
+    pub wall_ms: f64,
+    /// From criu's start to the first line about the task itself (paid on every run).
+    pub startup_ms: Option<f64>,
+    /// From that line to the end of criu's log.
+    pub work_ms: Option<f64>,
+}
+
+/// The sealed transfer of an image set through migration-wire.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferStats {
+    /// Bytes of the image files.
+    pub bytes: u64,
+    /// Bytes on the wire (compressed, sealed, framed).
+    pub wire_bytes: u64,
+    /// Files sent.
+    pub files: u64,
+    /// Wall time.
+    pub ms: f64,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveResult {
+    /// The server runs at the target.
+    Completed,
+    /// A phase failed and the server runs at the source again.
+    RolledBack,
+    /// A phase failed and the recovery failed too, or the policy said give up.
+    Failed,
+}
+
+impl std::fmt::Display for MoveResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Completed => "completed",
+            Self::RolledBack => "rolled_back",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+/// Where the server process was found after a restore: observed from `/proc`, not assumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// The restored process.
+    pub pid: i32,
+    /// Inode of its network namespace (`/proc/<pid>/ns/net`).
+    pub netns_inode: u64,
+    /// Inode of the network namespace it should be in.
+    pub expected_netns_inode: u64,
+    /// The name of the container whose namespace that is.
+    pub expected_container: String,
+}
+
+impl Placement {
+    /// Whether the process is where it should be.
+    pub fn is_right(&self) -> bool {
+        self.netns_inode == self.expected_netns_inode
+    }
+}
+
+/// What answered a QUIC probe (a long-header packet of an unknown version, to which a QUIC
+/// endpoint must answer with Version Negotiation) sent to an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortProbe {
+    /// A QUIC endpoint answered.
+    Answered,
+    /// The port is closed (ICMP port unreachable).
+    Refused,
+    /// Nothing answered in time.
+    Silent,
+}
+
+/// One migration, as control ran it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveReport {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The source container.
+    pub from: String,
+    /// The target container.
+    pub to: String,
+    /// The address the clients were sent to.
+    pub target_addr: SocketAddr,
+    /// The address they came from (and go back to after a rollback).
+    pub source_addr: SocketAddr,
+    /// The image set, when kept.
+    pub images_dir: Option<PathBuf>,
+    /// How it ended.
+    pub result: MoveResult,
+    /// What failed, and how the recovery went.
+    pub failure: Option<String>,
+    /// The recovery the policy chose, when a phase failed.
+    pub recovery: Option<Recovery>,
+    /// The server's announce report.
+    pub announce: Option<Announced>,
+    /// Whether the kernel tracks dirty memory (pre-dump possible).
+    pub dirty_tracking: bool,
+    /// Why pre-dumping stopped.
+    pub predump_stop: Option<FinalDumpReason>,
+    /// The pre-dump rounds: bytes written and criu's timing.
+    pub predump_rounds: Vec<(u64, CriuTiming)>,
+    /// The final dump.
+    pub dump: Option<CriuTiming>,
+    /// Size of the final image set.
+    pub image_bytes: Option<u64>,
+    /// The sealed transfer, when one was made.
+    pub transfer: Option<TransferStats>,
+    /// The restore at the target.
+    pub restore: Option<CriuTiming>,
+    /// The restore at the source during a rollback.
+    pub rollback_restore: Option<CriuTiming>,
+    /// Where the restored process was found.
+    pub placement: Option<Placement>,
+    /// The server's resumed event.
+    pub resumed: Option<Resumed>,
+    /// The server's aborted event.
+    pub aborted: Option<Aborted>,
+    /// After a completed move: what the source's address answers (nothing, for a real move).
+    pub source_probe: Option<PortProbe>,
+    /// After a completed move: what the target's address answers (the server).
+    pub target_probe: Option<PortProbe>,
+    /// Wall time of the whole migration.
+    pub wall_ms: f64,
+    /// migration-core's timeline (phases, freeze).
+    pub timeline: migration_core::MigrationReport,
+}
+
+impl MoveReport {
+    /// The freeze (final dump start -> restored process running), in milliseconds.
+    pub fn freeze_ms(&self) -> Option<f64> {
+        self.timeline.freeze_time.map(|d| d.as_secs_f64() * 1e3)
+    }
+
+    /// Handshakes the server counted at the end of the move (from `resumed` or `aborted`).
+    pub fn server_handshakes(&self) -> Option<u64> {
+        self.resumed
+            .as_ref()
+            .map(|r| r.handshakes)
+            .or_else(|| self.aborted.as_ref().map(|a| a.handshakes))
+    }
+}
+
+/// One migration as the demo client saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientMigration {
+    /// The migration.
+    pub id: String,
+    /// Where the server said it moves (or, for an abort, where the client goes back).
+    pub new_addr: SocketAddr,
+    /// This record is the abort of a migration.
+    pub aborted: bool,
+    /// Milliseconds since the client started.
+    pub seen_at_ms: f64,
+    /// The last echo before the pause.
+    pub last_echo_before_ms: Option<f64>,
+    /// The first echo after it.
+    pub first_echo_after_ms: Option<f64>,
+    /// The longest pause between two echoes during the migration.
+    pub downtime_ms: Option<f64>,
+    /// Echo attempts that missed their deadline or failed meanwhile.
+    pub failed_attempts: u64,
+    /// An echo succeeded after the move (or the swap back).
+    pub completed: bool,
+    /// The server aborted this migration (a record with `aborted` follows).
+    pub rolled_back: bool,
+    /// The address the client's datagrams were last accepted from when the migration ended
+    /// (its real peer), observed by the client's socket.
+    pub peer_after: Option<SocketAddr>,
+}
+
+/// The demo client's report (cwrapper `--json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientReport {
+    /// The address it dialled.
+    pub target: SocketAddr,
+    /// quinn's stable id of the connection used last.
+    pub stable_id: u64,
+    /// Distinct QUIC connections the echoes went over (quinn's stable ids): 1 when the
+    /// connection survived every move.
+    pub connections: u64,
+    /// Handshakes the client completed.
+    pub handshakes: u64,
+    /// Echoes answered.
+    pub echoes: u64,
+    /// Echo attempts that failed.
+    pub failed_attempts: u64,
+    /// Migrations seen.
+    pub migrations: Vec<ClientMigration>,
+    /// The control stream's state at the end.
+    pub control: String,
+    /// Datagrams from unknown sources that the client's socket dropped.
+    pub foreign_datagrams_dropped: u64,
+    /// The echo sequence and the server's counter were contiguous.
+    pub verified: bool,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// One migration of a run, joined with what the client saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRow {
+    /// The migration.
+    pub id: String,
+    /// Source container.
+    pub from: String,
+    /// Target container.
+    pub to: String,
+    /// How it ended.
+    pub result: MoveResult,
+    /// Freeze (dump start -> restored process running).
+    pub freeze_ms: Option<f64>,
+    /// criu dump wall time.
+    pub dump_ms: Option<f64>,
+    /// criu dump start-up.
+    pub dump_criu_startup_ms: Option<f64>,
+    /// criu restore wall time.
+    pub restore_ms: Option<f64>,
+    /// criu restore start-up.
+    pub restore_criu_startup_ms: Option<f64>,
+    /// Image set size.
+    pub image_bytes: Option<u64>,
+    /// The client's pause.
+    pub client_downtime_ms: Option<f64>,
+    /// Handshakes the server counted after this migration.
+    pub server_handshakes: Option<u64>,
+    /// The client's real peer after the migration.
+    pub client_peer_after: Option<SocketAddr>,
+    /// Where it should be: the target's address after a completed move, the source's after a
+    /// rollback.
+    pub expected_peer: SocketAddr,
+}
+
+/// Medians and checks of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSummary {
+    /// One row per migration.
+    pub rows: Vec<RunRow>,
+    /// Completed migrations.
+    pub completed: usize,
+    /// Median client pause over completed moves.
+    pub client_downtime_median_ms: Option<f64>,
+    /// Median freeze over completed moves.
+    pub freeze_median_ms: Option<f64>,
+    /// Median dump wall time.
+    pub dump_median_ms: Option<f64>,
+    /// Median restore wall time.
+    pub restore_median_ms: Option<f64>,
+    /// Median criu start-up of dumps.
+    pub dump_criu_startup_median_ms: Option<f64>,
+    /// Median criu start-up of restores.
+    pub restore_criu_startup_median_ms: Option<f64>,
+    /// Echoes answered.
+    pub echoes: u64,
+    /// The client's own checks passed.
+    pub client_verified: bool,
+}
+
+/// A run of several migrations with the demo client (`control run`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunReport {
+    /// How the run was driven: `run` (one control process) or `by-hand` (separate commands).
+    pub route: String,
+    /// Medians and rows.
+    pub summary: RunSummary,
+    /// Every migration's report.
+    pub migrations: Vec<MoveReport>,
+    /// The client's report, if it wrote one.
+    pub client: Option<ClientReport>,
+    /// The client's exit code.
+    pub client_exit: Option<i32>,
+    /// Every check that failed.
+    pub problems: Vec<String>,
+}
+
+/// The median of `v` (the upper one of an even count); `None` when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(4.0));
+    }
+
+    #[test]
+    fn a_client_report_with_an_unknown_or_missing_field_is_refused() {
+        let good = r#"{"target":"127.0.0.1:5242","stable_id":1,"connections":1,"handshakes":1,
+            "echoes":3,"failed_attempts":0,"migrations":[],"control":"open",
+            "foreign_datagrams_dropped":0,"verified":true,"error":null}"#;
+        let r: ClientReport = serde_json::from_str(good).unwrap();
+        assert_eq!(r.connections, 1);
+        let extra = good.replace("\"error\":null", "\"error\":null,\"surprise\":1");
+        assert!(serde_json::from_str::<ClientReport>(&extra).is_err());
+        let missing = good.replace("\"connections\":1,", "");
+        assert!(serde_json::from_str::<ClientReport>(&missing).is_err());
+    }
+
+    #[test]
+    fn placement_compares_namespaces() {
+        let mut p = Placement {
+            pid: 1,
+            netns_inode: 7,
+            expected_netns_inode: 7,
+            expected_container: "b".into(),
+        };
+        assert!(p.is_right());
+        p.netns_inode = 8;
+        assert!(!p.is_right());
+    }
+}
