@@ -1,13 +1,16 @@
 //! swrapper: the demo echo server, migratable.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use admin_api::{
+    AbortRequest, Aborted, AdminDir, AnnounceOutcome, Announced, ClientRef, Envelope,
+    MigrateRequest, Ready, Request, ResumeRequest, Resumed, ServerEvent,
+};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use migration_core::MigrationId;
-use serde::Deserialize;
 use swrapper::{MigratableServer, MigrationHandle, ServerOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -47,12 +50,13 @@ struct Args {
     /// Address announced to the clients on SIGTERM.
     #[arg(long, env = "MIGRATE_TO")]
     migrate_to: Option<SocketAddr>,
-    /// Directory for the orchestrator: SIGTERM reads `migrate.json` from it
-    /// ({"new_addr": "127.0.0.1:5243", "migration_id": "<32 hex>"?, "deadline_ms": 2000?}) and writes
-    /// `announce.json` (the acks) into it; other events are written as `<event>.json`:
-    /// `ready` at start, `resumed` after SIGUSR2, `aborted` after SIGUSR1 (which reads the
-    /// clients' fallback address from `abort.json`: {"fallback_addr": "127.0.0.1:5242"}).
-    #[arg(long, env = "SWRAPPER_ADMIN_DIR")]
+    /// Directory for the orchestrator (admin-api's contract). Requests, each naming its
+    /// migration and removed once read: `migrate.json` ({"migration_id": "<32 hex>",
+    /// "new_addr": "127.0.0.1:5243", "deadline_ms": 2000}) read on SIGTERM, `resume.json`
+    /// ({"migration_id": ...}) on SIGUSR2, `abort.json` ({"migration_id": ..., "fallback_addr":
+    /// "127.0.0.1:5242", "deadline_ms": 2000}) on SIGUSR1. Events written back, each in an
+    /// envelope {"migration_id": ..., "result": {"Ok": ...} | {"Err": "..."}}: `ready.json` at
+    /// start, `announce.json`, `resumed.json`, `aborted.json`. Created 0600.
     admin_dir: Option<PathBuf>,
     /// How long to wait for the clients' acks after announcing.
     #[arg(long, env = "SWRAPPER_ACK_DEADLINE_MS", default_value_t = 2000)]
@@ -68,14 +72,6 @@ struct Args {
     log: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateRequest {
-    new_addr: SocketAddr,
-    migration_id: Option<MigrationId>,
-    deadline_ms: Option<u64>,
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -86,6 +82,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Every file this server writes (events, a generated certificate) is private.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if args.ack_deadline_ms == 0 {
         bail!("--ack-deadline-ms must be at least 1");
     }
@@ -123,10 +121,19 @@ async fn run(args: Args) -> Result<()> {
         MigratableServer::bind(opts).with_context(|| format!("serving on {}", args.listen))?;
     let handle = server.handle();
     info!(addr = %server.local_addr(), pid = std::process::id(), "echo server ready");
-    write_event(
-        &args,
-        "ready",
-        &serde_json::json!({ "pid": std::process::id(), "addr": server.local_addr() }),
+    let mut admin = Admin {
+        dir: match &args.admin_dir {
+            Some(d) => Some(AdminDir::open(d)?),
+            None => None,
+        },
+        current: None,
+    };
+    admin.post(
+        None,
+        Ok(Ready {
+            pid: std::process::id(),
+            addr: server.local_addr(),
+        }),
     );
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -139,9 +146,9 @@ async fn run(args: Args) -> Result<()> {
                 Some(app) => { tokio::spawn(swrapper::serve_echo(app)); }
                 None => break,
             },
-            _ = term.recv() => on_announce(&args, &handle).await,
-            _ = usr2.recv() => on_resume(&args, &handle).await,
-            _ = usr1.recv() => on_abort(&args, &handle).await,
+            _ = term.recv() => on_announce(&args, &mut admin, &handle).await,
+            _ = usr2.recv() => on_resume(&mut admin, &handle).await,
+            _ = usr1.recv() => on_abort(&args, &mut admin, &handle).await,
             _ = int.recv() => {
                 info!("SIGINT: closing");
                 handle.close("server shutting down");
@@ -152,24 +159,33 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn write_event(args: &Args, name: &str, value: &serde_json::Value) {
-    let Some(dir) = &args.admin_dir else {
-        return;
-    };
-    let path = dir.join(format!("{name}.json"));
-    let tmp = dir.join(format!(".{name}.json.tmp"));
-    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".to_owned());
-    // Written then renamed, so a reader never sees half a file.
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
-        error!(path = %path.display(), "cannot write event file: {e}");
-    }
+/// The server's side of the admin directory, and the migration it is in.
+struct Admin {
+    dir: Option<AdminDir>,
+    /// The migration announced last and not yet resumed or aborted.
+    current: Option<MigrationId>,
 }
 
-fn read_request(dir: &Path) -> Result<MigrateRequest> {
-    let path = dir.join("migrate.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+impl Admin {
+    fn post<E: ServerEvent>(&self, migration_id: Option<MigrationId>, result: Result<E, String>) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        if let Err(e) = dir.post_event(&Envelope {
+            migration_id,
+            result,
+        }) {
+            error!("cannot write the {} event: {e}", E::KIND);
+        }
+    }
+
+    /// Takes the request of kind `R`; `Ok(None)` when there is none (or no admin directory).
+    fn take<R: Request>(&self) -> Result<Option<R>, String> {
+        match &self.dir {
+            None => Ok(None),
+            Some(d) => d.take_request::<R>().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn fresh_id() -> MigrationId {
@@ -186,41 +202,34 @@ fn fresh_id() -> MigrationId {
     MigrationId::from_bytes(b)
 }
 
-async fn on_announce(args: &Args, handle: &MigrationHandle) {
-    let (new_addr, id, deadline_ms) = match (&args.admin_dir, args.migrate_to) {
-        (Some(dir), _) if dir.join("migrate.json").exists() => match read_request(dir) {
-            Ok(r) => (
-                r.new_addr,
-                r.migration_id.unwrap_or_else(fresh_id),
-                r.deadline_ms.unwrap_or(args.ack_deadline_ms),
-            ),
-            Err(e) => {
-                error!("SIGTERM: {e:#}; not announcing");
-                write_event(
-                    args,
-                    "announce",
-                    &serde_json::json!({ "error": format!("{e:#}") }),
-                );
-                return;
-            }
-        },
-        (_, Some(addr)) => (addr, fresh_id(), args.ack_deadline_ms),
-        _ => {
-            error!("SIGTERM: no --migrate-to and no migrate.json in --admin-dir; not announcing");
-            write_event(
-                args,
-                "announce",
-                &serde_json::json!({ "error": "no target address" }),
-            );
+async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
+    let (new_addr, id, deadline_ms) = match (admin.take::<MigrateRequest>(), args.migrate_to) {
+        (Ok(Some(r)), _) => (r.new_addr, r.migration_id, r.deadline_ms),
+        (Err(e), _) => {
+            error!("SIGTERM: {e}; not announcing");
+            admin.post::<Announced>(None, Err(e));
+            return;
+        }
+        (Ok(None), Some(addr)) => (addr, fresh_id(), args.ack_deadline_ms),
+        (Ok(None), None) => {
+            let e = "SIGTERM without a migrate request (admin directory) or --migrate-to: \
+                     not announcing";
+            error!("{e}");
+            admin.post::<Announced>(None, Err(e.to_owned()));
             return;
         }
     };
+    if deadline_ms == 0 {
+        admin.post::<Announced>(Some(id), Err("deadline_ms must be at least 1".to_owned()));
+        return;
+    }
     info!(%id, %new_addr, "SIGTERM: announcing migration");
     match handle
-        .announce(id, new_addr, Duration::from_millis(deadline_ms.max(1)))
+        .announce(id, new_addr, Duration::from_millis(deadline_ms))
         .await
     {
         Ok(report) => {
+            admin.current = Some(id);
             if report.complete() {
                 info!(
                     acked = report.acked.len(),
@@ -235,23 +244,69 @@ async fn on_announce(args: &Args, handle: &MigrationHandle) {
             {
                 error!("parking failed: {e}");
             }
-            let mut v = serde_json::to_value(&report).unwrap_or_default();
-            v["parked"] = serde_json::json!(handle.is_parked());
-            v["handshakes"] = serde_json::json!(handle.handshakes());
-            write_event(args, "announce", &v);
+            let event = Announced {
+                outcome: outcome(&report),
+                parked: handle.is_parked(),
+                handshakes: handle.handshakes(),
+            };
+            admin.post(Some(id), Ok(event));
         }
         Err(e) => {
             error!("announce failed: {e}");
-            write_event(
-                args,
-                "announce",
-                &serde_json::json!({ "error": e.to_string() }),
-            );
+            admin.post::<Announced>(Some(id), Err(e.to_string()));
         }
     }
 }
 
-async fn on_resume(args: &Args, handle: &MigrationHandle) {
+fn outcome(report: &swrapper::AnnounceReport) -> AnnounceOutcome {
+    let refs = |v: &[(u64, String)]| {
+        v.iter()
+            .map(|(session, client_id)| ClientRef {
+                session: *session,
+                client_id: client_id.clone(),
+            })
+            .collect()
+    };
+    AnnounceOutcome {
+        address: report.address,
+        acked: refs(&report.acked),
+        missing: refs(&report.missing),
+        elapsed_ms: report.elapsed_ms,
+    }
+}
+
+/// The migration a resume or abort request names must be the one in progress.
+fn check_current(admin: &Admin, requested: Option<MigrationId>) -> Result<MigrationId, String> {
+    match (requested, admin.current) {
+        (Some(r), Some(c)) if r == c => Ok(r),
+        (Some(r), Some(c)) => Err(format!(
+            "request for migration {r}, but migration {c} is in progress"
+        )),
+        (Some(r), None) => Err(format!(
+            "request for migration {r}, but no migration is in progress"
+        )),
+        (None, Some(c)) => Ok(c),
+        (None, None) => Err("no migration is in progress".to_owned()),
+    }
+}
+
+async fn on_resume(admin: &mut Admin, handle: &MigrationHandle) {
+    let requested = match admin.take::<ResumeRequest>() {
+        Ok(r) => r.map(|r| r.migration_id),
+        Err(e) => {
+            error!("SIGUSR2: {e}");
+            admin.post::<Resumed>(None, Err(e));
+            return;
+        }
+    };
+    let id = match check_current(admin, requested) {
+        Ok(id) => id,
+        Err(e) => {
+            error!("SIGUSR2: {e}");
+            admin.post::<Resumed>(requested, Err(e));
+            return;
+        }
+    };
     let result = if handle.is_parked() {
         handle.unpark(None)
     } else {
@@ -260,72 +315,77 @@ async fn on_resume(args: &Args, handle: &MigrationHandle) {
     match result {
         Ok(addr) => {
             let told = handle.resumed().unwrap_or(0);
+            admin.current = None;
             info!(%addr, told, "SIGUSR2: socket renewed, clients told");
-            write_event(
-                args,
-                "resumed",
-                &serde_json::json!({ "addr": addr, "told": told, "handshakes": handle.handshakes() }),
-            );
+            let event = Resumed {
+                addr,
+                told,
+                handshakes: handle.handshakes(),
+            };
+            admin.post(Some(id), Ok(event));
         }
         Err(e) => {
             error!("SIGUSR2: renewing the socket failed: {e}");
-            write_event(
-                args,
-                "resumed",
-                &serde_json::json!({ "error": e.to_string() }),
-            );
+            admin.post::<Resumed>(Some(id), Err(e.to_string()));
         }
     }
 }
 
-async fn on_abort(args: &Args, handle: &MigrationHandle) {
-    let renewed = if handle.is_parked() {
-        handle.unpark(None)
-    } else {
-        Ok(handle.local_addr())
+async fn on_abort(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
+    let request = match admin.take::<AbortRequest>() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("SIGUSR1: {e}");
+            admin.post::<Aborted>(None, Err(e));
+            return;
+        }
     };
-    if let Err(e) = renewed {
+    let requested = request.as_ref().map(|r| r.migration_id);
+    // Whatever else happens, a parked socket serves again: the source must go on serving.
+    if handle.is_parked()
+        && let Err(e) = handle.unpark(None)
+    {
         error!("SIGUSR1: unparking failed: {e}");
-        write_event(
-            args,
-            "aborted",
-            &serde_json::json!({ "error": e.to_string() }),
-        );
+        admin.post::<Aborted>(requested, Err(format!("unparking failed: {e}")));
         return;
     }
-    let fallback = fallback_addr(args);
+    let id = match check_current(admin, requested) {
+        Ok(id) => id,
+        Err(e) => {
+            // Nothing announced (the announce itself failed): nothing to tell the clients.
+            warn!("SIGUSR1: {e}; the socket serves, no client to send back");
+            let event = Aborted {
+                outcome: AnnounceOutcome {
+                    address: handle.local_addr(),
+                    acked: Vec::new(),
+                    missing: Vec::new(),
+                    elapsed_ms: 0.0,
+                },
+                handshakes: handle.handshakes(),
+            };
+            admin.post(requested, Ok(event));
+            return;
+        }
+    };
+    let (fallback, deadline_ms) = request.map_or((args.listen, args.ack_deadline_ms), |r| {
+        (r.fallback_addr, r.deadline_ms.max(1))
+    });
     match handle
-        .abort(fallback, Duration::from_millis(args.ack_deadline_ms))
+        .abort(fallback, Duration::from_millis(deadline_ms))
         .await
     {
         Ok(report) => {
+            admin.current = None;
             info!(%fallback, acked = report.acked.len(), missing = report.missing.len(), "SIGUSR1: migration aborted");
-            let mut v = serde_json::to_value(&report).unwrap_or_default();
-            v["handshakes"] = serde_json::json!(handle.handshakes());
-            write_event(args, "aborted", &v);
+            let event = Aborted {
+                outcome: outcome(&report),
+                handshakes: handle.handshakes(),
+            };
+            admin.post(Some(id), Ok(event));
         }
         Err(e) => {
             warn!("SIGUSR1: {e}");
-            write_event(
-                args,
-                "aborted",
-                &serde_json::json!({ "error": e.to_string() }),
-            );
+            admin.post::<Aborted>(Some(id), Err(e.to_string()));
         }
     }
-}
-
-/// Where clients should swap back to: the admin dir's `fallback_addr` file, else the address
-/// the clients first dialled is unknown to the server, so the orchestrator must provide it.
-fn fallback_addr(args: &Args) -> SocketAddr {
-    #[derive(Deserialize)]
-    struct Fallback {
-        fallback_addr: SocketAddr,
-    }
-    args.admin_dir
-        .as_ref()
-        .and_then(|d| std::fs::read_to_string(d.join("abort.json")).ok())
-        .and_then(|t| serde_json::from_str::<Fallback>(&t).ok())
-        .map(|f| f.fallback_addr)
-        .unwrap_or(args.listen)
 }

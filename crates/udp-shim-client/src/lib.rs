@@ -43,6 +43,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod probe;
+
 use std::{
     fmt,
     io::{self, IoSliceMut},
@@ -138,6 +140,8 @@ pub struct SwappableUdp {
     swaps: AtomicU64,
     confirmations: AtomicU64,
     dual_sends: AtomicU64,
+    /// The source of the last datagram delivered to quinn.
+    last_from: RwLock<Option<SocketAddr>>,
 }
 
 /// The real peer, and during a move the peer it replaces.
@@ -218,6 +222,7 @@ impl SwappableUdp {
             swaps: AtomicU64::new(0),
             confirmations: AtomicU64::new(0),
             dual_sends: AtomicU64::new(0),
+            last_from: RwLock::new(None),
         })
     }
 
@@ -272,6 +277,29 @@ impl SwappableUdp {
         tracing::debug!(%old, new = %peer, "real peer swapped");
         self.slot.wake_receiver();
         Ok(old)
+    }
+
+    /// The address the last datagram handed to quinn came from: the server's real address as
+    /// the client last heard it (`None` before the first one).
+    pub fn last_received_from(&self) -> Option<SocketAddr> {
+        *self
+            .last_from
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn note_received_from(&self, from: SocketAddr) {
+        let changed = *self
+            .last_from
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            != Some(from);
+        if changed {
+            *self
+                .last_from
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(from);
+        }
     }
 
     /// A datagram came from `from`: if it is the new peer of a move, the move is confirmed.
@@ -381,6 +409,7 @@ impl AsyncUdpSocket for SwappableUdp {
                 tracing::trace!(from = %m.addr, "datagram from a foreign source dropped");
                 return false;
             }
+            self.note_received_from(m.addr);
             m.addr = fake;
             m.dst_ip = None;
             true
