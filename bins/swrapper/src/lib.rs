@@ -1,42 +1,59 @@
-//! The server wrapper: any quinn server application, made migratable.
+//! The server wrapper: any quinn server application, made migratable. It is the I/O around
+//! control-protocol's sans-I/O [`ServerControl`].
 //!
 //! ```text
 //!  MigratableUdp (rebind / park / unpark)
 //!        │
-//!  quinn::Endpoint ──accept──► handshake ──first bi stream──► control task (Hello, Welcome,
-//!        │                                                   Migrate/Ack, Resumed, Bye)
-//!        │                                                        │ SessionRegistry
+//!  quinn::Endpoint ──accept──► handshake ──► ServerControl::on_connect ──► session id
+//!        │            first bi stream ──stream task──► on_bytes / on_stream_finished
+//!        │                                  ▲                 │
+//!        │                  Transmit / Close / Finish   Mutex<Core>: ServerControl
+//!        │                                  └──── dispatch ◄──┤ poll_output()
+//!        │                                timer task ─────────┤ poll_timeout / handle_timeout
 //!        └──► AppConnection { connection, session, client_id } ──► your application
 //!
-//!  MigrationHandle: announce(new address) → Migrate to every client, wait for every Ack;
-//!                   rebind / park / unpark the socket; resumed; abort (swap clients back).
+//!  MigrationHandle: announce / quiesce / abort / resumed ──► ServerControl round
+//!                   ──► waits for the round's report (RoundReport ──► AnnounceReport);
+//!                   rebind / park / unpark the socket.
 //! ```
+//!
+//! Every protocol decision (Hello and version negotiation, the session limit, the hello
+//! deadline, who is told what, which ack counts, when a round ends) is `ServerControl`'s and
+//! is tested there in virtual time. This crate only moves bytes between the quinn streams and
+//! `ServerControl` (`Shared::with_core`: one short lock, then the outputs are executed), arms a
+//! timer from `poll_timeout`, and turns reports into [`AnnounceReport`]s.
 //!
 //! The first bidirectional stream of every connection is the control stream. The wrapper
 //! accepts it (QUIC hands peer-opened streams out in stream-id order, so the first accepted
-//! bi stream is stream 0) and reads `Hello` before the connection reaches the application,
-//! which then accepts the connection's other streams as usual. A control stream that carries
-//! garbage is closed with an error code; the connection and the application carry on, but that
-//! client cannot be told about a move (it shows up as "no ack" in the announce report).
+//! bi stream is stream 0) and waits for the outcome of `Hello` before the connection reaches
+//! the application, which then accepts the connection's other streams as usual. A control
+//! stream that carries garbage is closed with an error code; the connection and the
+//! application carry on, but that client cannot be told about a move (it shows up as "no ack"
+//! in the announce report).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use control_protocol::{ByeReason, ClientId, CloseCode, Message, Role};
-use migration_core::{MigrationId, SessionId, SessionRegistry, SessionState};
+use control_protocol::{
+    ClientId, CloseCode, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl,
+    ServerError as ControlError, ServerEvent, ServerOutput,
+};
+use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, info, warn};
 use udp_shim_server::MigratableUdp;
-use wrapper_support::control::{self, ControlReader, ControlWriter};
 use wrapper_support::{Identity, MonotonicClock, TlsError};
 
 /// How long a park or a re-creation waits for the old descriptor to close.
 const RETIRE_WAIT: Duration = Duration::from_secs(1);
+
+/// Largest chunk read from a control stream at once.
+const READ_CHUNK: usize = 4096;
 
 /// How the server is set up.
 #[derive(Debug)]
@@ -93,6 +110,13 @@ pub enum ServerError {
     /// No migration is active (nothing to abort or resume).
     #[error("no migration is in progress")]
     NoMigration,
+    /// The control core refused the operation for another reason (a round still waiting,
+    /// resuming a migration that was only quiesced, ...).
+    #[error(transparent)]
+    Control(ControlError),
+    /// The round's report never came (the server is shutting down).
+    #[error("the control core dropped the request")]
+    Interrupted,
 }
 
 /// A connection handed to the application, its control stream already running.
@@ -139,21 +163,128 @@ pub struct SessionInfo {
     pub state: SessionState,
     /// Whether its control stream is open.
     pub control_open: bool,
+    /// Messages from it that repeated or were ignored without a log line.
+    pub repeats: u64,
 }
 
-/// Commands to a connection's control task.
+/// What a connection's stream task must do with its control stream.
 #[derive(Debug)]
-enum Command {
-    Send(Message),
+enum StreamCmd {
+    Write(Vec<u8>),
+    Close(CloseCode),
+    Finish,
 }
 
+/// How a connection's control setup ended, for the task that hands it to the application.
 #[derive(Debug)]
-struct State {
-    registry: SessionRegistry,
-    controls: BTreeMap<SessionId, mpsc::UnboundedSender<Command>>,
-    /// Sessions that still owe an Ack for a `MigrateAborted`.
-    abort_pending: BTreeSet<SessionId>,
-    next_session: u64,
+enum Setup {
+    /// Hello accepted.
+    Registered(ClientId),
+    /// No usable control stream (garbage, no Hello in time, no common version).
+    NoControl,
+    /// Refused because the server is full: close the connection.
+    Full,
+}
+
+/// `ServerControl` and where its outputs go. Only ever locked briefly, never across an await.
+#[derive(Debug)]
+struct Core {
+    control: ServerControl,
+    /// Each connection's stream task (created at connect, so nothing is lost before the
+    /// control stream is accepted).
+    streams: BTreeMap<SessionId, mpsc::UnboundedSender<StreamCmd>>,
+    /// Connections waiting for the outcome of their Hello.
+    setups: BTreeMap<SessionId, oneshot::Sender<Setup>>,
+    /// `announce` / `abort` / `quiesce` callers waiting for their round's report.
+    waiters: Vec<(RoundKind, oneshot::Sender<RoundReport>)>,
+}
+
+impl Core {
+    /// Executes every output of the `ServerControl`: bytes and closes to the stream tasks,
+    /// events to logs and waiters.
+    fn dispatch(&mut self) {
+        while let Some(out) = self.control.poll_output() {
+            match out {
+                ServerOutput::Transmit { session, bytes } => {
+                    self.stream(session, StreamCmd::Write(bytes))
+                }
+                ServerOutput::Close { session, code } => {
+                    self.stream(session, StreamCmd::Close(code))
+                }
+                ServerOutput::Finish { session } => self.stream(session, StreamCmd::Finish),
+                ServerOutput::Event(e) => self.on_event(e),
+                other => warn!(?other, "unknown control output"),
+            }
+        }
+    }
+
+    fn stream(&mut self, session: SessionId, cmd: StreamCmd) {
+        if let Some(tx) = self.streams.get(&session) {
+            // Err only when the stream task has ended; the stream is gone anyway.
+            let _ = tx.send(cmd);
+        }
+    }
+
+    fn setup(&mut self, session: SessionId, outcome: Setup) {
+        if let Some(tx) = self.setups.remove(&session) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    fn on_event(&mut self, e: ServerEvent) {
+        match e {
+            ServerEvent::Registered {
+                session,
+                client_id,
+                version,
+            } => {
+                info!(
+                    ?session,
+                    client = client_id.as_str(),
+                    version,
+                    "client registered"
+                );
+                self.setup(session, Setup::Registered(client_id));
+            }
+            ServerEvent::Refused { session, refusal } => {
+                warn!(?session, ?refusal, "refusing session");
+                let outcome = match refusal {
+                    Refusal::Full { .. } => Setup::Full,
+                    _ => Setup::NoControl,
+                };
+                self.setup(session, outcome);
+            }
+            ServerEvent::HelloTimeout { session } => {
+                warn!(?session, "no Hello in time");
+                self.setup(session, Setup::NoControl);
+            }
+            ServerEvent::ControlClosed {
+                session,
+                code,
+                cause,
+            } => {
+                warn!(?session, %code, ?cause, "control stream closed");
+                self.setup(session, Setup::NoControl);
+            }
+            ServerEvent::QuiesceComplete(r)
+            | ServerEvent::AnnounceComplete(r)
+            | ServerEvent::AbortComplete(r) => {
+                info!(kind = %r.kind, id = %r.migration_id, acked = r.acked.len(), missing = r.missing.len(), deadline_passed = r.deadline_passed, "round complete");
+                let waiters = std::mem::take(&mut self.waiters);
+                for (kind, tx) in waiters {
+                    if kind == r.kind {
+                        let _ = tx.send(r.clone());
+                    } else {
+                        self.waiters.push((kind, tx));
+                    }
+                }
+            }
+            ServerEvent::ClientBye { session, reason } => {
+                info!(?session, reason = reason.as_str(), "client said bye");
+            }
+            other => debug!(?other, "control event"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -161,17 +292,73 @@ struct Shared {
     socket: Arc<MigratableUdp>,
     endpoint: quinn::Endpoint,
     clock: MonotonicClock,
-    state: Mutex<State>,
-    changed: Notify,
+    core: Mutex<Core>,
+    /// Wakes the timer task when `poll_timeout` may have changed.
+    timer: Arc<Notify>,
     handshakes: AtomicU64,
-    hello_timeout: Duration,
 }
 
 impl Shared {
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the registry half-updated in a way that
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
         // matters more than stopping the server would; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The one place the wrapper touches `ServerControl`: runs `f` at the current time, then
+    /// executes the outputs and re-arms the timer.
+    fn with_core<R>(&self, f: impl FnOnce(&mut Core, Timestamp) -> R) -> R {
+        let now = self.clock.now();
+        let mut core = self.core();
+        let r = f(&mut core, now);
+        core.dispatch();
+        drop(core);
+        self.timer.notify_one();
+        r
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets the timer task see that the server is gone.
+        self.timer.notify_one();
+    }
+}
+
+/// Calls `handle_timeout` when `poll_timeout` says so. Ends with the server.
+async fn timer_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let next = shared.core().control.poll_timeout();
+            next.map(|t| tokio::time::Instant::from_std(shared.clock.instant(t)))
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {
+                        let Some(shared) = shared.upgrade() else {
+                            return;
+                        };
+                        shared.with_core(|core, now| core.control.handle_timeout(now));
+                    }
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+fn control_error(e: ControlError) -> ServerError {
+    match e {
+        ControlError::MigrationInProgress { active, requested } => {
+            ServerError::MigrationInProgress { active, requested }
+        }
+        ControlError::NoMigration => ServerError::NoMigration,
+        other => ServerError::Control(other),
     }
 }
 
@@ -191,21 +378,25 @@ impl MigratableServer {
         let socket = Arc::new(MigratableUdp::bind(opts.listen)?);
         let endpoint = udp_shim_server::server_endpoint(socket.clone(), server_config)
             .map_err(ServerError::Endpoint)?;
+        let timer = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             socket,
             endpoint,
             clock: MonotonicClock::new(),
-            state: Mutex::new(State {
-                registry: SessionRegistry::new(opts.max_sessions),
-                controls: BTreeMap::new(),
-                abort_pending: BTreeSet::new(),
-                next_session: 1,
+            core: Mutex::new(Core {
+                control: ServerControl::new(ServerConfig::new(
+                    opts.max_sessions,
+                    opts.hello_timeout,
+                )),
+                streams: BTreeMap::new(),
+                setups: BTreeMap::new(),
+                waiters: Vec::new(),
             }),
-            changed: Notify::new(),
+            timer: timer.clone(),
             handshakes: AtomicU64::new(0),
-            hello_timeout: opts.hello_timeout,
         });
         let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(timer_loop(Arc::downgrade(&shared), timer));
         tokio::spawn(accept_loop(shared.clone(), tx));
         Ok(Self {
             shared,
@@ -245,16 +436,25 @@ impl MigrationHandle {
 
     /// The sessions the server holds.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        let st = self.shared.state();
-        st.registry
-            .iter()
-            .map(|(id, s)| SessionInfo {
-                session: id.0,
-                client_id: s.client_id().to_owned(),
-                state: s.state(),
-                control_open: st.controls.contains_key(&id),
+        self.shared
+            .core()
+            .control
+            .sessions()
+            .into_iter()
+            .map(|v| SessionInfo {
+                session: v.session.0,
+                client_id: v.client_id.as_str().to_owned(),
+                state: v.state,
+                control_open: v.control_open,
+                repeats: v.repeats,
             })
             .collect()
+    }
+
+    /// Client messages that repeated or were ignored without a log line, over every session
+    /// (see [`ServerControl`]'s rate limiting).
+    pub fn repeats(&self) -> u64 {
+        self.shared.core().control.repeats()
     }
 
     /// The socket's current local address.
@@ -262,188 +462,87 @@ impl MigrationHandle {
         self.shared.socket.local_addr()
     }
 
+    /// Starts a round in the `ServerControl` and waits for its report.
+    async fn round(
+        &self,
+        kind: RoundKind,
+        address: SocketAddr,
+        start: impl FnOnce(&mut ServerControl, Timestamp) -> Result<MigrationId, ControlError>,
+    ) -> Result<AnnounceReport, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.shared.with_core(|core, now| {
+            let id = start(&mut core.control, now).map_err(control_error)?;
+            // Registered before the outputs run, so a round that ends at once is not missed.
+            core.waiters.push((kind, tx));
+            Ok::<_, ServerError>(id)
+        })?;
+        info!(%kind, %id, %address, "round started");
+        let r = rx.await.map_err(|_| ServerError::Interrupted)?;
+        let names = |list: Vec<(SessionId, ClientId)>| {
+            list.into_iter()
+                .map(|(s, c)| (s.0, c.as_str().to_owned()))
+                .collect()
+        };
+        Ok(AnnounceReport {
+            migration_id: r.migration_id.to_string(),
+            address,
+            acked: names(r.acked),
+            missing: names(r.missing),
+            elapsed_ms: r.ended.saturating_duration_since(r.started).as_secs_f64() * 1e3,
+        })
+    }
+
     /// Tells every client that the server moves to `new_addr` and waits until every client
     /// has acknowledged or `deadline` has passed. Clients whose control stream is closed
-    /// cannot be told and are reported missing.
+    /// cannot be told and are reported missing at once; a client that connects meanwhile is
+    /// told too and waited for (see [`ServerControl`]).
     pub async fn announce(
         &self,
         migration_id: MigrationId,
         new_addr: SocketAddr,
         deadline: Duration,
     ) -> Result<AnnounceReport, ServerError> {
-        let start = self.shared.clock.now();
-        let (told, reachable) = {
-            let mut st = self.shared.state();
-            let told = st
-                .registry
-                .tell_all(migration_id, start, deadline)
-                .map_err(|_| ServerError::MigrationInProgress {
-                    active: st.registry.active_migration().unwrap_or(migration_id),
-                    requested: migration_id,
-                })?;
-            let msg = Message::Migrate {
-                migration_id,
-                new_addr,
-                deadline_ms: u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX),
-                token: None,
-            };
-            // Only sessions whose control stream is open can answer; the others are reported
-            // missing without being waited for.
-            let reachable: Vec<SessionId> = told
-                .iter()
-                .copied()
-                .filter(|s| {
-                    st.controls
-                        .get(s)
-                        .is_some_and(|tx| tx.send(Command::Send(msg.clone())).is_ok())
-                })
-                .collect();
-            (told, reachable)
-        };
-        info!(%migration_id, %new_addr, clients = told.len(), reachable = reachable.len(), "announced migration");
-        let end = tokio::time::Instant::now() + deadline;
-        loop {
-            // Registered before the check, so a change in between is not missed.
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let waiting = {
-                let st = self.shared.state();
-                reachable
-                    .iter()
-                    .filter(|s| {
-                        st.registry
-                            .get(**s)
-                            .is_some_and(|x| matches!(x.state(), SessionState::Told { .. }))
-                    })
-                    .count()
-            };
-            if waiting == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(end, notified).await.is_err() {
-                let now = self.shared.clock.now();
-                let expired = self.shared.state().registry.expire(now);
-                warn!(%migration_id, missing = expired.len(), "ack deadline passed");
-                break;
-            }
-        }
-        let elapsed = self.shared.clock.now().saturating_duration_since(start);
-        let st = self.shared.state();
-        let mut report = AnnounceReport {
-            migration_id: migration_id.to_string(),
-            address: new_addr,
-            acked: Vec::new(),
-            missing: Vec::new(),
-            elapsed_ms: elapsed.as_secs_f64() * 1e3,
-        };
-        for s in &told {
-            let Some(sess) = st.registry.get(*s) else {
-                continue; // The connection closed meanwhile.
-            };
-            let entry = (s.0, sess.client_id().to_owned());
-            match sess.state() {
-                SessionState::Acked { .. }
-                | SessionState::Quiesced { .. }
-                | SessionState::Resumed { .. } => report.acked.push(entry),
-                _ => report.missing.push(entry),
-            }
-        }
-        Ok(report)
+        self.round(RoundKind::Announce, new_addr, |c, now| {
+            c.announce(migration_id, new_addr, deadline, now)
+                .map(|_| migration_id)
+        })
+        .await
     }
 
-    /// The move failed: tell every client to swap back to `fallback_addr`, wait for their acks
-    /// until `deadline`, and end the migration.
+    /// The optional first phase: asks every client to stop sending (`Quiesce`) and waits for
+    /// their `Quiesced` until `deadline`. Follow with [`MigrationHandle::announce`] of the same
+    /// migration. The report's `address` is the server's current one.
+    pub async fn quiesce(
+        &self,
+        migration_id: MigrationId,
+        deadline: Duration,
+    ) -> Result<AnnounceReport, ServerError> {
+        self.round(RoundKind::Quiesce, self.local_addr(), |c, now| {
+            c.quiesce(migration_id, deadline, now).map(|_| migration_id)
+        })
+        .await
+    }
+
+    /// The move failed: tell every client that was told about it to swap back to
+    /// `fallback_addr`, wait for their acks until `deadline`, and end the migration.
     pub async fn abort(
         &self,
         fallback_addr: SocketAddr,
         deadline: Duration,
     ) -> Result<AnnounceReport, ServerError> {
-        let start = self.shared.clock.now();
-        let (migration_id, told) = {
-            let mut st = self.shared.state();
-            let id = st
-                .registry
-                .active_migration()
-                .ok_or(ServerError::NoMigration)?;
-            let msg = Message::MigrateAborted {
-                migration_id: id,
-                fallback_addr,
-            };
-            let sessions: Vec<SessionId> = st.registry.iter().map(|(s, _)| s).collect();
-            let mut told = Vec::new();
-            for s in sessions {
-                if let Some(tx) = st.controls.get(&s)
-                    && tx.send(Command::Send(msg.clone())).is_ok()
-                {
-                    told.push(s);
-                }
-            }
-            st.abort_pending = told.iter().copied().collect();
-            (id, told)
-        };
-        info!(%migration_id, %fallback_addr, clients = told.len(), "aborted migration");
-        let end = tokio::time::Instant::now() + deadline;
-        loop {
-            // Registered before the check, so a change in between is not missed.
-            let notified = self.shared.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.shared.state().abort_pending.is_empty() {
-                break;
-            }
-            if tokio::time::timeout_at(end, notified).await.is_err() {
-                break;
-            }
-        }
-        let elapsed = self.shared.clock.now().saturating_duration_since(start);
-        let mut st = self.shared.state();
-        let mut report = AnnounceReport {
-            migration_id: migration_id.to_string(),
-            address: fallback_addr,
-            acked: Vec::new(),
-            missing: Vec::new(),
-            elapsed_ms: elapsed.as_secs_f64() * 1e3,
-        };
-        for s in &told {
-            let name = st
-                .registry
-                .get(*s)
-                .map(|x| x.client_id().to_owned())
-                .unwrap_or_default();
-            if st.abort_pending.contains(s) {
-                report.missing.push((s.0, name));
-            } else {
-                report.acked.push((s.0, name));
-            }
-        }
-        st.abort_pending.clear();
-        st.registry.reset();
-        Ok(report)
+        self.round(RoundKind::Abort, fallback_addr, |c, now| {
+            let id = c.active_migration().ok_or(ControlError::NoMigration)?;
+            c.abort(fallback_addr, deadline, now).map(|_| id)
+        })
+        .await
     }
 
     /// The server runs at its new address: tell every client (`Resumed`) and end the
     /// migration. Returns how many clients were told.
     pub fn resumed(&self) -> Result<usize, ServerError> {
-        let now = self.shared.clock.now();
-        let mut st = self.shared.state();
-        let id = st
-            .registry
-            .active_migration()
-            .ok_or(ServerError::NoMigration)?;
-        let msg = Message::Resumed { migration_id: id };
-        let sessions: Vec<SessionId> = st.registry.iter().map(|(s, _)| s).collect();
-        let mut told = 0;
-        for s in sessions {
-            if let Some(tx) = st.controls.get(&s)
-                && tx.send(Command::Send(msg.clone())).is_ok()
-            {
-                told += 1;
-            }
-            let _ = st.registry.resumed(s, now);
-        }
-        st.registry.reset();
-        Ok(told)
+        self.shared
+            .with_core(|core, now| core.control.resumed(now))
+            .map_err(control_error)
     }
 
     /// Replaces the socket with a fresh one in the process's current network namespace, then
@@ -530,205 +629,113 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<AppConnection>) {
     }
 }
 
-/// Accepts the control stream and reads Hello; registers the session and spawns its control
-/// task. A connection whose control stream fails still goes to the application.
+/// Registers the connection with `ServerControl`, accepts its control stream and waits for
+/// the outcome of its Hello. A connection whose control stream fails still goes to the
+/// application.
 async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Option<AppConnection> {
-    let session = {
-        let mut st = shared.state();
-        let s = SessionId(st.next_session);
-        st.next_session += 1;
-        s
-    };
-    let hello = tokio::time::timeout(shared.hello_timeout, async {
-        let (send, recv) = conn.accept_bi().await?;
-        let mut reader = ControlReader::new(recv, Role::Server);
-        let writer = ControlWriter::new(send);
-        let first = reader.next().await;
-        Ok::<_, quinn::ConnectionError>((reader, writer, first))
-    })
-    .await;
-    let (mut reader, mut writer, first) = match hello {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            debug!(?session, "connection ended before its control stream: {e}");
-            return None;
-        }
-        Err(_) => {
-            warn!(
-                ?session,
-                "no control stream within {:?}", shared.hello_timeout
-            );
-            return Some(AppConnection {
-                connection: conn,
-                session,
-                client_id: None,
-            });
-        }
-    };
-    let (client_id, version) = match first {
-        Ok(Some(Message::Hello {
-            client_id,
-            supported,
-        })) => match supported.highest_common(&control_protocol::SUPPORTED_VERSIONS) {
-            Some(v) => (client_id, v),
-            None => {
-                warn!(?session, %supported, "client speaks no common control protocol version");
-                let _ = writer
-                    .send(&Message::Bye {
-                        reason: ByeReason::truncating("no common protocol version"),
-                    })
-                    .await;
-                control::close(&mut writer, &mut reader, CloseCode::UnsupportedVersion);
-                return Some(AppConnection {
-                    connection: conn,
-                    session,
-                    client_id: None,
-                });
-            }
-        },
-        other => {
-            let code = match &other {
-                Err(e) => e.close_code(),
-                Ok(_) => CloseCode::UnexpectedMessage,
-            };
-            warn!(
-                ?session,
-                ?code,
-                "bad first control message: {other:?}; closing the control stream"
-            );
-            control::close(&mut writer, &mut reader, code);
-            return Some(AppConnection {
-                connection: conn,
-                session,
-                client_id: None,
-            });
-        }
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let inserted = {
-        let mut st = shared.state();
-        let r = st.registry.insert(session, client_id.as_str());
-        if r.is_ok() {
-            st.controls.insert(session, tx);
-        }
-        r
-    };
-    if let Err(e) = inserted {
-        warn!(?session, "refusing session: {e}");
-        let _ = writer
-            .send(&Message::Bye {
-                reason: ByeReason::truncating(&e.to_string()),
-            })
-            .await;
-        control::close(&mut writer, &mut reader, CloseCode::Internal);
-        conn.close(quinn::VarInt::from_u32(1), b"server full");
-        return None;
-    }
-    if let Err(e) = writer
-        .send(&Message::Welcome {
-            version,
-            session_id: session.0,
-        })
-        .await
-    {
-        debug!(?session, "welcome failed: {e}");
-    }
-    info!(?session, client = client_id.as_str(), remote = %conn.remote_address(), "client connected");
-    tokio::spawn(control_task(shared.clone(), session, reader, writer, rx));
+    let (setup_tx, mut setup_rx) = oneshot::channel();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let session = shared.with_core(|core, now| {
+        let session = core.control.on_connect(now);
+        core.streams.insert(session, cmd_tx);
+        core.setups.insert(session, setup_tx);
+        session
+    });
     let watch_conn = conn.clone();
     let watch_shared = shared.clone();
     tokio::spawn(async move {
         let reason = watch_conn.closed().await;
         info!(?session, "connection closed: {reason}");
-        let mut st = watch_shared.state();
-        st.registry.remove(session);
-        st.controls.remove(&session);
-        st.abort_pending.remove(&session);
-        drop(st);
-        watch_shared.changed.notify_waiters();
+        watch_shared.with_core(|core, now| {
+            core.control.on_disconnect(session, now);
+            core.streams.remove(&session);
+            core.setups.remove(&session);
+        });
     });
-    Some(AppConnection {
-        connection: conn,
+    let app = |client_id: Option<String>| AppConnection {
+        connection: conn.clone(),
         session,
-        client_id: Some(ClientId::as_str(&client_id).to_owned()),
-    })
+        client_id,
+    };
+    let stream = tokio::select! {
+        bi = conn.accept_bi() => match bi {
+            Ok((send, recv)) => {
+                tokio::spawn(stream_task(shared.clone(), session, send, recv, cmd_rx))
+            }
+            Err(e) => {
+                debug!(?session, "connection ended before its control stream: {e}");
+                return None;
+            }
+        },
+        // The hello deadline passed before the client even opened the stream.
+        outcome = &mut setup_rx => return outcome.ok().map(|_| app(None)),
+    };
+    match setup_rx.await {
+        Ok(Setup::Registered(client_id)) => {
+            info!(?session, client = client_id.as_str(), remote = %conn.remote_address(), "client connected");
+            Some(app(Some(client_id.as_str().to_owned())))
+        }
+        Ok(Setup::NoControl) => Some(app(None)),
+        Ok(Setup::Full) => {
+            // The stream task writes the Bye, then closes the stream; then the connection goes.
+            let _ = stream.await;
+            conn.close(quinn::VarInt::from_u32(1), b"server full");
+            None
+        }
+        // The connection closed before its Hello was answered.
+        Err(_) => None,
+    }
 }
 
-async fn control_task(
+/// Moves bytes between one control stream and `ServerControl`, and executes the stream
+/// commands `ServerControl`'s outputs became.
+async fn stream_task(
     shared: Arc<Shared>,
     session: SessionId,
-    mut reader: ControlReader,
-    mut writer: ControlWriter,
-    mut rx: mpsc::UnboundedReceiver<Command>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut cmds: mpsc::UnboundedReceiver<StreamCmd>,
 ) {
+    let mut reading = true;
     loop {
         tokio::select! {
-            msg = reader.next() => match msg {
-                Ok(Some(msg)) => {
-                    if let Err(code) = on_client_message(&shared, session, msg) {
-                        control::close(&mut writer, &mut reader, code);
-                        break;
-                    }
-                }
+            chunk = recv.read_chunk(READ_CHUNK, true), if reading => match chunk {
+                Ok(Some(chunk)) => shared.with_core(|core, now| {
+                    core.control.on_bytes(session, &chunk.bytes, now);
+                }),
                 Ok(None) => {
+                    reading = false;
                     debug!(?session, "client finished its control stream");
-                    writer.finish();
-                    break;
+                    shared.with_core(|core, now| core.control.on_stream_finished(session, now));
                 }
                 Err(e) => {
-                    let code = e.close_code();
-                    warn!(?session, %code, "control stream error: {e}; closing it");
-                    control::close(&mut writer, &mut reader, code);
-                    break;
+                    reading = false;
+                    debug!(?session, "control stream read failed: {e}");
+                    shared.with_core(|core, now| core.control.on_stream_error(session, now));
                 }
             },
-            cmd = rx.recv() => match cmd {
-                Some(Command::Send(msg)) => {
-                    if let Err(e) = writer.send(&msg).await {
+            cmd = cmds.recv() => match cmd {
+                Some(StreamCmd::Write(bytes)) => {
+                    if let Err(e) = send.write_all(&bytes).await {
                         warn!(?session, "control send failed: {e}");
-                        break;
+                        shared.with_core(|core, now| core.control.on_stream_error(session, now));
                     }
+                }
+                Some(StreamCmd::Close(code)) => {
+                    let code = quinn::VarInt::from_u32(code.as_u32());
+                    // Err only if already reset, finished or stopped: nothing left to do.
+                    let _ = send.reset(code);
+                    let _ = recv.stop(code);
+                    break;
+                }
+                Some(StreamCmd::Finish) => {
+                    let _ = send.finish();
+                    break;
                 }
                 None => break,
             },
         }
     }
-    shared.state().controls.remove(&session);
-    shared.changed.notify_waiters();
-}
-
-/// Applies one client message; `Err(code)` closes the control stream.
-fn on_client_message(shared: &Shared, session: SessionId, msg: Message) -> Result<(), CloseCode> {
-    let now = shared.clock.now();
-    let mut st = shared.state();
-    match msg {
-        Message::Ack { migration_id } => {
-            let id = migration_id;
-            if st.abort_pending.remove(&session) {
-                debug!(?session, %id, "abort acknowledged");
-            } else if let Err(e) = st.registry.ack(session, id, now) {
-                // A late or duplicate ack is not worth closing the stream over.
-                debug!(?session, %id, "ack not recorded: {e}");
-            } else {
-                debug!(?session, %id, "ack");
-            }
-        }
-        Message::Quiesced { migration_id } => {
-            if let Err(e) = st.registry.quiesced(session, now) {
-                debug!(?session, id = %migration_id, "quiesced not recorded: {e}");
-            }
-        }
-        Message::Bye { reason } => {
-            info!(?session, reason = reason.as_str(), "client said bye");
-        }
-        other => {
-            warn!(?session, kind = ?other.kind(), "unexpected control message");
-            return Err(CloseCode::UnexpectedMessage);
-        }
-    }
-    drop(st);
-    shared.changed.notify_waiters();
-    Ok(())
 }
 
 /// The demo echo service on one connection: every bidirectional stream the client opens is

@@ -205,3 +205,52 @@ async fn garbage_after_a_good_hello_closes_the_stream_and_the_session_stays() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_byes_are_counted_not_logged_or_answered() {
+    tokio::time::timeout(LIMIT, async {
+        let (handle, _ep, conn) = setup().await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut bytes = Vec::new();
+        control_protocol::encode(
+            &Message::Hello {
+                client_id: control_protocol::ClientId::new("chatty").unwrap(),
+                supported: SUPPORTED_VERSIONS,
+            },
+            &mut bytes,
+        )
+        .unwrap();
+        for _ in 0..1000 {
+            control_protocol::encode(
+                &Message::Bye {
+                    reason: control_protocol::ByeReason::new("bye").unwrap(),
+                },
+                &mut bytes,
+            )
+            .unwrap();
+        }
+        send.write_all(&bytes).await.unwrap();
+        for _ in 0..500 {
+            if handle.repeats() == 999 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(handle.repeats(), 999);
+        let sessions = handle.sessions();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].repeats, 999);
+        // The client said Bye: it cannot be told about a move, and nothing was answered but
+        // the Welcome.
+        assert!(!sessions[0].control_open);
+        let mut dec = control_protocol::ControlDecoder::new(control_protocol::Role::Client);
+        let mut buf = [0u8; 256];
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        dec.push(&buf[..n]);
+        assert!(matches!(dec.next().unwrap(), Some(Message::Welcome { .. })));
+        assert!(dec.next().unwrap().is_none());
+        echo_still_works(&conn).await;
+    })
+    .await
+    .unwrap();
+}

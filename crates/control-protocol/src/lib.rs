@@ -7,7 +7,12 @@
 //!                                                              ├─► Ok(Some(Message))
 //!                                                              └─► Err(DecodeError)
 //!                                                                   └─close_code()─► reset/stop
-//!  client only:  Message ──ClientControl::on_message()──► ClientEvent  (+ answers in `out`)
+//!  client:  Message ──ClientControl::on_message()──► ClientEvent  (+ answers in `out`)
+//!  server:  bytes + now ──ServerControl::on_bytes()──► (a ControlDecoder per session)
+//!           operator + now ──announce / abort / resumed / quiesce──┐
+//!           timer ──handle_timeout(now)   poll_timeout() ◄────────┤
+//!           poll_output() ──► Transmit{session, bytes} | Close{session, CloseCode}
+//!                            | Finish{session} | Event(ServerEvent: registered, round reports)
 //! ```
 //!
 //! The control stream is the first bidirectional stream of every QUIC connection between the
@@ -25,11 +30,18 @@
 //! direction for the decoding side, a payload with no bytes left over, and strings and tokens
 //! within their bounds. Nothing here panics on input; every failure is a typed error that maps
 //! to a QUIC application error code ([`CloseCode`]).
+//!
+//! Both ends have a sans-I/O state machine: [`ClientControl`] for the client wrapper, fed
+//! decoded messages, and [`ServerControl`] for the server wrapper, which owns every session
+//! (a decoder per connection, the [`migration_core::SessionRegistry`], the rounds of a
+//! migration and their deadlines) and is fed raw bytes and time. Neither reads a clock:
+//! time is a [`migration_core::Timestamp`] passed in, so both are tested in virtual time.
 
 mod client;
 mod close;
 mod codec;
 mod message;
+mod server;
 mod types;
 
 pub use client::{ClientControl, ClientError, ClientEvent, ClientState};
@@ -39,6 +51,10 @@ pub use codec::{
     SUPPORTED_VERSIONS, encode,
 };
 pub use message::{Message, MessageKind};
+pub use server::{
+    CloseCause, Ignored, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl, ServerError,
+    ServerEvent, ServerOutput, SessionView,
+};
 pub use types::{
     ByeReason, ClientId, Field, InvalidVersionRange, LengthError, MAX_BYE_REASON, MAX_CLIENT_ID,
     MAX_TOKEN, MigrationId, Role, Token, VersionRange,

@@ -1,0 +1,862 @@
+//! `ServerControl` against real `ClientControl`s, in virtual time: bytes move only when the
+//! test says so, and time only advances when the test says so.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use control_protocol::{
+    ByeReason, ClientControl, ClientEvent, ClientId, CloseCode, ControlDecoder, Ignored, Message,
+    MessageKind, Refusal, Role, RoundKind, RoundReport, SUPPORTED_VERSIONS, ServerConfig,
+    ServerControl, ServerError, ServerEvent, ServerOutput, VersionRange, encode,
+};
+use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
+use proptest::prelude::*;
+
+const M1: MigrationId = MigrationId::from_bytes([1; 16]);
+const M2: MigrationId = MigrationId::from_bytes([2; 16]);
+const DEADLINE: Duration = Duration::from_millis(100);
+const HELLO: Duration = Duration::from_millis(500);
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn ms(n: u64) -> Timestamp {
+    Timestamp::from_millis(n)
+}
+
+fn frame(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(msg, &mut out).unwrap();
+    out
+}
+
+/// One simulated client: its state machine, what the server sent it (decoded, not yet
+/// handled), and what it wrote but the test has not delivered yet.
+struct Client {
+    control: ClientControl,
+    decoder: ControlDecoder,
+    inbox: Vec<Message>,
+    outbox: Vec<u8>,
+    events: Vec<ClientEvent>,
+}
+
+/// The server and its clients; the test moves bytes and time.
+struct World {
+    server: ServerControl,
+    now: Timestamp,
+    clients: BTreeMap<SessionId, Client>,
+    events: Vec<ServerEvent>,
+    closed: BTreeMap<SessionId, CloseCode>,
+    outputs: usize,
+}
+
+impl World {
+    fn new(max_sessions: usize) -> Self {
+        Self {
+            server: ServerControl::new(ServerConfig::new(max_sessions, HELLO)),
+            now: ms(0),
+            clients: BTreeMap::new(),
+            events: Vec::new(),
+            closed: BTreeMap::new(),
+            outputs: 0,
+        }
+    }
+
+    /// Connects a client and delivers its Hello (and the Welcome back).
+    fn connect(&mut self, name: &str) -> SessionId {
+        let s = self.server.on_connect(self.now);
+        let mut outbox = Vec::new();
+        let control = ClientControl::new(
+            ClientId::new(name).unwrap(),
+            SUPPORTED_VERSIONS,
+            &mut outbox,
+        )
+        .unwrap();
+        self.clients.insert(
+            s,
+            Client {
+                control,
+                decoder: ControlDecoder::new(Role::Client),
+                inbox: Vec::new(),
+                outbox,
+                events: Vec::new(),
+            },
+        );
+        self.flush(s);
+        self.handle(s);
+        s
+    }
+
+    /// Moves every server output to its destination.
+    fn drain(&mut self) {
+        while let Some(out) = self.server.poll_output() {
+            self.outputs += 1;
+            match out {
+                ServerOutput::Transmit { session, bytes } => {
+                    assert!(
+                        !self.closed.contains_key(&session),
+                        "bytes after a close to {session}"
+                    );
+                    // Sessions the test drives by hand have no simulated client.
+                    let Some(c) = self.clients.get_mut(&session) else {
+                        continue;
+                    };
+                    c.decoder.push(&bytes);
+                    while let Some(m) = c.decoder.next().unwrap() {
+                        c.inbox.push(m);
+                    }
+                }
+                ServerOutput::Close { session, code } => {
+                    assert!(
+                        self.closed.insert(session, code).is_none(),
+                        "closed {session} twice"
+                    );
+                }
+                ServerOutput::Finish { .. } => {}
+                ServerOutput::Event(e) => self.events.push(e),
+                other => panic!("unknown output {other:?}"),
+            }
+        }
+    }
+
+    /// Delivers what the client wrote to the server.
+    fn flush(&mut self, s: SessionId) {
+        let bytes = std::mem::take(&mut self.clients.get_mut(&s).unwrap().outbox);
+        self.server.on_bytes(s, &bytes, self.now);
+        self.drain();
+    }
+
+    /// The client handles its inbox like cwrapper: swaps at once and answers into its outbox
+    /// (not delivered until `flush`).
+    fn handle(&mut self, s: SessionId) {
+        let c = self.clients.get_mut(&s).unwrap();
+        for m in std::mem::take(&mut c.inbox) {
+            let Ok(ev) = c.control.on_message(m, &mut c.outbox) else {
+                continue;
+            };
+            match &ev {
+                ClientEvent::SwapPeer { migration_id, .. }
+                | ClientEvent::SwapBack { migration_id, .. } => {
+                    c.control.swapped(*migration_id, &mut c.outbox).unwrap();
+                }
+                ClientEvent::Quiesce { migration_id, .. } => {
+                    c.control.quiesced(*migration_id, &mut c.outbox).unwrap();
+                }
+                _ => {}
+            }
+            c.events.push(ev);
+        }
+    }
+
+    fn advance(&mut self, to: Timestamp) {
+        self.now = to;
+        self.server.handle_timeout(to);
+        self.drain();
+    }
+
+    fn take_events(&mut self) -> Vec<ServerEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn report(&mut self, kind: RoundKind) -> Option<RoundReport> {
+        let mut found = None;
+        for e in &self.events {
+            let r = match e {
+                ServerEvent::QuiesceComplete(r)
+                | ServerEvent::AnnounceComplete(r)
+                | ServerEvent::AbortComplete(r) => r,
+                _ => continue,
+            };
+            if r.kind == kind {
+                assert!(found.is_none(), "two {kind} reports");
+                found = Some(r.clone());
+            }
+        }
+        found
+    }
+
+    fn announce(&mut self, id: MigrationId) -> Vec<SessionId> {
+        let told = self
+            .server
+            .announce(id, addr(9), DEADLINE, self.now)
+            .unwrap();
+        self.drain();
+        told
+    }
+}
+
+fn ids(list: &[(SessionId, ClientId)]) -> Vec<SessionId> {
+    list.iter().map(|(s, _)| *s).collect()
+}
+
+fn three() -> (World, [SessionId; 3]) {
+    let mut w = World::new(8);
+    let s = [w.connect("a"), w.connect("b"), w.connect("c")];
+    for x in s {
+        assert!(matches!(
+            w.clients[&x].events[..],
+            [ClientEvent::Welcomed { version: 1, session_id }] if session_id == x.0
+        ));
+    }
+    w.take_events();
+    (w, s)
+}
+
+fn permutations(items: &[usize]) -> Vec<Vec<usize>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut all = Vec::new();
+    for (i, first) in items.iter().enumerate() {
+        let mut rest = items.to_vec();
+        rest.remove(i);
+        for mut p in permutations(&rest) {
+            p.insert(0, *first);
+            all.push(p);
+        }
+    }
+    all
+}
+
+#[test]
+fn every_ack_order_of_three_clients_completes_the_announce() {
+    let orders = permutations(&[0, 1, 2]);
+    assert_eq!(orders.len(), 6);
+    for order in orders {
+        let (mut w, s) = three();
+        assert_eq!(w.announce(M1), s.to_vec());
+        for x in s {
+            w.handle(x);
+            assert!(matches!(
+                w.clients[&x].events.last(),
+                Some(ClientEvent::SwapPeer { migration_id: M1, new_addr, .. }) if *new_addr == addr(9)
+            ));
+        }
+        for (n, &i) in order.iter().enumerate() {
+            w.now = ms(10 * (n as u64 + 1));
+            w.flush(s[i]);
+            let report = w.report(RoundKind::Announce);
+            if n < 2 {
+                assert!(report.is_none(), "{order:?}: complete after {} acks", n + 1);
+                assert_eq!(w.server.round(), Some((RoundKind::Announce, M1)));
+            } else {
+                let r = report.unwrap_or_else(|| panic!("{order:?}: no report"));
+                assert_eq!(ids(&r.acked), s.to_vec(), "{order:?}");
+                assert!(r.missing.is_empty() && !r.deadline_passed);
+                assert_eq!((r.started, r.ended), (ms(0), ms(30)));
+            }
+        }
+        assert!(w.server.poll_timeout().is_none(), "nothing left to time");
+        assert!(w.closed.is_empty());
+    }
+}
+
+#[test]
+fn missing_acks_are_reported_at_the_deadline_and_late_acks_are_ignored() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+    }
+    w.flush(s[1]);
+    assert_eq!(w.server.poll_timeout(), Some(ms(100)));
+    w.advance(ms(99));
+    assert!(w.report(RoundKind::Announce).is_none());
+    w.advance(ms(100));
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[1]]);
+    assert_eq!(ids(&r.missing), vec![s[0], s[2]]);
+    assert!(r.deadline_passed);
+    assert!(matches!(
+        w.server.session(s[0]).unwrap().state,
+        SessionState::TimedOut { .. }
+    ));
+    // The late ack, and a duplicate: ignored, not closed, reported once.
+    w.take_events();
+    w.flush(s[0]);
+    w.server
+        .on_bytes(s[1], &frame(&Message::Ack { migration_id: M1 }), w.now);
+    w.drain();
+    assert!(w.closed.is_empty());
+    let ignored: Vec<_> = w
+        .take_events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                ServerEvent::Ignored {
+                    why: Ignored::Registry(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(ignored.len(), 2, "{ignored:?}");
+}
+
+#[test]
+fn garbage_mid_migration_closes_only_that_stream() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+    }
+    w.flush(s[0]);
+    w.server.on_bytes(s[1], &[0, 0, 0, 3, 0, 1, 200], w.now);
+    w.drain();
+    assert_eq!(
+        w.closed.iter().collect::<Vec<_>>(),
+        [(&s[1], &CloseCode::ProtocolViolation)]
+    );
+    assert!(w.report(RoundKind::Announce).is_none());
+    w.flush(s[2]);
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[0], s[2]]);
+    assert_eq!(ids(&r.missing), vec![s[1]]);
+    assert!(!r.deadline_passed, "no need to wait for a closed stream");
+    // The session is still held (its connection lives) but cannot hear.
+    let v = w.server.session(s[1]).unwrap();
+    assert!(!v.control_open);
+    // Its ack, arriving anyway, changes nothing.
+    w.flush(s[1]);
+    assert_eq!(w.closed.len(), 1);
+}
+
+#[test]
+fn a_client_connecting_during_a_migration_is_told_and_waited_for() {
+    let mut w = World::new(8);
+    let a = w.connect("a");
+    w.take_events();
+    w.announce(M1);
+    w.handle(a);
+    w.flush(a);
+    assert!(w.report(RoundKind::Announce).is_some(), "a alone acked");
+    w.take_events();
+
+    // A joiner after the round: told Migrate at once, with the round's patience.
+    w.now = ms(40);
+    let late = w.connect("late");
+    assert!(matches!(
+        w.clients[&late].events[..],
+        [
+            ClientEvent::Welcomed { .. },
+            ClientEvent::SwapPeer {
+                migration_id: M1,
+                deadline_ms: 100,
+                ..
+            }
+        ]
+    ));
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::JoinedMigration { session, told: MessageKind::Migrate, .. } if *session == late
+    )));
+    w.flush(late);
+    assert!(matches!(
+        w.server.session(late).unwrap().state,
+        SessionState::Acked { .. }
+    ));
+    assert_eq!(w.server.resumed(w.now).unwrap(), 2, "both hear Resumed");
+
+    // A joiner while the round waits: it joins the round, with the original deadline.
+    let mut w = World::new(8);
+    let a = w.connect("a");
+    let b = w.connect("b");
+    w.announce(M2);
+    w.now = ms(30);
+    let j = w.connect("joiner");
+    assert!(matches!(
+        w.clients[&j].events[..],
+        [
+            ClientEvent::Welcomed { .. },
+            ClientEvent::SwapPeer {
+                deadline_ms: 70,
+                ..
+            }
+        ]
+    ));
+    for x in [a, b] {
+        w.handle(x);
+        w.flush(x);
+    }
+    assert!(
+        w.report(RoundKind::Announce).is_none(),
+        "waits for the joiner"
+    );
+    w.flush(j);
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![a, b, j]);
+
+    // A joiner that never acks is missing at the original deadline, not later.
+    let mut w = World::new(8);
+    let a = w.connect("a");
+    w.announce(M1);
+    w.now = ms(60);
+    let silent = w.connect("silent");
+    w.handle(a);
+    w.flush(a);
+    assert_eq!(w.server.poll_timeout(), Some(ms(100)));
+    w.advance(ms(100));
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.missing), vec![silent]);
+}
+
+#[test]
+fn abort_after_partial_acks_counts_the_acks_each_session_owes() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    w.handle(s[0]);
+    w.flush(s[0]); // a acked the Migrate; b and c have not even read it yet.
+    w.take_events();
+    let told = w.server.abort(addr(1), DEADLINE, ms(20)).unwrap();
+    w.now = ms(20);
+    w.drain();
+    assert_eq!(told, s.to_vec());
+    // The announce round was cut short and reported.
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[0]]);
+    assert_eq!(ids(&r.missing), vec![s[1], s[2]]);
+    assert!(!r.deadline_passed);
+    // b reads Migrate then MigrateAborted: acks twice. The first ack is the Migrate's.
+    for x in [s[0], s[1]] {
+        w.handle(x);
+    }
+    assert!(matches!(
+        w.clients[&s[1]].events[..],
+        [
+            _,
+            ClientEvent::SwapPeer { .. },
+            ClientEvent::SwapBack { .. }
+        ]
+    ));
+    w.flush(s[0]);
+    let b = w.clients.get_mut(&s[1]).unwrap();
+    let all = std::mem::take(&mut b.outbox);
+    let half = all.len() / 2;
+    let b_answered = |w: &World| {
+        w.events.iter().any(|e| {
+            matches!(e, ServerEvent::Answered { session, kind: MessageKind::Ack, .. } if *session == s[1])
+        })
+    };
+    w.server.on_bytes(s[1], &all[..half], w.now);
+    w.drain();
+    assert!(
+        !b_answered(&w),
+        "b's first ack is the Migrate's; it owes a second"
+    );
+    w.server.on_bytes(s[1], &all[half..], w.now);
+    w.drain();
+    assert!(b_answered(&w), "b's second ack answers the abort");
+    assert!(w.report(RoundKind::Abort).is_none(), "c has not answered");
+    // The announce's ack deadline (100) still times the registry; the abort's is 20 + 100.
+    assert_eq!(w.server.poll_timeout(), Some(ms(100)));
+    w.advance(ms(100));
+    assert!(w.report(RoundKind::Abort).is_none());
+    assert_eq!(w.server.poll_timeout(), Some(ms(120)));
+    w.advance(ms(120));
+    let r = w.report(RoundKind::Abort).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[0], s[1]]);
+    assert_eq!(ids(&r.missing), vec![s[2]]);
+    assert!(r.deadline_passed);
+    assert_eq!(w.server.active_migration(), None);
+    assert!(
+        w.server
+            .sessions()
+            .iter()
+            .all(|v| v.state == SessionState::Connected)
+    );
+    assert!(matches!(
+        w.server.abort(addr(1), DEADLINE, w.now),
+        Err(ServerError::NoMigration)
+    ));
+    // The next migration starts cleanly.
+    assert_eq!(w.announce(M2), s.to_vec());
+}
+
+#[test]
+fn resumed_tells_every_told_session_and_ends_the_migration() {
+    let (mut w, s) = three();
+    assert!(matches!(
+        w.server.resumed(w.now),
+        Err(ServerError::NoMigration)
+    ));
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    // A client whose stream broke cannot be told.
+    w.server.on_stream_error(s[2], w.now);
+    w.drain();
+    assert_eq!(w.closed.get(&s[2]), Some(&CloseCode::Internal));
+    assert_eq!(w.server.resumed(ms(50)).unwrap(), 2);
+    w.drain();
+    for x in [s[0], s[1]] {
+        w.handle(x);
+        assert!(matches!(
+            w.clients[&x].events.last(),
+            Some(ClientEvent::Resumed { migration_id: M1 })
+        ));
+    }
+    assert_eq!(w.server.active_migration(), None);
+    assert!(matches!(
+        w.server.announce(M1, addr(9), DEADLINE, w.now),
+        Ok(told) if told.len() == 2
+    ));
+    assert!(matches!(
+        w.server.announce(M2, addr(9), DEADLINE, w.now),
+        Err(ServerError::MigrationInProgress {
+            active: M1,
+            requested: M2
+        })
+    ));
+}
+
+#[test]
+fn quiesce_then_announce() {
+    let (mut w, s) = three();
+    assert_eq!(w.server.quiesce(M1, DEADLINE, w.now).unwrap(), s.to_vec());
+    w.drain();
+    assert!(matches!(
+        w.server.announce(M1, addr(9), DEADLINE, w.now),
+        Err(ServerError::RoundInProgress {
+            kind: RoundKind::Quiesce,
+            ..
+        })
+    ));
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    let r = w.report(RoundKind::Quiesce).unwrap();
+    assert_eq!(ids(&r.acked), s.to_vec());
+    assert!(matches!(
+        w.server.resumed(w.now),
+        Err(ServerError::NotAnnounced(M1))
+    ));
+    assert!(matches!(
+        w.server.announce(M2, addr(9), DEADLINE, w.now),
+        Err(ServerError::MigrationInProgress { .. })
+    ));
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    assert!(w.report(RoundKind::Announce).unwrap().complete());
+}
+
+#[test]
+fn hello_timeout_closes_silent_connections() {
+    let mut w = World::new(8);
+    let silent = w.server.on_connect(ms(0));
+    w.now = ms(10);
+    let talker = w.connect("talker");
+    assert_eq!(w.server.poll_timeout(), Some(ms(500)));
+    w.advance(ms(499));
+    assert!(w.closed.is_empty());
+    w.advance(ms(500));
+    assert_eq!(
+        w.closed.iter().collect::<Vec<_>>(),
+        [(&silent, &CloseCode::ProtocolViolation)]
+    );
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::HelloTimeout { session } if *session == silent))
+    );
+    // A Hello after the deadline is not read; the talker is unaffected.
+    w.advance(ms(600));
+    let mut hello = Vec::new();
+    ClientControl::new(ClientId::new("x").unwrap(), SUPPORTED_VERSIONS, &mut hello).unwrap();
+    w.server.on_bytes(silent, &hello, w.now);
+    w.drain();
+    assert!(w.server.session(silent).is_none());
+    assert!(w.server.session(talker).is_some());
+    assert_eq!(w.server.poll_timeout(), None);
+}
+
+#[test]
+fn session_limit_refuses_with_bye_and_close() {
+    let mut w = World::new(2);
+    let a = w.connect("a");
+    w.connect("b");
+    let c = w.connect("c");
+    assert!(matches!(
+        w.clients[&c].events[..],
+        [ClientEvent::Bye { .. }]
+    ));
+    assert_eq!(w.closed.get(&c), Some(&CloseCode::Internal));
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::Refused { session, refusal: Refusal::Full { max: 2 } } if *session == c
+    )));
+    assert_eq!(w.server.sessions().len(), 2);
+    w.server.on_disconnect(a, w.now);
+    w.server.on_disconnect(c, w.now);
+    let d = w.connect("d");
+    assert!(w.server.session(d).is_some());
+    assert_eq!(w.server.connections(), 2);
+}
+
+#[test]
+fn version_negotiation() {
+    let mut w = World::new(4);
+    let s = w.server.on_connect(w.now);
+    let hello = |min, max| {
+        frame(&Message::Hello {
+            client_id: ClientId::new("v").unwrap(),
+            supported: VersionRange::new(min, max).unwrap(),
+        })
+    };
+    w.server.on_bytes(s, &hello(2, 5), w.now);
+    w.drain();
+    assert_eq!(w.closed.get(&s), Some(&CloseCode::UnsupportedVersion));
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::Refused {
+            refusal: Refusal::NoCommonVersion { .. },
+            ..
+        }
+    )));
+    let s = w.server.on_connect(w.now);
+    w.server.on_bytes(s, &hello(1, 3), w.now);
+    assert!(w.server.poll_output().is_some_and(|o| matches!(
+        o,
+        ServerOutput::Transmit { bytes, .. } if bytes == frame(&Message::Welcome { version: 1, session_id: s.0 })
+    )));
+}
+
+#[test]
+fn wrong_direction_and_out_of_order_messages_close_with_unexpected() {
+    let mut w = World::new(4);
+    let s = w.server.on_connect(w.now);
+    w.server
+        .on_bytes(s, &frame(&Message::Ack { migration_id: M1 }), w.now);
+    w.drain();
+    assert_eq!(w.closed.get(&s), Some(&CloseCode::UnexpectedMessage));
+    let a = w.connect("a");
+    let migrate = frame(&Message::Migrate {
+        migration_id: M1,
+        new_addr: addr(1),
+        deadline_ms: 1,
+        token: None,
+    });
+    w.server.on_bytes(a, &migrate, w.now);
+    w.drain();
+    assert_eq!(w.closed.get(&a), Some(&CloseCode::UnexpectedMessage));
+    // A Hello that differs from the first is not a repeat.
+    let b = w.connect("b");
+    w.server.on_bytes(
+        b,
+        &frame(&Message::Hello {
+            client_id: ClientId::new("someone-else").unwrap(),
+            supported: SUPPORTED_VERSIONS,
+        }),
+        w.now,
+    );
+    w.drain();
+    assert_eq!(w.closed.get(&b), Some(&CloseCode::UnexpectedMessage));
+}
+
+#[test]
+fn an_ack_naming_another_migration_is_ignored() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    w.take_events();
+    for x in s {
+        w.server
+            .on_bytes(x, &frame(&Message::Ack { migration_id: M2 }), w.now);
+    }
+    w.drain();
+    assert!(w.closed.is_empty(), "not a reason to close");
+    assert!(w.report(RoundKind::Announce).is_none(), "not counted");
+    assert!(w.events.iter().all(|e| matches!(
+        e,
+        ServerEvent::Ignored {
+            kind: MessageKind::Ack,
+            why: Ignored::WrongMigration {
+                active: Some(M1),
+                got: M2
+            },
+            ..
+        }
+    )));
+    assert_eq!(w.events.len(), 3);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    assert!(w.report(RoundKind::Announce).unwrap().complete());
+}
+
+#[test]
+fn a_flood_of_repeats_gives_bounded_outputs() {
+    let mut w = World::new(4);
+    let a = w.connect("flood");
+    let b = w.connect("hellos");
+    let c = w.connect("acks");
+    w.announce(M1);
+    w.take_events();
+    let before = w.outputs;
+
+    let bye = frame(&Message::Bye {
+        reason: ByeReason::new("bye").unwrap(),
+    });
+    let mut byes = Vec::new();
+    for _ in 0..100_000 {
+        byes.extend_from_slice(&bye);
+    }
+    for chunk in byes.chunks(4096) {
+        w.server.on_bytes(a, chunk, w.now);
+    }
+    let hello = frame(&Message::Hello {
+        client_id: ClientId::new("hellos").unwrap(),
+        supported: SUPPORTED_VERSIONS,
+    });
+    let hellos = hello.repeat(100_000);
+    w.server.on_bytes(b, &hellos, w.now);
+    let dup = frame(&Message::Ack { migration_id: M2 }).repeat(100_000);
+    w.server.on_bytes(c, &dup, w.now);
+    w.drain();
+
+    assert!(w.closed.is_empty());
+    // One event per session and kind: the Bye, the first repeated Hello, the first ignored ack.
+    let events = w.take_events();
+    assert_eq!(w.outputs - before, 3, "{events:?}");
+    assert!(matches!(events[0], ServerEvent::ClientBye { session, .. } if session == a));
+    assert!(matches!(
+        events[1],
+        ServerEvent::Repeated { session, kind: MessageKind::Hello } if session == b
+    ));
+    assert!(matches!(events[2], ServerEvent::Ignored { session, .. } if session == c));
+    assert_eq!(w.server.repeats(), 3 * 100_000 - 3);
+    assert_eq!(w.server.session(a).unwrap().repeats, 99_999);
+    // The client that said Bye cannot be waited for.
+    assert!(!w.server.session(a).unwrap().control_open);
+    for x in [b, c] {
+        w.handle(x);
+        w.flush(x);
+    }
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.missing), vec![a]);
+}
+
+#[test]
+fn a_client_that_finishes_its_stream_gets_a_finish_and_is_missing() {
+    let (mut w, s) = three();
+    w.server.on_stream_finished(s[0], w.now);
+    let outs: Vec<_> = std::iter::from_fn(|| w.server.poll_output()).collect();
+    assert!(matches!(outs[0], ServerOutput::Finish { session } if session == s[0]));
+    let told = w.announce(M1);
+    assert_eq!(told, vec![s[1], s[2]]);
+    // Finishing inside a frame is a truncated stream: closed with its code.
+    let t = w.server.on_connect(w.now);
+    w.server.on_bytes(t, &[0, 0, 0, 9, 0], w.now);
+    w.server.on_stream_finished(t, w.now);
+    w.drain();
+    assert_eq!(w.closed.get(&t), Some(&CloseCode::ProtocolViolation));
+}
+
+#[test]
+fn disconnecting_during_a_round_drops_the_session_from_it() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    for x in [s[0], s[1]] {
+        w.handle(x);
+        w.flush(x);
+    }
+    w.server.on_disconnect(s[2], w.now);
+    w.drain();
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[0], s[1]]);
+    assert!(r.missing.is_empty());
+    // Bytes for a forgotten session are ignored.
+    w.server.on_bytes(s[2], b"anything", w.now);
+    assert!(w.server.poll_output().is_none());
+}
+
+#[test]
+fn announce_with_nobody_to_tell_completes_at_once() {
+    let mut w = World::new(4);
+    assert!(w.announce(M1).is_empty());
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert!(r.acked.is_empty() && r.missing.is_empty() && !r.deadline_passed);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Bytes(usize, Vec<u8>),
+    Finish(usize),
+    Disconnect(usize),
+    Announce,
+    Abort,
+    Resumed,
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..3, proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(s, b)| Op::Bytes(s, b)),
+        1 => (0usize..3).prop_map(Op::Finish),
+        1 => (0usize..3).prop_map(Op::Disconnect),
+        1 => Just(Op::Announce),
+        1 => Just(Op::Abort),
+        1 => Just(Op::Resumed),
+        1 => (0u64..200).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    /// Arbitrary bytes (after a valid Hello or instead of it) never panic, at most one close
+    /// per session, and outputs stay bounded by what the server itself did.
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        hello_first in any::<bool>(),
+        ops in proptest::collection::vec(op(), 0..40),
+    ) {
+        let mut server = ServerControl::new(ServerConfig::new(2, HELLO));
+        let mut now = ms(0);
+        let sessions: Vec<SessionId> = (0..3).map(|_| server.on_connect(now)).collect();
+        if hello_first {
+            for s in &sessions {
+                server.on_bytes(*s, &frame(&Message::Hello {
+                    client_id: ClientId::new("p").unwrap(),
+                    supported: SUPPORTED_VERSIONS,
+                }), now);
+            }
+        }
+        let mut closes = BTreeMap::new();
+        let mut outputs = 0usize;
+        for op in ops {
+            match op {
+                Op::Bytes(i, b) => server.on_bytes(sessions[i], &b, now),
+                Op::Finish(i) => server.on_stream_finished(sessions[i], now),
+                Op::Disconnect(i) => server.on_disconnect(sessions[i], now),
+                Op::Announce => { let _ = server.announce(M1, addr(9), DEADLINE, now); }
+                Op::Abort => { let _ = server.abort(addr(1), DEADLINE, now); }
+                Op::Resumed => { let _ = server.resumed(now); }
+                Op::Advance(d) => {
+                    now = now + Duration::from_millis(d);
+                    server.handle_timeout(now);
+                    // Every deadline up to `now` has been applied.
+                    prop_assert!(server.poll_timeout().is_none_or(|t| t > now));
+                }
+            }
+            while let Some(o) = server.poll_output() {
+                outputs += 1;
+                if let ServerOutput::Close { session, .. } = o {
+                    prop_assert!(closes.insert(session, ()).is_none(), "closed twice");
+                }
+            }
+        }
+        prop_assert!(server.sessions().len() <= 2);
+        // Per operation the server emits a handful of outputs, never one per byte.
+        prop_assert!(outputs <= 3 * 8 + 40 * 12, "{outputs} outputs");
+    }
+}
