@@ -8,23 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use admin_api::CriuTiming;
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
 
 use crate::sys::{run_unchecked, tail};
-
-/// How one criu run spent its time, read from its log.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub(crate) struct CriuTiming {
-    /// Wall time of the whole command (as control saw it).
-    pub(crate) wall_ms: f64,
-    /// From criu's start to the first line about the task itself (kernel feature detection,
-    /// option parsing: paid on every run).
-    pub(crate) startup_ms: Option<f64>,
-    /// From that first line to the end of criu's log (the dump's task freeze and image
-    /// writing, or the restore's forking and memory restore).
-    pub(crate) work_ms: Option<f64>,
-}
 
 /// Where the task's own work starts in a dump log.
 const DUMP_TASK_MARKERS: &[&str] = &["Seizing", "seize", "Freezing"];

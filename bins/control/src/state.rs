@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 /// Version of the state file layout.
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
 
 /// One of the two containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +57,8 @@ pub(crate) struct State {
     pub(crate) b: Container,
     /// The server process (the same PID after every restore).
     pub(crate) server_pid: i32,
+    /// The server's parent, which reaps it and restores it (`control supervise`).
+    pub(crate) supervisor_pid: i32,
     /// Where the server runs now.
     pub(crate) side: Side,
     /// Certificate the clients trust.
@@ -152,6 +154,7 @@ mod tests {
                 host_port: 5243,
             },
             server_pid: 1234,
+            supervisor_pid: 1233,
             side: Side::A,
             cert: dir.join("cert.pem"),
             admin_dir: dir.join("admin"),

@@ -147,11 +147,28 @@ pub(crate) fn reap(pid: i32, limit: Duration) -> Result<()> {
         tracing::warn!(
             pid,
             ms = format_args!("{:.0}", waited.as_secs_f64() * 1e3),
-            "waited for init to reap the dumped process; `control run` (one process that adopts \
-             the server) does not pay this"
+            "waited for the dumped process to be reaped (its parent should be the supervisor, \
+             which reaps at once)"
         );
     }
     Ok(())
+}
+
+/// The inode of a network namespace file (`/proc/<pid>/ns/net`, or podman's bind mount of
+/// one): two equal inodes are the same namespace.
+pub(crate) fn netns_inode(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .with_context(|| format!("reading the network namespace {}", path.display()))
+}
+
+/// The parent PID of `pid`, from `/proc/<pid>/stat`.
+pub(crate) fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": the command name may hold spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Total size of the regular files under `dir`.
@@ -214,6 +231,20 @@ mod tests {
         assert!(process_runs(me, name));
         assert!(!process_runs(me, "swrapper"));
         assert!(!process_runs(i32::MAX, name));
+    }
+
+    #[test]
+    fn namespaces_and_parents_are_read_from_proc() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let mine = netns_inode(Path::new("/proc/self/ns/net")).unwrap();
+        assert_eq!(
+            netns_inode(Path::new(&format!("/proc/{me}/ns/net"))).unwrap(),
+            mine
+        );
+        assert!(netns_inode(Path::new("/nonexistent/ns")).is_err());
+        let parent = parent_pid(me).unwrap();
+        assert_eq!(parent, nix::unistd::getppid().as_raw());
+        assert_eq!(parent_pid(i32::MAX), None);
     }
 
     #[test]

@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use admin_api::{ClientMigration, ClientReport};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cwrapper::{ClientOptions, ControlStatus, MigratingClient};
 use demo_echo::EchoChecker;
-use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -74,41 +74,8 @@ struct Args {
     log: String,
 }
 
-/// One migration as the client measured it.
-#[derive(Debug, Clone, Serialize)]
-struct MigrationRecord {
-    event: &'static str,
-    id: String,
-    new_addr: SocketAddr,
-    aborted: bool,
-    /// Milliseconds since the client started.
-    seen_at_ms: f64,
-    last_echo_before_ms: Option<f64>,
-    first_echo_after_ms: Option<f64>,
-    downtime_ms: Option<f64>,
-    /// Echo attempts that missed their deadline or failed during this migration.
-    failed_attempts: u64,
-    /// The server was heard from at its new address (or the client swapped back after an
-    /// abort) and an echo succeeded after that.
-    completed: bool,
-    /// The server aborted this migration (a record with `aborted` follows).
-    rolled_back: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct Report {
-    event: &'static str,
-    target: SocketAddr,
-    stable_id: usize,
-    connections: u64,
-    echoes: u64,
-    failed_attempts: u64,
-    migrations: Vec<MigrationRecord>,
-    control: String,
-    foreign_datagrams_dropped: u64,
-    verified: bool,
-    error: Option<String>,
-}
+type MigrationRecord = ClientMigration;
+type Report = ClientReport;
 
 /// How one echo attempt ended.
 enum Outcome {
@@ -136,7 +103,6 @@ fn sync_migrations(
             report.migrations[i].rolled_back = true;
         }
         report.migrations.push(MigrationRecord {
-            event: "migration",
             id: m.id.clone(),
             new_addr: m.new_addr,
             aborted: m.aborted,
@@ -147,6 +113,7 @@ fn sync_migrations(
             failed_attempts: 0,
             completed: false,
             rolled_back: false,
+            peer_after: None,
         });
         *window = Some((report.migrations.len() - 1, m.resumed_before));
         info!(id = %m.id, to = %m.new_addr, "migration seen: deadlines tightened");
@@ -217,10 +184,10 @@ async fn run(args: &Args) -> Result<Report> {
     let started = Instant::now();
     let ms = |t: Instant| t.saturating_duration_since(started).as_secs_f64() * 1e3;
     let mut report = Report {
-        event: "summary",
         target: args.target,
-        stable_id: conn.stable_id(),
-        connections: 1,
+        stable_id: conn.stable_id() as u64,
+        connections: 0,
+        handshakes: 0,
         echoes: 0,
         failed_attempts: 0,
         migrations: Vec::new(),
@@ -230,6 +197,7 @@ async fn run(args: &Args) -> Result<Report> {
         error: None,
     };
     let mut checker = EchoChecker::default();
+    let mut connections = std::collections::BTreeSet::new();
     let mut last_ok: Option<Instant> = None;
     // The migration whose downtime is being measured: (index in report.migrations, the
     // number of `Resumed` seen before it).
@@ -289,6 +257,8 @@ async fn run(args: &Args) -> Result<Report> {
                 }
                 let now = Instant::now();
                 report.echoes += 1;
+                // Observed from the connection the echo went over, not assumed.
+                connections.insert(conn.stable_id());
                 if let Some((i, resumed_before)) = window {
                     let m = &mut report.migrations[i];
                     // The downtime is the longest pause between two successful echoes while
@@ -309,12 +279,16 @@ async fn run(args: &Args) -> Result<Report> {
                     if moved {
                         window = None;
                         m.completed = true;
+                        m.peer_after = shim.last_received_from();
                         let d = m.downtime_ms.unwrap_or(gap);
                         println!(
                             "[client] migration {} to {}: downtime {d:.1} ms ({} failed attempts)",
                             m.id, m.new_addr, m.failed_attempts
                         );
-                        println!("{}", serde_json::to_string(m).unwrap_or_default());
+                        println!(
+                            "{}",
+                            serde_json::json!({ "event": "migration", "record": m })
+                        );
                     }
                 }
                 last_ok = Some(now);
@@ -369,7 +343,11 @@ async fn run(args: &Args) -> Result<Report> {
         ControlStatus::Closed { reason } => format!("closed: {reason}"),
     };
     report.foreign_datagrams_dropped = client.shim().stats().dropped_foreign;
-    report.stable_id = conn.stable_id();
+    report.stable_id = conn.stable_id() as u64;
+    report.connections = connections.len() as u64;
+    // HANDSHAKE_DONE frames received, counted by quinn on the connection itself: one per
+    // handshake the client completed.
+    report.handshakes = u64::from(conn.stats().frame_rx.handshake_done);
     let settled = |m: &MigrationRecord| m.completed || m.rolled_back;
     report.verified = error.is_none() && report.migrations.iter().all(settled);
     report.error = match (error, report.migrations.iter().find(|m| !settled(m))) {

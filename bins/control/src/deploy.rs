@@ -1,0 +1,448 @@
+//! The deployment's lifecycle: up (image, containers, supervisor, server), down, status, and
+//! the diagnostics that explain a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use admin_api::{AdminDir, Ready};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::state::{Container, Side, State};
+use crate::supervisor::{self, SupervisorRequest};
+use crate::{images, podman, sys};
+
+/// Where a deployment lives and what it is called.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// State, admin directory, logs, reports.
+    pub(crate) state_dir: PathBuf,
+    /// CRIU image sets.
+    pub(crate) images_dir: PathBuf,
+    /// Prefix of the containers' and the image's names.
+    pub(crate) name: String,
+}
+
+impl Settings {
+    pub(crate) fn container_name(&self, side: Side) -> String {
+        format!("{}-{}", self.name, side.to_string().to_lowercase())
+    }
+
+    fn image_tag(&self) -> String {
+        format!("localhost/{}-server:latest", self.name)
+    }
+}
+
+/// What `up` starts.
+#[derive(Debug, Clone)]
+pub(crate) struct UpOptions {
+    /// Host UDP port mapped to A's port 4242.
+    pub(crate) src_port: u16,
+    /// Host UDP port mapped to B's port 4242.
+    pub(crate) dst_port: u16,
+    /// Where swrapper (and cwrapper) are.
+    pub(crate) bin_dir: PathBuf,
+}
+
+/// How long the server has to say it is ready.
+const READY_LIMIT: Duration = Duration::from_secs(10);
+
+/// Needs root and the tools.
+pub(crate) fn preflight() -> Result<()> {
+    sys::require_root()?;
+    let hint = "run `cargo xtask setup` (as root) to install it";
+    for p in ["podman", "criu", "nsenter", "runc"] {
+        sys::require_program(p, hint)?;
+    }
+    Ok(())
+}
+
+/// Brings the deployment up; on failure removes whatever was made.
+pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
+    preflight()?;
+    let started = Instant::now();
+    if State::exists(&settings.state_dir) {
+        bail!(
+            "a deployment is already up (state in {}); `control down` first",
+            settings.state_dir.display()
+        );
+    }
+    if opts.src_port == opts.dst_port {
+        bail!("SRC_PORT and DST_PORT are both {}", opts.src_port);
+    }
+    for (what, port) in [("SRC_PORT", opts.src_port), ("DST_PORT", opts.dst_port)] {
+        if !sys::udp_port_free(port) {
+            bail!("host UDP port {port} ({what}) is already in use; nothing was started");
+        }
+    }
+    images::check_dir(&settings.images_dir)?;
+    let swrapper = opts.bin_dir.join("swrapper");
+    if !swrapper.is_file() {
+        bail!(
+            "no swrapper binary in {} (build it: cargo build --release -p swrapper, or pass --bin-dir)",
+            opts.bin_dir.display()
+        );
+    }
+    match up_inner(settings, opts, &swrapper) {
+        Ok(state) => {
+            info!(
+                ms = format_args!("{:.0}", started.elapsed().as_secs_f64() * 1e3),
+                pid = state.server_pid,
+                supervisor = state.supervisor_pid,
+                "up: server running in container A"
+            );
+            Ok(state)
+        }
+        Err(e) => {
+            warn!("up failed, removing what was made: {e:#}");
+            if let Err(d) = down(settings) {
+                warn!("cleanup after the failed up also failed: {d:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<State> {
+    let state_dir = &settings.state_dir;
+    let admin = state_dir.join("admin");
+    std::fs::create_dir_all(&admin).with_context(|| format!("creating {}", admin.display()))?;
+    images::create(&settings.images_dir)?;
+    let (_, pem) = wrapper_support::Identity::self_signed(&["localhost".to_owned()])?;
+    let cert = state_dir.join("server-cert.pem");
+    let key = state_dir.join("server-key.pem");
+    pem.write_cert(&cert)?;
+    pem.write_key(&key)?;
+
+    let tag = settings.image_tag();
+    podman::build_image(state_dir, &tag, &[swrapper.to_path_buf()])?;
+    let mut containers = Vec::new();
+    for (side, port) in [(Side::A, opts.src_port), (Side::B, opts.dst_port)] {
+        let name = settings.container_name(side);
+        podman::start_container(&name, &tag, port)?;
+        containers.push(Container {
+            netns: podman::netns(&name)?,
+            name,
+            host_port: port,
+        });
+    }
+    let [a, b]: [Container; 2] = containers
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("expected two containers"))?;
+
+    let server_log = state_dir.join("server.log");
+    let argv = vec![
+        swrapper.as_os_str().to_owned(),
+        "--listen".into(),
+        format!("0.0.0.0:{}", podman::CONTAINER_PORT).into(),
+        "--cert".into(),
+        cert.as_os_str().to_owned(),
+        "--key".into(),
+        key.as_os_str().to_owned(),
+        "--admin-dir".into(),
+        admin.as_os_str().to_owned(),
+        "--park-after-announce".into(),
+        "--log".into(),
+        "info".into(),
+    ];
+    let supervisor_pid = start_supervisor(state_dir, &a.netns, &server_log, &argv)?;
+    let admin_dir = AdminDir::open(&admin)?;
+    let ready: Ready = admin_dir.wait_event(None, READY_LIMIT).with_context(|| {
+        format!(
+            "the server did not start; its log ({}):\n{}",
+            server_log.display(),
+            sys::tail(
+                &std::fs::read_to_string(&server_log).unwrap_or_default(),
+                10
+            )
+        )
+    })?;
+    let pid = i32::try_from(ready.pid).context("PID out of range")?;
+    if sys::parent_pid(pid) != Some(supervisor_pid) {
+        bail!(
+            "the server (PID {pid}) is not the supervisor's ({supervisor_pid}) child: parent {:?}",
+            sys::parent_pid(pid)
+        );
+    }
+    let state = State {
+        version: State::new_version(),
+        image: tag,
+        a,
+        b,
+        server_pid: pid,
+        supervisor_pid,
+        side: Side::A,
+        cert,
+        admin_dir: admin,
+        server_log,
+        images_dir: settings.images_dir.clone(),
+        migrations: 0,
+    };
+    state.save(state_dir)?;
+    Ok(state)
+}
+
+/// Starts `control supervise` in its own session; it starts the server as its child.
+fn start_supervisor(
+    state_dir: &Path,
+    netns: &Path,
+    server_log: &Path,
+    argv: &[std::ffi::OsString],
+) -> Result<i32> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let log_path = state_dir.join("supervisor.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let socket = state_dir.join(supervisor::SOCKET);
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--netns")
+        .arg(netns)
+        .arg("--server-log")
+        .arg(server_log)
+        .arg("--")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().context("starting the supervisor")?;
+    let pid = i32::try_from(child.id()).context("PID out of range")?;
+    // While this control runs (`control run`), the supervisor is its child: a thread reaps
+    // it should it end first. After this control exits, init adopts it.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
+/// Removes the deployment, even after a failed step.
+pub(crate) fn down(settings: &Settings) -> Result<()> {
+    sys::require_root()?;
+    let mut problems = Vec::new();
+    let state = State::load(&settings.state_dir).ok();
+    if let Some(s) = &state {
+        if sys::process_runs(s.server_pid, "swrapper") {
+            info!(pid = s.server_pid, "stopping the server");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(s.server_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        stop_supervisor(&settings.state_dir, s.supervisor_pid);
+    }
+    let client_pid = settings.state_dir.join("client.pid");
+    if let Ok(text) = std::fs::read_to_string(&client_pid)
+        && let Ok(pid) = text.trim().parse::<i32>()
+        && sys::process_runs(pid, "cwrapper")
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for side in [Side::A, Side::B] {
+        let name = state
+            .as_ref()
+            .map(|s| s.container(side).name.clone())
+            .unwrap_or_else(|| settings.container_name(side));
+        if let Err(e) = podman::remove_container(&name) {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    let tag = state
+        .as_ref()
+        .map(|s| s.image.clone())
+        .unwrap_or_else(|| settings.image_tag());
+    if let Err(e) = podman::remove_image(&tag) {
+        problems.push(format!("{e:#}"));
+    }
+    let images = state
+        .as_ref()
+        .map(|s| s.images_dir.clone())
+        .unwrap_or_else(|| settings.images_dir.clone());
+    // Only a directory control marked as its own is removed.
+    if images.join(images::MARKER).exists()
+        && let Err(e) = std::fs::remove_dir_all(&images)
+    {
+        problems.push(format!("removing {}: {e}", images.display()));
+    }
+    if settings.state_dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&settings.state_dir)
+    {
+        problems.push(format!("removing {}: {e}", settings.state_dir.display()));
+    }
+    if problems.is_empty() {
+        info!("down: containers, image, image sets and state removed");
+        Ok(())
+    } else {
+        bail!("down left things behind:\n{}", problems.join("\n"))
+    }
+}
+
+/// Asks the supervisor to exit; if it does not answer, ends it by its PID (after checking
+/// that PID is still a `control` process).
+fn stop_supervisor(state_dir: &Path, pid: i32) {
+    let socket = state_dir.join(supervisor::SOCKET);
+    if supervisor::ask(&socket, &SupervisorRequest::Exit, Duration::from_secs(5)).is_ok() {
+        return;
+    }
+    if sys::process_runs(pid, "control") {
+        warn!(pid, "the supervisor does not answer; terminating it");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+}
+
+/// What `control status` prints.
+#[derive(Debug, Serialize)]
+struct Status<'a> {
+    server: ServerStatus<'a>,
+    supervisor: SupervisorStatus,
+    containers: [ContainerStatus<'a>; 2],
+    migrations: u32,
+    cert: &'a Path,
+    server_log: &'a Path,
+    state_dir: &'a Path,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerStatus<'a> {
+    pid: i32,
+    running: bool,
+    side: String,
+    container: &'a str,
+    /// Observed: the server's network namespace is its container's.
+    in_its_container: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct SupervisorStatus {
+    pid: i32,
+    answers: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ContainerStatus<'a> {
+    name: &'a str,
+    host_port: u16,
+    running: bool,
+}
+
+/// Prints the deployment as JSON.
+pub(crate) fn status(settings: &Settings) -> Result<()> {
+    let state = State::load(&settings.state_dir)?;
+    let here = state.container(state.side);
+    let in_its_container =
+        sys::netns_inode(Path::new(&format!("/proc/{}/ns/net", state.server_pid)))
+            .ok()
+            .zip(sys::netns_inode(&here.netns).ok())
+            .map(|(a, b)| a == b);
+    let socket = settings.state_dir.join(supervisor::SOCKET);
+    let answers =
+        supervisor::ask(&socket, &SupervisorRequest::Ping, Duration::from_secs(2)).is_ok();
+    fn container(c: &Container) -> ContainerStatus<'_> {
+        ContainerStatus {
+            name: &c.name,
+            host_port: c.host_port,
+            running: podman::is_running(&c.name),
+        }
+    }
+    let s = Status {
+        server: ServerStatus {
+            pid: state.server_pid,
+            running: sys::process_runs(state.server_pid, "swrapper"),
+            side: state.side.to_string(),
+            container: &here.name,
+            in_its_container,
+        },
+        supervisor: SupervisorStatus {
+            pid: state.supervisor_pid,
+            answers,
+        },
+        containers: [container(&state.a), container(&state.b)],
+        migrations: state.migrations,
+        cert: &state.cert,
+        server_log: &state.server_log,
+        state_dir: &settings.state_dir,
+    };
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+/// Everything that explains a failure, as text.
+pub(crate) fn diagnostics(settings: &Settings) -> String {
+    let mut out = String::new();
+    let mut section = |title: &str, body: String| {
+        out.push_str(&format!("==== {title}\n{}\n", body.trim_end()));
+    };
+    let read_tail = |p: &Path, n: usize| {
+        std::fs::read_to_string(p)
+            .map(|t| sys::tail(&t, n))
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", p.display()))
+    };
+    let sd = &settings.state_dir;
+    section("server log (tail)", read_tail(&sd.join("server.log"), 40));
+    section(
+        "supervisor log (tail)",
+        read_tail(&sd.join("supervisor.log"), 20),
+    );
+    section(
+        "client stderr (tail)",
+        read_tail(&sd.join("client.err"), 30),
+    );
+    section(
+        "client stdout (tail)",
+        read_tail(&sd.join("client.out"), 20),
+    );
+    let mut criu_logs = Vec::new();
+    let mut stack = vec![settings.images_dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                criu_logs.push(p);
+            }
+        }
+    }
+    criu_logs.sort();
+    for log in criu_logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("Error") || l.contains("error") || l.contains("Warn"))
+            .collect();
+        section(
+            &format!("criu {} (errors and warnings)", log.display()),
+            sys::tail(&errors.join("\n"), 25),
+        );
+    }
+    for side in [Side::A, Side::B] {
+        let name = settings.container_name(side);
+        section(
+            &format!("container {name} log"),
+            sys::tail(&podman::logs(&name), 20),
+        );
+    }
+    out
+}

@@ -1,0 +1,558 @@
+//! The migration engine: a loop over migration-core's phases.
+//!
+//! ```text
+//!  Migration::phase() ──► run the phase ──Ok(event)──► Migration::on_event ──► next phase
+//!                              │                         (a refused event is an error: a bug)
+//!                              └─Err──► MigrationPolicy::on_failure(phase) ──► Recovery
+//!                                         ResumeSource    : abort request, the source serves
+//!                                         RestoreOnSource : criu restore at the source, abort
+//!                                         Abort           : stop, report
+//! ```
+//!
+//! | phase        | what runs                                                              |
+//! |--------------|------------------------------------------------------------------------|
+//! | Preparing    | stale admin files cleared, migrate request + SIGTERM, wait `announce`  |
+//! | Quiescing    | the server parked its socket after the acks: nothing more to wait for  |
+//! | Dumping      | pre-dump rounds (when the kernel tracks dirty memory), final dump      |
+//! | Transferring | the dumped PID is gone (reaped by the supervisor); sealed transfer     |
+//! | Restoring    | criu restore in the target's namespace, run by the supervisor          |
+//! | Resuming     | the process is observed in the target's namespace; resume request +    |
+//! |              | SIGUSR2, wait `resumed`; the source's address answers nothing, the     |
+//! |              | target's answers QUIC                                                  |
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use admin_api::{
+    AbortRequest, Aborted, AdminDir, Announced, MigrateRequest, MoveReport, MoveResult, Placement,
+    PortProbe, ResumeRequest, Resumed, ServerEvent,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use migration_core::{
+    Event, MigrationId, MigrationPolicy, Phase, PreDumpDecision, PreDumpPolicy, Recovery, Timestamp,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use crate::state::{Container, State};
+use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
+use crate::{criu, images, sys, transfer};
+
+/// How the image set reaches the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Transfer {
+    /// Same host: restore from the directory it was dumped into.
+    Local,
+    /// Through migration-wire: chunked, zstd level 1, sealed with AES-256-GCM, reassembled.
+    Sealed,
+}
+
+/// A fault to inject, for testing the recoveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The final dump fails (its image directory is a regular file): the source goes on.
+    Dump,
+    /// The restore at the target fails (its pstree image is hidden): restored at the source.
+    Restore,
+}
+
+/// How to run one migration.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// Recovery, deadlines and pre-dump.
+    pub(crate) policy: MigrationPolicy,
+    /// How images reach the target.
+    pub(crate) transfer: Transfer,
+    /// Keep the image set after a completed move.
+    pub(crate) keep_images: bool,
+    /// Fault injection.
+    pub(crate) fault: Option<Fault>,
+}
+
+/// How long the server may take beyond the ack deadline to write `announce`.
+const ANNOUNCE_SLACK: Duration = Duration::from_secs(5);
+/// How long a resume or an abort may take.
+const EVENT_LIMIT: Duration = Duration::from_secs(5);
+/// How long a restore through the supervisor may take.
+const RESTORE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the dumped PID may take to be reaped.
+const REAP_LIMIT: Duration = Duration::from_secs(5);
+/// How long a probe of an address waits for a QUIC answer.
+const PROBE_WAIT: Duration = Duration::from_millis(300);
+
+fn now() -> Timestamp {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    Timestamp::from_micros(micros)
+}
+
+fn random_id() -> Result<MigrationId> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(MigrationId::from_bytes(b))
+}
+
+fn signal(pid: i32, sig: Signal) -> Result<()> {
+    kill(Pid::from_raw(pid), sig).with_context(|| format!("sending {sig} to the server ({pid})"))
+}
+
+/// Checks made before anything is touched: a failure here leaves everything as it was.
+pub(crate) fn preflight(state_dir: &Path, state: &State) -> Result<()> {
+    let dst = state.container(state.side.other());
+    let src = state.container(state.side);
+    if !crate::podman::is_running(&dst.name) {
+        bail!(
+            "container {} ({}) is not running; the server in {} stays where it is",
+            dst.name,
+            state.side.other(),
+            src.name
+        );
+    }
+    if !sys::process_runs(state.server_pid, "swrapper") {
+        bail!(
+            "the server (PID {}) is not running; see {} (or `control down` and `control up`)",
+            state.server_pid,
+            state.server_log.display()
+        );
+    }
+    let socket = state_dir.join(supervisor::SOCKET);
+    match supervisor::ask(&socket, &SupervisorRequest::Ping, Duration::from_secs(5)) {
+        Ok(SupervisorReply::Pong { pid }) if pid == state.supervisor_pid => {}
+        Ok(other) => bail!("the supervisor answered {other:?} to a ping"),
+        Err(e) => {
+            return Err(e).context(
+                "the server's supervisor is gone; the server cannot be restored without it \
+                 (`control down`, then `control up`)",
+            );
+        }
+    }
+    images::check_dir(&state.images_dir)
+}
+
+/// One migration, from the side the server is on to the other one. Returns the report
+/// whatever the result; `Err` only for what is not a migration outcome (a bug, or a failure
+/// to record the new state).
+pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Result<MoveReport> {
+    preflight(state_dir, state)?;
+    let id = random_id()?;
+    let images = state.images_dir.join(id.to_string());
+    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    let src = state.container(state.side).clone();
+    let dst = state.container(state.side.other()).clone();
+    let mut engine = Engine {
+        admin: AdminDir::open(&state.admin_dir)?,
+        supervisor: state_dir.join(supervisor::SOCKET),
+        machine: migration_core::Migration::new(id, now()),
+        report: MoveReport {
+            migration_id: id,
+            from: src.name.clone(),
+            to: dst.name.clone(),
+            target_addr: SocketAddr::from(([127, 0, 0, 1], dst.host_port)),
+            source_addr: SocketAddr::from(([127, 0, 0, 1], src.host_port)),
+            images_dir: Some(images.clone()),
+            result: MoveResult::Failed,
+            failure: None,
+            recovery: None,
+            announce: None,
+            dirty_tracking: false,
+            predump_stop: None,
+            predump_rounds: Vec::new(),
+            dump: None,
+            image_bytes: None,
+            transfer: None,
+            restore: None,
+            rollback_restore: None,
+            placement: None,
+            resumed: None,
+            aborted: None,
+            source_probe: None,
+            target_probe: None,
+            wall_ms: 0.0,
+            timeline: migration_core::Migration::new(id, now()).report(),
+        },
+        opts,
+        pid: state.server_pid,
+        src,
+        dst,
+        images,
+        dump_dir: None,
+        restore_dir: None,
+        started: Instant::now(),
+    };
+    info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
+    engine.step(Event::Start)?;
+    while !engine.machine.is_terminal() {
+        let phase = engine.machine.phase();
+        let outcome = match phase {
+            Phase::Preparing => engine.announce(),
+            Phase::Quiescing => Ok(Event::BeginDump),
+            Phase::Dumping => engine.dump(),
+            Phase::Transferring => engine.transfer(),
+            Phase::Restoring => engine.restore(),
+            Phase::Resuming => engine.resume(),
+            other => bail!("engine bug: no work for phase {other}"),
+        };
+        match outcome {
+            Ok(event) => engine.step(event)?,
+            Err(e) => engine.recover(phase, e)?,
+        }
+    }
+    // The server's PID after the move (the same after a restore; recorded for `status`).
+    state.server_pid = engine.pid;
+    if engine.machine.phase() == Phase::Completed {
+        state.side = state.side.other();
+        state.migrations += 1;
+    }
+    state.save(state_dir)?;
+    Ok(engine.finish())
+}
+
+struct Engine<'a> {
+    admin: AdminDir,
+    supervisor: PathBuf,
+    machine: migration_core::Migration,
+    report: MoveReport,
+    opts: &'a Options,
+    /// The server's PID.
+    pid: i32,
+    src: Container,
+    dst: Container,
+    /// This migration's image directory.
+    images: PathBuf,
+    /// The final dump, once written.
+    dump_dir: Option<PathBuf>,
+    /// What the target restores from.
+    restore_dir: Option<PathBuf>,
+    started: Instant,
+}
+
+impl Engine<'_> {
+    /// Feeds the machine; an event it refuses is a bug of this engine, and an error.
+    fn step(&mut self, event: Event) -> Result<()> {
+        let kind = event.kind();
+        let from = self.machine.phase();
+        self.machine
+            .on_event(event, now())
+            .map(|_| ())
+            .map_err(|e| {
+                anyhow!("engine bug: in phase {from}, the state machine refused {kind:?}: {e}")
+            })
+    }
+
+    fn wait<E: ServerEvent>(&self, limit: Duration) -> Result<E> {
+        let id = self.machine.id();
+        self.admin
+            .wait_event::<E>(Some(id), limit)
+            .map_err(anyhow::Error::from)
+    }
+
+    /// Preparing: the server tells every client and waits for the acks, then parks.
+    fn announce(&mut self) -> Result<Event> {
+        let removed = self.admin.clear()?;
+        if !removed.is_empty() {
+            warn!(
+                ?removed,
+                "removed admin files left over from an earlier run"
+            );
+        }
+        // Asked before the clients are told: criu's start-up costs tens of milliseconds,
+        // which must not fall between the server parking and the dump.
+        self.report.dirty_tracking = criu::dirty_tracking_supported().unwrap_or(false);
+        let deadline = self.opts.policy.ack_deadline;
+        self.admin.send_request(&MigrateRequest {
+            migration_id: self.machine.id(),
+            new_addr: self.report.target_addr,
+            deadline_ms: u64::try_from(deadline.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        })?;
+        signal(self.pid, Signal::SIGTERM)?;
+        let announced: Announced = self.wait(deadline + ANNOUNCE_SLACK)?;
+        info!(
+            acked = announced.outcome.acked.len(),
+            missing = announced.outcome.missing.len(),
+            ms = format_args!("{:.1}", announced.outcome.elapsed_ms),
+            "clients told"
+        );
+        let parked = announced.parked;
+        self.report.announce = Some(announced);
+        Ok(if parked {
+            Event::BeginQuiesce
+        } else {
+            Event::BeginDump
+        })
+    }
+
+    /// Dumping: pre-dump rounds while the kernel tracks dirty memory, then the final dump.
+    fn dump(&mut self) -> Result<Event> {
+        let policy = PreDumpPolicy {
+            ..self.opts.policy.predump.clone()
+        };
+        let mut parent: Option<String> = None;
+        let (mut last, mut prev) = (None, None);
+        loop {
+            let rounds = u32::try_from(self.report.predump_rounds.len()).unwrap_or(u32::MAX);
+            match policy.next_step(rounds, last, prev, self.report.dirty_tracking) {
+                PreDumpDecision::Another => {}
+                PreDumpDecision::FinalDump(reason) => {
+                    info!(?reason, rounds, "final dump");
+                    self.report.predump_stop = Some(reason);
+                    break;
+                }
+            }
+            let dir = self.images.join(format!("pre{rounds}"));
+            std::fs::create_dir_all(&dir)?;
+            match criu::pre_dump(self.pid, &self.src.netns, &dir, parent.as_deref()) {
+                Ok(t) => {
+                    let bytes = sys::dir_size(&dir);
+                    self.step(Event::PreDumpRound { image_bytes: bytes })?;
+                    self.report.predump_rounds.push((bytes, t));
+                    prev = last;
+                    last = Some(bytes);
+                    parent = Some(format!("../pre{rounds}"));
+                }
+                Err(e) => {
+                    warn!("pre-dump failed, going on with a full dump: {e:#}");
+                    parent = None;
+                    break;
+                }
+            }
+        }
+        if !self.report.dirty_tracking {
+            info!(
+                "the kernel does not track dirty memory (criu check --feature mem_dirty_track): \
+                 no pre-dump, the final dump copies everything"
+            );
+        }
+        let dir = self.images.join("final");
+        if self.opts.fault == Some(Fault::Dump) {
+            warn!("fault injection: the dump will fail");
+            std::fs::write(&dir, b"")?;
+        } else {
+            std::fs::create_dir_all(&dir)?;
+        }
+        let timing = criu::dump(self.pid, &self.src.netns, &dir, parent.as_deref())?;
+        let bytes = sys::dir_size(&dir);
+        self.report.dump = Some(timing);
+        self.report.image_bytes = Some(bytes);
+        self.dump_dir = Some(dir);
+        Ok(Event::DumpDone {
+            image_bytes: Some(bytes),
+        })
+    }
+
+    /// Transferring: the source process is gone (its PID free for the restore), and the
+    /// image set reaches the target.
+    fn transfer(&mut self) -> Result<Event> {
+        sys::reap(self.pid, REAP_LIMIT)?;
+        let dump_dir = self.dump_dir.clone().context("no dump to transfer")?;
+        self.restore_dir = Some(match self.opts.transfer {
+            Transfer::Local => dump_dir,
+            Transfer::Sealed => {
+                let dest = self.images.join("transferred");
+                let stats = transfer::sealed(&dump_dir, &dest)?;
+                self.report.transfer = Some(stats);
+                dest
+            }
+        });
+        Ok(Event::TransferDone)
+    }
+
+    /// Restoring: criu restore in the target's network namespace, run by the supervisor.
+    fn restore(&mut self) -> Result<Event> {
+        let dir = self
+            .restore_dir
+            .clone()
+            .context("nothing to restore from")?;
+        let hidden = if self.opts.fault == Some(Fault::Restore) {
+            warn!("fault injection: the restore in the target will fail");
+            let from = dir.join("pstree.img");
+            let to = dir.join("pstree.img.hidden");
+            std::fs::rename(&from, &to).with_context(|| format!("hiding {}", from.display()))?;
+            Some((to, from))
+        } else {
+            None
+        };
+        let restored = self.restore_in(&self.dst.netns.clone(), &dir, "restore.log");
+        if let Some((hidden, original)) = hidden {
+            std::fs::rename(hidden, original).context("putting pstree.img back")?;
+        }
+        let (pid, timing) = restored?;
+        self.pid = pid;
+        self.report.restore = Some(timing);
+        Ok(Event::RestoreDone)
+    }
+
+    fn restore_in(
+        &self,
+        netns: &Path,
+        dir: &Path,
+        log_name: &str,
+    ) -> Result<(i32, admin_api::CriuTiming)> {
+        let request = SupervisorRequest::Restore {
+            netns: netns.to_path_buf(),
+            dir: dir.to_path_buf(),
+            log_name: log_name.to_owned(),
+        };
+        match supervisor::ask(&self.supervisor, &request, RESTORE_LIMIT)? {
+            SupervisorReply::Restored { pid, timing } => Ok((pid, timing)),
+            SupervisorReply::Failed { error } => Err(anyhow!("{error}")),
+            other => bail!("the supervisor answered {other:?} to a restore"),
+        }
+    }
+
+    /// Resuming: the process is where it should be, renews its socket and tells the clients;
+    /// then the source's address must answer nothing and the target's must answer QUIC.
+    fn resume(&mut self) -> Result<Event> {
+        let placement = observe_placement(self.pid, &self.dst)?;
+        let right = placement.is_right();
+        self.report.placement = Some(placement);
+        if !right {
+            bail!(
+                "the restored server (PID {}) is not in {}'s network namespace",
+                self.pid,
+                self.dst.name
+            );
+        }
+        self.admin.send_request(&ResumeRequest {
+            migration_id: self.machine.id(),
+        })?;
+        signal(self.pid, Signal::SIGUSR2)?;
+        let resumed: Resumed = self.wait(EVENT_LIMIT)?;
+        self.report.resumed = Some(resumed);
+        let source = probe(self.report.source_addr);
+        let target = probe(self.report.target_addr);
+        self.report.source_probe = Some(source);
+        self.report.target_probe = Some(target);
+        if source == PortProbe::Answered {
+            bail!(
+                "the source's address {} still answers QUIC after the move",
+                self.report.source_addr
+            );
+        }
+        if target != PortProbe::Answered {
+            bail!(
+                "the target's address {} does not answer QUIC after the move ({target:?})",
+                self.report.target_addr
+            );
+        }
+        Ok(Event::ResumeDone)
+    }
+
+    /// Runs the recovery the policy chooses for a failure in `phase`.
+    fn recover(&mut self, phase: Phase, error: anyhow::Error) -> Result<()> {
+        let reason = format!("{phase} failed: {error:#}");
+        let recovery = self.opts.policy.on_failure(phase);
+        warn!("{reason}; recovery: {recovery:?}");
+        self.report.recovery = Some(recovery);
+        self.report.failure = Some(reason.clone());
+        self.step(recovery.failure_event(reason.clone()))?;
+        let outcome = match recovery {
+            Recovery::ResumeSource => self.send_back(),
+            Recovery::RestoreOnSource => self.restore_on_source().and_then(|()| self.send_back()),
+            // Abort, and any recovery this engine does not know: stop, undo nothing.
+            _ => return Ok(()),
+        };
+        match outcome {
+            Ok(()) => {
+                info!(fallback = %self.report.source_addr, "rolled back: the server serves from the source again");
+                self.step(Event::RollbackSucceeded)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                warn!("the rollback failed too: {msg}");
+                self.report.failure = Some(format!("{reason}; rollback failed too: {msg}"));
+                self.step(Event::RollbackFailed { reason: msg })
+            }
+        }
+    }
+
+    /// The process was dumped: bring it back in the source's namespace from its own images.
+    fn restore_on_source(&mut self) -> Result<()> {
+        let dir = self
+            .dump_dir
+            .clone()
+            .context("no image set to restore at the source")?;
+        // A restore that failed may have left the PID taken by a half-restored task.
+        sys::reap(self.pid, REAP_LIMIT)?;
+        let (pid, timing) = self
+            .restore_in(&self.src.netns.clone(), &dir, "rollback-restore.log")
+            .context("restoring the server in the source again")?;
+        self.pid = pid;
+        self.report.rollback_restore = Some(timing);
+        let placement = observe_placement(pid, &self.src)?;
+        if !placement.is_right() {
+            bail!(
+                "the server restored for the rollback is not in {}'s namespace",
+                self.src.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The server serves from the source again and sends its clients back there.
+    fn send_back(&mut self) -> Result<()> {
+        self.admin.send_request(&AbortRequest {
+            migration_id: self.machine.id(),
+            fallback_addr: self.report.source_addr,
+            deadline_ms: u64::try_from(self.opts.policy.ack_deadline.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        })?;
+        signal(self.pid, Signal::SIGUSR1)?;
+        let aborted: Aborted = self.wait(self.opts.policy.ack_deadline + EVENT_LIMIT)?;
+        self.report.aborted = Some(aborted);
+        Ok(())
+    }
+
+    fn finish(mut self) -> MoveReport {
+        let completed = self.machine.phase() == Phase::Completed;
+        let rolled_back = self
+            .machine
+            .failure()
+            .is_some_and(migration_core::FailureReason::rolled_back);
+        self.report.result = if completed {
+            MoveResult::Completed
+        } else if rolled_back {
+            MoveResult::RolledBack
+        } else {
+            MoveResult::Failed
+        };
+        if completed && !self.opts.keep_images {
+            if let Err(e) = std::fs::remove_dir_all(&self.images) {
+                warn!("removing {}: {e}", self.images.display());
+            }
+            self.report.images_dir = None;
+        } else {
+            self.report.images_dir = images::keep(&self.images);
+        }
+        self.report.wall_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.report.timeline = self.machine.report();
+        self.report
+    }
+}
+
+/// Where process `pid` runs, against where `expected` is.
+fn observe_placement(pid: i32, expected: &Container) -> Result<Placement> {
+    Ok(Placement {
+        pid,
+        netns_inode: sys::netns_inode(Path::new(&format!("/proc/{pid}/ns/net")))?,
+        expected_netns_inode: sys::netns_inode(&expected.netns)?,
+        expected_container: expected.name.clone(),
+    })
+}
+
+/// What answers QUIC at `addr`.
+fn probe(addr: SocketAddr) -> PortProbe {
+    match udp_shim_client::probe::quic_probe(addr, PROBE_WAIT) {
+        Ok(udp_shim_client::probe::ProbeAnswer::VersionNegotiation) => PortProbe::Answered,
+        Ok(udp_shim_client::probe::ProbeAnswer::Refused) => PortProbe::Refused,
+        Ok(_) | Err(_) => PortProbe::Silent,
+    }
+}
