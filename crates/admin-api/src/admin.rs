@@ -407,10 +407,12 @@ impl AdminDir {
             (None, Some(_)) if env.result.is_ok() => return Err(stale()),
             _ => {}
         }
-        env.result.map(Some).map_err(|message| AdminError::ServerReported {
-            kind: E::KIND,
-            message,
-        })
+        env.result
+            .map(Some)
+            .map_err(|message| AdminError::ServerReported {
+                kind: E::KIND,
+                message,
+            })
     }
 
     /// Waits up to `limit` for the event of kind `E` answering `expected` (see

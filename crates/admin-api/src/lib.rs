@@ -25,7 +25,7 @@ pub mod admin;
 pub mod report;
 
 pub use admin::{
-    AbortRequest, AdminDir, AdminError, Aborted, AnnounceOutcome, Announced, ClientRef, Envelope,
+    AbortRequest, Aborted, AdminDir, AdminError, AnnounceOutcome, Announced, ClientRef, Envelope,
     MigrateRequest, Ready, Request, ResumeRequest, Resumed, ServerEvent,
 };
 pub use report::{
