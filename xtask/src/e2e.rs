@@ -71,44 +71,22 @@ pub(crate) fn clean_up_after_a_kill(root: &Path) {
     }
 }
 
-#[derive(Debug, Default)]
+/// The options of `cargo xtask e2e-migrate`.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// Keep containers, state and logs of the last scenario.
+    /// Keep the last scenario's containers, state and logs (for debugging).
+    #[arg(long)]
     preserve: bool,
-    /// Moves in the main scenario.
+    /// Moves in the main scenario (at least 2: A -> B -> A).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(2..))]
     moves: u32,
-    /// Rewrite the generated section of BENCHMARKS.md with the figures.
+    /// Put the figures into the generated section of BENCHMARKS.md.
+    #[arg(long)]
     write_benchmarks: bool,
     /// Skip the rollback scenario.
+    #[arg(long)]
     no_rollback: bool,
-}
-
-impl Options {
-    pub(crate) fn from_args(args: &[String]) -> Result<Self> {
-        let mut o = Options {
-            moves: 2,
-            ..Options::default()
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--preserve" => o.preserve = true,
-                "--write-benchmarks" => o.write_benchmarks = true,
-                "--no-rollback" => o.no_rollback = true,
-                "--moves" => {
-                    let v = it.next().context("--moves needs a number")?;
-                    o.moves = v.parse().ok().filter(|n| *n >= 2).with_context(|| {
-                        format!("--moves {v}: need a number >= 2 (A -> B -> A)")
-                    })?;
-                }
-                other => bail!(
-                    "unknown argument `{other}` (e2e-migrate takes --moves N, --preserve, \
-                     --write-benchmarks, --no-rollback)"
-                ),
-            }
-        }
-        Ok(o)
-    }
 }
 
 fn control_cmd(bin: &Path, state: &Path, images: &Path, name: &str) -> Command {
@@ -443,13 +421,31 @@ mod tests {
         );
     }
 
+    fn options(args: &str) -> Result<Options, clap::Error> {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            o: Options,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("e2e").chain(args.split_whitespace()))
+            .map(|c| c.o)
+    }
+
     #[test]
     fn options_parse_and_refuse() {
-        let o = Options::from_args(&["--moves".into(), "4".into(), "--preserve".into()]).unwrap();
+        let o = options("--moves 4 --preserve").unwrap();
         assert_eq!((o.moves, o.preserve), (4, true));
-        assert!(Options::from_args(&["--moves".into(), "1".into()]).is_err());
-        assert!(Options::from_args(&["--moves".into()]).is_err());
-        assert!(Options::from_args(&["--bogus".into()]).is_err());
+        let o = options("").unwrap();
+        assert_eq!(
+            (o.moves, o.preserve, o.write_benchmarks, o.no_rollback),
+            (2, false, false, false)
+        );
+        let o = options("--write-benchmarks --no-rollback").unwrap();
+        assert!(o.write_benchmarks && o.no_rollback);
+        for bad in ["--moves 1", "--moves", "--moves x", "--bogus", "extra"] {
+            let err = options(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! xtask prepares and checks; the assertions of scenarios live in test binaries. It finds the
 //! repository root from `CARGO_MANIFEST_DIR`, keeps few dependencies, and its checks also run as
-//! `#[test]`s (see `tidy.rs`).
+//! `#[test]`s (see `tidy.rs`). Every command answers `--help`; an unknown command or option is a
+//! usage error (exit code 2), as in the project's binaries (clap).
 
 mod bench;
 mod e2e;
@@ -16,98 +17,132 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, Parser, Subcommand};
 
-const HELP: &str = "\
-cargo xtask <command>
+/// `cargo xtask`: the project's automation.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "The project's automation: checks, benchmarks, set-up and the end-to-end migration.",
+    long_about = "The project's automation: checks, benchmarks, set-up and the end-to-end \
+                  migration. `cargo xtask <command> --help` explains a command and its options.",
+    after_help = "Environment:\n  CI=true   Set by CI; `ci` then also refuses a dirty Cargo.lock \
+                  (`--locked`) and requires root, and a test that needs root, podman or CRIU \
+                  fails instead of skipping.",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
 
-Commands:
-  ci        What CI runs (the README's test command): formatting check, clippy with
-            -D warnings on all targets, the layering checks, every test of the workspace, then
-            (as root) e2e-migrate. Not root: e2e-migrate is skipped with a message, unless
-            CI=true, where it is required. Each step has a time limit (formatting 5 min, clippy,
-            tests and e2e-migrate 30 min each, 80 min in all); a step that overruns is stopped
-            with everything it started, and ci fails naming it.
-  e2e-migrate
-            The main job: builds the release binaries, runs `setup` when something is
-            missing, brings podman containers A and B up, starts the demo client, migrates the
-            server A -> B -> A with CRIU, and then runs a scenario whose restore is made to fail
-            (rollback to A, then a successful move). Checks: one handshake, no echo lost or
-            repeated, the server's counter continued, each migration's downtime. Prints a
-            summary, writes target/e2e/e2e-report.json, exits non-zero when a check fails,
-            prints diagnostics (server, client, criu and container logs) on failure, and always
-            cleans up.
-            --moves N (default 2) moves in the main scenario; --preserve keeps the last
-            scenario's containers and logs; --no-rollback skips the rollback scenario;
-            --write-benchmarks puts the figures into BENCHMARKS.md.
-  tidy      Only the layering and documentation checks (fast; no compilation).
-  bench     Runs the criterion benchmarks (package migration-benches) and rewrites the
-            generated section of BENCHMARKS.md with the medians and the machine they came from.
-            Extra arguments after `--` go to criterion, e.g. `cargo xtask bench -- seal`.
-  shim-cost What the UDP shims cost against quinn's stock socket, in instructions (callgrind:
-            repeatable where time is not on this noisy machine). Builds the release binary
-            shim_cost (package migration-benches) and runs each variant (stock, shims,
-            client_shim, server_shim) under `valgrind --tool=callgrind` with a small and a big
-            count of 32-byte round trips (200, 1200) and of 256 KiB transfers (20, 120); the
-            difference per operation cancels the set-up. Prints the table and the ratios
-            against stock. Needs valgrind.
-            --repeat N (default 2) runs of each count, to show the spread; --mode rtt|bulk
-            only one workload; --write-benchmarks puts the table into BENCHMARKS.md.
-  setup     Installs what the end-to-end migration needs (as root, on Debian-like systems):
-            podman, runc, netavark, iptables, iproute2, nsenter, busybox-static and CRIU >= 4.2
-            (from Debian sid with its own glibc, in /opt/quic-live-migrate/criu behind the
-            wrapper /usr/local/sbin/criu; the mirror is read from the system's apt sources).
-            Skips what is present, then verifies each part and runs a podman smoke container
-            from a locally imported busybox image (no registry).
-            `--check` only reports what is missing; `--if-needed` installs only when something
-            is missing and skips the verification; `--reinstall-criu` fetches CRIU again.
-  help      This text.
-
-Environment:
-  CI=true   Set by CI; `ci` then also refuses a dirty Cargo.lock (`--locked`).
-";
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// What CI runs (the README's test command): layering checks, formatting, clippy, as root
+    /// the set-up, every test, and as root the end-to-end migration.
+    ///
+    /// In order: the layering checks (`tidy`), the formatting check, clippy with -D warnings
+    /// on all targets, as root the set-up (`setup --if-needed`: installs podman, runc and CRIU
+    /// when missing, so that the tests that need them run), every test of the workspace, and
+    /// as root e2e-migrate. Not root: the set-up and e2e-migrate are skipped with a message
+    /// (and the tests that need root skip theirs), unless CI=true, where root is required and
+    /// ci fails at once. Each step has a time limit (formatting 5 min, set-up 20 min, clippy,
+    /// tests and e2e-migrate 30 min each, 80 min in all); a step that overruns is stopped with
+    /// everything it started, and ci fails naming it.
+    Ci,
+    /// The main job: release binaries, podman containers A and B, the demo client, CRIU
+    /// migrations A -> B -> A, then a rollback scenario (as root).
+    ///
+    /// Builds the release binaries, runs `setup` when something is missing, brings podman
+    /// containers A and B up, starts the demo client, migrates the server A -> B -> A with
+    /// CRIU, and then runs a scenario whose restore is made to fail (rollback to A, then a
+    /// successful move). Checks: one handshake, no echo lost or repeated, the server's counter
+    /// continued, each migration's downtime. Prints a summary, writes
+    /// target/e2e/e2e-report.json, exits non-zero when a check fails, prints diagnostics
+    /// (server, client, criu and container logs) on failure, and always cleans up. Needs root.
+    E2eMigrate(e2e::Options),
+    /// Only the layering and documentation checks (fast; no compilation).
+    ///
+    /// Reads `cargo metadata` (the manifests and the resolved dependency graph) and the
+    /// sources: which crate may depend on what (also through other crates), which text a
+    /// crate's sources must not contain, and whether README.md and ARCHITECTURE.md describe
+    /// every crate. The same checks run as tests of xtask.
+    Tidy,
+    /// Runs the criterion benchmarks and writes their medians into BENCHMARKS.md.
+    ///
+    /// Runs the criterion benchmarks (package migration-benches; this takes several minutes)
+    /// and rewrites the generated section of BENCHMARKS.md with the medians and the machine
+    /// they came from.
+    Bench {
+        /// Arguments for criterion, after `--`: e.g. `cargo xtask bench -- seal` runs only
+        /// the benchmarks whose name contains `seal`.
+        #[arg(last = true, value_name = "CRITERION_ARGS")]
+        criterion_args: Vec<String>,
+    },
+    /// What the UDP shims cost against quinn's stock socket, in instructions (callgrind).
+    ///
+    /// Instructions are repeatable where time is not on this noisy machine. Builds the release
+    /// binary shim_cost (package migration-benches) and runs each variant (stock, shims,
+    /// client_shim, server_shim) under `valgrind --tool=callgrind` with a small and a big
+    /// count of 32-byte round trips (200, 1200) and of 256 KiB transfers (20, 120); the
+    /// difference per operation cancels the set-up. Prints the table and the ratios against
+    /// stock. Needs valgrind.
+    ShimCost(shim_cost::Options),
+    /// Installs what the end-to-end migration needs: podman, runc, CRIU >= 4.2 (as root).
+    ///
+    /// On Debian-like systems, as root: podman, runc, netavark, iptables, iproute2, nsenter,
+    /// busybox-static and CRIU >= 4.2 (from Debian sid with its own glibc, in
+    /// /opt/quic-live-migrate/criu behind the wrapper /usr/local/sbin/criu; the mirror is read
+    /// from the system's apt sources). Skips what is present, then verifies each part and runs
+    /// a podman smoke container from a locally imported busybox image (no registry).
+    Setup(setup::Options),
+    /// Prints this help, or the help of a command.
+    Help {
+        /// The command to explain.
+        command: Option<String>,
+    },
+}
 
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let cmd = args.next().unwrap_or_else(|| "help".to_owned());
-    let rest: Vec<String> = args.collect();
+    let cli = Cli::parse();
     let root = project_root();
-    match cmd.as_str() {
-        "ci" => {
-            no_extra_args(&cmd, &rest)?;
-            ci(&root)
-        }
-        "tidy" => {
-            no_extra_args(&cmd, &rest)?;
-            tidy::run_all(&root)
-        }
-        "bench" => {
-            let filter: Vec<String> = rest.into_iter().skip_while(|a| a == "--").collect();
-            bench::run(&root, &filter)
-        }
-        "e2e-migrate" => e2e::run(&root, &e2e::Options::from_args(&rest)?),
-        "shim-cost" => shim_cost::run(&root, &shim_cost::Options::from_args(&rest)?),
-        "setup" if rest.iter().any(|a| a == "--if-needed") => {
-            if rest.len() > 1 {
-                bail!("`--if-needed` takes no other option (see `cargo xtask help`)");
-            }
-            setup::ensure(&root)
-        }
-        "setup" => setup::run(&root, &setup::Options::from_args(&rest)?),
-        "help" | "--help" | "-h" => {
-            print!("{HELP}");
+    match cli.command {
+        None | Some(Cmd::Help { command: None }) => {
+            Cli::command().print_long_help()?;
             Ok(())
         }
-        other => {
-            eprint!("{HELP}");
-            bail!("unknown command `{other}`")
+        Some(Cmd::Help {
+            command: Some(name),
+        }) => command_help(&name),
+        Some(Cmd::Ci) => ci(&root),
+        Some(Cmd::Tidy) => {
+            println!("xtask tidy: layering and documentation checks (cargo metadata, sources)...");
+            tidy::run_all(&root)?;
+            println!("xtask tidy: all checks passed");
+            Ok(())
         }
+        Some(Cmd::Bench { criterion_args }) => bench::run(&root, &criterion_args),
+        Some(Cmd::E2eMigrate(opts)) => e2e::run(&root, &opts),
+        Some(Cmd::ShimCost(opts)) => shim_cost::run(&root, &opts),
+        Some(Cmd::Setup(opts)) if opts.if_needed => setup::ensure(&root),
+        Some(Cmd::Setup(opts)) => setup::run(&root, &opts),
     }
 }
 
-fn no_extra_args(cmd: &str, rest: &[String]) -> Result<()> {
-    if let Some(first) = rest.first() {
-        bail!("`cargo xtask {cmd}` takes no arguments, got `{first}` (see `cargo xtask help`)");
-    }
+/// `cargo xtask help <command>`: the long help of one command; an unknown one is a usage
+/// error.
+fn command_help(name: &str) -> Result<()> {
+    let mut cli = Cli::command();
+    cli.build();
+    let Some(sub) = cli.find_subcommand(name) else {
+        cli.error(
+            clap::error::ErrorKind::InvalidSubcommand,
+            format!("unknown command `{name}`"),
+        )
+        .exit()
+    };
+    sub.clone().print_long_help()?;
     Ok(())
 }
 
@@ -123,16 +158,48 @@ pub(crate) fn project_root() -> PathBuf {
 /// fails with a message naming the step instead of a silent timeout.
 const CI_BUDGET: Duration = Duration::from_secs(80 * 60);
 
+/// One step of `ci`: a child process with a time limit.
+struct Step {
+    name: &'static str,
+    /// What the step runs, as printed.
+    shown: String,
+    cmd: Command,
+    minutes: u64,
+}
+
+impl Step {
+    fn cargo(name: &'static str, args: &[&str], locked: bool, minutes: u64) -> Self {
+        let mut args: Vec<&str> = args.to_vec();
+        if locked && args[0] != "fmt" {
+            args.insert(1, "--locked");
+        }
+        let mut cmd = Command::new(cargo());
+        cmd.args(&args);
+        Step {
+            name,
+            shown: format!("cargo {}", args.join(" ")),
+            cmd,
+            minutes,
+        }
+    }
+}
+
 fn ci(root: &Path) -> Result<()> {
     let started = Instant::now();
     let deadline = started + CI_BUDGET;
     let locked = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    // (name, cargo arguments, the step's own limit)
-    let mut steps: Vec<(&str, Vec<&str>, u64)> = vec![
-        ("formatting", vec!["fmt", "--all", "--", "--check"], 5),
-        (
+    let root_user = setup::is_root();
+    if locked && !root_user {
+        bail!(
+            "CI=true but not root: CI runs every test, including those that need root, podman \
+             and CRIU, and the end-to-end migration; run `cargo xtask ci` as root"
+        );
+    }
+    let mut steps = vec![
+        Step::cargo("formatting", &["fmt", "--all", "--", "--check"], locked, 5),
+        Step::cargo(
             "clippy",
-            vec![
+            &[
                 "clippy",
                 "--workspace",
                 "--all-targets",
@@ -140,42 +207,56 @@ fn ci(root: &Path) -> Result<()> {
                 "-D",
                 "warnings",
             ],
+            locked,
             30,
         ),
-        // Unit, integration and doc tests; benches are compiled by clippy above.
-        ("tests", vec!["test", "--workspace"], 30),
     ];
-    if locked {
-        for (_, args, _) in &mut steps {
-            if args[0] != "fmt" {
-                args.insert(1, "--locked");
-            }
-        }
+    if root_user {
+        // Before the tests, so that the tests that need podman and CRIU run (and, with
+        // CI=true, fail rather than skip if something is still missing).
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["setup", "--if-needed"]);
+        steps.push(Step {
+            name: "set-up",
+            shown: "cargo xtask setup --if-needed (podman, runc and CRIU, installed when \
+                    missing)"
+                .to_owned(),
+            cmd,
+            minutes: 20,
+        });
+    } else {
+        println!(
+            "xtask ci: not root: no set-up; the tests that need root, podman or CRIU will skip \
+             (they fail with CI=true)"
+        );
     }
+    // Unit, integration and doc tests; benches are compiled by clippy above.
+    steps.push(Step::cargo("tests", &["test", "--workspace"], locked, 30));
+
+    println!("xtask ci: layering checks (cargo xtask tidy)...");
     tidy::run_all(root).context("layering checks failed")?;
     println!("xtask ci: layering checks passed");
-    for (name, args, minutes) in steps {
+    for mut step in steps {
         let step_started = Instant::now();
-        let limit = step_limit(deadline, minutes);
+        let limit = step_limit(deadline, step.minutes);
         println!(
-            "xtask ci: {name}: cargo {} (limit {} s)",
-            args.join(" "),
+            "xtask ci: {}: {} (limit {} s)",
+            step.name,
+            step.shown,
             limit.as_secs()
         );
-        let status = limit::status(
-            Command::new(cargo()).args(&args).current_dir(root),
-            name,
-            limit,
-        )?;
+        let status = limit::status(step.cmd.current_dir(root), step.name, limit)?;
         if !status.success() {
-            bail!("{name} failed ({status}): cargo {}", args.join(" "));
+            bail!("{} failed ({status}): {}", step.name, step.shown);
         }
         println!(
-            "xtask ci: {name} passed in {:.1} s",
+            "xtask ci: {} passed in {:.1} s",
+            step.name,
             step_started.elapsed().as_secs_f64()
         );
     }
-    if setup::is_root() {
+    if root_user {
         let step_started = Instant::now();
         let limit = step_limit(deadline, 30);
         println!(
@@ -203,8 +284,6 @@ fn ci(root: &Path) -> Result<()> {
             "xtask ci: e2e-migrate passed in {:.1} s",
             step_started.elapsed().as_secs_f64()
         );
-    } else if locked {
-        bail!("CI=true but not root: the end-to-end migration (podman, criu) needs root");
     } else {
         println!("xtask ci: SKIPPED e2e-migrate: it needs root (podman rootful, criu, netns)");
     }
@@ -226,4 +305,84 @@ fn step_limit(deadline: Instant, minutes: u64) -> Duration {
 
 pub(crate) fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.split_whitespace()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_answers_help() {
+        for cmd in [
+            "ci",
+            "e2e-migrate",
+            "tidy",
+            "bench",
+            "shim-cost",
+            "setup",
+            "help",
+        ] {
+            let err = parse(&format!("{cmd} --help")).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");
+            assert_eq!(err.exit_code(), 0, "{cmd}");
+        }
+        let err = parse("--help").unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+        let text = err.to_string();
+        for cmd in ["ci", "e2e-migrate", "tidy", "bench", "shim-cost", "setup"] {
+            assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
+        }
+        // The detailed texts are kept in the commands' long help.
+        let long = parse("e2e-migrate --help").unwrap_err().to_string();
+        assert!(long.contains("e2e-report.json"), "{long}");
+        assert!(long.contains("--moves"), "{long}");
+    }
+
+    #[test]
+    fn unknown_commands_and_flags_are_usage_errors() {
+        for bad in [
+            "frobnicate",
+            "ci --fast",
+            "tidy extra",
+            "e2e-migrate --bogus",
+            "shim-cost --bogus",
+            "setup --bogus",
+            "bench --bogus",
+            "bench seal",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}: {err}");
+            assert!(err.to_string().contains("Usage:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert!(parse("").unwrap().command.is_none());
+        assert!(matches!(parse("ci").unwrap().command, Some(Cmd::Ci)));
+        assert!(matches!(parse("tidy").unwrap().command, Some(Cmd::Tidy)));
+        match parse("bench -- seal --sample-size 10").unwrap().command {
+            Some(Cmd::Bench { criterion_args }) => {
+                assert_eq!(criterion_args, ["seal", "--sample-size", "10"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse("bench").unwrap().command {
+            Some(Cmd::Bench { criterion_args }) => assert!(criterion_args.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        match parse("help setup").unwrap().command {
+            Some(Cmd::Help { command }) => assert_eq!(command.as_deref(), Some("setup")),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -68,32 +68,18 @@ const REQUIREMENTS: &str = "\
 Install these by other means, or run the setup as root on such a system.";
 
 /// Command-line options of `cargo xtask setup`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub(crate) struct Options {
     /// Only report what is present and what is missing; change nothing.
+    #[arg(long = "check")]
     pub(crate) check_only: bool,
     /// Fetch and install CRIU from sid even if a working one is present.
+    #[arg(long, conflicts_with = "check_only")]
     pub(crate) reinstall_criu: bool,
-}
-
-impl Options {
-    /// Parses the arguments after `setup` (`--if-needed` is handled by the caller).
-    pub(crate) fn from_args(args: &[String]) -> Result<Self> {
-        let mut opts = Self::default();
-        for a in args {
-            match a.as_str() {
-                "--check" => opts.check_only = true,
-                "--reinstall-criu" => opts.reinstall_criu = true,
-                other => bail!(
-                    "unknown option `{other}` for `cargo xtask setup` (see `cargo xtask help`)"
-                ),
-            }
-        }
-        if opts.check_only && opts.reinstall_criu {
-            bail!("`--check` changes nothing; it cannot be combined with `--reinstall-criu`");
-        }
-        Ok(opts)
-    }
+    /// Install only when something is missing, and skip the verification (what `ci` and
+    /// `e2e-migrate` run before they need podman or CRIU).
+    #[arg(long, conflicts_with_all = ["check_only", "reinstall_criu"])]
+    pub(crate) if_needed: bool,
 }
 
 /// Runs the checks and installs only when something is missing; quiet when all is there.
@@ -1655,11 +1641,28 @@ deb http://mirror.example/debian bookworm-updates main
 
     #[test]
     fn options() {
-        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(Options::from_args(&[]).unwrap(), Options::default());
-        assert!(Options::from_args(&args(&["--check"])).unwrap().check_only);
-        assert!(Options::from_args(&args(&["--bogus"])).is_err());
-        assert!(Options::from_args(&args(&["--check", "--reinstall-criu"])).is_err());
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            o: Options,
+        }
+        let parse = |a: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once(&"setup").chain(a)).map(|c| c.o)
+        };
+        assert_eq!(parse(&[]).unwrap(), Options::default());
+        assert!(parse(&["--check"]).unwrap().check_only);
+        assert!(parse(&["--reinstall-criu"]).unwrap().reinstall_criu);
+        assert!(parse(&["--if-needed"]).unwrap().if_needed);
+        for bad in [
+            &["--bogus"][..],
+            &["--check", "--reinstall-criu"],
+            &["--if-needed", "--check"],
+            &["--if-needed", "--reinstall-criu"],
+            &["extra"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}: {err}");
+        }
     }
 
     /// Arbitrary text never panics a parser (a deterministic stand-in for proptest, which

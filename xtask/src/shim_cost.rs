@@ -56,53 +56,20 @@ const WORKLOADS: [Workload; 2] = [
     },
 ];
 
-#[derive(Debug)]
+/// The options of `cargo xtask shim-cost`.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// Rewrite the generated section of BENCHMARKS.md with the figures.
+    /// Put the table into the generated section of BENCHMARKS.md (needs both modes).
+    #[arg(long, conflicts_with = "mode")]
     write_benchmarks: bool,
-    /// Runs of each (variant, count): the spread between them shows how repeatable the count is.
+    /// Runs of each (variant, count), 1 to 10: the spread between them shows how repeatable
+    /// the count is.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
     repeat: u32,
-    /// Only this mode (`rtt` or `bulk`).
+    /// Only this workload: `rtt` (32-byte round trips) or `bulk` (256 KiB transfers).
+    #[arg(long, value_parser = ["rtt", "bulk"])]
     mode: Option<String>,
-}
-
-impl Options {
-    pub(crate) fn from_args(args: &[String]) -> Result<Self> {
-        let mut o = Options {
-            write_benchmarks: false,
-            repeat: 2,
-            mode: None,
-        };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--write-benchmarks" => o.write_benchmarks = true,
-                "--repeat" => {
-                    let v = it.next().context("--repeat needs a number")?;
-                    o.repeat = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=10).contains(n))
-                        .with_context(|| format!("--repeat {v}: need a number from 1 to 10"))?;
-                }
-                "--mode" => {
-                    let v = it.next().context("--mode needs rtt or bulk")?;
-                    if !WORKLOADS.iter().any(|w| w.mode == v) {
-                        bail!("--mode {v}: need rtt or bulk");
-                    }
-                    o.mode = Some(v.clone());
-                }
-                other => bail!(
-                    "unknown argument `{other}` (shim-cost takes --repeat N, --mode rtt|bulk, \
-                     --write-benchmarks)"
-                ),
-            }
-        }
-        if o.write_benchmarks && o.mode.is_some() {
-            bail!("--write-benchmarks needs both modes (leave out --mode)");
-        }
-        Ok(o)
-    }
 }
 
 /// The per-operation figures of one (mode, variant), one per repeat.
@@ -422,10 +389,6 @@ fn=(1) 0x0000000000027200
 totals: 21919868
 ";
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_owned).collect()
-    }
-
     fn cost(mode: &'static str, variant: &'static str, per_op: &[f64]) -> Cost {
         Cost {
             mode,
@@ -533,20 +496,28 @@ totals: 21919868
         );
     }
 
+    fn options(args: &str) -> Result<Options, clap::Error> {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            o: Options,
+        }
+        <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("shim-cost").chain(args.split_whitespace()),
+        )
+        .map(|c| c.o)
+    }
+
     #[test]
     fn options_parse() {
-        let o = Options::from_args(&args("--repeat 3 --mode bulk")).unwrap();
+        let o = options("--repeat 3 --mode bulk").unwrap();
         assert_eq!(
             (o.repeat, o.mode.as_deref(), o.write_benchmarks),
             (3, Some("bulk"), false)
         );
-        let o = Options::from_args(&[]).unwrap();
+        let o = options("").unwrap();
         assert_eq!((o.repeat, o.mode, o.write_benchmarks), (2, None, false));
-        assert!(
-            Options::from_args(&args("--write-benchmarks"))
-                .unwrap()
-                .write_benchmarks
-        );
+        assert!(options("--write-benchmarks").unwrap().write_benchmarks);
         for bad in [
             "--repeat 0",
             "--repeat 11",
@@ -555,7 +526,8 @@ totals: 21919868
             "--bogus",
             "--write-benchmarks --mode rtt",
         ] {
-            assert!(Options::from_args(&args(bad)).is_err(), "{bad}");
+            let err = options(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}: {err}");
         }
     }
 

@@ -1,9 +1,10 @@
 //! Checks that keep the layers apart and the documents in step with the code.
 //!
-//! They read `cargo metadata --no-deps` and the source tree; nothing is compiled. Each check is
-//! also a `#[test]`, so `cargo test` enforces them without xtask.
+//! They read `cargo metadata` (the workspace's manifests and the resolved dependency graph) and
+//! the source tree; nothing is compiled. Each check is also a `#[test]`, so `cargo test`
+//! enforces them without xtask.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,8 +15,10 @@ use anyhow::{Context, Result, bail};
 const PROTOCOL_FREE: &[&str] = &[
     "migration-core",
     "migration-crypto",
+    "wire-frame",
     "migration-wire",
     "control-protocol",
+    "demo-echo",
 ];
 
 /// Crates that bring sockets, runtimes or the QUIC stack.
@@ -23,6 +26,24 @@ const IO_CRATES: &[&str] = &["quinn", "quinn-udp", "tokio", "socket2", "mio", "n
 
 /// What migration-core may depend on: nothing that does I/O.
 const CORE_ALLOWED: &[&str] = &["serde", "thiserror"];
+
+/// Codecs that frame their messages and must stay light: their normal dependency tree holds no
+/// compression, no cryptography, and not the crates that bring those.
+const LIGHT_CODECS: &[&str] = &["control-protocol", "demo-echo"];
+
+/// What a light codec must not pull in, directly or transitively.
+const HEAVY: &[&str] = &[
+    "zstd",
+    "zstd-safe",
+    "zstd-sys",
+    "flate2",
+    "ring",
+    "migration-crypto",
+    "migration-wire",
+];
+
+/// The two wrappers: neither may depend on the other, not even for tests.
+const WRAPPERS: [&str; 2] = ["swrapper", "cwrapper"];
 
 /// The test command that README.md documents and `.ci/run` runs.
 pub(crate) const TEST_COMMAND: &str = "cargo xtask ci";
@@ -32,6 +53,7 @@ pub(crate) fn run_all(root: &Path) -> Result<()> {
     let mut failures = Vec::new();
     for (name, check) in [
         ("dependency layering", check_dependencies(&meta)),
+        ("dependency tree layering", check_dependency_tree(&meta)),
         ("source layering", check_sources(root)),
         ("documentation", check_docs(root, &meta)),
     ] {
@@ -56,13 +78,103 @@ struct Package {
 
 #[derive(Debug)]
 struct Metadata {
+    /// The workspace's packages.
     packages: Vec<Package>,
+    /// The resolved graph over every package, workspace or not.
+    graph: Graph,
+}
+
+/// `cargo metadata`'s `resolve`: package ids, their names, and the edges with their kinds.
+#[derive(Debug, Default)]
+struct Graph {
+    /// Package id -> name.
+    names: HashMap<String, String>,
+    /// Package id -> (dependency id, kinds: "normal" | "dev" | "build").
+    edges: HashMap<String, Vec<(String, Vec<String>)>>,
+}
+
+impl Graph {
+    fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let mut g = Graph::default();
+        for p in v["packages"].as_array().into_iter().flatten() {
+            let (Some(id), Some(name)) = (p["id"].as_str(), p["name"].as_str()) else {
+                continue;
+            };
+            g.names.insert(id.to_owned(), name.to_owned());
+        }
+        for n in v["resolve"]["nodes"].as_array().into_iter().flatten() {
+            let id = n["id"].as_str().context("resolve node without id")?;
+            let mut deps = Vec::new();
+            for d in n["deps"].as_array().into_iter().flatten() {
+                let pkg = d["pkg"].as_str().context("resolve dep without pkg")?;
+                let kinds = d["dep_kinds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|k| k["kind"].as_str().unwrap_or("normal").to_owned())
+                    .collect();
+                deps.push((pkg.to_owned(), kinds));
+            }
+            g.edges.insert(id.to_owned(), deps);
+        }
+        Ok(g)
+    }
+
+    fn name<'a>(&'a self, id: &'a str) -> &'a str {
+        self.names.get(id).map_or(id, String::as_str)
+    }
+
+    /// The ids of the packages called `name`.
+    fn ids(&self, name: &str) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .names
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every package reachable from `start`, with the chain of names that reaches it. The first
+    /// edge may be of any kind in `first`; the edges after it are normal or build edges (what
+    /// building a dependency compiles).
+    fn reachable(&self, start: &str, first: &[&str]) -> Vec<(String, Vec<String>)> {
+        let mut seen: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut queue: VecDeque<(&str, Vec<String>)> = VecDeque::new();
+        queue.push_back((start, vec![self.name(start).to_owned()]));
+        while let Some((id, chain)) = queue.pop_front() {
+            let allowed: &[&str] = if id == start {
+                first
+            } else {
+                &["normal", "build"]
+            };
+            for (dep, kinds) in self.edges.get(id).into_iter().flatten() {
+                if !kinds.iter().any(|k| allowed.contains(&k.as_str())) {
+                    continue;
+                }
+                if dep == start || seen.contains_key(dep.as_str()) {
+                    continue;
+                }
+                let mut next = chain.clone();
+                next.push(self.name(dep).to_owned());
+                seen.insert(dep, next.clone());
+                queue.push_back((dep, next));
+            }
+        }
+        let mut out: Vec<(String, Vec<String>)> = seen
+            .into_iter()
+            .map(|(id, chain)| (self.name(id).to_owned(), chain))
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 impl Metadata {
     fn load(root: &Path) -> Result<Self> {
         let out = Command::new(crate::cargo())
-            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .args(["metadata", "--format-version", "1"])
             .current_dir(root)
             .output()
             .context("running cargo metadata")?;
@@ -78,10 +190,21 @@ impl Metadata {
     }
 
     fn from_json(v: &serde_json::Value) -> Result<Self> {
+        // Full metadata lists every package of the graph; the workspace's are the members.
+        // Without `workspace_members` (a hand-written test input), every package is one.
+        let members: Option<BTreeSet<&str>> = v["workspace_members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|id| id.as_str()).collect());
         let mut packages = Vec::new();
         for p in v["packages"]
             .as_array()
             .context("no packages in metadata")?
+            .iter()
+            .filter(|p| {
+                members
+                    .as_ref()
+                    .is_none_or(|m| p["id"].as_str().is_some_and(|id| m.contains(id)))
+            })
         {
             let name = p["name"]
                 .as_str()
@@ -102,7 +225,10 @@ impl Metadata {
             }
             packages.push(Package { name, dir, deps });
         }
-        Ok(Self { packages })
+        Ok(Self {
+            packages,
+            graph: Graph::from_json(v)?,
+        })
     }
 
     fn package(&self, name: &str) -> Result<&Package> {
@@ -150,6 +276,49 @@ fn check_dependencies(meta: &Metadata) -> Result<()> {
     }
 }
 
+/// The layering that only the resolved graph shows: (a) the light codecs pull in no
+/// compression or cryptography, not even through another crate; (b) neither wrapper depends
+/// on the other, through any kind of dependency (dev-dependencies included).
+fn check_dependency_tree(meta: &Metadata) -> Result<()> {
+    let g = &meta.graph;
+    let mut errors = Vec::new();
+    for codec in LIGHT_CODECS {
+        let ids = g.ids(codec);
+        if ids.is_empty() {
+            errors.push(format!("{codec} is not in the dependency graph"));
+        }
+        for id in ids {
+            for (name, chain) in g.reachable(id, &["normal"]) {
+                if HEAVY.contains(&name.as_str()) {
+                    errors.push(format!(
+                        "{codec}'s dependency tree holds `{name}` ({}); it frames with wire-frame \
+                         and needs no compression or cryptography",
+                        chain.join(" -> ")
+                    ));
+                }
+            }
+        }
+    }
+    for (w, other) in [(WRAPPERS[0], WRAPPERS[1]), (WRAPPERS[1], WRAPPERS[0])] {
+        for id in g.ids(w) {
+            for (name, chain) in g.reachable(id, &["normal", "dev", "build"]) {
+                if name == other {
+                    errors.push(format!(
+                        "{w} depends on {other} ({}); tests that run both wrappers belong in \
+                         tests/ (integration-tests)",
+                        chain.join(" -> ")
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", errors.join("\n"))
+    }
+}
+
 /// Forbidden text per crate directory: (crate dirs it applies to, needle, why).
 fn source_rules() -> Vec<(Vec<&'static str>, &'static str, &'static str)> {
     vec![
@@ -176,8 +345,10 @@ fn source_rules() -> Vec<(Vec<&'static str>, &'static str, &'static str)> {
         (
             vec![
                 "crates/migration-core",
+                "crates/wire-frame",
                 "crates/migration-wire",
                 "crates/control-protocol",
+                "crates/demo-echo",
             ],
             "ring::",
             "only migration-crypto touches ring",
@@ -186,8 +357,10 @@ fn source_rules() -> Vec<(Vec<&'static str>, &'static str, &'static str)> {
             vec![
                 "crates/migration-core",
                 "crates/migration-crypto",
+                "crates/wire-frame",
                 "crates/migration-wire",
                 "crates/control-protocol",
+                "crates/demo-echo",
             ],
             "UdpSocket",
             "only the shims touch sockets",
@@ -339,6 +512,114 @@ mod tests {
         assert!(err.contains("migration-core depends on `tokio`"), "{err}");
         assert!(err.contains("migration-wire depends on ring"), "{err}");
         assert!(err.contains("migration-wire depends on `quinn`"), "{err}");
+    }
+
+    #[test]
+    fn dependency_tree_layering() {
+        check_dependency_tree(&meta()).unwrap();
+    }
+
+    /// Full `cargo metadata` for a graph given as (from, to, kind) edges; kind `None` is
+    /// normal. Every named package is a workspace member.
+    fn graph(edges: &[(&str, &str, Option<&str>)]) -> Metadata {
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        for (a, b, _) in edges {
+            names.insert(a);
+            names.insert(b);
+        }
+        let id = |n: &str| format!("path+file:///r/{n}#0.1.0");
+        let packages: Vec<_> = names
+            .iter()
+            .map(|n| {
+                serde_json::json!({ "name": n, "id": id(n),
+                    "manifest_path": format!("/r/crates/{n}/Cargo.toml"), "dependencies": [] })
+            })
+            .collect();
+        let nodes: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let deps: Vec<_> = edges
+                    .iter()
+                    .filter(|(a, _, _)| a == n)
+                    .map(|(_, b, k)| {
+                        serde_json::json!({ "name": b, "pkg": id(b),
+                            "dep_kinds": [ { "kind": k, "target": null } ] })
+                    })
+                    .collect();
+                serde_json::json!({ "id": id(n), "deps": deps })
+            })
+            .collect();
+        let members: Vec<_> = names.iter().map(|n| id(n)).collect();
+        Metadata::from_json(&serde_json::json!({
+            "packages": packages, "workspace_members": members, "resolve": { "nodes": nodes },
+        }))
+        .unwrap()
+    }
+
+    /// The edges of a tree that keeps the layering.
+    const GOOD: &[(&str, &str, Option<&str>)] = &[
+        ("control-protocol", "wire-frame", None),
+        ("control-protocol", "migration-core", None),
+        ("demo-echo", "wire-frame", None),
+        ("migration-wire", "wire-frame", None),
+        ("migration-wire", "zstd", None),
+        ("migration-wire", "migration-crypto", None),
+        ("migration-crypto", "ring", None),
+        // A dev-dependency of a codec may be heavy: it is not in the normal tree.
+        ("control-protocol", "migration-wire", Some("dev")),
+        ("swrapper", "control-protocol", None),
+        ("cwrapper", "control-protocol", None),
+        ("integration-tests", "swrapper", Some("dev")),
+        ("integration-tests", "cwrapper", Some("dev")),
+    ];
+
+    #[test]
+    fn a_good_tree_passes() {
+        check_dependency_tree(&graph(GOOD)).unwrap();
+    }
+
+    #[test]
+    fn a_codec_that_pulls_in_compression_fails() {
+        let mut edges = GOOD.to_vec();
+        edges.push(("wire-frame", "flate2", None));
+        edges.push(("demo-echo", "migration-wire", None));
+        let err = format!("{:#}", check_dependency_tree(&graph(&edges)).unwrap_err());
+        assert!(
+            err.contains("control-protocol's dependency tree holds `flate2` (control-protocol -> wire-frame -> flate2)"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "demo-echo's dependency tree holds `migration-wire` (demo-echo -> migration-wire)"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("demo-echo's dependency tree holds `ring` (demo-echo -> migration-wire -> migration-crypto -> ring)"),
+            "{err}"
+        );
+        assert!(err.contains("holds `zstd`"), "{err}");
+    }
+
+    #[test]
+    fn a_wrapper_that_dev_depends_on_the_other_fails() {
+        let mut edges = GOOD.to_vec();
+        edges.push(("swrapper", "cwrapper", Some("dev")));
+        let err = format!("{:#}", check_dependency_tree(&graph(&edges)).unwrap_err());
+        assert!(
+            err.contains("swrapper depends on cwrapper (swrapper -> cwrapper)"),
+            "{err}"
+        );
+        assert!(!err.contains("cwrapper depends on swrapper"), "{err}");
+        // Through another crate, by a normal edge, too.
+        let mut edges = GOOD.to_vec();
+        edges.push(("cwrapper", "helper", None));
+        edges.push(("helper", "swrapper", None));
+        let err = format!("{:#}", check_dependency_tree(&graph(&edges)).unwrap_err());
+        assert!(
+            err.contains("cwrapper depends on swrapper (cwrapper -> helper -> swrapper)"),
+            "{err}"
+        );
     }
 
     #[test]

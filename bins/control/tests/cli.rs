@@ -115,8 +115,7 @@ fn without_root_nothing_starts() {
     let args = ["--state-dir", state.to_str().unwrap(), "up"];
     let o = if is_root() {
         let found = Command::new("setpriv").arg("--help").output().is_ok();
-        if !found {
-            eprintln!("SKIP without_root_nothing_starts: setpriv not installed");
+        if !test_support::require("needs setpriv (util-linux) to drop root", found) {
             return;
         }
         Command::new("setpriv")
@@ -144,7 +143,10 @@ fn status_and_migrate_without_a_deployment_say_so() {
     let o = control(&["--state-dir", state.to_str().unwrap(), "status"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
-    if is_root() && has_tools() {
+    if test_support::require(
+        "the migrate half needs root, podman, criu, runc and nsenter (cargo xtask setup)",
+        is_root() && has_tools(),
+    ) {
         let o = control(&["--state-dir", state.to_str().unwrap(), "migrate"]);
         assert_eq!(o.status.code(), Some(1));
         assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
@@ -167,21 +169,25 @@ struct World {
 }
 
 impl World {
-    /// `None` (with a printed reason) when the test cannot run here.
+    /// `None` (with a printed reason) when the test cannot run here; a failure instead when
+    /// `CI=true` (see `test_support::require`).
     fn new(tag: &str) -> Option<World> {
-        if !is_root() {
-            eprintln!("SKIP {tag}: needs root (podman rootful, criu)");
+        if !test_support::require("needs root (podman rootful, criu)", is_root()) {
             return None;
         }
-        if !has_tools() {
-            eprintln!("SKIP {tag}: podman, criu, runc or nsenter missing (cargo xtask setup)");
+        if !test_support::require(
+            "podman, criu, runc or nsenter missing (cargo xtask setup)",
+            has_tools(),
+        ) {
             return None;
         }
-        let swrapper = Path::new(env!("CARGO_BIN_EXE_control")).with_file_name("swrapper");
-        if !swrapper.is_file() {
-            eprintln!("SKIP {tag}: no swrapper binary next to control (cargo build -p swrapper)");
-            return None;
-        }
+        // control deploys the swrapper next to its own binary: have cargo build it there.
+        let swrapper = test_support::workspace_bin("swrapper", "swrapper").unwrap();
+        assert_eq!(
+            swrapper.parent(),
+            Path::new(env!("CARGO_BIN_EXE_control")).parent(),
+            "swrapper must be built next to control"
+        );
         let dir = tempfile::tempdir().unwrap();
         let images = PathBuf::from(format!("/dev/shm/qlm-test-{tag}-{}", std::process::id()));
         // Two free ports, different from the defaults and from each other.

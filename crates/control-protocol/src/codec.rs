@@ -5,14 +5,14 @@
 //!  +-------------+--------------+-----------+------------------------------+
 //!  | len u32 BE  | version u16 BE | kind u8 | postcard payload of the kind |
 //!  +-------------+--------------+-----------+------------------------------+
-//!   (migration_wire::frame)   \______________ frame body ________________/
+//!   (wire_frame)              \______________ frame body ________________/
 //! ```
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
 
-use migration_wire::frame::{self, FrameDecoder, FrameError};
 use serde::{Deserialize, Serialize};
+use wire_frame::{self as frame, FrameDecoder, FrameError};
 
 use crate::close::CloseCode;
 use crate::message::{Message, MessageKind};

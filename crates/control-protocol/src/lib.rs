@@ -22,7 +22,7 @@
 //! (`Ack`), and the server says `Resumed` once it runs again, or `MigrateAborted` to send the
 //! client back. See [`Message`] for the sequences.
 //!
-//! Each message is one [`migration_wire::frame`] whose body is
+//! Each message is one [`wire_frame`] frame whose body is
 //! `version: u16 BE | kind: u8 | postcard payload`. This crate only turns messages into bytes
 //! and back: the wrappers own the streams, the clock and the sockets.
 //!

@@ -17,8 +17,8 @@
 //!
 //! Sans-I/O: the wrappers own the streams; this crate encodes, decodes and keeps the state.
 
-use migration_wire::frame::{self, FrameError};
 use serde::{Deserialize, Serialize};
+use wire_frame::{self as frame, FrameError};
 
 /// The ALPN protocol identifier of the demo echo service.
 pub const ALPN: &[u8] = b"qlm-echo/1";

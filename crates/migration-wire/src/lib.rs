@@ -12,7 +12,8 @@
 //!                                                 (removed on any error)
 //! ```
 //!
-//! * [`frame`]: length-delimited frames with a bound checked before allocating.
+//! * [`frame`]: length-delimited frames with a bound checked before allocating (the leaf crate
+//!   `wire-frame`, re-exported).
 //! * [`compress`]: per-stream [`Compression`] with reusable contexts ([`Codec`]) and a
 //!   decompression bound enforced while decompressing.
 //! * [`chunk`]: the stream items and the [`Chunker`] that produces them from a directory.
@@ -26,8 +27,10 @@
 
 pub mod chunk;
 pub mod compress;
-pub mod frame;
 pub mod reassemble;
+
+/// Length-delimited framing: the leaf crate `wire-frame`, re-exported under its old path.
+pub use wire_frame as frame;
 
 pub use chunk::{
     Chunk, ChunkError, Chunker, ChunkerConfig, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, STREAM_VERSION,

@@ -415,6 +415,9 @@ impl Reassembler {
                 }
                 Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
                 Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
+                // `ReadFrameError` is non-exhaustive (it lives in wire-frame): a later kind of
+                // read failure is a read failure.
+                Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
             };
             let item = frame::decode_body_borrowed::<StreamItemRef<'_>>(&buf[..len])
                 .map_err(ReassembleError::Frame)?;

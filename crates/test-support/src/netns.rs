@@ -281,16 +281,13 @@ mod tests {
 
     #[test]
     fn two_namespaces_in_one_process_coexist_and_are_deleted() {
-        if !is_root() {
-            eprintln!("SKIP two_namespaces_in_one_process_coexist_and_are_deleted: needs root");
+        if !crate::require("needs root (ip netns, veth)", is_root()) {
             return;
         }
-        let first = match Netns::create("tsupport") {
-            Ok(netns) => netns,
-            Err(why) => {
-                eprintln!("SKIP two_namespaces_in_one_process_coexist_and_are_deleted: {why}");
-                return;
-            }
+        let Some(first) =
+            crate::require_ok("creating a network namespace", Netns::create("tsupport"))
+        else {
+            return;
         };
         let second = Netns::create("tsupport").unwrap();
         assert_ne!(first.name, second.name);

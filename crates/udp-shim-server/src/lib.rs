@@ -544,7 +544,7 @@ mod tests {
         match bind_in_netns(Path::new("/proc/self/ns/net"), localhost(0)) {
             Ok(socket) => assert_eq!(socket.local_addr().unwrap().ip(), Ipv4Addr::LOCALHOST),
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                eprintln!("SKIP bind_in_own_netns_binds: {e}");
+                test_support::require(&format!("needs CAP_SYS_ADMIN (root): {e}"), false);
             }
             Err(e) => panic!("{e}"),
         }

@@ -13,7 +13,8 @@ use std::{
 };
 
 use test_support::{
-    Accepted, Echo, Netns, TEST_LIMIT, configs, eventually, is_root, no_fork, spawn_echo_server,
+    Accepted, Echo, Netns, TEST_LIMIT, configs, eventually, is_root, no_fork, require, require_ok,
+    spawn_echo_server,
 };
 use udp_shim_client::{SwappableUdp, client_endpoint};
 use udp_shim_server::{MigratableUdp, bind_in_netns, refresh_endpoint, server_endpoint};
@@ -173,16 +174,11 @@ async fn park_frees_the_port_and_unpark_resumes() {
 /// and back; the client follows by address, the connection goes on. Root only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_survives_move_into_another_netns() {
-    if !is_root() {
-        eprintln!("SKIP connection_survives_move_into_another_netns: needs root (ip netns, veth)");
+    if !require("needs root (ip netns, veth)", is_root()) {
         return;
     }
-    let netns = match Netns::create("udpshim") {
-        Ok(netns) => netns,
-        Err(why) => {
-            eprintln!("SKIP connection_survives_move_into_another_netns: {why}");
-            return;
-        }
+    let Some(netns) = require_ok("creating a network namespace", Netns::create("udpshim")) else {
+        return;
     };
     tokio::time::timeout(TEST_LIMIT, async {
         let start = SocketAddr::from((netns.root_ip, 0));

@@ -1,7 +1,8 @@
 //! The proof without root and without CRIU: a real swrapper server (in this process) and the
 //! real cwrapper binary (a child process) on loopback; the server's socket moves to another
 //! port (and, as root, into another network namespace) and the client follows on the same
-//! connection.
+//! connection. (Here rather than in bins/cwrapper, so that neither wrapper depends on the
+//! other, not even for tests.)
 
 // Test helpers outside #[test] functions unwrap too: a failure there is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -18,6 +19,12 @@ use wrapper_support::Identity;
 
 /// Bound on every scenario.
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// The cwrapper binary, built by cargo when missing or stale (see `test_support::bins`). Each test
+/// calls it before its time limit starts: the first call may compile.
+fn cwrapper_bin() -> std::path::PathBuf {
+    test_support::workspace_bin("cwrapper", "cwrapper").unwrap()
+}
 
 struct Server {
     handle: MigrationHandle,
@@ -52,7 +59,7 @@ fn start_client(server: &Server, target: SocketAddr, extra: &[&str]) -> (Child, 
         .dir
         .path()
         .join(format!("client-{}.json", target.port()));
-    let child = Command::new(env!("CARGO_BIN_EXE_cwrapper"))
+    let child = Command::new(cwrapper_bin())
         .args(["--target", &target.to_string()])
         .arg("--ca")
         .arg(&server.cert)
@@ -179,6 +186,7 @@ fn assert_verified(r: &Value, moves: usize, freeze_ms: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_follows_the_server_to_another_port() {
+    cwrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)));
         let first = server.handle.local_addr();
@@ -208,6 +216,7 @@ async fn client_follows_the_server_to_another_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_consecutive_moves_on_one_connection() {
+    cwrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)));
         let (child, json) =
@@ -230,19 +239,16 @@ async fn ten_consecutive_moves_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_moves_into_another_network_namespace() {
-    if !test_support::netns::is_root() {
-        eprintln!(
-            "SKIP the_server_moves_into_another_network_namespace: needs root (ip netns, veth)"
-        );
+    if !test_support::require("needs root (ip netns, veth)", test_support::is_root()) {
         return;
     }
-    let netns = match test_support::netns::Netns::create("cwmv") {
-        Ok(n) => n,
-        Err(why) => {
-            eprintln!("SKIP the_server_moves_into_another_network_namespace: {why}");
-            return;
-        }
+    let Some(netns) = test_support::require_ok(
+        "creating a network namespace",
+        test_support::Netns::create("cwmv"),
+    ) else {
+        return;
     };
+    cwrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let server = start_server(SocketAddr::from((netns.root_ip, 0)));
         let (child, json) =
@@ -278,6 +284,7 @@ async fn the_server_moves_into_another_network_namespace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_to_an_unreachable_address_fails_clearly_at_the_deadline() {
+    cwrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)));
         let (child, json) = start_client(
@@ -314,6 +321,7 @@ async fn migrate_to_an_unreachable_address_fails_clearly_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_stay_connected_a_missed_deadline_ends_the_session() {
+    cwrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)));
         let (child, json) = start_client(&server, server.handle.local_addr(), &[]);

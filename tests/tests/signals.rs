@@ -1,6 +1,7 @@
 //! The swrapper binary driven by signals and its admin directory, as the orchestrator drives it:
 //! SIGTERM announces (and parks), SIGUSR2 renews the socket and resumes, SIGUSR1 aborts.
-//! The client is the cwrapper library, in this process.
+//! The client is the cwrapper library, in this process. (Here rather than in bins/swrapper, so
+//! that neither wrapper depends on the other, not even for tests.)
 
 // Test helpers outside #[test] functions unwrap too: a failure there is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -19,6 +20,12 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// The swrapper binary, built by cargo when missing or stale (see `test_support::bins`). Each test
+/// calls it before its time limit starts: the first call may compile.
+fn swrapper_bin() -> std::path::PathBuf {
+    test_support::workspace_bin("swrapper", "swrapper").unwrap()
+}
 
 /// Kills the server (by the PID this test started) if the test fails midway.
 struct ServerProcess(Option<Child>);
@@ -40,7 +47,7 @@ impl Drop for ServerProcess {
 }
 
 fn start(dir: &Path, addr: SocketAddr) -> ServerProcess {
-    let child = Command::new(env!("CARGO_BIN_EXE_swrapper"))
+    let child = Command::new(swrapper_bin())
         .args(["--listen", &addr.to_string(), "--log", "warn"])
         .arg("--cert-out")
         .arg(dir.join("cert.pem"))
@@ -88,6 +95,7 @@ async fn connect(dir: &Path, addr: SocketAddr) -> MigratingClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_announce_park_resume_and_abort() {
+    swrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let addr = UdpSocket::bind("127.0.0.1:0")
@@ -206,6 +214,7 @@ async fn signals_announce_park_resume_and_abort() {
 
 #[tokio::test]
 async fn a_bad_migrate_json_is_reported_not_fatal() {
+    swrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let addr = UdpSocket::bind("127.0.0.1:0")

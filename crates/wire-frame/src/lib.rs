@@ -1,4 +1,6 @@
-//! Length-delimited framing.
+//! Length-delimited framing: a leaf crate (serde, postcard and thiserror only), so that the
+//! codecs that frame their messages (control-protocol, demo-echo) need neither compression nor
+//! cryptography. migration-wire re-exports it as `migration_wire::frame`.
 //!
 //! A frame is a 4-byte big-endian body length followed by the body. The decoder refuses a
 //! length prefix above its configured maximum as soon as the 4 bytes are seen, before it
@@ -92,9 +94,7 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 /// [`decode_body`] for a message that may borrow from the body (a payload as `&[u8]`).
-pub(crate) fn decode_body_borrowed<'a, T: Deserialize<'a>>(
-    body: &'a [u8],
-) -> Result<T, FrameError> {
+pub fn decode_body_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body).map_err(FrameError::Decode)?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
@@ -103,7 +103,10 @@ pub(crate) fn decode_body_borrowed<'a, T: Deserialize<'a>>(
 }
 
 /// The length prefix of a body of `len` bytes, or [`FrameError::TooLarge`] above `max`.
-pub(crate) fn check_len(len: u64, max: usize) -> Result<u32, FrameError> {
+///
+/// For a writer that assembles a frame in pieces (a header now, a payload later) and fills in
+/// the prefix itself.
+pub fn check_len(len: u64, max: usize) -> Result<u32, FrameError> {
     match u32::try_from(len) {
         Ok(l) if len <= max as u64 => Ok(l),
         _ => Err(FrameError::TooLarge { len, max }),
@@ -229,7 +232,7 @@ pub fn read_frame<R: std::io::Read>(
 /// input before any byte of a new frame. `buf` only grows (zero-filled once up to the largest
 /// body seen) and bytes past `len` are stale: reading a frame costs no zero-filling once the
 /// buffer has reached the stream's largest frame.
-pub(crate) fn read_frame_into<R: std::io::Read>(
+pub fn read_frame_into<R: std::io::Read>(
     reader: &mut R,
     max: usize,
     buf: &mut Vec<u8>,
