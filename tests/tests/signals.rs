@@ -13,11 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use admin_api::{
+    AbortRequest, Aborted, AdminDir, AdminError, Announced, MigrateRequest, ResumeRequest, Resumed,
+    ServerEvent,
+};
 use cwrapper::{ClientOptions, MigratingClient};
 use demo_echo::EchoChecker;
+use migration_core::MigrationId;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -61,17 +65,19 @@ fn start(dir: &Path, addr: SocketAddr) -> ServerProcess {
     ServerProcess(Some(child))
 }
 
-/// Waits for `name.json` in the admin directory (then removes it, ready for the next event).
-async fn event(dir: &Path, name: &str) -> Value {
-    let path = dir.join(format!("{name}.json"));
-    for _ in 0..1000 {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            std::fs::remove_file(&path).unwrap();
-            return serde_json::from_str(&text).unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no {name}.json after 10 s");
+/// Waits for the server's event of kind `E` answering `id` (consumed when read).
+async fn event<E: ServerEvent + Send + 'static>(
+    dir: &Path,
+    id: Option<MigrationId>,
+) -> Result<E, AdminError> {
+    let admin = AdminDir::open(dir).unwrap();
+    tokio::task::spawn_blocking(move || admin.wait_event::<E>(id, Duration::from_secs(10)))
+        .await
+        .unwrap()
+}
+
+fn id(n: u8) -> MigrationId {
+    MigrationId::from_bytes([n; 16])
 }
 
 async fn connect(dir: &Path, addr: SocketAddr) -> MigratingClient {
@@ -130,33 +136,51 @@ async fn signals_announce_park_resume_and_abort() {
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
 
-        // SIGTERM without a target: a clear error in announce.json, nothing else happens.
+        let admin = AdminDir::open(dir.path()).unwrap();
+        // SIGTERM without a request: a clear error in announce.json, nothing else happens.
         server.signal(Signal::SIGTERM);
-        let e = event(dir.path(), "announce").await;
-        assert!(
-            e["error"].as_str().unwrap().contains("no target address"),
-            "{e}"
-        );
+        let e = event::<Announced>(dir.path(), Some(id(1)))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("without a migrate request"), "{e}");
 
         // A move "in place" (same address: the process stays, the socket is renewed).
-        std::fs::write(
-            dir.path().join("migrate.json"),
-            format!(r#"{{"new_addr": "{addr}", "deadline_ms": 2000}}"#),
-        )
-        .unwrap();
+        admin
+            .send_request(&MigrateRequest {
+                migration_id: id(1),
+                new_addr: addr,
+                deadline_ms: 2000,
+            })
+            .unwrap();
         server.signal(Signal::SIGTERM);
-        let e = event(dir.path(), "announce").await;
-        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
-        assert!(e["missing"].as_array().unwrap().is_empty(), "{e}");
-        assert_eq!(e["parked"], true, "{e}");
+        let e: Announced = event(dir.path(), Some(id(1))).await.unwrap();
+        assert_eq!(e.outcome.acked.len(), 1, "{e:?}");
+        assert!(e.outcome.missing.is_empty(), "{e:?}");
+        assert!(e.parked, "{e:?}");
+        // The request was consumed: a stray SIGTERM now announces nothing.
+        assert!(!dir.path().join("migrate.json").exists());
         // Parked: the port is free, as a checkpoint needs.
         drop(UdpSocket::bind(addr).unwrap());
         let before = echoes.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // A resume for another migration is refused, and nothing resumes.
+        admin
+            .send_request(&ResumeRequest {
+                migration_id: id(9),
+            })
+            .unwrap();
         server.signal(Signal::SIGUSR2);
-        let e = event(dir.path(), "resumed").await;
-        assert_eq!(e["told"], 1, "{e}");
-        assert_eq!(e["handshakes"], 1, "{e}");
+        let e = event::<Resumed>(dir.path(), Some(id(9))).await.unwrap_err();
+        assert!(e.to_string().contains("is in progress"), "{e}");
+        admin
+            .send_request(&ResumeRequest {
+                migration_id: id(1),
+            })
+            .unwrap();
+        server.signal(Signal::SIGUSR2);
+        let e: Resumed = event(dir.path(), Some(id(1))).await.unwrap();
+        assert_eq!(e.told, 1, "{e:?}");
+        assert_eq!(e.handshakes, 1, "{e:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             echoes.load(Ordering::Relaxed) > before,
@@ -166,19 +190,36 @@ async fn signals_announce_park_resume_and_abort() {
         assert_eq!(status.migrations.len(), 1);
         assert_eq!(status.resumed, 1);
 
-        // An aborted move: announce, then SIGUSR1 sends the clients back (abort.json).
-        std::fs::write(
-            dir.path().join("abort.json"),
-            format!(r#"{{"fallback_addr": "{addr}"}}"#),
-        )
-        .unwrap();
+        // A stray SIGTERM after the move: no old move is announced again.
         server.signal(Signal::SIGTERM);
-        let e = event(dir.path(), "announce").await;
-        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
+        let e = event::<Announced>(dir.path(), Some(id(1)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AdminError::ServerReported { .. }), "{e}");
+        assert_eq!(client.status().migrations.len(), 1);
+
+        // An aborted move: announce, then SIGUSR1 sends the clients back (abort.json).
+        admin
+            .send_request(&MigrateRequest {
+                migration_id: id(2),
+                new_addr: addr,
+                deadline_ms: 2000,
+            })
+            .unwrap();
+        server.signal(Signal::SIGTERM);
+        let e: Announced = event(dir.path(), Some(id(2))).await.unwrap();
+        assert_eq!(e.outcome.acked.len(), 1, "{e:?}");
+        admin
+            .send_request(&AbortRequest {
+                migration_id: id(2),
+                fallback_addr: addr,
+                deadline_ms: 2000,
+            })
+            .unwrap();
         server.signal(Signal::SIGUSR1);
-        let e = event(dir.path(), "aborted").await;
-        assert_eq!(e["acked"].as_array().unwrap().len(), 1, "{e}");
-        assert_eq!(e["address"], addr.to_string());
+        let e: Aborted = event(dir.path(), Some(id(2))).await.unwrap();
+        assert_eq!(e.outcome.acked.len(), 1, "{e:?}");
+        assert_eq!(e.outcome.address, addr);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let status = client.status();
         // The second Migrate, then its abort.
@@ -226,16 +267,15 @@ async fn a_bad_migrate_json_is_reported_not_fatal() {
         for bad in [
             "not json",
             r#"{"new_addr": "nowhere"}"#,
-            r#"{"new_addr": "127.0.0.1:1", "surprise": 1}"#,
-            r#"{"new_addr": "127.0.0.1:1", "migration_id": "xyz"}"#,
+            r#"{"migration_id": "01010101010101010101010101010101", "new_addr": "127.0.0.1:1", "deadline_ms": 5, "surprise": 1}"#,
+            r#"{"new_addr": "127.0.0.1:1", "migration_id": "xyz", "deadline_ms": 5}"#,
         ] {
             std::fs::write(dir.path().join("migrate.json"), bad).unwrap();
             server.signal(Signal::SIGTERM);
-            let e = event(dir.path(), "announce").await;
-            assert!(
-                e["error"].as_str().unwrap().contains("migrate.json"),
-                "{bad}: {e}"
-            );
+            let e = event::<Announced>(dir.path(), Some(id(1))).await.unwrap_err();
+            assert!(e.to_string().contains("migrate.json"), "{bad}: {e}");
+            // Consumed even though it was bad.
+            assert!(!dir.path().join("migrate.json").exists());
         }
         // Still serving: a client connects.
         let again = connect(dir.path(), addr).await;

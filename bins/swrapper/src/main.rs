@@ -57,6 +57,7 @@ struct Args {
     /// "127.0.0.1:5242", "deadline_ms": 2000}) on SIGUSR1. Events written back, each in an
     /// envelope {"migration_id": ..., "result": {"Ok": ...} | {"Err": "..."}}: `ready.json` at
     /// start, `announce.json`, `resumed.json`, `aborted.json`. Created 0600.
+    #[arg(long, env = "SWRAPPER_ADMIN_DIR")]
     admin_dir: Option<PathBuf>,
     /// How long to wait for the clients' acks after announcing.
     #[arg(long, env = "SWRAPPER_ACK_DEADLINE_MS", default_value_t = 2000)]
