@@ -1,6 +1,7 @@
 //! `cargo xtask e2e-migrate`: the whole flow for real: release binaries, set-up, podman
-//! containers A and B, the demo client, CRIU migrations A -> B -> A, and a scenario whose
-//! restore is made to fail so that the rollback is proven.
+//! containers A and B, the demo client, CRIU migrations A -> B -> A driven from one process
+//! and by hand (separate `control` commands), and a scenario whose restore and dump are made
+//! to fail so that both rollbacks are proven.
 //!
 //! xtask prepares and tears down; `control run` drives each scenario and checks what it can see
 //! (its report lists problems); this file adds the cross-scenario checks, prints the summary,
@@ -11,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use admin_api::{MoveResult, RunReport};
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
 
 const BEGIN: &str = "<!-- xtask e2e-migrate: generated section begins -->";
 const END: &str = "<!-- xtask e2e-migrate: generated section ends -->";
 
 /// The container-name prefixes of the two scenarios (`control --name`).
-const NAMES: [&str; 2] = ["qlm-e2e", "qlm-e2e-rb"];
+const NAMES: [&str; 3] = ["qlm-e2e", "qlm-e2e-rb", "qlm-e2e-hand"];
 /// A scenario takes about a minute; one that has not ended after this is hung.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// `control logs` and `control down`.
@@ -87,6 +88,14 @@ pub(crate) struct Options {
     /// Skip the rollback scenario.
     #[arg(long)]
     no_rollback: bool,
+    /// Skip the by-hand scenario (control up, then each control migrate as its own process).
+    #[arg(long)]
+    no_by_hand: bool,
+    /// Fail when the client pauses longer than this for any migration (completed or rolled
+    /// back), or when a figure is missing.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_pause_ms: u64,
 }
 
 fn control_cmd(bin: &Path, state: &Path, images: &Path, name: &str) -> Command {
@@ -100,10 +109,92 @@ fn control_cmd(bin: &Path, state: &Path, images: &Path, name: &str) -> Command {
     c
 }
 
+/// What a scenario runs and what it must show.
 struct Scenario<'a> {
     title: &'a str,
     name: &'a str,
     args: Vec<String>,
+    /// Migrations reported.
+    moves: usize,
+    /// Of them rolled back.
+    rollbacks: usize,
+}
+
+/// The scenarios, in the order they run.
+fn scenarios(opts: &Options) -> Vec<Scenario<'static>> {
+    let pause = opts.max_pause_ms.to_string();
+    let mut v = vec![Scenario {
+        title: "migrate A -> B -> A (control run: one process)",
+        name: NAMES[0],
+        args: vec![
+            "--moves".into(),
+            opts.moves.to_string(),
+            "--max-pause-ms".into(),
+            pause.clone(),
+        ],
+        moves: opts.moves as usize,
+        rollbacks: 0,
+    }];
+    if !opts.no_by_hand {
+        v.push(Scenario {
+            title: "migrate A -> B -> A by hand (control up, then each control migrate as its \
+                    own process)",
+            name: NAMES[2],
+            args: vec![
+                "--moves".into(),
+                "2".into(),
+                "--route".into(),
+                "by-hand".into(),
+                "--max-pause-ms".into(),
+                pause.clone(),
+            ],
+            moves: 2,
+            rollbacks: 0,
+        });
+    }
+    if !opts.no_rollback {
+        v.push(Scenario {
+            title: "image sets sealed through migration-wire: A -> B; B -> A with the restore \
+                    failing in A (rolled back: restored in B again); B -> A with the dump \
+                    failing (rolled back: B goes on); B -> A",
+            name: NAMES[1],
+            args: [
+                "--moves",
+                "4",
+                "--fail-restore-at",
+                "2",
+                "--fail-dump-at",
+                "3",
+                "--transfer",
+                "sealed",
+                "--max-pause-ms",
+                &pause,
+            ]
+            .map(String::from)
+            .to_vec(),
+            moves: 4,
+            rollbacks: 2,
+        });
+    }
+    v
+}
+
+/// One scenario's outcome, as written into e2e-report.json.
+#[derive(Debug, serde::Serialize)]
+struct ScenarioResult {
+    title: String,
+    report: Option<RunReport>,
+    problems: Vec<String>,
+}
+
+/// The whole run, as written into e2e-report.json.
+#[derive(Debug, serde::Serialize)]
+struct E2eReport {
+    machine: String,
+    elapsed_s: f64,
+    max_pause_ms: u64,
+    scenarios: Vec<ScenarioResult>,
+    failures: Vec<String>,
 }
 
 pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
@@ -136,35 +227,16 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     let out_dir = &paths.out_dir;
     std::fs::create_dir_all(out_dir)?;
 
-    let mut scenarios = vec![Scenario {
-        title: "migrate A -> B -> A",
-        name: NAMES[0],
-        args: vec!["--moves".into(), opts.moves.to_string()],
-    }];
-    if !opts.no_rollback {
-        scenarios.push(Scenario {
-            title: "image sets sealed through migration-wire; restore fails in B (rollback: \
-                    restored in A again), dump fails (rollback: A goes on), then moves on",
-            name: NAMES[1],
-            args: [
-                "--moves",
-                "4",
-                "--fail-restore-at",
-                "2",
-                "--fail-dump-at",
-                "3",
-                "--transfer",
-                "sealed",
-            ]
-            .map(String::from)
-            .to_vec(),
-        });
-    }
-
+    let scenarios = scenarios(opts);
     let mut results = Vec::new();
     let mut failures = Vec::new();
     for (i, sc) in scenarios.iter().enumerate() {
-        println!("\ne2e: scenario {}: {}", i + 1, sc.title);
+        println!(
+            "\ne2e: scenario {} of {}: {} (about a minute)",
+            i + 1,
+            scenarios.len(),
+            sc.title
+        );
         let report_path = out_dir.join(format!("scenario-{}.json", i + 1));
         let _ = std::fs::remove_file(&report_path);
         let status = crate::limit::status(
@@ -178,11 +250,10 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             "control run",
             SCENARIO_LIMIT,
         );
-        let report: Value = std::fs::read_to_string(&report_path)
+        let report: Option<RunReport> = std::fs::read_to_string(&report_path)
             .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let mut problems = check(sc, &report);
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let mut problems = check(sc, report.as_ref());
         match &status {
             Ok(status) if !status.success() && problems.is_empty() => {
                 problems.push(format!("control run exited with {status}"));
@@ -219,24 +290,29 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
                 failures.push(format!("scenario {}: control down failed", i + 1));
             }
         }
-        results.push(json!({ "title": sc.title, "report": report, "problems": problems }));
+        results.push(ScenarioResult {
+            title: sc.title.to_owned(),
+            report,
+            problems,
+        });
         if !failures.is_empty() {
             break;
         }
     }
 
-    let combined = json!({
-        "machine": crate::bench::machine(),
-        "elapsed_s": started.elapsed().as_secs_f64(),
-        "scenarios": results,
-        "failures": failures,
-    });
+    let combined = E2eReport {
+        machine: crate::bench::machine(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        max_pause_ms: opts.max_pause_ms,
+        scenarios: results,
+        failures,
+    };
     let report_path = out_dir.join("e2e-report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&combined)?)?;
     let summary = render(&combined);
     println!("\n{summary}");
     println!("e2e: report written to {}", report_path.display());
-    if opts.write_benchmarks && failures.is_empty() {
+    if opts.write_benchmarks && combined.failures.is_empty() {
         let path = root.join("BENCHMARKS.md");
         let old = std::fs::read_to_string(&path).unwrap_or_default();
         std::fs::write(
@@ -245,8 +321,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         )?;
         println!("e2e: wrote the figures into {}", path.display());
     }
-    if !failures.is_empty() {
-        bail!("e2e-migrate failed:\n{}", failures.join("\n"));
+    if !combined.failures.is_empty() {
+        bail!("e2e-migrate failed:\n{}", combined.failures.join("\n"));
     }
     println!(
         "e2e-migrate: all checks passed in {:.0} s",
@@ -255,120 +331,128 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// What the scenario must show, beyond the problems `control run` found itself.
-fn check(sc: &Scenario<'_>, report: &Value) -> Vec<String> {
-    let mut problems: Vec<String> = report["problems"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str().map(str::to_owned))
-        .collect();
-    if report.is_null() {
-        problems.push("control run wrote no report".to_owned());
-        return problems;
-    }
-    let rows = report["summary"]["rows"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let expected: usize = sc
-        .args
-        .windows(2)
-        .find(|w| w[0] == "--moves")
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(0);
-    if rows.len() != expected {
+/// What the scenario must show, beyond the problems `control run` found itself (the client's
+/// real peer after each move, handshakes and connections on both sides, pauses within the
+/// bound, every figure present; see control's report.rs).
+fn check(sc: &Scenario<'_>, report: Option<&RunReport>) -> Vec<String> {
+    let Some(report) = report else {
+        return vec!["control run wrote no report".to_owned()];
+    };
+    let mut problems = report.problems.clone();
+    let rows = &report.summary.rows;
+    if rows.len() != sc.moves {
         problems.push(format!(
-            "{} migrations reported, expected {expected}",
-            rows.len()
+            "{} migrations reported, expected {}",
+            rows.len(),
+            sc.moves
         ));
     }
-    let rolled_back = rows.iter().filter(|r| r["result"] == "rolled_back").count();
-    let wants_rollback = sc
-        .args
+    let rolled_back = rows
         .iter()
-        .filter(|a| a.as_str() == "--fail-restore-at" || a.as_str() == "--fail-dump-at")
+        .filter(|r| r.result == MoveResult::RolledBack)
         .count();
-    if rolled_back != wants_rollback {
+    if rolled_back != sc.rollbacks {
         problems.push(format!(
-            "{rolled_back} migrations rolled back, expected {wants_rollback}"
+            "{rolled_back} migrations rolled back, expected {}",
+            sc.rollbacks
         ));
     }
-    // Both directions were exercised by completed moves, the second from a restored process.
-    let dirs: Vec<(String, String)> = rows
+    // There and back, as observed: the restored process's network namespace and the address
+    // the client last heard the server from both changed between consecutive completed moves.
+    let completed: Vec<_> = report
+        .migrations
         .iter()
-        .filter(|r| r["result"] == "completed")
-        .map(|r| (r["from"].to_string(), r["to"].to_string()))
+        .filter(|m| m.result == MoveResult::Completed)
         .collect();
-    if dirs.len() >= 2 && dirs[0].0 != dirs[1].1 {
-        problems.push(format!("the moves did not go there and back: {dirs:?}"));
+    for pair in completed.windows(2) {
+        let ns = |m: &admin_api::MoveReport| m.placement.as_ref().map(|p| p.netns_inode);
+        if ns(pair[0]).is_none() || ns(pair[0]) == ns(pair[1]) {
+            problems.push(format!(
+                "migrations {} and {} restored the server into the same network namespace \
+                 ({:?})",
+                pair[0].migration_id,
+                pair[1].migration_id,
+                ns(pair[0])
+            ));
+        }
     }
-    let client = &report["client"];
-    if client["connections"] != 1 {
-        problems.push(format!(
-            "the client made {} connections",
-            client["connections"]
-        ));
+    let peers: Vec<Option<std::net::SocketAddr>> = rows
+        .iter()
+        .filter(|r| r.result == MoveResult::Completed)
+        .map(|r| r.client_peer_after)
+        .collect();
+    for pair in peers.windows(2) {
+        if pair[0].is_none() || pair[0] == pair[1] {
+            problems.push(format!(
+                "the client heard the server from {:?} after two consecutive moves: not there \
+                 and back",
+                pair[0]
+            ));
+        }
     }
-    if client["echoes"].as_u64().unwrap_or(0) < 50 {
-        problems.push(format!("only {} echoes", client["echoes"]));
+    match &report.client {
+        None => problems.push("the client wrote no report".to_owned()),
+        Some(c) => {
+            if c.echoes < 50 {
+                problems.push(format!("only {} echoes", c.echoes));
+            }
+        }
     }
     problems.sort();
     problems.dedup();
     problems
 }
 
-fn render(combined: &Value) -> String {
+fn render(combined: &E2eReport) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "End-to-end migration (`cargo xtask e2e-migrate`)\n");
-    let _ = writeln!(
-        s,
-        "Machine: {}\n",
-        combined["machine"].as_str().unwrap_or("?")
-    );
-    let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
-    for sc in combined["scenarios"].as_array().into_iter().flatten() {
-        let sum = &sc["report"]["summary"];
-        let _ = writeln!(s, "Scenario: {}\n", sc["title"].as_str().unwrap_or("?"));
+    let _ = writeln!(s, "Machine: {}\n", combined.machine);
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.1}"));
+    for sc in &combined.scenarios {
+        let _ = writeln!(s, "Scenario: {}\n", sc.title);
+        let Some(r) = &sc.report else {
+            let _ = writeln!(s, "(no report)\n");
+            continue;
+        };
+        let sum = &r.summary;
         let _ = writeln!(
             s,
-            "| # | from | to | result | freeze ms | dump ms (criu start-up) | restore ms (criu start-up) | image KiB | client downtime ms |"
+            "| # | from | to | result | freeze ms | dump ms (criu start-up) | restore ms (criu start-up) | image KiB | client pause ms |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-        for (i, r) in sum["rows"].as_array().into_iter().flatten().enumerate() {
+        for (i, row) in sum.rows.iter().enumerate() {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {} |",
                 i + 1,
-                r["from"].as_str().unwrap_or("?"),
-                r["to"].as_str().unwrap_or("?"),
-                r["result"].as_str().unwrap_or("?"),
-                f(&r["freeze_ms"]),
-                f(&r["dump_ms"]),
-                f(&r["dump_criu_startup_ms"]),
-                f(&r["restore_ms"]),
-                f(&r["restore_criu_startup_ms"]),
-                r["image_bytes"]
-                    .as_u64()
+                row.from,
+                row.to,
+                row.result,
+                f(row.freeze_ms),
+                f(row.dump_ms),
+                f(row.dump_criu_startup_ms),
+                f(row.restore_ms),
+                f(row.restore_criu_startup_ms),
+                row.image_bytes
                     .map_or("-".into(), |b| (b / 1024).to_string()),
-                f(&r["client_downtime_ms"]),
+                f(row.client_downtime_ms),
             );
         }
         let _ = writeln!(
             s,
-            "\nMedians over completed moves: client downtime {} ms, freeze {} ms (dump {} ms, \
+            "\nMedians over completed moves: client pause {} ms, freeze {} ms (dump {} ms, \
              restore {} ms; criu start-up {} ms + {} ms). Client: {} echoes, verified: {}.\n",
-            f(&sum["client_downtime_median_ms"]),
-            f(&sum["freeze_median_ms"]),
-            f(&sum["dump_median_ms"]),
-            f(&sum["restore_median_ms"]),
-            f(&sum["dump_criu_startup_median_ms"]),
-            f(&sum["restore_criu_startup_median_ms"]),
-            sum["echoes"],
-            sum["client_verified"],
+            f(sum.client_downtime_median_ms),
+            f(sum.freeze_median_ms),
+            f(sum.dump_median_ms),
+            f(sum.restore_median_ms),
+            f(sum.dump_criu_startup_median_ms),
+            f(sum.restore_criu_startup_median_ms),
+            sum.echoes,
+            sum.client_verified,
         );
-        for p in sc["problems"].as_array().into_iter().flatten() {
-            let _ = writeln!(s, "- PROBLEM: {}", p.as_str().unwrap_or("?"));
+        for p in &sc.problems {
+            let _ = writeln!(s, "- PROBLEM: {p}");
         }
     }
     s
@@ -377,48 +461,110 @@ fn render(combined: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn sc(args: &[&str]) -> Scenario<'static> {
+    fn sc(moves: usize, rollbacks: usize) -> Scenario<'static> {
         Scenario {
             title: "t",
             name: "n",
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: vec![],
+            moves,
+            rollbacks,
         }
     }
 
-    fn row(from: &str, to: &str, result: &str) -> Value {
-        json!({ "from": from, "to": to, "result": result, "client_downtime_ms": 100.0 })
+    /// A migration report as control writes it: the restored process in namespace `ns`.
+    fn migration(n: u8, result: &str, ns: u64) -> serde_json::Value {
+        let id = format!("{n:02x}").repeat(16);
+        json!({
+            "migration_id": id, "from": "qlm-a", "to": "qlm-b",
+            "target_addr": "127.0.0.1:5243", "source_addr": "127.0.0.1:5242",
+            "result": result, "dirty_tracking": false, "predump_rounds": [],
+            "placement": { "pid": 7, "netns_inode": ns, "expected_netns_inode": ns,
+                           "expected_container": "qlm-b" },
+            "wall_ms": 200.0,
+            "timeline": { "migration_id": id, "final_phase": "completed",
+                          "created_at": 0, "phases": [] },
+        })
+    }
+
+    fn row(n: u8, result: &str, peer: &str) -> serde_json::Value {
+        json!({ "id": format!("{n:02x}").repeat(16), "from": "qlm-a", "to": "qlm-b",
+                "result": result, "freeze_ms": 96.4, "dump_ms": 52.1,
+                "dump_criu_startup_ms": 37.6, "restore_ms": 43.3,
+                "restore_criu_startup_ms": 30.2, "image_bytes": 779264,
+                "client_downtime_ms": 100.9, "server_handshakes": 1,
+                "client_peer_after": peer, "expected_peer": peer })
+    }
+
+    fn report(migrations: Vec<serde_json::Value>, rows: Vec<serde_json::Value>) -> RunReport {
+        let v = json!({
+            "route": "run",
+            "summary": { "rows": rows, "completed": 2, "client_downtime_median_ms": 100.9,
+                         "freeze_median_ms": 96.4, "dump_median_ms": null,
+                         "restore_median_ms": null, "dump_criu_startup_median_ms": null,
+                         "restore_criu_startup_median_ms": null, "echoes": 300,
+                         "client_verified": true },
+            "migrations": migrations,
+            "client": { "target": "127.0.0.1:5242", "stable_id": 1, "connections": 1,
+                        "handshakes": 1, "echoes": 300, "failed_attempts": 0, "migrations": [],
+                        "control": "open", "foreign_datagrams_dropped": 0, "verified": true,
+                        "error": null },
+            "client_exit": 0,
+            "problems": [],
+        });
+        serde_json::from_value(v).unwrap()
     }
 
     #[test]
-    fn a_good_report_passes_and_a_bad_one_says_why() {
-        let good = json!({
-            "problems": [],
-            "summary": { "rows": [row("a", "b", "completed"), row("b", "a", "completed")] },
-            "client": { "connections": 1, "echoes": 300 },
-        });
-        assert_eq!(check(&sc(&["--moves", "2"]), &good), Vec::<String>::new());
-        let bad = json!({
-            "problems": ["the client's checks failed: gap"],
-            "summary": { "rows": [row("a", "b", "completed"), row("a", "b", "completed")] },
-            "client": { "connections": 2, "echoes": 3 },
-        });
-        let p = check(&sc(&["--moves", "3", "--fail-restore-at", "2"]), &bad);
-        let text = p.join("\n");
+    fn a_good_report_passes() {
+        let r = report(
+            vec![migration(1, "completed", 11), migration(2, "completed", 12)],
+            vec![
+                row(1, "completed", "127.0.0.1:5243"),
+                row(2, "completed", "127.0.0.1:5242"),
+            ],
+        );
+        assert_eq!(check(&sc(2, 0), Some(&r)), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_restore_into_the_same_namespace_is_not_there_and_back() {
+        // Both moves came back in one namespace and the client heard the server from one
+        // address: the labels may say A -> B -> A, the world says otherwise.
+        let r = report(
+            vec![migration(1, "completed", 11), migration(2, "completed", 11)],
+            vec![
+                row(1, "completed", "127.0.0.1:5242"),
+                row(2, "completed", "127.0.0.1:5242"),
+            ],
+        );
+        let p = check(&sc(2, 0), Some(&r)).join("\n");
+        assert!(p.contains("same network namespace"), "{p}");
+        assert!(p.contains("not there and back"), "{p}");
+    }
+
+    #[test]
+    fn counts_problems_and_a_missing_report_are_reported() {
+        let mut r = report(
+            vec![migration(1, "completed", 11)],
+            vec![row(1, "completed", "127.0.0.1:5243")],
+        );
+        r.problems
+            .push("the client made 2 handshakes, expected 1".into());
+        if let Some(c) = &mut r.client {
+            c.echoes = 3;
+        }
+        let p = check(&sc(3, 1), Some(&r)).join("\n");
         for needle in [
-            "gap",
-            "2 migrations reported, expected 3",
-            "0 migrations rolled back",
-            "there and back",
-            "2 connections",
+            "2 handshakes",
+            "1 migrations reported, expected 3",
+            "0 migrations rolled back, expected 1",
             "only 3 echoes",
         ] {
-            assert!(text.contains(needle), "missing {needle}: {text}");
+            assert!(p.contains(needle), "missing {needle}: {p}");
         }
-        assert_eq!(
-            check(&sc(&[]), &Value::Null),
-            vec!["control run wrote no report"]
-        );
+        assert_eq!(check(&sc(2, 0), None), vec!["control run wrote no report"]);
     }
 
     fn options(args: &str) -> Result<Options, clap::Error> {
@@ -437,28 +583,70 @@ mod tests {
         assert_eq!((o.moves, o.preserve), (4, true));
         let o = options("").unwrap();
         assert_eq!(
-            (o.moves, o.preserve, o.write_benchmarks, o.no_rollback),
-            (2, false, false, false)
+            (
+                o.moves,
+                o.preserve,
+                o.write_benchmarks,
+                o.no_rollback,
+                o.no_by_hand
+            ),
+            (2, false, false, false, false)
         );
-        let o = options("--write-benchmarks --no-rollback").unwrap();
-        assert!(o.write_benchmarks && o.no_rollback);
-        for bad in ["--moves 1", "--moves", "--moves x", "--bogus", "extra"] {
+        assert_eq!(o.max_pause_ms, 1000);
+        assert_eq!(scenarios(&o).len(), 3);
+        let o =
+            options("--write-benchmarks --no-rollback --no-by-hand --max-pause-ms 300").unwrap();
+        assert!(o.write_benchmarks && o.no_rollback && o.no_by_hand);
+        let sc = scenarios(&o);
+        assert_eq!(sc.len(), 1);
+        assert!(
+            sc[0]
+                .args
+                .windows(2)
+                .any(|w| w == ["--max-pause-ms", "300"])
+        );
+        for bad in [
+            "--moves 1",
+            "--moves",
+            "--moves x",
+            "--bogus",
+            "extra",
+            "--max-pause-ms 0",
+            "--max-pause-ms x",
+        ] {
             let err = options(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}: {err}");
         }
     }
 
     #[test]
+    fn the_rollback_title_says_the_direction_it_takes() {
+        let o = options("").unwrap();
+        let rb = scenarios(&o).into_iter().find(|s| s.rollbacks > 0).unwrap();
+        assert!(
+            rb.title.contains("B -> A with the restore failing in A"),
+            "{}",
+            rb.title
+        );
+        assert!(rb.title.contains("restored in B again"), "{}", rb.title);
+    }
+
+    #[test]
     fn render_shows_the_rows_and_medians() {
-        let combined = json!({
-            "machine": "m",
-            "scenarios": [{ "title": "t", "problems": [], "report": { "summary": {
-                "rows": [{ "from": "qlm-a", "to": "qlm-b", "result": "completed", "freeze_ms": 96.4,
-                           "dump_ms": 52.1, "dump_criu_startup_ms": 37.6, "restore_ms": 43.3,
-                           "restore_criu_startup_ms": 30.2, "image_bytes": 779264, "client_downtime_ms": 100.9 }],
-                "client_downtime_median_ms": 100.9, "freeze_median_ms": 96.4, "echoes": 10, "client_verified": true,
-            }}}],
-        });
+        let combined = E2eReport {
+            machine: "m".into(),
+            elapsed_s: 1.0,
+            max_pause_ms: 1000,
+            scenarios: vec![ScenarioResult {
+                title: "t".into(),
+                report: Some(report(
+                    vec![migration(1, "completed", 11)],
+                    vec![row(1, "completed", "127.0.0.1:5243")],
+                )),
+                problems: vec![],
+            }],
+            failures: vec![],
+        };
         let s = render(&combined);
         assert!(
             s.contains(
@@ -466,6 +654,6 @@ mod tests {
             ),
             "{s}"
         );
-        assert!(s.contains("client downtime 100.9 ms"), "{s}");
+        assert!(s.contains("client pause 100.9 ms"), "{s}");
     }
 }

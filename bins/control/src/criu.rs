@@ -52,10 +52,16 @@ fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
 }
 
 fn criu_in(netns: &Path) -> Command {
+    use std::os::unix::process::CommandExt as _;
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", netns.display()))
         .arg("--")
         .arg("criu");
+    // Run by the supervisor, which blocks SIGCHLD: criu needs its signals delivered.
+    // SAFETY: pthread_sigmask is async-signal-safe and touches no memory of this process.
+    unsafe {
+        c.pre_exec(crate::supervisor::unblock_all_signals);
+    }
     c
 }
 

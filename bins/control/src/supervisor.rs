@@ -139,8 +139,8 @@ pub(crate) struct ServerCommand {
 /// child as soon as it exits, answers requests on `socket`.
 pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
-    // SIGCHLD is read from a signalfd, so it must not be delivered the usual way. Children get
-    // an empty signal mask from std::process::Command.
+    // SIGCHLD, SIGTERM and SIGINT are read from a signalfd, so they are blocked here; every
+    // child gets an empty signal mask back (`unblock_all_signals`) before it execs.
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.add(Signal::SIGTERM);
@@ -231,9 +231,11 @@ fn start_server(server: &ServerCommand) -> Result<i32> {
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    // SAFETY: setsid and pthread_sigmask are async-signal-safe and touch no memory of this
+    // process.
     unsafe {
         cmd.pre_exec(|| {
+            unblock_all_signals()?;
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)
@@ -243,6 +245,18 @@ fn start_server(server: &ServerCommand) -> Result<i32> {
     // nsenter execs the server: the child's PID is the server's. The child is reaped by the
     // loop, not through `child`.
     i32::try_from(child.id()).context("PID out of range")
+}
+
+/// Gives the calling thread an empty signal mask: for a child about to exec, which would
+/// otherwise inherit the supervisor's blocked SIGCHLD/SIGTERM/SIGINT (the server could not be
+/// told to announce, criu would not see its children exit).
+pub(crate) fn unblock_all_signals() -> std::io::Result<()> {
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Reaps every child that has exited.
