@@ -145,10 +145,11 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
     std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
     let src = state.container(state.side).clone();
     let dst = state.container(state.side.other()).clone();
+    let mut machine = migration_core::Migration::new(id, now());
     let mut engine = Engine {
         admin: AdminDir::open(&state.admin_dir)?,
         supervisor: state_dir.join(supervisor::SOCKET),
-        machine: migration_core::Migration::new(id, now()),
+        id,
         report: MoveReport {
             migration_id: id,
             from: src.name.clone(),
@@ -174,7 +175,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
             source_probe: None,
             target_probe: None,
             wall_ms: 0.0,
-            timeline: migration_core::Migration::new(id, now()).report(),
+            timeline: machine.report(),
         },
         opts,
         pid: state.server_pid,
@@ -186,37 +187,118 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         started: Instant::now(),
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
-    engine.step(Event::Start)?;
-    while !engine.machine.is_terminal() {
-        let phase = engine.machine.phase();
-        let outcome = match phase {
-            Phase::Preparing => engine.announce(),
-            Phase::Quiescing => Ok(Event::BeginDump),
-            Phase::Dumping => engine.dump(),
-            Phase::Transferring => engine.transfer(),
-            Phase::Restoring => engine.restore(),
-            Phase::Resuming => engine.resume(),
-            other => bail!("engine bug: no work for phase {other}"),
-        };
-        match outcome {
-            Ok(event) => engine.step(event)?,
-            Err(e) => engine.recover(phase, e)?,
-        }
-    }
+    let driven = drive(&mut machine, &opts.policy, &mut engine, &now)?;
+    engine.report.recovery = driven.recovery;
+    engine.report.failure = driven.failure;
     // The server's PID after the move (the same after a restore; recorded for `status`).
     state.server_pid = engine.pid;
-    if engine.machine.phase() == Phase::Completed {
+    if machine.phase() == Phase::Completed {
         state.side = state.side.other();
         state.migrations += 1;
     }
     state.save(state_dir)?;
-    Ok(engine.finish())
+    Ok(engine.finish(&machine))
+}
+
+/// The work of each phase and of the recoveries: what the loop in [`drive`] runs. The engine
+/// does it with criu, signals and the supervisor; a test double checks the loop's logic.
+pub(crate) trait Work {
+    /// Runs the work of `phase` and returns the event it ends with; `step` feeds events that
+    /// happen on the way (pre-dump rounds).
+    fn run(&mut self, phase: Phase, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event>;
+    /// [`Recovery::ResumeSource`]: the source process still runs; it serves again and its
+    /// clients are sent back.
+    fn resume_source(&mut self) -> Result<()>;
+    /// [`Recovery::RestoreOnSource`]: the source process was dumped; it is restored at the
+    /// source, serves again and its clients are sent back.
+    fn restore_on_source(&mut self) -> Result<()>;
+}
+
+/// What the loop decided.
+#[derive(Debug, Default)]
+pub(crate) struct Driven {
+    /// The recovery chosen after a failure.
+    pub(crate) recovery: Option<Recovery>,
+    /// What failed, and how the recovery went.
+    pub(crate) failure: Option<String>,
+}
+
+/// Feeds `event`; an event the machine refuses is a bug of the engine, and an error.
+fn feed(
+    machine: &mut migration_core::Migration,
+    event: Event,
+    clock: &dyn Fn() -> Timestamp,
+) -> Result<()> {
+    let kind = event.kind();
+    let from = machine.phase();
+    machine.on_event(event, clock()).map(|_| ()).map_err(|e| {
+        anyhow!("engine bug: in phase {from}, the state machine refused {kind:?}: {e}")
+    })
+}
+
+/// The phase loop: runs the work of the phase the machine is in until it is terminal; on a
+/// failure, runs the recovery `policy` chooses for the failed phase (one path for every phase).
+pub(crate) fn drive(
+    machine: &mut migration_core::Migration,
+    policy: &MigrationPolicy,
+    work: &mut dyn Work,
+    clock: &dyn Fn() -> Timestamp,
+) -> Result<Driven> {
+    let mut driven = Driven::default();
+    feed(machine, Event::Start, clock)?;
+    while !machine.is_terminal() {
+        let phase = machine.phase();
+        let outcome = match phase {
+            Phase::Preparing
+            | Phase::Quiescing
+            | Phase::Dumping
+            | Phase::Transferring
+            | Phase::Restoring
+            | Phase::Resuming => {
+                let mut step = |e: Event| feed(machine, e, clock);
+                work.run(phase, &mut step)
+            }
+            other => bail!("engine bug: no work for phase {other}"),
+        };
+        let error = match outcome {
+            Ok(event) => {
+                feed(machine, event, clock)?;
+                continue;
+            }
+            Err(e) => e,
+        };
+        let reason = format!("{phase} failed: {error:#}");
+        let recovery = policy.on_failure(phase);
+        warn!("{reason}; recovery: {recovery:?}");
+        driven.recovery = Some(recovery);
+        driven.failure = Some(reason.clone());
+        feed(machine, recovery.failure_event(reason.clone()), clock)?;
+        let outcome = match recovery {
+            Recovery::ResumeSource => work.resume_source(),
+            Recovery::RestoreOnSource => work.restore_on_source(),
+            // Abort, and any recovery this engine does not know: stop, undo nothing.
+            _ => continue,
+        };
+        match outcome {
+            Ok(()) => {
+                info!("rolled back: the server serves from the source again");
+                feed(machine, Event::RollbackSucceeded, clock)?;
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                warn!("the rollback failed too: {msg}");
+                driven.failure = Some(format!("{reason}; rollback failed too: {msg}"));
+                feed(machine, Event::RollbackFailed { reason: msg }, clock)?;
+            }
+        }
+    }
+    Ok(driven)
 }
 
 struct Engine<'a> {
     admin: AdminDir,
     supervisor: PathBuf,
-    machine: migration_core::Migration,
+    id: MigrationId,
     report: MoveReport,
     opts: &'a Options,
     /// The server's PID.
@@ -233,20 +315,8 @@ struct Engine<'a> {
 }
 
 impl Engine<'_> {
-    /// Feeds the machine; an event it refuses is a bug of this engine, and an error.
-    fn step(&mut self, event: Event) -> Result<()> {
-        let kind = event.kind();
-        let from = self.machine.phase();
-        self.machine
-            .on_event(event, now())
-            .map(|_| ())
-            .map_err(|e| {
-                anyhow!("engine bug: in phase {from}, the state machine refused {kind:?}: {e}")
-            })
-    }
-
     fn wait<E: ServerEvent>(&self, limit: Duration) -> Result<E> {
-        let id = self.machine.id();
+        let id = self.id;
         self.admin
             .wait_event::<E>(Some(id), limit)
             .map_err(anyhow::Error::from)
@@ -266,7 +336,7 @@ impl Engine<'_> {
         self.report.dirty_tracking = criu::dirty_tracking_supported().unwrap_or(false);
         let deadline = self.opts.policy.ack_deadline;
         self.admin.send_request(&MigrateRequest {
-            migration_id: self.machine.id(),
+            migration_id: self.id,
             new_addr: self.report.target_addr,
             deadline_ms: u64::try_from(deadline.as_millis())
                 .unwrap_or(u64::MAX)
@@ -290,10 +360,8 @@ impl Engine<'_> {
     }
 
     /// Dumping: pre-dump rounds while the kernel tracks dirty memory, then the final dump.
-    fn dump(&mut self) -> Result<Event> {
-        let policy = PreDumpPolicy {
-            ..self.opts.policy.predump.clone()
-        };
+    fn dump(&mut self, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
+        let policy: &PreDumpPolicy = &self.opts.policy.predump;
         let mut parent: Option<String> = None;
         let (mut last, mut prev) = (None, None);
         loop {
@@ -311,7 +379,7 @@ impl Engine<'_> {
             match criu::pre_dump(self.pid, &self.src.netns, &dir, parent.as_deref()) {
                 Ok(t) => {
                     let bytes = sys::dir_size(&dir);
-                    self.step(Event::PreDumpRound { image_bytes: bytes })?;
+                    step(Event::PreDumpRound { image_bytes: bytes })?;
                     self.report.predump_rounds.push((bytes, t));
                     prev = last;
                     last = Some(bytes);
@@ -421,7 +489,7 @@ impl Engine<'_> {
             );
         }
         self.admin.send_request(&ResumeRequest {
-            migration_id: self.machine.id(),
+            migration_id: self.id,
         })?;
         signal(self.pid, Signal::SIGUSR2)?;
         let resumed: Resumed = self.wait(EVENT_LIMIT)?;
@@ -445,36 +513,8 @@ impl Engine<'_> {
         Ok(Event::ResumeDone)
     }
 
-    /// Runs the recovery the policy chooses for a failure in `phase`.
-    fn recover(&mut self, phase: Phase, error: anyhow::Error) -> Result<()> {
-        let reason = format!("{phase} failed: {error:#}");
-        let recovery = self.opts.policy.on_failure(phase);
-        warn!("{reason}; recovery: {recovery:?}");
-        self.report.recovery = Some(recovery);
-        self.report.failure = Some(reason.clone());
-        self.step(recovery.failure_event(reason.clone()))?;
-        let outcome = match recovery {
-            Recovery::ResumeSource => self.send_back(),
-            Recovery::RestoreOnSource => self.restore_on_source().and_then(|()| self.send_back()),
-            // Abort, and any recovery this engine does not know: stop, undo nothing.
-            _ => return Ok(()),
-        };
-        match outcome {
-            Ok(()) => {
-                info!(fallback = %self.report.source_addr, "rolled back: the server serves from the source again");
-                self.step(Event::RollbackSucceeded)
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                warn!("the rollback failed too: {msg}");
-                self.report.failure = Some(format!("{reason}; rollback failed too: {msg}"));
-                self.step(Event::RollbackFailed { reason: msg })
-            }
-        }
-    }
-
     /// The process was dumped: bring it back in the source's namespace from its own images.
-    fn restore_on_source(&mut self) -> Result<()> {
+    fn restore_at_source(&mut self) -> Result<()> {
         let dir = self
             .dump_dir
             .clone()
@@ -499,7 +539,7 @@ impl Engine<'_> {
     /// The server serves from the source again and sends its clients back there.
     fn send_back(&mut self) -> Result<()> {
         self.admin.send_request(&AbortRequest {
-            migration_id: self.machine.id(),
+            migration_id: self.id,
             fallback_addr: self.report.source_addr,
             deadline_ms: u64::try_from(self.opts.policy.ack_deadline.as_millis())
                 .unwrap_or(u64::MAX)
@@ -511,10 +551,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    fn finish(mut self) -> MoveReport {
-        let completed = self.machine.phase() == Phase::Completed;
-        let rolled_back = self
-            .machine
+    fn finish(mut self, machine: &migration_core::Migration) -> MoveReport {
+        let completed = machine.phase() == Phase::Completed;
+        let rolled_back = machine
             .failure()
             .is_some_and(migration_core::FailureReason::rolled_back);
         self.report.result = if completed {
@@ -533,8 +572,31 @@ impl Engine<'_> {
             self.report.images_dir = images::keep(&self.images);
         }
         self.report.wall_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        self.report.timeline = self.machine.report();
+        self.report.timeline = machine.report();
         self.report
+    }
+}
+
+impl Work for Engine<'_> {
+    fn run(&mut self, phase: Phase, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
+        match phase {
+            Phase::Preparing => self.announce(),
+            Phase::Quiescing => Ok(Event::BeginDump),
+            Phase::Dumping => self.dump(step),
+            Phase::Transferring => self.transfer(),
+            Phase::Restoring => self.restore(),
+            Phase::Resuming => self.resume(),
+            other => bail!("engine bug: no work for phase {other}"),
+        }
+    }
+
+    fn resume_source(&mut self) -> Result<()> {
+        self.send_back()
+    }
+
+    fn restore_on_source(&mut self) -> Result<()> {
+        self.restore_at_source()?;
+        self.send_back()
     }
 }
 
@@ -554,5 +616,198 @@ fn probe(addr: SocketAddr) -> PortProbe {
         Ok(udp_shim_client::probe::ProbeAnswer::VersionNegotiation) => PortProbe::Answered,
         Ok(udp_shim_client::probe::ProbeAnswer::Refused) => PortProbe::Refused,
         Ok(_) | Err(_) => PortProbe::Silent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration_core::FailureReason;
+
+    /// A test double of the engine's work: fails at one phase (and the recovery, if asked),
+    /// and records what ran.
+    #[derive(Default)]
+    struct Script {
+        fail_at: Option<Phase>,
+        fail_recovery: bool,
+        /// Returns this event instead of the right one at this phase (an engine bug).
+        wrong_event_at: Option<Phase>,
+        predump_rounds: u32,
+        ran: Vec<String>,
+    }
+
+    impl Work for Script {
+        fn run(
+            &mut self,
+            phase: Phase,
+            step: &mut dyn FnMut(Event) -> Result<()>,
+        ) -> Result<Event> {
+            self.ran.push(phase.to_string());
+            if self.fail_at == Some(phase) {
+                bail!("injected failure");
+            }
+            if self.wrong_event_at == Some(phase) {
+                return Ok(Event::ResumeDone);
+            }
+            Ok(match phase {
+                Phase::Preparing => Event::BeginQuiesce,
+                Phase::Quiescing => Event::BeginDump,
+                Phase::Dumping => {
+                    for _ in 0..self.predump_rounds {
+                        step(Event::PreDumpRound { image_bytes: 10 })?;
+                    }
+                    Event::DumpDone {
+                        image_bytes: Some(5),
+                    }
+                }
+                Phase::Transferring => Event::TransferDone,
+                Phase::Restoring => Event::RestoreDone,
+                Phase::Resuming => Event::ResumeDone,
+                other => bail!("no work for {other}"),
+            })
+        }
+
+        fn resume_source(&mut self) -> Result<()> {
+            self.ran.push("resume_source".into());
+            if self.fail_recovery {
+                bail!("the source does not answer");
+            }
+            Ok(())
+        }
+
+        fn restore_on_source(&mut self) -> Result<()> {
+            self.ran.push("restore_on_source".into());
+            if self.fail_recovery {
+                bail!("criu restore failed at the source");
+            }
+            Ok(())
+        }
+    }
+
+    fn clock() -> Timestamp {
+        Timestamp::from_micros(1)
+    }
+
+    fn run(
+        script: &mut Script,
+        policy: &MigrationPolicy,
+    ) -> (migration_core::Migration, Result<Driven>) {
+        let mut m = migration_core::Migration::new(MigrationId::from_bytes([3; 16]), clock());
+        let r = drive(&mut m, policy, script, &clock);
+        (m, r)
+    }
+
+    #[test]
+    fn the_happy_path_visits_every_phase_once_and_completes() {
+        let mut s = Script {
+            predump_rounds: 2,
+            ..Script::default()
+        };
+        let (m, r) = run(&mut s, &MigrationPolicy::default());
+        let d = r.unwrap();
+        assert_eq!(m.phase(), Phase::Completed);
+        assert!(d.recovery.is_none() && d.failure.is_none());
+        assert_eq!(
+            s.ran,
+            [
+                "preparing",
+                "quiescing",
+                "dumping",
+                "transferring",
+                "restoring",
+                "resuming"
+            ]
+        );
+        assert_eq!(m.predump_rounds().len(), 2);
+    }
+
+    #[test]
+    fn every_failed_phase_gets_the_recovery_the_policy_chooses() {
+        let policy = MigrationPolicy::default();
+        for phase in [
+            Phase::Preparing,
+            Phase::Quiescing,
+            Phase::Dumping,
+            Phase::Transferring,
+            Phase::Restoring,
+            Phase::Resuming,
+        ] {
+            for fail_recovery in [false, true] {
+                let mut s = Script {
+                    fail_at: Some(phase),
+                    fail_recovery,
+                    ..Script::default()
+                };
+                let (m, r) = run(&mut s, &policy);
+                let d = r.unwrap();
+                let want = policy.on_failure(phase);
+                assert_eq!(d.recovery, Some(want), "{phase}");
+                assert_eq!(m.phase(), Phase::Failed, "{phase}");
+                // The recovery that ran, and nothing after the failed phase.
+                let last = s.ran.last().unwrap().clone();
+                let failure = m.failure().unwrap();
+                match want {
+                    Recovery::ResumeSource => assert_eq!(last, "resume_source", "{phase}"),
+                    Recovery::RestoreOnSource => {
+                        assert_eq!(last, "restore_on_source", "{phase}");
+                    }
+                    _ => {
+                        assert_eq!(last, phase.to_string(), "{phase}");
+                        assert!(!FailureReason::rolled_back(failure), "{phase}");
+                    }
+                }
+                assert_eq!(
+                    s.ran.iter().filter(|p| **p == phase.to_string()).count(),
+                    1,
+                    "{phase}: {:?}",
+                    s.ran
+                );
+                let text = d.failure.unwrap();
+                assert!(text.contains("injected failure"), "{text}");
+                if want != Recovery::Abort {
+                    assert_eq!(
+                        FailureReason::rolled_back(failure),
+                        !fail_recovery,
+                        "{phase}"
+                    );
+                    assert_eq!(
+                        text.contains("rollback failed too"),
+                        fail_recovery,
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn without_rollback_every_failure_is_given_up() {
+        let policy = MigrationPolicy {
+            rollback_on_failure: false,
+            ..MigrationPolicy::default()
+        };
+        let mut s = Script {
+            fail_at: Some(Phase::Restoring),
+            ..Script::default()
+        };
+        let (m, r) = run(&mut s, &policy);
+        assert_eq!(r.unwrap().recovery, Some(Recovery::Abort));
+        assert_eq!(m.phase(), Phase::Failed);
+        assert_eq!(s.ran.last().unwrap(), "restoring");
+    }
+
+    #[test]
+    fn an_event_the_machine_refuses_is_an_error_not_a_log_line() {
+        let mut s = Script {
+            wrong_event_at: Some(Phase::Dumping),
+            ..Script::default()
+        };
+        let (m, r) = run(&mut s, &MigrationPolicy::default());
+        let err = format!("{:#}", r.unwrap_err());
+        assert!(err.contains("engine bug"), "{err}");
+        assert!(err.contains("dumping"), "{err}");
+        // Nothing ran after the refusal.
+        assert_eq!(s.ran.last().unwrap(), "dumping");
+        assert_eq!(m.phase(), Phase::Dumping);
     }
 }
