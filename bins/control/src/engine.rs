@@ -56,6 +56,9 @@ pub(crate) enum Fault {
     Dump,
     /// The restore at the target fails (its pstree image is hidden): restored at the source.
     Restore,
+    /// The restore "succeeds" in the source's namespace instead of the target's: a broken
+    /// move that the observations must catch (the move is reported failed).
+    RestoreInSource,
 }
 
 /// How to run one migration.
@@ -447,7 +450,13 @@ impl Engine<'_> {
         } else {
             None
         };
-        let restored = self.restore_in(&self.dst.netns.clone(), &dir, "restore.log");
+        let netns = if self.opts.fault == Some(Fault::RestoreInSource) {
+            warn!("fault injection: restoring into the source's namespace instead of the target's");
+            self.src.netns.clone()
+        } else {
+            self.dst.netns.clone()
+        };
+        let restored = self.restore_in(&netns, &dir, "restore.log");
         if let Some((hidden, original)) = hidden {
             std::fs::rename(hidden, original).context("putting pstree.img back")?;
         }

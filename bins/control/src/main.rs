@@ -149,6 +149,10 @@ struct MigrateArgs {
     /// is not a directory), so the server must go on serving in the source.
     #[arg(long, conflicts_with = "fail_restore")]
     fail_dump: bool,
+    /// Fault injection for testing the checks: restore the server into the source's network
+    /// namespace instead of the target's; the move must be reported failed.
+    #[arg(long, hide = true, conflicts_with_all = ["fail_restore", "fail_dump"])]
+    fault_restore_in_source: bool,
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +305,8 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
             Some(Fault::Dump)
         } else if a.fail_restore {
             Some(Fault::Restore)
+        } else if a.fault_restore_in_source {
+            Some(Fault::RestoreInSource)
         } else {
             None
         },

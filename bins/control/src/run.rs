@@ -239,6 +239,9 @@ fn migrate_by_hand(
         Some(Fault::Restore) => {
             cmd.arg("--fail-restore");
         }
+        Some(Fault::RestoreInSource) => {
+            cmd.arg("--fault-restore-in-source");
+        }
         None => {}
     }
     if opts.keep_images {

@@ -318,3 +318,67 @@ fn migrate_while_b_is_down_leaves_a_untouched_and_down_cleans_up() {
         }
     );
 }
+
+#[test]
+fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
+    let Some(w) = World::new("place") else {
+        return;
+    };
+    let o = w.run(&["up"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let up = w.status();
+    assert_eq!(up["server"]["in_its_container"], true, "{up}");
+    assert_eq!(up["supervisor"]["answers"], true, "{up}");
+    let pid = up["server"]["pid"].as_i64().unwrap();
+    let parent = |pid: i64| -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let (_, rest) = stat.rsplit_once(')').unwrap();
+        rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(parent(pid), up["supervisor"]["pid"].as_i64().unwrap());
+
+    // A real move A -> B, by hand: the restored server is observed in B, the supervisor's child.
+    let report = w.dir.path().join("good.json");
+    let o = w.run(&["migrate", "--report", report.to_str().unwrap()]);
+    assert!(o.status.success(), "migrate: {}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["result"], "completed", "{r}");
+    assert_eq!(
+        r["placement"]["netns_inode"], r["placement"]["expected_netns_inode"],
+        "{r}"
+    );
+    assert_eq!(r["source_probe"] != "answered", true, "{r}");
+    assert_eq!(r["target_probe"], "answered", "{r}");
+    let moved = w.status();
+    assert_eq!(moved["server"]["side"], "B", "{moved}");
+    assert_eq!(moved["server"]["in_its_container"], true, "{moved}");
+    assert_eq!(parent(pid), moved["supervisor"]["pid"].as_i64().unwrap());
+
+    // B -> A, but restored into B's namespace again: the labels would say A, the engine
+    // observes B and reports the move failed.
+    let report = w.dir.path().join("bad.json");
+    let o = w.run(&[
+        "migrate",
+        "--fault-restore-in-source",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not in") && stderr(&o).contains("network namespace"),
+        "{}",
+        stderr(&o)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["result"], "failed", "{r}");
+    assert_eq!(r["recovery"], "abort", "{r}");
+    assert_ne!(
+        r["placement"]["netns_inode"], r["placement"]["expected_netns_inode"],
+        "{r}"
+    );
+    let after = w.status();
+    assert_eq!(after["server"]["side"], "B", "{after}");
+    assert_eq!(after["migrations"], 1, "{after}");
+}
