@@ -365,6 +365,16 @@ fn source_rules() -> Vec<(Vec<&'static str>, &'static str, &'static str)> {
             "UdpSocket",
             "only the shims touch sockets",
         ),
+        (
+            vec![
+                "crates/admin-api",
+                "bins/control",
+                "bins/swrapper",
+                "bins/cwrapper",
+            ],
+            "serde_json::Value",
+            "contracts between processes are admin-api types, not free-form JSON",
+        ),
     ]
 }
 
