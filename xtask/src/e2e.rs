@@ -19,7 +19,7 @@ const BEGIN: &str = "<!-- xtask e2e-migrate: generated section begins -->";
 const END: &str = "<!-- xtask e2e-migrate: generated section ends -->";
 
 /// The container-name prefixes of the two scenarios (`control --name`).
-const NAMES: [&str; 3] = ["qlm-e2e", "qlm-e2e-rb", "qlm-e2e-hand"];
+const NAMES: [&str; 4] = ["qlm-e2e", "qlm-e2e-rb", "qlm-e2e-hand", "qlm-e2e-int"];
 /// A scenario takes about a minute; one that has not ended after this is hung.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// `control logs` and `control down`.
@@ -91,6 +91,9 @@ pub(crate) struct Options {
     /// Skip the by-hand scenario (control up, then each control migrate as its own process).
     #[arg(long)]
     no_by_hand: bool,
+    /// Skip the interrupt scenario (control killed at each phase boundary, then recovered).
+    #[arg(long)]
+    no_interrupt: bool,
     /// Fail when the client pauses longer than this for any migration (completed or rolled
     /// back), or when a figure is missing.
     #[arg(long, value_name = "MS", default_value_t = 1000,
@@ -150,6 +153,28 @@ fn scenarios(opts: &Options) -> Vec<Scenario<'static>> {
             ],
             moves: 2,
             rollbacks: 0,
+        });
+    }
+    if !opts.no_interrupt {
+        v.push(Scenario {
+            title: "interrupted by hand, A -> B each time: control migrate killed (SIGKILL) after \
+                    the announce, during the dump, after the dump (each rolled back by control \
+                    recover: the server serves in A again), during the restore (recovered \
+                    forward: the server serves in B); then B -> A with SIGTERM after the \
+                    announce (rolled back: B goes on), then B -> A",
+            name: NAMES[3],
+            args: vec![
+                "--moves".into(),
+                "6".into(),
+                "--route".into(),
+                "by-hand".into(),
+                "--kill-at".into(),
+                "announce,dump,dumped,restore,sigterm-announce,-".into(),
+                "--max-pause-ms".into(),
+                pause.clone(),
+            ],
+            moves: 6,
+            rollbacks: 4,
         });
     }
     if !opts.no_rollback {

@@ -52,15 +52,22 @@ enum Cmd {
     /// everything it started, and ci fails naming it.
     Ci,
     /// The main job: release binaries, podman containers A and B, the demo client, CRIU
-    /// migrations A -> B -> A, then a rollback scenario (as root).
+    /// migrations A -> B -> A from one process and by hand, an interrupt scenario and a
+    /// rollback scenario (as root).
     ///
     /// Builds the release binaries, runs `setup` when something is missing, brings podman
-    /// containers A and B up, starts the demo client, migrates the server A -> B -> A with
-    /// CRIU, and then runs a scenario whose restore is made to fail (rollback to A, then a
-    /// successful move). Checks: one handshake, no echo lost or repeated, the server's counter
-    /// continued, each migration's downtime. Prints a summary, writes
-    /// target/e2e/e2e-report.json, exits non-zero when a check fails, prints diagnostics
-    /// (server, client, criu and container logs) on failure, and always cleans up. Needs root.
+    /// containers A and B up, starts the demo client, and runs four scenarios, each with its
+    /// own containers: A -> B -> A from one `control run`; the same by hand (`control up`, then
+    /// each `control migrate` as its own process); control killed at each phase boundary
+    /// (after the announce, during the dump, after it, during the restore) and recovered by
+    /// `control recover`, and SIGTERM after the announce; and image sets sealed through
+    /// migration-wire with a restore and a dump made to fail (rollbacks). Checks what it can
+    /// observe: the restored server's network namespace, which host port answers QUIC, the
+    /// client's real peer after every move, one connection and one handshake on both sides,
+    /// no echo lost or repeated, every figure present and every pause within --max-pause-ms.
+    /// Prints a summary, writes target/e2e/e2e-report.json, exits non-zero when a check
+    /// fails, prints diagnostics (server, client, criu and container logs) on failure, and
+    /// always cleans up. Needs root.
     E2eMigrate(e2e::Options),
     /// Only the layering and documentation checks (fast; no compilation).
     ///

@@ -155,6 +155,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    ensure_server_user()?;
     let verified = verify(root, &work.path);
     work.remove()?;
     verified?;
@@ -332,6 +333,8 @@ impl CriuState {
 struct Survey {
     missing: Vec<String>,
     criu: CriuState,
+    /// The unprivileged account the demo server runs as exists.
+    server_user: bool,
 }
 
 impl Survey {
@@ -345,11 +348,12 @@ impl Survey {
         Ok(Self {
             missing,
             criu: CriuState::probe()?,
+            server_user: user_exists(SERVER_USER),
         })
     }
 
     fn complete(&self) -> bool {
-        self.missing.is_empty() && self.criu.is_good()
+        self.missing.is_empty() && self.criu.is_good() && self.server_user
     }
 
     fn print(&self) {
@@ -362,7 +366,53 @@ impl Survey {
             println!("xtask setup: packages missing: {}", self.missing.join(", "));
         }
         println!("xtask setup: criu: {}", self.criu.describe());
+        println!(
+            "xtask setup: server account `{SERVER_USER}`: {}",
+            if self.server_user {
+                "present"
+            } else {
+                "missing"
+            }
+        );
     }
+}
+
+/// The unprivileged account `control up` runs the demo server as (no home, no shell, no
+/// password): the network-facing process holds no root privileges.
+pub(crate) const SERVER_USER: &str = "qlm-server";
+
+/// Whether the account `name` exists.
+fn user_exists(name: &str) -> bool {
+    Command::new("getent")
+        .args(["passwd", name])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Creates the server's account when missing.
+fn ensure_server_user() -> Result<()> {
+    if user_exists(SERVER_USER) {
+        return Ok(());
+    }
+    let status = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            SERVER_USER,
+        ])
+        .status()
+        .context("running useradd")?;
+    if !status.success() {
+        bail!("useradd {SERVER_USER} failed ({status})");
+    }
+    println!("xtask setup: created the system account `{SERVER_USER}` for the demo server");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -983,12 +1033,21 @@ struct WorkDir {
 }
 
 impl WorkDir {
+    /// A new directory with an unpredictable name, mode 0700, made by this call: an existing
+    /// path (someone else's directory or symlink in the shared temporary folder) is never
+    /// adopted or removed.
     fn create() -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("xtask-setup-{}", std::process::id()));
-        if path.exists() {
-            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        use std::os::unix::fs::DirBuilderExt as _;
+        let mut random = [0u8; 8];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .context("reading /dev/urandom")?;
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let path = std::env::temp_dir().join(format!("xtask-setup-{suffix}"));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("creating the private {}", path.display()))?;
         Ok(Self { path })
     }
 
@@ -1358,6 +1417,28 @@ fn pick_debian_source(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_work_directory_is_private_and_new_each_time() {
+        let a = WorkDir::create().unwrap();
+        let b = WorkDir::create().unwrap();
+        assert_ne!(a.path, b.path);
+        let mode = fs::metadata(&a.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        let path = a.path.clone();
+        a.remove().unwrap();
+        assert!(!path.exists());
+        let path = b.path.clone();
+        drop(b);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_account_that_does_not_exist_is_missing() {
+        assert!(user_exists("root"));
+        assert!(!user_exists("no-such-user-qlm-test"));
+    }
+
     use super::*;
 
     const DEB822: &str = "\

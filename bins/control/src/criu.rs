@@ -57,11 +57,20 @@ fn criu_in(netns: &Path) -> Command {
     c.arg(format!("--net={}", netns.display()))
         .arg("--")
         .arg("criu");
-    // Run by the supervisor, which blocks SIGCHLD: criu needs its signals delivered.
-    // SAFETY: pthread_sigmask is async-signal-safe and touches no memory of this process.
+    // Run by the supervisor, which blocks SIGCHLD: criu needs its signals delivered. Image
+    // files hold the server's memory: umask 077, so criu writes them 0600 (never readable by
+    // other users). Its own process group: a Ctrl-C at control's terminal reaches control
+    // (which rolls back at the next phase boundary), not criu in the middle of a dump.
+    // SAFETY: pthread_sigmask and umask are async-signal-safe and touch no memory of this
+    // process.
     unsafe {
-        c.pre_exec(crate::supervisor::unblock_all_signals);
+        c.pre_exec(|| {
+            crate::supervisor::unblock_all_signals()?;
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            Ok(())
+        });
     }
+    c.process_group(0);
     c
 }
 
@@ -102,8 +111,8 @@ pub(crate) fn pre_dump(
     Ok(timing(r.took, &log, DUMP_TASK_MARKERS))
 }
 
-/// The final `criu dump` of `pid` into `dir`; on success the process is gone.
-pub(crate) fn dump(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> Result<CriuTiming> {
+/// The command of the final dump (see [`dump`]).
+pub(crate) fn dump_command(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> Command {
     let log = dir.join("dump.log");
     let mut cmd = criu_in(netns);
     cmd.args(["dump", "-t", &pid.to_string(), "-v4"])
@@ -114,6 +123,13 @@ pub(crate) fn dump(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> 
     if let Some(p) = parent {
         cmd.args(["--track-mem", "--prev-images-dir", p]);
     }
+    cmd
+}
+
+/// The final `criu dump` of `pid` into `dir`; on success the process is gone.
+pub(crate) fn dump(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> Result<CriuTiming> {
+    let log = dir.join("dump.log");
+    let mut cmd = dump_command(pid, netns, dir, parent);
     let r = run_unchecked("criu dump", &mut cmd)?;
     check(&r.output, "criu dump", &log)?;
     Ok(timing(r.took, &log, DUMP_TASK_MARKERS))

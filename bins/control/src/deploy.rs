@@ -49,6 +49,36 @@ pub(crate) struct UpOptions {
 /// How long the server has to say it is ready.
 const READY_LIMIT: Duration = Duration::from_secs(10);
 
+/// Marks a state folder as control's own: `down` removes no folder without it.
+pub(crate) const STATE_MARKER: &str = ".quic-live-migrate-state";
+
+/// Whether `state_dir` is a state folder control made.
+pub(crate) fn is_ours(state_dir: &Path) -> bool {
+    std::fs::symlink_metadata(state_dir.join(STATE_MARKER)).is_ok_and(|m| m.is_file())
+}
+
+/// Creates the state folder (0700, with control's marker), or checks an existing one: a real
+/// directory of this user, not writable by others, either control's (marked) or empty.
+pub(crate) fn prepare_state_dir(state_dir: &Path) -> Result<()> {
+    crate::secure::private_dir(state_dir)?;
+    if is_ours(state_dir) {
+        return Ok(());
+    }
+    let mut entries =
+        std::fs::read_dir(state_dir).with_context(|| format!("reading {}", state_dir.display()))?;
+    if let Some(e) = entries.next() {
+        bail!(
+            "{} holds files control did not make ({}, ...); refusing to use it as the state \
+             folder (choose another --state-dir)",
+            state_dir.display(),
+            e.map(|e| e.file_name().to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+    }
+    crate::secure::create_private(&state_dir.join(STATE_MARKER))?;
+    Ok(())
+}
+
 /// Needs root and the tools.
 pub(crate) fn preflight() -> Result<()> {
     sys::require_root()?;
@@ -108,7 +138,8 @@ pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
 fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<State> {
     let state_dir = &settings.state_dir;
     let admin = state_dir.join("admin");
-    std::fs::create_dir_all(&admin).with_context(|| format!("creating {}", admin.display()))?;
+    crate::secure::private_dir(&admin)?;
+    crate::secure::private_dir(&state_dir.join("reports"))?;
     images::create(&settings.images_dir)?;
     let (_, pem) = wrapper_support::Identity::self_signed(&["localhost".to_owned()])?;
     let cert = state_dir.join("server-cert.pem");
@@ -193,12 +224,7 @@ fn start_supervisor(
 ) -> Result<i32> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("locating this executable")?;
-    let log_path = state_dir.join("supervisor.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log = crate::secure::open_log(&state_dir.join("supervisor.log"))?;
     let socket = state_dir.join(supervisor::SOCKET);
     let mut cmd = Command::new(exe);
     cmd.arg("supervise")
@@ -283,10 +309,16 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
     {
         problems.push(format!("removing {}: {e}", images.display()));
     }
-    if settings.state_dir.exists()
-        && let Err(e) = std::fs::remove_dir_all(&settings.state_dir)
-    {
-        problems.push(format!("removing {}: {e}", settings.state_dir.display()));
+    // Only a state folder control marked as its own is removed.
+    if is_ours(&settings.state_dir) {
+        if let Err(e) = std::fs::remove_dir_all(&settings.state_dir) {
+            problems.push(format!("removing {}: {e}", settings.state_dir.display()));
+        }
+    } else if settings.state_dir.exists() {
+        problems.push(format!(
+            "{} carries no control marker; left as it is",
+            settings.state_dir.display()
+        ));
     }
     if problems.is_empty() {
         info!("down: containers, image, image sets and state removed");

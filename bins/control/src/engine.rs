@@ -36,9 +36,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use crate::state::{Container, State};
+use crate::interrupt::{self, Point};
+use crate::journal::{self, Journal};
+use crate::state::{Container, Side, State};
 use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
-use crate::{criu, images, sys, transfer};
+use crate::{criu, images, secure, sys, transfer};
 
 /// How the image set reaches the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -145,7 +147,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
     preflight(state_dir, state)?;
     let id = random_id()?;
     let images = state.images_dir.join(id.to_string());
-    std::fs::create_dir_all(&images).with_context(|| format!("creating {}", images.display()))?;
+    secure::private_dir(&images)?;
     let src = state.container(state.side).clone();
     let dst = state.container(state.side.other()).clone();
     let mut machine = migration_core::Migration::new(id, now());
@@ -179,6 +181,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
             target_probe: None,
             wall_ms: 0.0,
             timeline: machine.report(),
+            recovered_after: None,
         },
         opts,
         pid: state.server_pid,
@@ -188,9 +191,18 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         dump_dir: None,
         restore_dir: None,
         started: Instant::now(),
+        state_dir: state_dir.to_path_buf(),
+        sides: (state.side, state.side.other()),
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
-    let driven = drive(&mut machine, &opts.policy, &mut engine, &now)?;
+    engine.journal(Phase::Idle)?;
+    let driven = drive(
+        &mut machine,
+        &opts.policy,
+        &mut engine,
+        &now,
+        &interrupt::interrupted,
+    )?;
     engine.report.recovery = driven.recovery;
     engine.report.failure = driven.failure;
     // The server's PID after the move (the same after a restore; recorded for `status`).
@@ -200,7 +212,9 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         state.migrations += 1;
     }
     state.save(state_dir)?;
-    Ok(engine.finish(&machine))
+    let report = engine.finish(&machine);
+    journal::remove(state_dir)?;
+    Ok(report)
 }
 
 /// The work of each phase and of the recoveries: what the loop in [`drive`] runs. The engine
@@ -241,11 +255,17 @@ fn feed(
 
 /// The phase loop: runs the work of the phase the machine is in until it is terminal; on a
 /// failure, runs the recovery `policy` chooses for the failed phase (one path for every phase).
+///
+/// `interrupted` is asked before the work of every phase up to `Restoring`: once true (SIGINT
+/// or SIGTERM), that phase fails without running and is recovered like any failure. From
+/// `Resuming` on the process already runs at the target, and finishing the move is the
+/// quickest way back to a running service.
 pub(crate) fn drive(
     machine: &mut migration_core::Migration,
     policy: &MigrationPolicy,
     work: &mut dyn Work,
     clock: &dyn Fn() -> Timestamp,
+    interrupted: &dyn Fn() -> bool,
 ) -> Result<Driven> {
     let mut driven = Driven::default();
     feed(machine, Event::Start, clock)?;
@@ -258,8 +278,12 @@ pub(crate) fn drive(
             | Phase::Transferring
             | Phase::Restoring
             | Phase::Resuming => {
-                let mut step = |e: Event| feed(machine, e, clock);
-                work.run(phase, &mut step)
+                if phase != Phase::Resuming && interrupted() {
+                    Err(anyhow!("interrupted by a signal (SIGINT or SIGTERM)"))
+                } else {
+                    let mut step = |e: Event| feed(machine, e, clock);
+                    work.run(phase, &mut step)
+                }
             }
             other => bail!("engine bug: no work for phase {other}"),
         };
@@ -315,9 +339,29 @@ struct Engine<'a> {
     /// What the target restores from.
     restore_dir: Option<PathBuf>,
     started: Instant,
+    /// Where the journal goes.
+    state_dir: PathBuf,
+    /// (from, to).
+    sides: (Side, Side),
 }
 
 impl Engine<'_> {
+    /// Records, before it starts, the phase about to run.
+    fn journal(&self, phase: Phase) -> Result<()> {
+        journal::write(
+            &self.state_dir,
+            &Journal {
+                migration_id: self.id,
+                phase,
+                from: self.sides.0,
+                to: self.sides.1,
+                server_pid: self.pid,
+                images: self.images.clone(),
+                keep_images: self.opts.keep_images,
+            },
+        )
+    }
+
     fn wait<E: ServerEvent>(&self, limit: Duration) -> Result<E> {
         let id = self.id;
         self.admin
@@ -355,6 +399,7 @@ impl Engine<'_> {
         );
         let parked = announced.parked;
         self.report.announce = Some(announced);
+        interrupt::fault(Point::Announced);
         Ok(if parked {
             Event::BeginQuiesce
         } else {
@@ -378,7 +423,7 @@ impl Engine<'_> {
                 }
             }
             let dir = self.images.join(format!("pre{rounds}"));
-            std::fs::create_dir_all(&dir)?;
+            secure::private_dir(&dir)?;
             match criu::pre_dump(self.pid, &self.src.netns, &dir, parent.as_deref()) {
                 Ok(t) => {
                     let bytes = sys::dir_size(&dir);
@@ -406,9 +451,17 @@ impl Engine<'_> {
             warn!("fault injection: the dump will fail");
             std::fs::write(&dir, b"")?;
         } else {
-            std::fs::create_dir_all(&dir)?;
+            secure::private_dir(&dir)?;
+        }
+        if interrupt::kill_armed(Point::Dumping) {
+            // The recovery test: criu runs on while control dies.
+            let _child = criu::dump_command(self.pid, &self.src.netns, &dir, parent.as_deref())
+                .spawn()
+                .context("starting criu dump")?;
+            interrupt::fault(Point::Dumping);
         }
         let timing = criu::dump(self.pid, &self.src.netns, &dir, parent.as_deref())?;
+        interrupt::fault(Point::Dumped);
         let bytes = sys::dir_size(&dir);
         self.report.dump = Some(timing);
         self.report.image_bytes = Some(bytes);
@@ -456,6 +509,18 @@ impl Engine<'_> {
         } else {
             self.dst.netns.clone()
         };
+        if interrupt::kill_armed(Point::Restoring) {
+            // The recovery test: the supervisor restores while control dies.
+            supervisor::send(
+                &self.supervisor,
+                &SupervisorRequest::Restore {
+                    netns: netns.clone(),
+                    dir: dir.clone(),
+                    log_name: "restore.log".to_owned(),
+                },
+            )?;
+            interrupt::fault(Point::Restoring);
+        }
         let restored = self.restore_in(&netns, &dir, "restore.log");
         if let Some((hidden, original)) = hidden {
             std::fs::rename(hidden, original).context("putting pstree.img back")?;
@@ -472,16 +537,7 @@ impl Engine<'_> {
         dir: &Path,
         log_name: &str,
     ) -> Result<(i32, admin_api::CriuTiming)> {
-        let request = SupervisorRequest::Restore {
-            netns: netns.to_path_buf(),
-            dir: dir.to_path_buf(),
-            log_name: log_name.to_owned(),
-        };
-        match supervisor::ask(&self.supervisor, &request, RESTORE_LIMIT)? {
-            SupervisorReply::Restored { pid, timing } => Ok((pid, timing)),
-            SupervisorReply::Failed { error } => Err(anyhow!("{error}")),
-            other => bail!("the supervisor answered {other:?} to a restore"),
-        }
+        restore_via_supervisor(&self.supervisor, netns, dir, log_name)
     }
 
     /// Resuming: the process is where it should be, renews its socket and tells the clients;
@@ -497,11 +553,7 @@ impl Engine<'_> {
                 self.dst.name
             );
         }
-        self.admin.send_request(&ResumeRequest {
-            migration_id: self.id,
-        })?;
-        signal(self.pid, Signal::SIGUSR2)?;
-        let resumed: Resumed = self.wait(EVENT_LIMIT)?;
+        let resumed = ask_resume(&self.admin, self.pid, self.id)?;
         self.report.resumed = Some(resumed);
         let source = probe(self.report.source_addr);
         let target = probe(self.report.target_addr);
@@ -547,15 +599,13 @@ impl Engine<'_> {
 
     /// The server serves from the source again and sends its clients back there.
     fn send_back(&mut self) -> Result<()> {
-        self.admin.send_request(&AbortRequest {
-            migration_id: self.id,
-            fallback_addr: self.report.source_addr,
-            deadline_ms: u64::try_from(self.opts.policy.ack_deadline.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        })?;
-        signal(self.pid, Signal::SIGUSR1)?;
-        let aborted: Aborted = self.wait(self.opts.policy.ack_deadline + EVENT_LIMIT)?;
+        let aborted = ask_abort(
+            &self.admin,
+            self.pid,
+            self.id,
+            self.report.source_addr,
+            self.opts.policy.ack_deadline,
+        )?;
         self.report.aborted = Some(aborted);
         Ok(())
     }
@@ -572,14 +622,9 @@ impl Engine<'_> {
         } else {
             MoveResult::Failed
         };
-        if completed && !self.opts.keep_images {
-            if let Err(e) = std::fs::remove_dir_all(&self.images) {
-                warn!("removing {}: {e}", self.images.display());
-            }
-            self.report.images_dir = None;
-        } else {
-            self.report.images_dir = images::keep(&self.images);
-        }
+        // The image set holds the server's memory (its TLS keys with it): removed whatever
+        // the result, unless asked to keep it (then still 0700, as `kept-<id>`).
+        self.report.images_dir = images::dispose(&self.images, self.opts.keep_images);
         self.report.wall_ms = self.started.elapsed().as_secs_f64() * 1e3;
         self.report.timeline = machine.report();
         self.report
@@ -588,6 +633,7 @@ impl Engine<'_> {
 
 impl Work for Engine<'_> {
     fn run(&mut self, phase: Phase, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
+        self.journal(phase)?;
         match phase {
             Phase::Preparing => self.announce(),
             Phase::Quiescing => Ok(Event::BeginDump),
@@ -600,17 +646,66 @@ impl Work for Engine<'_> {
     }
 
     fn resume_source(&mut self) -> Result<()> {
+        self.journal(Phase::RollingBack)?;
         self.send_back()
     }
 
     fn restore_on_source(&mut self) -> Result<()> {
+        self.journal(Phase::RollingBack)?;
         self.restore_at_source()?;
         self.send_back()
     }
 }
 
+/// `criu restore` of `dir` into `netns`, run by the supervisor at `socket`: the restored PID
+/// and criu's timing.
+pub(crate) fn restore_via_supervisor(
+    socket: &Path,
+    netns: &Path,
+    dir: &Path,
+    log_name: &str,
+) -> Result<(i32, admin_api::CriuTiming)> {
+    let request = SupervisorRequest::Restore {
+        netns: netns.to_path_buf(),
+        dir: dir.to_path_buf(),
+        log_name: log_name.to_owned(),
+    };
+    match supervisor::ask(socket, &request, RESTORE_LIMIT)? {
+        SupervisorReply::Restored { pid, timing } => Ok((pid, timing)),
+        SupervisorReply::Failed { error } => Err(anyhow!("{error}")),
+        other => bail!("the supervisor answered {other:?} to a restore"),
+    }
+}
+
+/// Resume request + SIGUSR2: the restored server renews its socket and tells its clients.
+pub(crate) fn ask_resume(admin: &AdminDir, pid: i32, id: MigrationId) -> Result<Resumed> {
+    admin.send_request(&ResumeRequest { migration_id: id })?;
+    signal(pid, Signal::SIGUSR2)?;
+    Ok(admin.wait_event::<Resumed>(Some(id), EVENT_LIMIT)?)
+}
+
+/// Abort request + SIGUSR1: the server serves again (unparked) and sends its clients back to
+/// `fallback`.
+pub(crate) fn ask_abort(
+    admin: &AdminDir,
+    pid: i32,
+    id: MigrationId,
+    fallback: SocketAddr,
+    ack_deadline: Duration,
+) -> Result<Aborted> {
+    admin.send_request(&AbortRequest {
+        migration_id: id,
+        fallback_addr: fallback,
+        deadline_ms: u64::try_from(ack_deadline.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+    })?;
+    signal(pid, Signal::SIGUSR1)?;
+    Ok(admin.wait_event::<Aborted>(Some(id), ack_deadline + EVENT_LIMIT)?)
+}
+
 /// Where process `pid` runs, against where `expected` is.
-fn observe_placement(pid: i32, expected: &Container) -> Result<Placement> {
+pub(crate) fn observe_placement(pid: i32, expected: &Container) -> Result<Placement> {
     Ok(Placement {
         pid,
         netns_inode: sys::netns_inode(Path::new(&format!("/proc/{pid}/ns/net")))?,
@@ -620,7 +715,7 @@ fn observe_placement(pid: i32, expected: &Container) -> Result<Placement> {
 }
 
 /// What answers QUIC at `addr`.
-fn probe(addr: SocketAddr) -> PortProbe {
+pub(crate) fn probe(addr: SocketAddr) -> PortProbe {
     match udp_shim_client::probe::quic_probe(addr, PROBE_WAIT) {
         Ok(udp_shim_client::probe::ProbeAnswer::VersionNegotiation) => PortProbe::Answered,
         Ok(udp_shim_client::probe::ProbeAnswer::Refused) => PortProbe::Refused,
@@ -702,7 +797,7 @@ mod tests {
         policy: &MigrationPolicy,
     ) -> (migration_core::Migration, Result<Driven>) {
         let mut m = migration_core::Migration::new(MigrationId::from_bytes([3; 16]), clock());
-        let r = drive(&mut m, policy, script, &clock);
+        let r = drive(&mut m, policy, script, &clock, &|| false);
         (m, r)
     }
 
@@ -787,6 +882,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_interrupt_rolls_back_at_the_next_boundary_but_not_once_resuming() {
+        use std::cell::Cell;
+        // Interrupted while dumping: the transfer never runs; the source is restored.
+        let calls = Cell::new(0);
+        let interrupted = || {
+            calls.set(calls.get() + 1);
+            calls.get() > 3 // Preparing, Quiescing, Dumping run; Transferring is refused.
+        };
+        let mut s = Script::default();
+        let mut m = migration_core::Migration::new(MigrationId::from_bytes([4; 16]), clock());
+        let d = drive(
+            &mut m,
+            &MigrationPolicy::default(),
+            &mut s,
+            &clock,
+            &interrupted,
+        )
+        .unwrap();
+        assert_eq!(
+            s.ran,
+            ["preparing", "quiescing", "dumping", "restore_on_source"]
+        );
+        assert_eq!(d.recovery, Some(Recovery::RestoreOnSource));
+        assert!(d.failure.unwrap().contains("interrupted by a signal"));
+        assert_eq!(m.phase(), Phase::Failed);
+        // Interrupted once the process runs at the target: the move is finished.
+        let mut s = Script::default();
+        let mut m = migration_core::Migration::new(MigrationId::from_bytes([5; 16]), clock());
+        let late = Cell::new(0);
+        let interrupted = || {
+            late.set(late.get() + 1);
+            late.get() > 5
+        };
+        drive(
+            &mut m,
+            &MigrationPolicy::default(),
+            &mut s,
+            &clock,
+            &interrupted,
+        )
+        .unwrap();
+        assert_eq!(m.phase(), Phase::Completed);
     }
 
     #[test]

@@ -53,8 +53,26 @@ pub(crate) fn check_dir(dir: &Path) -> Result<()> {
 
 /// Creates the images directory with control's marker.
 pub(crate) fn create(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "").with_context(|| format!("marking {}", dir.display()))
+    crate::secure::private_dir(dir)?;
+    let marker = dir.join(MARKER);
+    if !marker.exists() {
+        crate::secure::create_private(&marker)?;
+    }
+    Ok(())
+}
+
+/// Disposes of a migration's image set: removed, or with `keep` renamed `kept-<id>` (still
+/// 0700). Returns where it was kept.
+pub(crate) fn dispose(images: &Path, keep: bool) -> Option<PathBuf> {
+    if keep {
+        return self::keep(images);
+    }
+    if let Err(e) = std::fs::remove_dir_all(images)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", images.display());
+    }
+    None
 }
 
 /// Keeps an image set for inspection under a name that later migrations accept.
@@ -90,5 +108,19 @@ mod tests {
         let kept = keep(&images.join("0123abcd")).unwrap();
         assert!(kept.ends_with("kept-0123abcd"));
         check_dir(&images).unwrap();
+    }
+
+    #[test]
+    fn an_image_set_is_removed_unless_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = dir.path().join("0123");
+        std::fs::create_dir_all(set.join("final")).unwrap();
+        assert_eq!(dispose(&set, false), None);
+        assert!(!set.exists());
+        std::fs::create_dir_all(set.join("final")).unwrap();
+        let kept = dispose(&set, true).unwrap();
+        assert!(kept.ends_with("kept-0123") && kept.join("final").is_dir());
+        // Already gone: nothing to do, no error.
+        assert_eq!(dispose(&set, false), None);
     }
 }

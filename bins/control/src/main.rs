@@ -4,9 +4,14 @@ mod criu;
 mod deploy;
 mod engine;
 mod images;
+mod interrupt;
+mod journal;
+mod lock;
 mod podman;
+mod recover;
 mod report;
 mod run;
+mod secure;
 mod state;
 mod supervisor;
 mod sys;
@@ -76,8 +81,13 @@ enum Cmd {
     Up(UpArgs),
     /// Move the server to the other container: announce, dump, restore, renew its socket.
     Migrate(MigrateArgs),
-    /// Remove containers, image, image sets and state, even after a failed step.
+    /// Remove containers, image, image sets and state, even after a failed step. Only folders
+    /// that carry control's marker are removed.
     Down,
+    /// Finish or undo a migration whose control was killed (the journal in the state folder
+    /// says which): the server ends up serving, at the source or the target, with its clients
+    /// pointed at it. `migrate` and `status` run it first when needed.
+    Recover(RecoverArgs),
     /// Show the deployment: where the server runs, its PID, the containers.
     Status,
     /// Print what explains a failure: the server's and the client's logs, CRIU's errors, the
@@ -89,6 +99,13 @@ enum Cmd {
     /// once and runs criu restore so that the restored server is its child again.
     #[command(hide = true)]
     Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, Args)]
+struct RecoverArgs {
+    /// Write the recovery's JSON report here (default: <state-dir>/reports/<id>.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +206,12 @@ struct RunArgs {
     /// up` and each `control migrate` as separate processes, as at a terminal).
     #[arg(long, value_enum, default_value = "run")]
     route: Route,
+    /// Fault injection for the recovery tests (by-hand route only): a comma-separated list,
+    /// one entry per migration from the first: `-` (none), `announce`, `dump`, `dumped` or
+    /// `restore` (that `control migrate` is killed with SIGKILL there, then `control recover`
+    /// runs), or `sigterm-announce` (it gets SIGTERM after the announce and rolls back).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    kill_at: Vec<String>,
     /// The run fails when the client pauses longer than this for any migration.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     max_pause_ms: u64,
@@ -208,6 +231,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Whatever control and its children (criu, the supervisor) create is private: image
+    // files hold the server's memory, state files its keys' paths and reports.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if let Err(e) = dispatch(&cli) {
         eprintln!("control: {e:#}");
         std::process::exit(1);
@@ -220,9 +246,17 @@ fn dispatch(cli: &Cli) -> Result<()> {
         images_dir: cli.common.images_dir.clone(),
         name: cli.common.name.clone(),
     };
+    let state_dir = &settings.state_dir;
     match &cli.cmd {
-        Cmd::Up(a) => deploy::up(&settings, &up_options(a)?).map(|_| ()),
+        Cmd::Up(a) => {
+            deploy::prepare_state_dir(state_dir)?;
+            let _lock = lock::acquire(state_dir, "control up")?;
+            deploy::up(&settings, &up_options(a)?).map(|_| ())
+        }
         Cmd::Migrate(a) => {
+            interrupt::install()?;
+            let _lock = locked_existing(state_dir, "control migrate")?;
+            recover_if_needed(&settings)?;
             let report =
                 run::migrate_and_report(&settings, &engine_options(a), a.report.as_deref())?;
             if report.result != admin_api::MoveResult::Completed {
@@ -234,31 +268,68 @@ fn dispatch(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Down => deploy::down(&settings),
-        Cmd::Status => deploy::status(&settings),
+        Cmd::Recover(a) => {
+            interrupt::install()?;
+            let _lock = locked_existing(state_dir, "control recover")?;
+            match run::recover_and_report(&settings, a.report.as_deref())? {
+                Some(r) if r.result == admin_api::MoveResult::Failed => bail!(
+                    "recovery failed: {}",
+                    r.failure.as_deref().unwrap_or("see the report")
+                ),
+                Some(_) => Ok(()),
+                None => {
+                    println!("nothing to recover: no migration was interrupted");
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Down => {
+            let _lock = if deploy::is_ours(state_dir) {
+                Some(lock::acquire(state_dir, "control down")?)
+            } else {
+                None
+            };
+            deploy::down(&settings)
+        }
+        Cmd::Status => {
+            let _lock = locked_existing(state_dir, "control status")?;
+            recover_if_needed(&settings)?;
+            deploy::status(&settings)
+        }
         Cmd::Logs => {
             print!("{}", deploy::diagnostics(&settings));
             Ok(())
         }
-        Cmd::Run(a) => run::run(
-            &settings,
-            &RunOptions {
-                up: up_options(&a.up)?,
-                engine: engine_options(&a.migrate),
-                moves: a.moves,
-                pause: Duration::from_millis(a.pause_ms),
-                client_interval_ms: a.client_interval_ms,
-                fail_restore_at: a.fail_restore_at,
-                fail_dump_at: a.fail_dump_at,
-                preserve: a.preserve,
-                run_report: a.run_report.clone(),
-                route: a.route,
-                bounds: report::Bounds {
-                    max_pause_ms: a.max_pause_ms as f64,
+        Cmd::Run(a) => {
+            interrupt::install()?;
+            // By hand, each `control` the run starts takes the lock itself.
+            let _lock = if a.route == Route::Run {
+                deploy::prepare_state_dir(state_dir)?;
+                Some(lock::acquire(state_dir, "control run")?)
+            } else {
+                None
+            };
+            run::run(
+                &settings,
+                &RunOptions {
+                    up: up_options(&a.up)?,
+                    engine: engine_options(&a.migrate),
+                    moves: a.moves,
+                    pause: Duration::from_millis(a.pause_ms),
+                    client_interval_ms: a.client_interval_ms,
+                    fail_restore_at: a.fail_restore_at,
+                    fail_dump_at: a.fail_dump_at,
+                    kill_at: a.kill_at.clone(),
+                    preserve: a.preserve,
+                    run_report: a.run_report.clone(),
+                    route: a.route,
+                    bounds: report::Bounds {
+                        max_pause_ms: a.max_pause_ms as f64,
+                    },
+                    log: cli.common.log.clone(),
                 },
-                log: cli.common.log.clone(),
-            },
-        ),
+            )
+        }
         Cmd::Supervise(a) => supervisor::serve(
             &a.socket,
             &supervisor::ServerCommand {
@@ -268,6 +339,31 @@ fn dispatch(cli: &Cli) -> Result<()> {
             },
         ),
     }
+}
+
+/// The lock of an existing deployment's state folder (a clear error when nothing is up).
+fn locked_existing(state_dir: &std::path::Path, what: &str) -> Result<lock::Lock> {
+    if !deploy::is_ours(state_dir) {
+        bail!(
+            "nothing is up: {} is not a state folder of control (run `control up` first)",
+            state_dir.display()
+        );
+    }
+    secure::check_private_dir(state_dir)?;
+    lock::acquire(state_dir, what)
+}
+
+/// Recovers an interrupted migration first, when the journal names one.
+fn recover_if_needed(settings: &Settings) -> Result<()> {
+    if let Some(r) = run::recover_and_report(settings, None)?
+        && r.result == admin_api::MoveResult::Failed
+    {
+        bail!(
+            "an interrupted migration could not be recovered: {}",
+            r.failure.as_deref().unwrap_or("see the report")
+        );
+    }
+    Ok(())
 }
 
 fn up_options(a: &UpArgs) -> Result<UpOptions> {

@@ -17,6 +17,7 @@ use crate::deploy::{self, Settings, UpOptions};
 use crate::engine::{self, Fault, Transfer};
 use crate::report::{self, Bounds};
 use crate::state::State;
+use crate::{journal, recover, secure};
 
 /// How the migrations are driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,6 +47,8 @@ pub(crate) struct RunOptions {
     pub(crate) client_interval_ms: u64,
     pub(crate) fail_restore_at: Option<u32>,
     pub(crate) fail_dump_at: Option<u32>,
+    /// Per migration (by hand): where its `control migrate` is killed, then recovered.
+    pub(crate) kill_at: Vec<String>,
     pub(crate) preserve: bool,
     pub(crate) run_report: Option<PathBuf>,
     pub(crate) route: Route,
@@ -103,6 +106,15 @@ fn run_inner(settings: &Settings, opts: &RunOptions) -> Result<()> {
         if n > 1 {
             std::thread::sleep(opts.pause);
         }
+        if crate::interrupt::interrupted() {
+            failure = Some(format!("interrupted by a signal before migration {n}"));
+            break;
+        }
+        let kill = opts
+            .kill_at
+            .get(n as usize - 1)
+            .filter(|k| k.as_str() != "-")
+            .cloned();
         let fault = if opts.fail_restore_at == Some(n) {
             Some(Fault::Restore)
         } else if opts.fail_dump_at == Some(n) {
@@ -110,18 +122,24 @@ fn run_inner(settings: &Settings, opts: &RunOptions) -> Result<()> {
         } else {
             opts.engine.fault
         };
-        let expected = if fault.is_some() {
-            MoveResult::RolledBack
-        } else {
-            MoveResult::Completed
+        // Killed once the restore was asked for: the recovery finishes the move; killed (or
+        // interrupted) earlier: it rolls it back.
+        let expected = match kill.as_deref() {
+            Some("restore") => MoveResult::Completed,
+            Some(_) => MoveResult::RolledBack,
+            None if fault.is_some() => MoveResult::RolledBack,
+            None => MoveResult::Completed,
         };
         let eopts = engine::Options {
             fault,
             ..opts.engine.clone()
         };
-        let report = match opts.route {
-            Route::Run => migrate_here(settings, &eopts),
-            Route::ByHand => migrate_by_hand(settings, &eopts, n, &opts.log),
+        let report = match (opts.route, kill.as_deref()) {
+            (Route::Run, None) => migrate_here(settings, &eopts),
+            (Route::Run, Some(_)) => Err(anyhow::anyhow!(
+                "--kill-at needs --route by-hand (this process cannot be killed and go on)"
+            )),
+            (Route::ByHand, _) => migrate_by_hand(settings, &eopts, n, &opts.log, kill.as_deref()),
         };
         match report {
             Ok(r) => {
@@ -194,7 +212,7 @@ pub(crate) fn migrate_and_report(
         Some(p) => p.to_path_buf(),
         None => {
             let dir = settings.state_dir.join("reports");
-            std::fs::create_dir_all(&dir)?;
+            secure::private_dir(&dir)?;
             dir.join(format!("{}.json", report.migration_id))
         }
     };
@@ -204,14 +222,41 @@ pub(crate) fn migrate_and_report(
     Ok(report)
 }
 
+/// Recovers the interrupted migration the journal names, if any; its report written to `path`
+/// (default: the state directory's `reports/<id>.json`) and summarised.
+pub(crate) fn recover_and_report(
+    settings: &Settings,
+    path: Option<&Path>,
+) -> Result<Option<MoveReport>> {
+    let Some(journal) = journal::load(&settings.state_dir)? else {
+        return Ok(None);
+    };
+    println!("{}; recovering", recover::describe(&journal));
+    deploy::preflight()?;
+    let mut state = State::load(&settings.state_dir)?;
+    let report = recover::recover(&settings.state_dir, &mut state, &journal)?;
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => settings
+            .state_dir
+            .join("reports")
+            .join(format!("{}.json", report.migration_id)),
+    };
+    report::write_json(&path, &report)?;
+    report::print_move(&report);
+    println!("report: {}", path.display());
+    Ok(Some(report))
+}
+
 fn migrate_by_hand(
     settings: &Settings,
     opts: &engine::Options,
     n: u32,
     log: &str,
+    kill: Option<&str>,
 ) -> Result<MoveReport> {
     let dir = settings.state_dir.join("reports");
-    std::fs::create_dir_all(&dir)?;
+    secure::private_dir(&dir)?;
     let path = dir.join(format!("by-hand-{n}.json"));
     let mut cmd = self_command(settings, log);
     cmd.arg("migrate")
@@ -247,9 +292,34 @@ fn migrate_by_hand(
     if opts.keep_images {
         cmd.arg("--keep-images");
     }
+    match kill {
+        Some("sigterm-announce") => {
+            cmd.env("QLM_SIGTERM_AT", "announce");
+        }
+        Some(point) => {
+            cmd.env("QLM_KILL_AT", point);
+        }
+        None => {}
+    }
     // `control migrate` exits non-zero when the move did not complete; the report says how
     // it ended, which is what counts here.
     let status = cmd.status().context("running control migrate")?;
+    if let (Some(point), None) = (kill, status.code())
+        && point != "sigterm-announce"
+    {
+        // Killed as asked: the next control recovers, as a person would run it.
+        info!(point, %status, "control migrate was killed; running control recover");
+        let mut rec = self_command(settings, log);
+        rec.arg("recover").arg("--report").arg(&path);
+        let rstatus = rec.status().context("running control recover")?;
+        return match report::read_json::<MoveReport>(&path) {
+            Ok(r) => Ok(r),
+            Err(e) => bail!("control recover ({rstatus}) wrote no report: {e:#}"),
+        };
+    }
+    if kill.is_some_and(|k| k != "sigterm-announce") {
+        bail!("control migrate was to be killed but ended with {status}");
+    }
     match report::read_json::<MoveReport>(&path) {
         Ok(r) => Ok(r),
         Err(e) => bail!("control migrate ({status}) wrote no report: {e:#}"),
@@ -289,8 +359,8 @@ fn start_client(
     cert: &Path,
     interval_ms: u64,
 ) -> Result<Child> {
-    let out = std::fs::File::create(state_dir.join("client.out"))?;
-    let err = std::fs::File::create(state_dir.join("client.err"))?;
+    let out = secure::open_log(&state_dir.join("client.out"))?;
+    let err = secure::open_log(&state_dir.join("client.err"))?;
     let child = Command::new(cwrapper)
         .args(["--target", &target.to_string(), "--stay-connected"])
         .arg("--ca")
@@ -304,7 +374,10 @@ fn start_client(
         .stderr(err)
         .spawn()
         .with_context(|| format!("starting {}", cwrapper.display()))?;
-    std::fs::write(state_dir.join("client.pid"), child.id().to_string())?;
+    secure::write_private(
+        &state_dir.join("client.pid"),
+        child.id().to_string().as_bytes(),
+    )?;
     Ok(child)
 }
 

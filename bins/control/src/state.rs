@@ -126,12 +126,8 @@ impl State {
 
     /// Saves atomically (write, then rename).
     pub(crate) fn save(&self, state_dir: &Path) -> Result<()> {
-        let path = Self::path(state_dir);
-        let tmp = state_dir.join(".state.json.tmp");
         let text = serde_json::to_string_pretty(self).context("encoding the state")?;
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("writing {}", path.display()))
+        crate::secure::write_private(&Self::path(state_dir), text.as_bytes())
     }
 }
 

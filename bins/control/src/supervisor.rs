@@ -113,6 +113,22 @@ pub(crate) fn ask(
     serde_json::from_str(&answer).context("the supervisor's answer is not valid")
 }
 
+/// Sends a request without waiting for the answer (the recovery tests kill control while the
+/// supervisor works on it).
+pub(crate) fn send(socket: &Path, request: &SupervisorRequest) -> Result<()> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("the supervisor does not answer at {}", socket.display()))?;
+    let mut line = serde_json::to_vec(request).context("encoding the request")?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .context("writing to the supervisor")?;
+    // Kept open by leaking it: closing it before the supervisor read the line is fine too,
+    // but an open socket is what a killed control leaves.
+    std::mem::forget(stream);
+    Ok(())
+}
+
 /// Reads at most [`MAX_REQUEST`] bytes from a stream.
 trait TakeBounded {
     fn take_bounded(self) -> std::io::Take<UnixStream>;
@@ -215,11 +231,7 @@ fn bind(socket: &Path) -> Result<UnixListener> {
 /// dump it alone.
 fn start_server(server: &ServerCommand) -> Result<i32> {
     use std::os::unix::process::CommandExt as _;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&server.log)
-        .with_context(|| format!("opening {}", server.log.display()))?;
+    let out = crate::secure::open_log(&server.log)?;
     let Some((program, args)) = server.argv.split_first() else {
         bail!("no server command");
     };

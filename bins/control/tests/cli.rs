@@ -348,7 +348,7 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
         r["placement"]["netns_inode"], r["placement"]["expected_netns_inode"],
         "{r}"
     );
-    assert_eq!(r["source_probe"] != "answered", true, "{r}");
+    assert_ne!(r["source_probe"], "answered", "{r}");
     assert_eq!(r["target_probe"], "answered", "{r}");
     let moved = w.status();
     assert_eq!(moved["server"]["side"], "B", "{moved}");

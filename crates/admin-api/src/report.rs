@@ -145,6 +145,10 @@ pub struct MoveReport {
     pub wall_ms: f64,
     /// migration-core's timeline (phases, freeze).
     pub timeline: migration_core::MigrationReport,
+    /// Set when this migration's `control` was killed and a later one recovered it: the phase
+    /// the journal said was running. The figures of the phases before are then unknown.
+    #[serde(default)]
+    pub recovered_after: Option<migration_core::Phase>,
 }
 
 impl MoveReport {
