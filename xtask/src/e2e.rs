@@ -618,10 +618,12 @@ mod tests {
             (2, false, false, false, false)
         );
         assert_eq!(o.max_pause_ms, 1000);
-        assert_eq!(scenarios(&o).len(), 3);
-        let o =
-            options("--write-benchmarks --no-rollback --no-by-hand --max-pause-ms 300").unwrap();
-        assert!(o.write_benchmarks && o.no_rollback && o.no_by_hand);
+        assert_eq!(scenarios(&o).len(), 4);
+        let o = options(
+            "--write-benchmarks --no-rollback --no-by-hand --no-interrupt --max-pause-ms 300",
+        )
+        .unwrap();
+        assert!(o.write_benchmarks && o.no_rollback && o.no_by_hand && o.no_interrupt);
         let sc = scenarios(&o);
         assert_eq!(sc.len(), 1);
         assert!(
