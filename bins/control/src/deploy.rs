@@ -89,10 +89,10 @@ pub(crate) fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// Brings the deployment up; on failure removes whatever was made.
-pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
+/// What refuses an `up` before anything is created: no root or tools, a deployment already
+/// up, a port in use, a foreign images folder, no swrapper binary.
+pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
     preflight()?;
-    let started = Instant::now();
     if State::exists(&settings.state_dir) {
         bail!(
             "a deployment is already up (state in {}); `control down` first",
@@ -115,6 +115,15 @@ pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
             opts.bin_dir.display()
         );
     }
+    Ok(())
+}
+
+/// Brings the deployment up (after [`check_up`], and with the state folder prepared and
+/// locked); on failure removes whatever was made.
+pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
+    let started = Instant::now();
+    check_up(settings, opts)?;
+    let swrapper = opts.bin_dir.join("swrapper");
     match up_inner(settings, opts, &swrapper) {
         Ok(state) => {
             info!(

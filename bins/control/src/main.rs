@@ -249,9 +249,12 @@ fn dispatch(cli: &Cli) -> Result<()> {
     let state_dir = &settings.state_dir;
     match &cli.cmd {
         Cmd::Up(a) => {
+            let opts = up_options(a)?;
+            // Refusals first: nothing is created when one applies.
+            deploy::check_up(&settings, &opts)?;
             deploy::prepare_state_dir(state_dir)?;
             let _lock = lock::acquire(state_dir, "control up")?;
-            deploy::up(&settings, &up_options(a)?).map(|_| ())
+            deploy::up(&settings, &opts).map(|_| ())
         }
         Cmd::Migrate(a) => {
             interrupt::install()?;
@@ -271,7 +274,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Cmd::Recover(a) => {
             interrupt::install()?;
             let _lock = locked_existing(state_dir, "control recover")?;
-            match run::recover_and_report(&settings, a.report.as_deref())? {
+            match run::recover_and_report(&settings, a.report.as_deref(), false)? {
                 Some(r) if r.result == admin_api::MoveResult::Failed => bail!(
                     "recovery failed: {}",
                     r.failure.as_deref().unwrap_or("see the report")
@@ -304,6 +307,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
             interrupt::install()?;
             // By hand, each `control` the run starts takes the lock itself.
             let _lock = if a.route == Route::Run {
+                deploy::check_up(&settings, &up_options(&a.up)?)?;
                 deploy::prepare_state_dir(state_dir)?;
                 Some(lock::acquire(state_dir, "control run")?)
             } else {
@@ -353,9 +357,9 @@ fn locked_existing(state_dir: &std::path::Path, what: &str) -> Result<lock::Lock
     lock::acquire(state_dir, what)
 }
 
-/// Recovers an interrupted migration first, when the journal names one.
+/// Recovers an interrupted migration first, when the journal names one (saying so on stderr).
 fn recover_if_needed(settings: &Settings) -> Result<()> {
-    if let Some(r) = run::recover_and_report(settings, None)?
+    if let Some(r) = run::recover_and_report(settings, None, true)?
         && r.result == admin_api::MoveResult::Failed
     {
         bail!(

@@ -26,16 +26,25 @@ fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "?".to_owned(), |x| format!("{x:.1}"))
 }
 
-/// Prints the readable summary of one migration.
+/// Prints the readable summary of one migration on stdout.
 pub(crate) fn print_move(r: &MoveReport) {
-    println!(
+    print!("{}", move_summary(r));
+}
+
+/// The readable summary of one migration.
+pub(crate) fn move_summary(r: &MoveReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "migration {} {} -> {}: {}",
         r.migration_id, r.from, r.to, r.result
     );
     if let Some(f) = &r.failure {
-        println!("  failure: {f}");
+        let _ = writeln!(out, "  failure: {f}");
     }
-    println!(
+    let _ = writeln!(
+        out,
         "  announce {} ms, freeze {} ms (dump {} ms, restore {} ms), image set {} KiB",
         ms(r.announce.as_ref().map(|a| a.outcome.elapsed_ms)),
         ms(r.freeze_ms()),
@@ -48,11 +57,15 @@ pub(crate) fn print_move(r: &MoveReport) {
         r.dump.as_ref().and_then(|d| d.startup_ms),
         r.restore.as_ref().and_then(|d| d.startup_ms),
     ) {
-        println!("  criu start-up: dump {a:.1} ms, restore {b:.1} ms");
+        let _ = writeln!(out, "  criu start-up: dump {a:.1} ms, restore {b:.1} ms");
     }
     if let (Some(s), Some(t)) = (r.source_probe, r.target_probe) {
-        println!("  after the move: the source's address {s:?}, the target's {t:?}");
+        let _ = writeln!(
+            out,
+            "  after the move: the source's address {s:?}, the target's {t:?}"
+        );
     }
+    out
 }
 
 /// What a run is checked against.

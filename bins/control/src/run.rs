@@ -224,14 +224,24 @@ pub(crate) fn migrate_and_report(
 
 /// Recovers the interrupted migration the journal names, if any; its report written to `path`
 /// (default: the state directory's `reports/<id>.json`) and summarised.
+///
+/// With `quiet` the summary goes to stderr (`status` keeps stdout for its JSON).
 pub(crate) fn recover_and_report(
     settings: &Settings,
     path: Option<&Path>,
+    quiet: bool,
 ) -> Result<Option<MoveReport>> {
     let Some(journal) = journal::load(&settings.state_dir)? else {
         return Ok(None);
     };
-    println!("{}; recovering", recover::describe(&journal));
+    let say = |text: &str| {
+        if quiet {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
+        }
+    };
+    say(&format!("{}; recovering\n", recover::describe(&journal)));
     deploy::preflight()?;
     let mut state = State::load(&settings.state_dir)?;
     let report = recover::recover(&settings.state_dir, &mut state, &journal)?;
@@ -243,8 +253,8 @@ pub(crate) fn recover_and_report(
             .join(format!("{}.json", report.migration_id)),
     };
     report::write_json(&path, &report)?;
-    report::print_move(&report);
-    println!("report: {}", path.display());
+    say(&report::move_summary(&report));
+    say(&format!("report: {}\n", path.display()));
     Ok(Some(report))
 }
 

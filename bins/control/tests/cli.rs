@@ -382,3 +382,157 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
     assert_eq!(after["server"]["side"], "B", "{after}");
     assert_eq!(after["migrations"], 1, "{after}");
 }
+
+/// Every file under `dir` is 0600 and every folder 0700; returns how many files there are.
+fn assert_private_tree(dir: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let m = std::fs::symlink_metadata(&d).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700, "{}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.file_type().is_socket() {
+                // The supervisor's socket: 0600 as well.
+                assert_eq!(m.mode() & 0o777, 0o600, "{}", p.display());
+            } else {
+                assert!(m.is_file(), "{} is not a regular file", p.display());
+                assert_eq!(m.mode() & 0o777, 0o600, "{}", p.display());
+                files += 1;
+            }
+        }
+    }
+    files
+}
+
+use std::os::unix::fs::FileTypeExt as _;
+
+#[test]
+fn a_foreign_or_symlinked_state_folder_is_refused() {
+    let Some(w) = World::new("foreign") else {
+        return;
+    };
+    let state = w.dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let o = w.run(&["up"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("belongs to uid 65534"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing was started or written into it.
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+    assert!(!w.images.exists());
+    std::fs::remove_dir(&state).unwrap();
+    // A symlink to a folder elsewhere.
+    let elsewhere = w.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &state).unwrap();
+    let o = w.run(&["up"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    // A folder of ours that holds someone's files is not adopted (nor removed by down).
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("notes.txt"), b"mine").unwrap();
+    let o = w.run(&["up"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("did not make"), "{}", stderr(&o));
+    let _ = w.run(&["down"]);
+    assert!(state.join("notes.txt").exists());
+    std::fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+fn image_files_are_private_during_a_move_and_removed_after_it_however_it_ends() {
+    let Some(w) = World::new("modes") else {
+        return;
+    };
+    let o = w.run(&["up"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let state = w.dir.path().join("state");
+    assert!(assert_private_tree(&state) > 3);
+    // control killed right after the dump: the image set is there, private.
+    let o = Command::new(env!("CARGO_BIN_EXE_control"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--images-dir")
+        .arg(&w.images)
+        .args(["--name", &w.name, "--log", "warn", "migrate"])
+        .env("QLM_KILL_AT", "dumped")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        None,
+        "control was to be killed: {}",
+        stderr(&o)
+    );
+    let files = assert_private_tree(&w.images);
+    assert!(files > 10, "only {files} files: no image set?");
+    // The next control recovers (status runs it first): the server serves in A again, the
+    // image set is gone.
+    let s = w.status();
+    assert_eq!(s["server"]["side"], "A", "{s}");
+    assert_eq!(s["server"]["running"], true, "{s}");
+    assert_eq!(s["server"]["in_its_container"], true, "{s}");
+    let left: Vec<_> = std::fs::read_dir(&w.images).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the marker should be left: {left:?}");
+    // A completed move and a failed one leave no image set either.
+    let o = w.run(&["migrate"]);
+    assert!(o.status.success(), "migrate: {}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&w.images).unwrap().count(), 1);
+    let o = w.run(&["migrate", "--fail-dump"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read_dir(&w.images).unwrap().count(), 1);
+    // Everything control wrote meanwhile is private too.
+    assert_private_tree(&state);
+}
+
+#[test]
+fn two_migrations_at_once_the_second_is_refused_and_told_who_works() {
+    let Some(w) = World::new("twice") else {
+        return;
+    };
+    let o = w.run(&["up"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let state = w.dir.path().join("state");
+    let first = Command::new(env!("CARGO_BIN_EXE_control"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--images-dir")
+        .arg(&w.images)
+        .args(["--name", &w.name, "--log", "warn", "migrate"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = format!("held by control migrate, PID {}", first.id());
+    let mut held = false;
+    for _ in 0..2000 {
+        if std::fs::read_to_string(state.join("control.lock")).is_ok_and(|t| t.contains(&holder)) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    let second = w.run(&["migrate"]);
+    let out = first.wait_with_output().unwrap();
+    assert!(held, "the first migrate never held the lock");
+    assert!(out.status.success(), "the first migrate failed");
+    assert_eq!(second.status.code(), Some(1));
+    let err = stderr(&second);
+    assert!(err.contains("another control works on"), "{err}");
+    assert!(err.contains(&holder), "{err}");
+    // The first one moved the server; the second changed nothing.
+    let s = w.status();
+    assert_eq!(s["server"]["side"], "B", "{s}");
+    assert_eq!(s["migrations"], 1, "{s}");
+}
