@@ -39,6 +39,7 @@ fn help_of_every_subcommand_explains_flags_and_environment() {
         "down",
         "status",
         "logs",
+        "recover",
         "run",
         "QLM_STATE_DIR",
         "cargo xtask setup",
