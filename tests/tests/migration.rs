@@ -342,3 +342,42 @@ async fn without_stay_connected_a_missed_deadline_ends_the_session() {
     .await
     .unwrap();
 }
+
+/// The server announces a move, keeps running where it is and never confirms the move: the
+/// client gives the move up at its overlap cap, goes back, and ends with an error naming the
+/// address and the cap (not endless duplicate sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_never_confirmed_ends_the_client_with_a_clear_error() {
+    cwrapper_bin();
+    tokio::time::timeout(LIMIT, async {
+        let server = start_server(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let first = server.handle.local_addr();
+        let (child, json) = start_client(
+            &server,
+            first,
+            &["--stay-connected", "--overlap-max-ms", "300"],
+        );
+        wait_sessions(&server.handle, 1).await;
+        let silent = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let nowhere = silent.local_addr().unwrap();
+        let report = server
+            .handle
+            .announce(id(9), nowhere, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(report.complete());
+        let out = wait_client(child).await;
+        assert_eq!(out.status.code(), Some(1), "the client must fail");
+        let r = client_report(&out, &json);
+        assert_eq!(r["verified"], false);
+        let err = r["error"].as_str().unwrap();
+        assert!(
+            err.contains(&format!("move to {nowhere} not confirmed within 300ms"))
+                && err.contains(&format!("swapped back to {first}")),
+            "unclear error: {err}"
+        );
+        drop(silent);
+    })
+    .await
+    .unwrap();
+}

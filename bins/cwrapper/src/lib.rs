@@ -5,10 +5,24 @@
 //!                                              (quinn sees one fixed fake peer)
 //!  control task: first bi stream ── Hello ──►
 //!                                 ◄── Welcome / Migrate / MigrateAborted / Resumed / Bye
-//!    Migrate(id, addr): set_peer(addr) (old and new peer overlap until the new one answers),
-//!                       publish "migration seen", Ack
-//!  app ──events()──► watch::Receiver<ClientStatus> (migration seen, resumed, control state)
+//!    Migrate(id, addr): set_peer(addr) (old and new peer overlap), publish "migration
+//!                       seen", Ack
+//!    Resumed(id):       confirm_peer(addr of id): the overlap ends (authenticated: stream
+//!                       data quinn decrypted, naming the migration)
+//!    MigrateAborted:    set_peer(fallback) (and confirm_peer(fallback) if still overlapping)
+//!    overlap cap:       the shim swaps back; the failure is published (failed_moves)
+//!  app ──events()──► watch::Receiver<ClientStatus> (migration seen, resumed, failed moves,
+//!                    control state)
 //! ```
+//!
+//! **Confirmation.** The shim never ends a move's overlap on a datagram's source address (a
+//! spoofer controls it). The control task vouches for the new address when the server says,
+//! on the control stream, that it runs there: `Resumed` naming the migration whose `Migrate`
+//! named the address. That message is stream data in a 1-RTT packet quinn decrypted, so only
+//! the server holding the connection's keys can have sent it, and it cannot be replayed
+//! (packet numbers). A move the server never vouches for ends at the overlap's cap
+//! ([`ClientOptions::overlap_limits`]) in a swap back, reported in
+//! [`ClientStatus::failed_moves`] with the shim's [`MoveError`].
 //!
 //! The control stream is opened and `Hello` written before [`MigratingClient::connect`]
 //! returns, so it is stream 0 and the server takes it as the control stream whatever streams
@@ -24,12 +38,12 @@ use control_protocol::{
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use udp_shim_client::SwappableUdp;
+use udp_shim_client::{Confirmation, MoveOutcome, SwappableUdp};
 use wrapper_support::control::ControlReader;
 use wrapper_support::{ControlStreamError, TlsError};
 
 pub use quinn;
-pub use udp_shim_client::ShimStats;
+pub use udp_shim_client::{MoveError, OverlapLimits, ShimStats};
 
 /// How the client is set up.
 #[derive(Debug, Clone)]
@@ -50,6 +64,9 @@ pub struct ClientOptions {
     pub idle_timeout: Duration,
     /// How long the handshake may take.
     pub connect_timeout: Duration,
+    /// Caps on a move's overlap (duplicate sends to the new address until the server confirms
+    /// it runs there): default 10 s and 16 MiB, see [`OverlapLimits`].
+    pub overlap_limits: OverlapLimits,
 }
 
 impl ClientOptions {
@@ -70,6 +87,7 @@ impl ClientOptions {
             bind: None,
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            overlap_limits: OverlapLimits::default(),
         }
     }
 }
@@ -130,6 +148,16 @@ pub struct MigrationSeen {
     pub resumed_before: u64,
 }
 
+/// A move the client gave up: the server never confirmed it runs at the new address before
+/// the overlap's cap, so the client swapped back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedMove {
+    /// The migration that announced the move (hex), if the client still knew it.
+    pub migration_id: Option<String>,
+    /// What the shim reported: the cap reached, the address given up, where it went back.
+    pub error: MoveError,
+}
+
 /// The state of the control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlStatus {
@@ -156,6 +184,8 @@ pub struct ClientStatus {
     pub migrations: Vec<MigrationSeen>,
     /// `Resumed` messages received (the server runs at its new address).
     pub resumed: u64,
+    /// Moves given up at the overlap's cap (a swap back), in order.
+    pub failed_moves: Vec<FailedMove>,
     /// Whether the server asked the application to stop sending (two-phase migration) and it
     /// has not resumed yet.
     pub quiesce_requested: bool,
@@ -189,6 +219,7 @@ impl MigratingClient {
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         });
         let shim = Arc::new(SwappableUdp::bind(bind, opts.server)?);
+        shim.set_overlap_limits(opts.overlap_limits);
         let mut endpoint =
             udp_shim_client::client_endpoint(shim.clone()).map_err(ClientError::Endpoint)?;
         let transport = wrapper_support::tls::transport_config(opts.idle_timeout)?;
@@ -212,6 +243,7 @@ impl MigratingClient {
         let (status_tx, status) = watch::channel(ClientStatus {
             migrations: Vec::new(),
             resumed: 0,
+            failed_moves: Vec::new(),
             quiesce_requested: false,
             control: ControlStatus::Connecting,
         });
@@ -224,6 +256,7 @@ impl MigratingClient {
             status: status_tx,
             requests: rx,
             quiesce_id: None,
+            pending_move: None,
         }));
         info!(server = %opts.server, id = connection.stable_id(), "connected");
         Ok(Self {
@@ -299,13 +332,27 @@ struct ControlTask {
     requests: mpsc::UnboundedReceiver<Request>,
     /// The migration whose quiesce request awaits the application's confirmation.
     quiesce_id: Option<control_protocol::MigrationId>,
+    /// The move whose overlap awaits the server's `Resumed`: the migration and its address.
+    pending_move: Option<(control_protocol::MigrationId, SocketAddr)>,
 }
 
 async fn control_task(mut t: ControlTask) {
     let mut out = Vec::new();
+    let mut outcomes = t.shim.move_outcomes();
     let reason = loop {
         out.clear();
+        // Without traffic nothing else enforces the overlap's time cap.
+        let cap_deadline = t.shim.overlap_deadline();
         let step = tokio::select! {
+            () = sleep_until_opt(cap_deadline), if cap_deadline.is_some() => {
+                t.shim.check_overlap();
+                Ok(())
+            }
+            Ok(()) = outcomes.changed() => {
+                let outcome = outcomes.borrow_and_update().clone();
+                on_move_outcome(&mut t, outcome);
+                Ok(())
+            }
             msg = t.reader.next() => match msg {
                 Ok(Some(msg)) => on_server_message(&mut t, msg, &mut out),
                 Ok(None) => break "server finished the control stream".to_owned(),
@@ -339,6 +386,45 @@ async fn control_task(mut t: ControlTask) {
     warn!("control stream closed: {reason}");
     t.status
         .send_modify(|s| s.control = ControlStatus::Closed { reason });
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await;
+    }
+}
+
+/// The shim ended an overlap; only an abandoned one is news (the task caused the others).
+fn on_move_outcome(t: &mut ControlTask, outcome: MoveOutcome) {
+    let MoveOutcome::Abandoned(error) = outcome else {
+        return;
+    };
+    let migration_id = match t.pending_move {
+        Some((id, addr)) if addr == error.new_peer() => {
+            t.pending_move = None;
+            Some(id.to_string())
+        }
+        _ => None,
+    };
+    warn!(id = ?migration_id, "move given up: {error}");
+    t.status.send_modify(|s| {
+        s.failed_moves.push(FailedMove {
+            migration_id,
+            error,
+        });
+    });
+}
+
+/// The server vouched, in an authenticated control message, that it runs at `addr`.
+fn confirm(t: &ControlTask, addr: SocketAddr) {
+    match t.shim.confirm_peer(addr) {
+        Ok(Confirmation::Confirmed) => info!(%addr, "move confirmed by the server"),
+        Ok(Confirmation::AwaitingDatagram) => {
+            info!(%addr, "move vouched for by the server; confirmed at its first datagram");
+        }
+        Ok(other) => debug!(%addr, ?other, "nothing to confirm"),
+        Err(e) => warn!(%addr, "move not confirmed: {e}"),
+    }
 }
 
 fn close_stream(t: &mut ControlTask, code: CloseCode) {
@@ -387,6 +473,7 @@ fn on_server_message(
             let at = Instant::now();
             // Swap, then publish: whoever sees the migration also sees the new peer.
             swap(t, new_addr);
+            t.pending_move = Some((migration_id, new_addr));
             t.status.send_modify(|s| {
                 s.migrations.push(MigrationSeen {
                     id: migration_id.to_string(),
@@ -407,6 +494,12 @@ fn on_server_message(
         } => {
             let at = Instant::now();
             swap(t, fallback_addr);
+            t.pending_move = None;
+            // Usually the fallback is the peer the overlap kept, and the swap ended it. If not,
+            // MigrateAborted is itself the server's authenticated word that it runs there.
+            if t.shim.previous_peer().is_some() {
+                confirm(t, fallback_addr);
+            }
             t.status.send_modify(|s| {
                 s.migrations.push(MigrationSeen {
                     id: migration_id.to_string(),
@@ -429,6 +522,12 @@ fn on_server_message(
         }
         ClientEvent::Resumed { migration_id } => {
             info!(id = %migration_id, "server resumed");
+            if let Some((id, addr)) = t.pending_move
+                && id == migration_id
+            {
+                t.pending_move = None;
+                confirm(t, addr);
+            }
             t.status.send_modify(|s| {
                 s.resumed += 1;
                 s.quiesce_requested = false;

@@ -22,6 +22,11 @@ use tracing::{info, warn};
 /// is checked: sequence in order, no gap, no duplicate, and the server's per-connection counter
 /// advancing by exactly one (so a server that lost its state is detected).
 ///
+/// During a move the client sends to the old and the new address until the server confirms,
+/// on the authenticated control stream (Resumed), that it runs at the new one; a move not
+/// confirmed within --overlap-max-ms or --overlap-max-bytes is given up: the client swaps back
+/// and ends with an error naming the address and the cap.
+///
 /// Exit status: 0 when every check passed, 1 on a failed check or an unrecoverable error.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -66,6 +71,13 @@ struct Args {
     /// How long the first connection (handshake) may take, in milliseconds.
     #[arg(long, env = "CWRAPPER_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
     connect_timeout_ms: u64,
+    /// Longest move overlap (duplicate sends to the new address until the server confirms the
+    /// move), in milliseconds.
+    #[arg(long, env = "CWRAPPER_OVERLAP_MAX_MS", default_value_t = 10_000)]
+    overlap_max_ms: u64,
+    /// Most bytes duplicated to the new address during one move overlap.
+    #[arg(long, env = "CWRAPPER_OVERLAP_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
+    overlap_max_bytes: u64,
     /// Connection idle timeout in seconds; must outlast the longest freeze.
     #[arg(long, env = "CWRAPPER_IDLE_TIMEOUT_S", default_value_t = 30)]
     idle_timeout_s: u64,
@@ -140,6 +152,8 @@ fn main() -> Result<()> {
         ("--migrated-io-timeout-ms", args.migrated_io_timeout_ms),
         ("--recovery-deadline-ms", args.recovery_deadline_ms),
         ("--connect-timeout-ms", args.connect_timeout_ms),
+        ("--overlap-max-ms", args.overlap_max_ms),
+        ("--overlap-max-bytes", args.overlap_max_bytes),
     ] {
         if v == 0 {
             bail!("{name} must be at least 1");
@@ -177,6 +191,10 @@ async fn run(args: &Args) -> Result<Report> {
     );
     opts.idle_timeout = Duration::from_secs(args.idle_timeout_s);
     opts.connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    opts.overlap_limits = cwrapper::OverlapLimits::new(
+        Duration::from_millis(args.overlap_max_ms),
+        args.overlap_max_bytes,
+    );
     let client = MigratingClient::connect(opts)
         .await
         .with_context(|| format!("connecting to {}", args.target))?;
@@ -213,7 +231,16 @@ async fn run(args: &Args) -> Result<Report> {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break None;
         }
-        sync_migrations(&client.status(), &mut report, &mut window, started);
+        let status = client.status();
+        sync_migrations(&status, &mut report, &mut window, started);
+        // A move the server never confirmed: the client went back to the old address.
+        if let Some(f) = status.failed_moves.first() {
+            break Some(format!(
+                "migration {}: {}",
+                f.migration_id.as_deref().unwrap_or("(unknown)"),
+                f.error
+            ));
+        }
         let timeout = Duration::from_millis(if window.is_some() {
             args.migrated_io_timeout_ms
         } else {
@@ -272,7 +299,7 @@ async fn run(args: &Args) -> Result<Report> {
                         m.first_echo_after_ms = Some(ms(now));
                     }
                     // Over once the server says it runs at its new address, or the client
-                    // heard from it there (or swapped back after an abort).
+                    // confirmed the move there (or swapped back after an abort).
                     let shim = client.shim();
                     let moved = client.status().resumed > resumed_before
                         || (shim.previous_peer().is_none() && shim.peer() == m.new_addr);

@@ -8,8 +8,12 @@
 //!   poll_recv ◀── from fake ◀── only datagrams from the real ◀── current local socket
 //!                              peer; others dropped + counted
 //!
-//!   set_peer(new) ───────▶ real peer swapped atomically, receive task woken; until `new`
-//!                          is heard from, datagrams also go to (and come from) the old peer
+//!   set_peer(new) ───────▶ real peer swapped, receive task woken; an *overlap* starts:
+//!                          datagrams also go to (and come from) the previous peer
+//!   confirm_peer(new) ───▶ the wrapper vouches for `new` (an authenticated message from the
+//!                          server says it runs there): the overlap ends, previous peer dropped
+//!   cap (time or bytes) ─▶ no confirmation in time: swap back to the previous peer,
+//!                          MoveError in move_outcomes()
 //!   rebind_local(addr) ──▶ local socket replaced (old closed), never an error to quinn
 //! ```
 //!
@@ -17,9 +21,42 @@
 //! remote address: a quinn client never accepts a new server address. [`SwappableUdp`] hides
 //! the server's moves: quinn always talks to one fixed *fake peer* ([`SwappableUdp::fake_peer`]),
 //! while the shim sends to, and accepts datagrams only from, the current *real peer*
-//! ([`SwappableUdp::set_peer`]). During a move, until the new peer is heard from, the previous
-//! peer is kept too: the server announces its move before it freezes, and the client's answer
-//! and traffic must still reach it at the old address until then.
+//! ([`SwappableUdp::set_peer`]).
+//!
+//! # The move overlap: bounded and authenticated
+//!
+//! The server announces its move while it still runs at the old address, and keeps running
+//! there until it is frozen: the client's answer and traffic must still reach it there. So
+//! after `set_peer(new)` every transmission goes to the previous peer *and* to `new`, and
+//! datagrams from either are delivered to quinn. That overlap ends in exactly one of three
+//! ways ([`MoveOutcome`]):
+//!
+//! - **Confirmed** by [`SwappableUdp::confirm_peer`]. The shim cannot decrypt QUIC, so it never
+//!   decides on its own that the server is at `new`: a datagram from `new` is delivered to
+//!   quinn (which authenticates it, or drops it if it does not decrypt) and counted
+//!   ([`ShimStats::unconfirmed_received`]), but it does not end the overlap. The wrapper, which
+//!   holds the quinn connection, calls `confirm_peer(new)` when quinn hands it an
+//!   *authenticated* statement from the server that it runs at `new`: in this project the
+//!   control stream's `Resumed` for the migration that named `new` (stream data, so
+//!   AEAD-protected with the connection's 1-RTT keys: no one without those keys can produce
+//!   it, and quinn's packet-number check refuses a replay). The overlap ends at once if a
+//!   datagram from `new` has already been delivered during this overlap (the usual case:
+//!   `Resumed` itself arrives from `new`, and the shim delivered that datagram before quinn
+//!   could decrypt it), otherwise at the first datagram from `new` (the server has already
+//!   vouched for the address; the datagram ties the move to a working path).
+//! - **Reverted**: `set_peer(previous)` (an aborted move) ends it at once.
+//! - **Abandoned** at its cap ([`OverlapLimits`]: a time limit since `set_peer` and a limit
+//!   of bytes duplicated to `new`, whichever comes first): the shim swaps back to the
+//!   previous peer, stops the duplicate sends, drops datagrams from `new` from then on, and
+//!   publishes a [`MoveError`] saying which cap was reached and how many datagrams came from
+//!   `new`. The time cap is enforced on the next send or receive, or when the wrapper calls
+//!   [`SwappableUdp::check_overlap`] (at [`SwappableUdp::overlap_deadline`]).
+//!
+//! Why a spoofed datagram cannot end the overlap: the only inputs that end it are the
+//! wrapper's `confirm_peer` (driven by data quinn authenticated), an explicit `set_peer`, or
+//! the cap. Garbage, a replayed or forged packet from `new` is delivered to quinn, which drops
+//! what does not decrypt (it does not close the connection for it); the client keeps sending
+//! to and accepting from the old server meanwhile.
 //!
 //! The shim keeps the rules a custom quinn socket must keep: `try_send` returns only `Ok` or
 //! `WouldBlock` (any other failure drops the datagram and counts it), `poll_recv` never returns
@@ -39,6 +76,8 @@
 //! // ... the server says it moves to `new_addr`:
 //! # let new_addr = server;
 //! shim.set_peer(new_addr)?;
+//! // ... and later, over the authenticated connection, that it runs there:
+//! shim.confirm_peer(new_addr)?;
 //! # drop(connection);
 //! # Ok(()) }
 //! ```
@@ -55,12 +94,14 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use quinn::{
     AsyncUdpSocket, UdpPoller,
     udp::{RecvMeta, Transmit},
 };
+use tokio::sync::watch;
 
 use udp_shim_core::{
     Slot, SlotError, SlotPoller,
@@ -102,6 +143,150 @@ pub enum ShimError {
         /// The local socket's address.
         local: SocketAddr,
     },
+    /// [`SwappableUdp::confirm_peer`] named an address that is not the current peer (the move
+    /// was abandoned at its cap, reverted, or replaced by another move meanwhile).
+    #[error("cannot confirm {peer}: the current peer is {current}")]
+    NotCurrentPeer {
+        /// The address the caller vouched for.
+        peer: SocketAddr,
+        /// The current real peer.
+        current: SocketAddr,
+    },
+}
+
+/// Why an unconfirmed move was given up: its overlap reached a cap of [`OverlapLimits`]. The
+/// shim has swapped back to `back_to` and stopped sending to `new`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MoveError {
+    /// The overlap lasted its time cap without a confirmation.
+    #[error(
+        "move to {new} not confirmed within {limit:?} ({datagrams_from_new} datagrams from it, \
+         none vouched for by the server); swapped back to {back_to}"
+    )]
+    TimeCap {
+        /// The address of the move given up.
+        new: SocketAddr,
+        /// The peer the shim went back to.
+        back_to: SocketAddr,
+        /// The time cap reached.
+        limit: Duration,
+        /// Datagrams from `new` delivered to quinn during the overlap (zero: it never answered).
+        datagrams_from_new: u64,
+    },
+    /// The bytes duplicated to the new address reached their cap without a confirmation.
+    #[error(
+        "move to {new} not confirmed after {limit} bytes duplicated to it ({datagrams_from_new} \
+         datagrams from it, none vouched for by the server); swapped back to {back_to}"
+    )]
+    ByteCap {
+        /// The address of the move given up.
+        new: SocketAddr,
+        /// The peer the shim went back to.
+        back_to: SocketAddr,
+        /// The byte cap reached.
+        limit: u64,
+        /// Datagrams from `new` delivered to quinn during the overlap (zero: it never answered).
+        datagrams_from_new: u64,
+    },
+}
+
+impl MoveError {
+    /// The address of the move given up.
+    pub fn new_peer(&self) -> SocketAddr {
+        match self {
+            Self::TimeCap { new, .. } | Self::ByteCap { new, .. } => *new,
+        }
+    }
+
+    /// The peer the shim went back to.
+    pub fn back_to(&self) -> SocketAddr {
+        match self {
+            Self::TimeCap { back_to, .. } | Self::ByteCap { back_to, .. } => *back_to,
+        }
+    }
+}
+
+/// How the last move's overlap ended ([`SwappableUdp::move_outcomes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MoveOutcome {
+    /// No overlap has ended yet.
+    Idle,
+    /// Confirmed: the wrapper vouched for `peer` and a datagram from it was delivered; the
+    /// previous peer is dropped.
+    Confirmed {
+        /// The new peer.
+        peer: SocketAddr,
+    },
+    /// Reverted by `set_peer(peer)` back to the previous peer (an aborted move).
+    Reverted {
+        /// The peer moved back to.
+        peer: SocketAddr,
+    },
+    /// Given up at a cap: swapped back.
+    Abandoned(MoveError),
+}
+
+/// What [`SwappableUdp::confirm_peer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Confirmation {
+    /// The overlap ended now: the previous peer is dropped.
+    Confirmed,
+    /// Nothing from the new peer was delivered yet: the first datagram from it ends the
+    /// overlap (unless a cap ends it first).
+    AwaitingDatagram,
+    /// No overlap: the address was already the settled peer.
+    AlreadySettled,
+}
+
+/// Caps on a move's overlap (see the [crate docs](crate)): whichever is reached first without a
+/// confirmation ends the overlap with a swap back.
+///
+/// Defaults ([`OverlapLimits::default`]):
+/// - **10 s** ([`OverlapLimits::DEFAULT_MAX_DURATION`]). The overlap lasts from `Migrate` to
+///   the server's `Resumed` from its new address: the announce round (the demo's ack deadline
+///   is 2 s), the freeze and dump (about 130 ms, up to about 1 s for a large process), the
+///   transfer and the restore. 10 s covers that several times over on one host or a LAN, is
+///   far below quinn's 30 s idle timeout (so after a swap back the connection is still alive
+///   if the old server is), and matches cwrapper's default recovery deadline.
+/// - **16 MiB** ([`OverlapLimits::DEFAULT_MAX_DUPLICATED_BYTES`]) sent to the new address. A
+///   client sending at 5 MB/s fills it in about 3 s, the length of a typical overlap; during
+///   the freeze a QUIC client sends little (its window is full of unacknowledged packets). It
+///   bounds what a move that never answers can spray at an address of a shared host. Bulk
+///   senders that keep sending during the whole overlap should raise it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OverlapLimits {
+    /// Longest overlap, from `set_peer` on.
+    pub max_duration: Duration,
+    /// Most bytes (datagram payloads) sent to the new peer during one overlap.
+    pub max_duplicated_bytes: u64,
+}
+
+impl OverlapLimits {
+    /// The default time cap: 10 s (see the type's docs).
+    pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(10);
+    /// The default byte cap: 16 MiB (see the type's docs).
+    pub const DEFAULT_MAX_DUPLICATED_BYTES: u64 = 16 * 1024 * 1024;
+
+    /// Limits of `max_duration` and `max_duplicated_bytes`.
+    pub const fn new(max_duration: Duration, max_duplicated_bytes: u64) -> Self {
+        Self {
+            max_duration,
+            max_duplicated_bytes,
+        }
+    }
+}
+
+impl Default for OverlapLimits {
+    fn default() -> Self {
+        Self::new(
+            Self::DEFAULT_MAX_DURATION,
+            Self::DEFAULT_MAX_DUPLICATED_BYTES,
+        )
+    }
 }
 
 /// A snapshot of a [`SwappableUdp`]'s counters. Counts are datagrams (a GSO/GRO batch counts
@@ -119,10 +304,17 @@ pub struct ShimStats {
     pub dropped_send_errors: u64,
     /// Peer swaps ([`SwappableUdp::set_peer`]).
     pub swaps: u64,
-    /// Moves confirmed by a datagram from the new peer.
+    /// Moves confirmed ([`SwappableUdp::confirm_peer`] and a datagram from the new peer).
     pub confirmations: u64,
     /// Transmissions also sent to the previous peer while a move was unconfirmed.
     pub dual_sends: u64,
+    /// Bytes sent to a new peer while its move was unconfirmed (what the byte cap counts).
+    pub duplicated_bytes: u64,
+    /// Datagrams from a new peer delivered to quinn while its move was unconfirmed: genuine or
+    /// spoofed, the shim cannot tell; quinn drops those that do not decrypt.
+    pub unconfirmed_received: u64,
+    /// Overlaps that reached a cap of [`OverlapLimits`] and ended in a swap back.
+    pub overlap_capped: u64,
     /// Local socket replacements ([`SwappableUdp::rebind_local`]).
     pub local_rebinds: u64,
     /// Receive errors swallowed (e.g. `ECONNREFUSED` after an ICMP port unreachable).
@@ -140,17 +332,66 @@ pub struct SwappableUdp {
     swaps: AtomicU64,
     confirmations: AtomicU64,
     dual_sends: AtomicU64,
+    duplicated_bytes: AtomicU64,
+    unconfirmed_received: AtomicU64,
+    overlap_capped: AtomicU64,
+    /// How the last overlap ended.
+    outcome: watch::Sender<MoveOutcome>,
     /// The source of the last datagram delivered to quinn.
     last_from: RwLock<Option<SocketAddr>>,
 }
 
-/// The real peer, and during a move the peer it replaces.
+/// The real peer, and during a move the overlap with the peer it replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Peers {
     current: SocketAddr,
-    /// The last peer heard from, kept until `current` is heard from: datagrams go to both and
-    /// are accepted from both meanwhile.
-    previous: Option<SocketAddr>,
+    /// Set while a move to `current` is unconfirmed.
+    overlap: Option<Overlap>,
+    limits: OverlapLimits,
+}
+
+/// An unconfirmed move: datagrams go to both peers and are accepted from both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Overlap {
+    /// The last confirmed peer (the one the server most likely still runs at).
+    previous: SocketAddr,
+    started: Instant,
+    /// Bytes sent to the new peer so far.
+    duplicated_bytes: u64,
+    /// Datagrams from the new peer delivered to quinn so far.
+    from_new: u64,
+    /// The wrapper vouched for the new peer ([`SwappableUdp::confirm_peer`]) before any
+    /// datagram from it was delivered: the first one ends the overlap.
+    vouched: bool,
+}
+
+/// Which cap an overlap reached.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    Time,
+    Bytes,
+}
+
+impl Overlap {
+    fn new(previous: SocketAddr, started: Instant) -> Self {
+        Self {
+            previous,
+            started,
+            duplicated_bytes: 0,
+            from_new: 0,
+            vouched: false,
+        }
+    }
+
+    fn reached(&self, limits: OverlapLimits, now: Instant) -> Option<Cap> {
+        if now.saturating_duration_since(self.started) >= limits.max_duration {
+            Some(Cap::Time)
+        } else if self.duplicated_bytes >= limits.max_duplicated_bytes {
+            Some(Cap::Bytes)
+        } else {
+            None
+        }
+    }
 }
 
 impl fmt::Debug for SwappableUdp {
@@ -181,7 +422,8 @@ impl SwappableUdp {
         0,
     ));
 
-    /// Wraps `socket`, sending to `peer`, with the default fake peer of the socket's family.
+    /// Wraps `socket`, sending to `peer`, with the default fake peer of the socket's family
+    /// and the default [`OverlapLimits`].
     ///
     /// Must be called inside a Tokio runtime with I/O enabled.
     pub fn new(socket: std::net::UdpSocket, peer: SocketAddr) -> Result<Self, ShimError> {
@@ -215,13 +457,18 @@ impl SwappableUdp {
             slot: Arc::new(slot),
             peers: RwLock::new(Peers {
                 current: peer,
-                previous: None,
+                overlap: None,
+                limits: OverlapLimits::default(),
             }),
             fake_peer,
             reported_fake,
             swaps: AtomicU64::new(0),
             confirmations: AtomicU64::new(0),
             dual_sends: AtomicU64::new(0),
+            duplicated_bytes: AtomicU64::new(0),
+            unconfirmed_received: AtomicU64::new(0),
+            overlap_capped: AtomicU64::new(0),
+            outcome: watch::Sender::new(MoveOutcome::Idle),
             last_from: RwLock::new(None),
         })
     }
@@ -241,42 +488,154 @@ impl SwappableUdp {
         *self.peers.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn peers_mut(&self) -> std::sync::RwLockWriteGuard<'_, Peers> {
+        self.peers.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The current real peer.
     pub fn peer(&self) -> SocketAddr {
         self.peers().current
     }
 
     /// During a move, the peer being replaced: datagrams still go to it and are accepted from
-    /// it until the new peer is heard from. `None` once the current peer has been heard from.
+    /// it until the move is confirmed, reverted or abandoned at its cap. `None` otherwise.
     pub fn previous_peer(&self) -> Option<SocketAddr> {
-        self.peers().previous
+        self.peers().overlap.map(|o| o.previous)
     }
 
-    /// Moves to a new real peer: from now on datagrams go to `peer`, and until a datagram
-    /// arrives from `peer` they also go to the previous peer, and datagrams from either are
-    /// accepted. Datagrams from anyone else are dropped and counted. Wakes the endpoint's
-    /// receive task. Returns the peer replaced.
+    /// The caps of an overlap (applied to the one under way too).
+    pub fn set_overlap_limits(&self, limits: OverlapLimits) {
+        self.peers_mut().limits = limits;
+    }
+
+    /// The caps of an overlap.
+    pub fn overlap_limits(&self) -> OverlapLimits {
+        self.peers().limits
+    }
+
+    /// When the overlap under way reaches its time cap (`None` when there is none). Call
+    /// [`SwappableUdp::check_overlap`] then: without traffic nothing else enforces it.
+    pub fn overlap_deadline(&self) -> Option<Instant> {
+        let peers = self.peers();
+        peers.overlap.map(|o| o.started + peers.limits.max_duration)
+    }
+
+    /// Enforces the overlap's caps now: if one is reached, swaps back to the previous peer and
+    /// returns why (also published on [`SwappableUdp::move_outcomes`]).
+    pub fn check_overlap(&self) -> Option<MoveError> {
+        let now = Instant::now();
+        let mut peers = self.peers_mut();
+        let overlap = peers.overlap?;
+        let cap = overlap.reached(peers.limits, now)?;
+        Some(self.abandon(&mut peers, overlap, cap))
+    }
+
+    /// How the last overlap ended; the receiver sees every later end. A wrapper watches it
+    /// for [`MoveOutcome::Abandoned`], the only end it does not cause itself.
+    pub fn move_outcomes(&self) -> watch::Receiver<MoveOutcome> {
+        self.outcome.subscribe()
+    }
+
+    /// Moves to a new real peer: from now on datagrams go to `peer`, and until the move is
+    /// confirmed ([`SwappableUdp::confirm_peer`]) they also go to the previous peer, and
+    /// datagrams from either are accepted, within the caps of [`OverlapLimits`]. Datagrams
+    /// from anyone else are dropped and counted. Wakes the endpoint's receive task. Returns
+    /// the peer replaced.
     ///
     /// Why both: the server announces its move while it still runs at the old address, and
     /// keeps running there until it is frozen. The client's `Ack`, and all traffic until the
-    /// freeze, must still reach it there; the server's first datagram from the new address
-    /// (after the restore) ends the overlap. Moving back to the previous peer (an aborted
-    /// move) ends the overlap at once. A second move before the new peer was heard from keeps
-    /// the last peer that was heard from as the previous one.
+    /// freeze, must still reach it there. Moving back to the previous peer (an aborted move)
+    /// ends the overlap at once ([`MoveOutcome::Reverted`]). A second move before the first
+    /// was confirmed keeps the last confirmed peer as the previous one and starts a new
+    /// overlap (with fresh caps).
     pub fn set_peer(&self, peer: SocketAddr) -> Result<SocketAddr, ShimError> {
         check_peer(peer, self.slot.local_addr())?;
+        let now = Instant::now();
         let old = {
-            let mut peers = self.peers.write().unwrap_or_else(PoisonError::into_inner);
+            let mut peers = self.peers_mut();
             let old = peers.current;
-            let heard = peers.previous.unwrap_or(old);
+            let settled = peers.overlap.map_or(old, |o| o.previous);
+            let ending = peers.overlap.take();
             peers.current = peer;
-            peers.previous = (canonical(heard) != canonical(peer)).then_some(heard);
+            if canonical(settled) != canonical(peer) {
+                peers.overlap = Some(Overlap::new(settled, now));
+            } else if ending.is_some() {
+                self.outcome.send_replace(MoveOutcome::Reverted { peer });
+            }
             old
         };
         self.swaps.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%old, new = %peer, "real peer swapped");
         self.slot.wake_receiver();
         Ok(old)
+    }
+
+    /// The wrapper vouches that the server runs at `peer`, the current peer: call it when
+    /// quinn delivered an authenticated message from the server saying so (the control
+    /// stream's `Resumed` for the migration that named `peer`, or `MigrateAborted` naming it).
+    /// Never call it on the strength of a datagram's source address: that is what a spoofer
+    /// controls.
+    ///
+    /// Ends the overlap now if a datagram from `peer` was already delivered during it,
+    /// otherwise at the first one (within the caps). Refused if `peer` is not the current peer
+    /// (the move was abandoned, reverted or replaced meanwhile).
+    pub fn confirm_peer(&self, peer: SocketAddr) -> Result<Confirmation, ShimError> {
+        let mut peers = self.peers_mut();
+        if canonical(peers.current) != canonical(peer) {
+            return Err(ShimError::NotCurrentPeer {
+                peer,
+                current: peers.current,
+            });
+        }
+        let Some(overlap) = peers.overlap.as_mut() else {
+            return Ok(Confirmation::AlreadySettled);
+        };
+        if overlap.from_new == 0 {
+            overlap.vouched = true;
+            tracing::debug!(%peer, "new peer vouched for; the first datagram from it confirms");
+            return Ok(Confirmation::AwaitingDatagram);
+        }
+        self.confirm(&mut peers);
+        Ok(Confirmation::Confirmed)
+    }
+
+    /// Ends the overlap: the current peer is confirmed.
+    fn confirm(&self, peers: &mut Peers) {
+        if let Some(o) = peers.overlap.take() {
+            self.confirmations.fetch_add(1, Ordering::Relaxed);
+            self.outcome.send_replace(MoveOutcome::Confirmed {
+                peer: peers.current,
+            });
+            tracing::debug!(peer = %peers.current, previous = %o.previous, "move confirmed; previous peer dropped");
+        }
+    }
+
+    /// Ends the overlap at a cap: back to the previous peer.
+    fn abandon(&self, peers: &mut Peers, overlap: Overlap, cap: Cap) -> MoveError {
+        let new = peers.current;
+        let back_to = overlap.previous;
+        peers.current = back_to;
+        peers.overlap = None;
+        let datagrams_from_new = overlap.from_new;
+        let error = match cap {
+            Cap::Time => MoveError::TimeCap {
+                new,
+                back_to,
+                limit: peers.limits.max_duration,
+                datagrams_from_new,
+            },
+            Cap::Bytes => MoveError::ByteCap {
+                new,
+                back_to,
+                limit: peers.limits.max_duplicated_bytes,
+                datagrams_from_new,
+            },
+        };
+        self.overlap_capped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("{error}");
+        self.outcome
+            .send_replace(MoveOutcome::Abandoned(error.clone()));
+        error
     }
 
     /// The address the last datagram handed to quinn came from: the server's real address as
@@ -302,22 +661,43 @@ impl SwappableUdp {
         }
     }
 
-    /// A datagram came from `from`: if it is the new peer of a move, the move is confirmed.
-    fn heard_from(&self, from: SocketAddr) -> bool {
+    /// Whether a datagram from `from` goes to quinn. During an overlap a datagram from the
+    /// new peer is counted (and confirms the move if the wrapper already vouched for it); it
+    /// never confirms by itself.
+    fn accept_from(&self, from: SocketAddr, datagrams: u64) -> bool {
         let peers = self.peers();
-        if canonical(from) == canonical(peers.current) {
-            if peers.previous.is_some() {
-                let mut w = self.peers.write().unwrap_or_else(PoisonError::into_inner);
-                if canonical(w.current) == canonical(from) && w.previous.take().is_some() {
-                    self.confirmations.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(peer = %from, "new peer heard from; previous peer dropped");
-                }
-            }
-            return true;
+        let is_current = canonical(from) == canonical(peers.current);
+        let Some(overlap) = peers.overlap else {
+            return is_current;
+        };
+        let is_previous = canonical(from) == canonical(overlap.previous);
+        if !is_current {
+            return is_previous;
         }
-        peers
-            .previous
-            .is_some_and(|p| canonical(p) == canonical(from))
+        let mut peers = self.peers_mut();
+        // Re-read under the write lock: a set_peer or a cap may have raced.
+        if canonical(peers.current) != canonical(from) {
+            return peers
+                .overlap
+                .is_some_and(|o| canonical(o.previous) == canonical(from));
+        }
+        let limits = peers.limits;
+        let Some(overlap) = peers.overlap.as_mut() else {
+            return true;
+        };
+        if let Some(cap) = overlap.reached(limits, Instant::now()) {
+            let overlap = *overlap;
+            self.abandon(&mut peers, overlap, cap);
+            // `from` is no longer a peer.
+            return false;
+        }
+        overlap.from_new = overlap.from_new.saturating_add(datagrams);
+        self.unconfirmed_received
+            .fetch_add(datagrams, Ordering::Relaxed);
+        if overlap.vouched {
+            self.confirm(&mut peers);
+        }
+        true
     }
 
     /// Replaces the local socket with a new one bound to `addr` (the client changed network).
@@ -338,8 +718,8 @@ impl SwappableUdp {
             .map_err(|source| ShimError::Setup { source })?;
         let peers = self.peers();
         check_family(peers.current, local)?;
-        if let Some(p) = peers.previous {
-            check_family(p, local)?;
+        if let Some(o) = peers.overlap {
+            check_family(o.previous, local)?;
         }
         let sock = self.slot.prepare(socket).map_err(slot_error)?;
         let new = self.slot.swap(Some(sock));
@@ -369,8 +749,24 @@ impl SwappableUdp {
             swaps: self.swaps.load(Ordering::Relaxed),
             confirmations: self.confirmations.load(Ordering::Relaxed),
             dual_sends: self.dual_sends.load(Ordering::Relaxed),
+            duplicated_bytes: self.duplicated_bytes.load(Ordering::Relaxed),
+            unconfirmed_received: self.unconfirmed_received.load(Ordering::Relaxed),
+            overlap_capped: self.overlap_capped.load(Ordering::Relaxed),
             local_rebinds: slot.swaps,
             recv_errors: slot.recv_errors,
+        }
+    }
+
+    /// Counts a copy sent to the new peer of the overlap under way.
+    fn note_duplicated(&self, to: SocketAddr, bytes: usize) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        let mut peers = self.peers_mut();
+        if canonical(peers.current) != canonical(to) {
+            return;
+        }
+        if let Some(o) = peers.overlap.as_mut() {
+            o.duplicated_bytes = o.duplicated_bytes.saturating_add(bytes);
+            self.duplicated_bytes.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 }
@@ -382,18 +778,27 @@ impl AsyncUdpSocket for SwappableUdp {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         let peers = self.peers();
-        if let Some(previous) = peers.previous {
-            // The server most likely still runs there: it goes first, and a full socket
-            // buffer (WouldBlock) makes quinn retry the whole transmission.
-            self.slot.try_send(transmit, Some(previous))?;
-            self.dual_sends.fetch_add(1, Ordering::Relaxed);
-            // The copy to the new peer is best effort: quinn retransmits what is lost.
-            return match self.slot.try_send(transmit, Some(peers.current)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-                other => other,
-            };
+        let Some(overlap) = peers.overlap else {
+            return self.slot.try_send(transmit, Some(peers.current));
+        };
+        // A cap reached: swap back, then send to the peer that is current from now on.
+        if overlap.reached(peers.limits, Instant::now()).is_some() {
+            self.check_overlap();
+            return self.slot.try_send(transmit, Some(self.peer()));
         }
-        self.slot.try_send(transmit, Some(peers.current))
+        // The server most likely still runs at the previous peer: it goes first, and a full
+        // socket buffer (WouldBlock) makes quinn retry the whole transmission.
+        self.slot.try_send(transmit, Some(overlap.previous))?;
+        self.dual_sends.fetch_add(1, Ordering::Relaxed);
+        // The copy to the new peer is best effort: quinn retransmits what is lost.
+        match self.slot.try_send(transmit, Some(peers.current)) {
+            Ok(()) => {
+                self.note_duplicated(peers.current, transmit.contents.len());
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn poll_recv(
@@ -405,7 +810,8 @@ impl AsyncUdpSocket for SwappableUdp {
         let fake = self.reported_fake;
         self.slot.poll_recv(cx, bufs, meta, |m| {
             // Read per datagram: a set_peer racing with this call takes effect at once.
-            if !self.heard_from(m.addr) {
+            let datagrams = u64::try_from(m.len.div_ceil(m.stride.max(1))).unwrap_or(1);
+            if !self.accept_from(m.addr, datagrams) {
                 tracing::trace!(from = %m.addr, "datagram from a foreign source dropped");
                 return false;
             }
@@ -687,26 +1093,27 @@ mod tests {
         sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
     }
 
-    #[tokio::test]
-    async fn during_a_move_both_peers_get_datagrams_until_the_new_one_answers() {
-        let old = loopback_socket();
-        let new = loopback_socket();
-        let stranger = loopback_socket();
-        let shim =
-            Arc::new(SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap());
-        let transmit = |contents: &'static [u8]| Transmit {
+    fn transmit_of(shim: &SwappableUdp, contents: &'static [u8]) -> Transmit<'static> {
+        Transmit {
             destination: shim.fake_peer(),
             ecn: None,
             contents,
             segment_size: None,
             src_ip: None,
-        };
-        assert_eq!(
-            shim.set_peer(new.local_addr().unwrap()).unwrap(),
-            old.local_addr().unwrap()
-        );
+        }
+    }
+
+    #[tokio::test]
+    async fn during_a_move_both_peers_get_datagrams_until_the_move_is_confirmed() {
+        let old = loopback_socket();
+        let new = loopback_socket();
+        let stranger = loopback_socket();
+        let shim =
+            Arc::new(SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap());
+        let new_addr = new.local_addr().unwrap();
+        assert_eq!(shim.set_peer(new_addr).unwrap(), old.local_addr().unwrap());
         assert_eq!(shim.previous_peer(), Some(old.local_addr().unwrap()));
-        send(&shim, &transmit(b"ack")).await;
+        send(&shim, &transmit_of(&shim, b"ack")).await;
         assert_eq!(read_from(&old).as_deref(), Some(&b"ack"[..]));
         assert_eq!(read_from(&new).as_deref(), Some(&b"ack"[..]));
         // The old server still answers until it freezes: accepted, reported from the fake peer.
@@ -722,26 +1129,49 @@ mod tests {
         );
         // A stranger is still refused.
         stranger.send_to(b"intruder", shim.local_addr()).unwrap();
-        // The restored server answers from the new address: the move is confirmed.
+        // A datagram from the new address is delivered (quinn judges it) but confirms nothing:
+        // the shim cannot tell the restored server from a spoofer.
         new.send_to(b"from new", shim.local_addr()).unwrap();
         let (data, from) = recv_one(&shim).await;
         assert_eq!(
             (data.as_slice(), from),
             (&b"from new"[..], shim.fake_peer())
         );
+        assert_eq!(shim.previous_peer(), Some(old.local_addr().unwrap()));
+        assert_eq!(shim.last_received_from(), Some(new_addr));
+        send(&shim, &transmit_of(&shim, b"still both")).await;
+        assert_eq!(read_from(&old).as_deref(), Some(&b"still both"[..]));
+        assert_eq!(read_from(&new).as_deref(), Some(&b"still both"[..]));
+        // The wrapper vouches for the new peer (an authenticated Resumed): confirmed at once,
+        // since a datagram from it was delivered.
+        assert_eq!(
+            shim.confirm_peer(new_addr).unwrap(),
+            Confirmation::Confirmed
+        );
         assert_eq!(shim.previous_peer(), None);
+        assert_eq!(
+            *shim.move_outcomes().borrow(),
+            MoveOutcome::Confirmed { peer: new_addr }
+        );
         // From now on only the new peer gets datagrams and only its datagrams are accepted.
-        send(&shim, &transmit(b"after")).await;
+        send(&shim, &transmit_of(&shim, b"after")).await;
         assert_eq!(read_from(&new).as_deref(), Some(&b"after"[..]));
         assert_eq!(read_from(&old), None);
         old.send_to(b"late", shim.local_addr()).unwrap();
         new.send_to(b"fresh", shim.local_addr()).unwrap();
         let (data, _) = recv_one(&shim).await;
         assert_eq!(data, b"fresh");
+        assert_eq!(
+            shim.confirm_peer(new_addr).unwrap(),
+            Confirmation::AlreadySettled
+        );
         let stats = shim.stats();
         assert_eq!(stats.swaps, 1);
         assert_eq!(stats.confirmations, 1);
-        assert_eq!(stats.dual_sends, 1);
+        assert_eq!(stats.dual_sends, 2);
+        assert_eq!(stats.duplicated_bytes, 3 + 10);
+        assert_eq!(stats.unconfirmed_received, 1);
+        assert_eq!(stats.overlap_capped, 0);
         assert_eq!(
             stats.dropped_foreign, 2,
             "the stranger and the late old datagram"
@@ -749,16 +1179,130 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn moving_back_ends_the_overlap_and_a_second_move_keeps_the_last_peer_heard() {
+    async fn vouched_before_any_datagram_the_first_one_from_the_new_peer_confirms() {
+        let old = loopback_socket();
+        let new = loopback_socket();
+        let shim = SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap();
+        let new_addr = new.local_addr().unwrap();
+        shim.set_peer(new_addr).unwrap();
+        // Vouching for another address is refused and changes nothing.
+        let err = shim.confirm_peer(old.local_addr().unwrap()).unwrap_err();
+        assert!(matches!(err, ShimError::NotCurrentPeer { .. }), "{err:?}");
+        assert_eq!(
+            shim.confirm_peer(new_addr).unwrap(),
+            Confirmation::AwaitingDatagram
+        );
+        assert!(shim.previous_peer().is_some());
+        // The old peer's datagrams do not complete it.
+        old.send_to(b"old", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        assert!(shim.previous_peer().is_some());
+        new.send_to(b"new", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        assert_eq!(shim.previous_peer(), None);
+        assert_eq!(shim.stats().confirmations, 1);
+    }
+
+    #[tokio::test]
+    async fn an_overlap_at_its_time_cap_swaps_back_and_stops_duplicating() {
+        let old = loopback_socket();
+        let new = loopback_socket();
+        let shim =
+            Arc::new(SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap());
+        shim.set_overlap_limits(OverlapLimits::new(Duration::from_millis(100), u64::MAX));
+        let (old_addr, new_addr) = (old.local_addr().unwrap(), new.local_addr().unwrap());
+        let mut outcomes = shim.move_outcomes();
+        shim.set_peer(new_addr).unwrap();
+        let deadline = shim.overlap_deadline().unwrap();
+        assert!(shim.check_overlap().is_none(), "not yet");
+        send(&shim, &transmit_of(&shim, b"one")).await;
+        assert_eq!(read_from(&old).as_deref(), Some(&b"one"[..]));
+        assert_eq!(read_from(&new).as_deref(), Some(&b"one"[..]));
+        tokio::time::sleep_until(deadline.into()).await;
+        let err = shim.check_overlap().expect("the time cap is reached");
+        assert!(
+            matches!(err, MoveError::TimeCap { new, back_to, datagrams_from_new: 0, .. }
+                if new == new_addr && back_to == old_addr),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("not confirmed within"), "{err}");
+        assert!(outcomes.has_changed().unwrap());
+        assert_eq!(
+            *outcomes.borrow_and_update(),
+            MoveOutcome::Abandoned(err.clone())
+        );
+        assert_eq!((shim.peer(), shim.previous_peer()), (old_addr, None));
+        // Duplicates stop; the new address is a stranger again.
+        let before = shim.stats();
+        send(&shim, &transmit_of(&shim, b"two")).await;
+        assert_eq!(read_from(&old).as_deref(), Some(&b"two"[..]));
+        assert_eq!(read_from(&new), None);
+        new.send_to(b"late", shim.local_addr()).unwrap();
+        old.send_to(b"old", shim.local_addr()).unwrap();
+        assert_eq!(recv_one(&shim).await.0, b"old");
+        let after = shim.stats();
+        assert_eq!(after.dual_sends, before.dual_sends);
+        assert_eq!(after.overlap_capped, 1);
+        assert_eq!(after.dropped_foreign, 1);
+        // Too late to vouch for it.
+        assert!(shim.confirm_peer(new_addr).is_err());
+        assert_eq!(shim.check_overlap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_overlap_at_its_byte_cap_swaps_back_on_the_next_send() {
+        let old = loopback_socket();
+        let new = loopback_socket();
+        let shim =
+            Arc::new(SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap());
+        shim.set_overlap_limits(OverlapLimits::new(Duration::from_secs(60), 8));
+        let (old_addr, new_addr) = (old.local_addr().unwrap(), new.local_addr().unwrap());
+        shim.set_peer(new_addr).unwrap();
+        // A datagram from the new address (spoofed or not) does not stop the count.
+        new.send_to(b"hi", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        send(&shim, &transmit_of(&shim, b"12345")).await;
+        send(&shim, &transmit_of(&shim, b"6789")).await;
+        assert_eq!(shim.stats().duplicated_bytes, 9);
+        assert_eq!(read_from(&new).as_deref(), Some(&b"12345"[..]));
+        assert_eq!(read_from(&new).as_deref(), Some(&b"6789"[..]));
+        // Over the cap: this one goes to the old peer only.
+        send(&shim, &transmit_of(&shim, b"three")).await;
+        assert_eq!(read_from(&new), None);
+        assert_eq!((shim.peer(), shim.previous_peer()), (old_addr, None));
+        let MoveOutcome::Abandoned(err) = shim.move_outcomes().borrow().clone() else {
+            panic!("not abandoned");
+        };
+        assert!(
+            matches!(
+                err,
+                MoveError::ByteCap {
+                    limit: 8,
+                    datagrams_from_new: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let stats = shim.stats();
+        assert_eq!((stats.dual_sends, stats.overlap_capped), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn moving_back_ends_the_overlap_and_a_second_move_keeps_the_last_confirmed_peer() {
         let (a, b, c) = (localhost(7001), localhost(7002), localhost(7003));
         let shim = SwappableUdp::new(loopback_socket(), a).unwrap();
         shim.set_peer(b).unwrap();
         shim.set_peer(c).unwrap();
-        // b was never heard from: a is still the one to keep.
+        // b was never confirmed: a is still the one to keep.
         assert_eq!((shim.peer(), shim.previous_peer()), (c, Some(a)));
-        // An aborted move: back to a, which is the peer heard from; no overlap left.
+        // An aborted move: back to a, the last confirmed peer; no overlap left.
         shim.set_peer(a).unwrap();
         assert_eq!((shim.peer(), shim.previous_peer()), (a, None));
+        assert_eq!(
+            *shim.move_outcomes().borrow(),
+            MoveOutcome::Reverted { peer: a }
+        );
         // Setting the same peer again changes nothing.
         shim.set_peer(a).unwrap();
         assert_eq!(shim.previous_peer(), None);

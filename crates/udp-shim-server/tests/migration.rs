@@ -59,7 +59,8 @@ impl Pair {
     }
 
     /// Moves the server onto `socket`: the client learns the new address first (as the
-    /// control stream would tell it), then the server swaps and re-announces the same Arc.
+    /// control stream would tell it), then the server swaps and re-announces the same Arc,
+    /// and the client confirms the move (as the control stream's `Resumed` would make it).
     /// Asserts that the old port is really closed (checked inside `old_netns` if given).
     async fn move_server(&self, socket: UdpSocket) -> SocketAddr {
         self.move_server_from(socket, None).await
@@ -75,6 +76,9 @@ impl Pair {
             .wait_retired_closed(CLOSE_LIMIT)
             .await
             .unwrap();
+        // What the client wrapper does on the server's authenticated `Resumed`: vouch for the
+        // new address (the overlap then ends at its first datagram, the rebind's PING).
+        self.client_shim.confirm_peer(new).unwrap();
         let rebound = {
             let _no_fork = no_fork();
             match old_netns {
