@@ -30,6 +30,13 @@
 //! stream that carries garbage is closed with an error code; the connection and the
 //! application carry on, but that client cannot be told about a move (it shows up as "no ack"
 //! in the announce report).
+//!
+//! Bounded work per client: every connection takes one of `max_sessions` slots from its
+//! handshake until it closes, whether it says Hello or not (`ServerControl::on_connect`); one
+//! beyond the limit is closed at once ("server full", code 1), and one that says no Hello
+//! within `hello_timeout` is closed ("no Hello in time", code 2), which frees its slot.
+//! Repeated messages are counted, not logged (one line per session and kind); refused
+//! connections are logged at the 1st, 2nd, 4th, 8th, ... refusal.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -55,6 +62,12 @@ const RETIRE_WAIT: Duration = Duration::from_secs(1);
 /// Largest chunk read from a control stream at once.
 const READ_CHUNK: usize = 4096;
 
+/// Application close code of a connection refused because every slot is taken.
+pub const CONN_FULL: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+/// Application close code of a connection that said no Hello within the hello timeout.
+pub const CONN_NO_HELLO: quinn::VarInt = quinn::VarInt::from_u32(2);
+
 /// How the server is set up.
 #[derive(Debug)]
 pub struct ServerOptions {
@@ -66,7 +79,7 @@ pub struct ServerOptions {
     pub alpn: Vec<Vec<u8>>,
     /// Connection idle timeout; must outlast the longest freeze.
     pub idle_timeout: Duration,
-    /// Most client sessions held at once.
+    /// Most connections held at once, registered or still to say Hello.
     pub max_sessions: usize,
     /// How long a new connection has to open its control stream and say Hello.
     pub hello_timeout: Duration,
@@ -184,6 +197,8 @@ enum Setup {
     NoControl,
     /// Refused because the server is full: close the connection.
     Full,
+    /// No Hello before the hello deadline: close the connection (it frees its slot).
+    NoHello,
 }
 
 /// `ServerControl` and where its outputs go. Only ever locked briefly, never across an await.
@@ -255,8 +270,8 @@ impl Core {
                 self.setup(session, outcome);
             }
             ServerEvent::HelloTimeout { session } => {
-                warn!(?session, "no Hello in time");
-                self.setup(session, Setup::NoControl);
+                warn!(?session, "no Hello in time; closing the connection");
+                self.setup(session, Setup::NoHello);
             }
             ServerEvent::ControlClosed {
                 session,
@@ -296,6 +311,8 @@ struct Shared {
     /// Wakes the timer task when `poll_timeout` may have changed.
     timer: Arc<Notify>,
     handshakes: AtomicU64,
+    /// Connections refused because every slot was taken.
+    refused: AtomicU64,
 }
 
 impl Shared {
@@ -394,6 +411,7 @@ impl MigratableServer {
             }),
             timer: timer.clone(),
             handshakes: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(timer_loop(Arc::downgrade(&shared), timer));
@@ -449,6 +467,16 @@ impl MigrationHandle {
                 repeats: v.repeats,
             })
             .collect()
+    }
+
+    /// Connections closed at once because every one of `max_sessions` slots was taken.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections the server holds, registered or still to say Hello (each takes a slot).
+    pub fn connections(&self) -> usize {
+        self.shared.core().control.connections()
     }
 
     /// Client messages that repeated or were ignored without a log line, over every session
@@ -636,11 +664,23 @@ async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Optio
     let (setup_tx, mut setup_rx) = oneshot::channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let session = shared.with_core(|core, now| {
-        let session = core.control.on_connect(now);
+        let session = core.control.on_connect(now)?;
         core.streams.insert(session, cmd_tx);
         core.setups.insert(session, setup_tx);
-        session
+        Ok::<_, Refusal>(session)
     });
+    let session = match session {
+        Ok(s) => s,
+        Err(refusal) => {
+            let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            // A flood of connections is logged at the 1st, 2nd, 4th, 8th ... refusal.
+            if n.is_power_of_two() {
+                warn!(?refusal, refused = n, remote = %conn.remote_address(), "refusing connection");
+            }
+            conn.close(CONN_FULL, b"server full");
+            return None;
+        }
+    };
     let watch_conn = conn.clone();
     let watch_shared = shared.clone();
     tokio::spawn(async move {
@@ -668,7 +708,13 @@ async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Optio
             }
         },
         // The hello deadline passed before the client even opened the stream.
-        outcome = &mut setup_rx => return outcome.ok().map(|_| app(None)),
+        outcome = &mut setup_rx => {
+            if let Ok(Setup::NoHello) = outcome {
+                conn.close(CONN_NO_HELLO, b"no Hello in time");
+                return None;
+            }
+            return outcome.ok().map(|_| app(None));
+        }
     };
     match setup_rx.await {
         Ok(Setup::Registered(client_id)) => {
@@ -679,7 +725,12 @@ async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Optio
         Ok(Setup::Full) => {
             // The stream task writes the Bye, then closes the stream; then the connection goes.
             let _ = stream.await;
-            conn.close(quinn::VarInt::from_u32(1), b"server full");
+            conn.close(CONN_FULL, b"server full");
+            None
+        }
+        Ok(Setup::NoHello) => {
+            let _ = stream.await;
+            conn.close(CONN_NO_HELLO, b"no Hello in time");
             None
         }
         // The connection closed before its Hello was answered.

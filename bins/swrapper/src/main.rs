@@ -16,6 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use wrapper_support::Identity;
 
+mod privileges;
+
 /// The demo echo server on a migratable QUIC socket.
 ///
 /// Every request is echoed with a per-connection counter that must survive a migration.
@@ -29,6 +31,12 @@ use wrapper_support::Identity;
 ///   SIGUSR1  the move failed: tell the clients to swap back to this server's address and
 ///            unpark the socket if it was parked.
 ///   SIGINT   close every connection and exit.
+///
+/// With --user (started as root): the certificate, the key and the admin directory are opened
+/// first, the admin directory is handed to the user (chown, mode 0700; its parent must be
+/// root's and closed to others, mode 0700), then the server drops to the user for good:
+/// no supplementary groups, the user's uid and primary gid, and no_new_privs. It refuses to
+/// start if any step fails.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -68,6 +76,12 @@ struct Args {
     /// Connection idle timeout in seconds; must outlast the longest freeze.
     #[arg(long, env = "SWRAPPER_IDLE_TIMEOUT_S", default_value_t = 30)]
     idle_timeout_s: u64,
+    /// Run as this user (name from the passwd database) once the certificate, the key and the
+    /// admin directory are open: needs root; the admin directory is given to the user, and
+    /// its parent must be owned by root with mode 0700 (so only root and the server reach
+    /// it). Ports below 1024 cannot be served then: the socket is bound as the user.
+    #[arg(long, env = "SWRAPPER_USER")]
+    user: Option<String>,
     /// Log filter (tracing's EnvFilter syntax, e.g. `info`, `swrapper=debug`).
     #[arg(long, env = "SWRAPPER_LOG", default_value = "info")]
     log: String,
@@ -88,16 +102,39 @@ fn main() -> Result<()> {
     if args.ack_deadline_ms == 0 {
         bail!("--ack-deadline-ms must be at least 1");
     }
+    if args.user.is_some() && !nix::unistd::geteuid().is_root() {
+        bail!(
+            "--user needs root: swrapper opens its files as root, then drops to that user \
+             (running as uid {})",
+            nix::unistd::geteuid()
+        );
+    }
+    // Everything the server needs from the file system is opened here, before it drops its
+    // privileges (and before any thread exists: no_new_privs is per thread, inherited by the
+    // runtime's threads started after it).
+    let identity = load_identity(&args)?;
+    let admin_dir = match &args.admin_dir {
+        Some(d) => Some(AdminDir::open_no_follow(d).with_context(|| {
+            format!(
+                "--admin-dir {} must be a directory, not a symlink",
+                d.display()
+            )
+        })?),
+        None => None,
+    };
+    if let Some(user) = &args.user {
+        privileges::drop_to(user, admin_dir.as_ref())?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(run(args))
+    rt.block_on(run(args, identity, admin_dir))
 }
 
-async fn run(args: Args) -> Result<()> {
-    let identity = match (&args.cert, &args.key) {
+fn load_identity(args: &Args) -> Result<Identity> {
+    Ok(match (&args.cert, &args.key) {
         (Some(c), Some(k)) => Identity::load(c, k)?,
         _ => {
             let (id, pem) = Identity::self_signed(std::slice::from_ref(&args.name))?;
@@ -110,12 +147,10 @@ async fn run(args: Args) -> Result<()> {
             );
             id
         }
-    };
-    if let Some(dir) = &args.admin_dir
-        && !dir.is_dir()
-    {
-        bail!("--admin-dir {} is not a directory", dir.display());
-    }
+    })
+}
+
+async fn run(args: Args, identity: Identity, admin_dir: Option<AdminDir>) -> Result<()> {
     let mut opts = ServerOptions::new(args.listen, identity, vec![demo_echo::ALPN.to_vec()]);
     opts.idle_timeout = Duration::from_secs(args.idle_timeout_s);
     let server =
@@ -123,10 +158,7 @@ async fn run(args: Args) -> Result<()> {
     let handle = server.handle();
     info!(addr = %server.local_addr(), pid = std::process::id(), "echo server ready");
     let mut admin = Admin {
-        dir: match &args.admin_dir {
-            Some(d) => Some(AdminDir::open(d)?),
-            None => None,
-        },
+        dir: admin_dir,
         current: None,
     };
     admin.post(

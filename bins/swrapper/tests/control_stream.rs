@@ -254,3 +254,142 @@ async fn repeated_byes_are_counted_not_logged_or_answered() {
     .await
     .unwrap();
 }
+
+/// A server with `max_sessions` slots and `hello` to say Hello, and a client endpoint that
+/// trusts it.
+async fn small_server(
+    max_sessions: usize,
+    hello: Duration,
+) -> (MigrationHandle, SocketAddr, quinn::Endpoint) {
+    let (identity, _) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+    let roots = identity.certs.clone();
+    let mut opts = ServerOptions::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        identity,
+        vec![demo_echo::ALPN.to_vec()],
+    );
+    opts.max_sessions = max_sessions;
+    opts.hello_timeout = hello;
+    let server = MigratableServer::bind(opts).unwrap();
+    let handle = server.handle();
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        while let Some(app) = server.accept().await {
+            tokio::spawn(swrapper::serve_echo(app));
+        }
+    });
+    let transport = wrapper_support::tls::transport_config(Duration::from_secs(10)).unwrap();
+    let cfg = wrapper_support::tls::client_config(&roots, &[demo_echo::ALPN], transport).unwrap();
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(cfg);
+    (handle, addr, endpoint)
+}
+
+/// How the server closed `conn`: (application code, reason).
+async fn closed_by_server(conn: &quinn::Connection) -> (u64, String) {
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        e => panic!("closed otherwise: {e}"),
+    }
+}
+
+/// Opens the control stream, says Hello and returns the first message of the server.
+async fn hello(conn: &quinn::Connection, name: &str) -> Message {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = Vec::new();
+    control_protocol::encode(
+        &Message::Hello {
+            client_id: control_protocol::ClientId::new(name).unwrap(),
+            supported: SUPPORTED_VERSIONS,
+        },
+        &mut bytes,
+    )
+    .unwrap();
+    send.write_all(&bytes).await.unwrap();
+    let mut dec = control_protocol::ControlDecoder::new(control_protocol::Role::Client);
+    let mut buf = [0u8; 256];
+    loop {
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        dec.push(&buf[..n]);
+        if let Some(m) = dec.next().unwrap() {
+            // Keep the stream open: dropping it would finish our side.
+            std::mem::forget((send, recv));
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_holds_a_slot_until_its_hello_deadline_closes_it() {
+    tokio::time::timeout(LIMIT, async {
+        let (handle, addr, ep) = small_server(1, Duration::from_millis(400)).await;
+        let silent = ep.connect(addr, "localhost").unwrap().await.unwrap();
+        let started = std::time::Instant::now();
+        // Wait until the server has taken the silent connection's slot.
+        while handle.connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The only slot is taken by a connection that said nothing: a second one is refused.
+        let second = ep.connect(addr, "localhost").unwrap().await.unwrap();
+        assert_eq!(
+            closed_by_server(&second).await,
+            (1, "server full".to_owned())
+        );
+        assert_eq!(handle.refused_connections(), 1);
+        assert!(handle.sessions().is_empty());
+        // The silent one is closed at its hello deadline, and its slot is freed.
+        assert_eq!(
+            closed_by_server(&silent).await,
+            (2, "no Hello in time".to_owned())
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(350),
+            "{:?}",
+            started.elapsed()
+        );
+        for _ in 0..200 {
+            if handle.connections() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(handle.connections(), 0);
+        // A client that says Hello gets the slot.
+        let good = ep.connect(addr, "localhost").unwrap().await.unwrap();
+        assert!(matches!(
+            hello(&good, "good").await,
+            Message::Welcome { .. }
+        ));
+        assert_eq!(handle.sessions().len(), 1);
+        echo_still_works(&good).await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_but_silent_control_stream_is_closed_at_the_hello_deadline() {
+    tokio::time::timeout(LIMIT, async {
+        let (handle, addr, ep) = small_server(4, Duration::from_millis(300)).await;
+        let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+        // The control stream is opened (one byte of a frame header), but no Hello follows.
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        assert_eq!(
+            closed_by_server(&conn).await,
+            (2, "no Hello in time".to_owned())
+        );
+        for _ in 0..200 {
+            if handle.connections() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(handle.connections(), 0);
+    })
+    .await
+    .unwrap();
+}

@@ -4,12 +4,26 @@
 //! consumed by control when it reads it. Every request and every event after `ready` names
 //! its migration, and a reader that expects migration X refuses an event about migration Y
 //! ([`AdminError::Stale`]) instead of taking it for the answer.
+//!
+//! Every file operation is made relative to a descriptor of the directory, opened once
+//! (`openat`, `renameat`, `unlinkat`; files are opened with `O_NOFOLLOW`): a server that
+//! opened its admin directory and then dropped its privileges keeps using it although it
+//! can no longer reach it by path (its parent is root's, mode 0700), and a path swapped
+//! meanwhile does not redirect it. Files are created exclusively with mode 0600; a file
+//! written by root in a directory owned by another user is given to that user (`fchown`),
+//! so that the server running as the directory's owner can read control's requests.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{Mode, fstat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, unlinkat};
 
 use migration_core::MigrationId;
 use serde::de::DeserializeOwned;
@@ -260,23 +274,69 @@ fn id_text(id: Option<MigrationId>) -> String {
     id.map_or_else(|| "none".to_owned(), |i| i.to_string())
 }
 
-/// The admin directory of one server.
+/// The admin directory of one server: a descriptor of the directory, and its path for
+/// messages.
 #[derive(Debug, Clone)]
 pub struct AdminDir {
     dir: PathBuf,
+    fd: Arc<OwnedFd>,
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from(e)
 }
 
 impl AdminDir {
-    /// Uses `dir`, which must be an existing directory.
+    /// Uses `dir`, which must be an existing directory (a symbolic link to one is followed).
     ///
     /// # Errors
-    /// [`AdminError::NotADirectory`].
+    /// [`AdminError::NotADirectory`], [`AdminError::Io`].
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AdminError> {
-        let dir = dir.into();
-        if !dir.is_dir() {
+        Self::open_with(dir.into(), OFlag::empty())
+    }
+
+    /// Uses `dir`, which must be an existing directory and not a symbolic link (opened with
+    /// `O_NOFOLLOW`): what a server does before dropping its privileges.
+    ///
+    /// # Errors
+    /// [`AdminError::NotADirectory`] (a symbolic link too), [`AdminError::Io`].
+    pub fn open_no_follow(dir: impl Into<PathBuf>) -> Result<Self, AdminError> {
+        Self::open_with(dir.into(), OFlag::O_NOFOLLOW)
+    }
+
+    fn open_with(dir: PathBuf, extra: OFlag) -> Result<Self, AdminError> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | extra;
+        match nix::fcntl::open(&dir, flags, Mode::empty()) {
+            Ok(fd) => Self::from_dir_fd(fd, dir),
+            // ENOTDIR: not a directory; ELOOP: a symbolic link under O_NOFOLLOW.
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => {
+                Err(AdminError::NotADirectory(dir))
+            }
+            Err(e) => Err(AdminError::Io {
+                path: dir,
+                source: errno_io(e),
+            }),
+        }
+    }
+
+    /// Uses the directory open as `fd` (for example opened before dropping privileges);
+    /// `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`AdminError::NotADirectory`] when `fd` is not a directory, [`AdminError::Io`].
+    pub fn from_dir_fd(fd: OwnedFd, path: impl Into<PathBuf>) -> Result<Self, AdminError> {
+        let dir = path.into();
+        let st = fstat(&fd).map_err(|e| AdminError::Io {
+            path: dir.clone(),
+            source: errno_io(e),
+        })?;
+        if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFDIR {
             return Err(AdminError::NotADirectory(dir));
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            fd: Arc::new(fd),
+        })
     }
 
     /// The directory.
@@ -284,31 +344,56 @@ impl AdminDir {
         &self.dir
     }
 
+    /// The directory's descriptor (to `fchown` or `fchmod` it, for example).
+    pub fn dir_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Removes `name` from the directory; `false` when it did not exist.
+    fn unlink(&self, name: &str) -> Result<bool, AdminError> {
+        match unlinkat(self.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => Ok(true),
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(AdminError::Io {
+                path: self.dir.join(name),
+                source: errno_io(e),
+            }),
+        }
+    }
+
     /// Writes `value` as `name` atomically: a temporary file created exclusively with mode
-    /// 0600, then renamed over `name`.
+    /// 0600 (and given to the directory's owner when root writes in another user's
+    /// directory), then renamed over `name`.
     fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), AdminError> {
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let tmp = format!(".{name}.tmp");
         let io = |source| AdminError::Io {
             path: path.clone(),
             source,
         };
         let text = serde_json::to_vec_pretty(value).map_err(|e| io(std::io::Error::other(e)))?;
         // A temporary file left by a writer that died is ours to replace.
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+        self.unlink(&tmp)?;
+        let fd = openat(
+            self.fd.as_fd(),
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|e| io(errno_io(e)))?;
+        let dir = fstat(self.fd.as_fd()).map_err(|e| io(errno_io(e)))?;
+        if nix::unistd::geteuid().is_root() && dir.st_uid != 0 {
+            fchown(
+                &fd,
+                Some(Uid::from_raw(dir.st_uid)),
+                Some(Gid::from_raw(dir.st_gid)),
+            )
+            .map_err(|e| io(errno_io(e)))?;
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut f = std::fs::File::from(fd);
         f.write_all(&text).map_err(io)?;
         drop(f);
-        std::fs::rename(&tmp, &path).map_err(io)
+        renameat(self.fd.as_fd(), tmp.as_str(), self.fd.as_fd(), name).map_err(|e| io(errno_io(e)))
     }
 
     /// Reads and removes `name`; `None` when it does not exist.
@@ -319,14 +404,29 @@ impl AdminDir {
             path: path.clone(),
             source,
         };
-        let f = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
+        // O_NOFOLLOW: a symbolic link is refused (ELOOP); O_NONBLOCK: a FIFO does not block.
+        let fd = match openat(
+            self.fd.as_fd(),
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => {
+                // Whatever it is, it is consumed.
+                let _ = self.unlink(name);
+                return Err(io(errno_io(e)));
+            }
         };
+        let f = std::fs::File::from(fd);
         // Removed first: whatever it holds, it is consumed.
-        std::fs::remove_file(&path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
+        self.unlink(name)?;
+        let meta = f.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::other("not a regular file")));
+        }
+        let len = meta.len();
         if len > MAX_FILE {
             return Err(AdminError::TooLarge {
                 path,
@@ -455,11 +555,8 @@ impl AdminDir {
             Resumed::FILE,
             Aborted::FILE,
         ] {
-            let path = self.dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => removed.push(name),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(AdminError::Io { path, source }),
+            if self.unlink(name)? {
+                removed.push(name);
             }
         }
         Ok(removed)
@@ -657,6 +754,78 @@ mod tests {
             AdminDir::open("/nonexistent/admin"),
             Err(AdminError::NotADirectory(_))
         ));
+    }
+
+    #[test]
+    fn the_directory_is_used_through_its_descriptor_not_its_path() {
+        let t = tempfile::tempdir().unwrap();
+        let first = t.path().join("admin");
+        std::fs::create_dir(&first).unwrap();
+        let fd =
+            nix::fcntl::open(&first, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        let a = AdminDir::from_dir_fd(fd, &first).unwrap();
+        // The path now leads elsewhere: the directory opened is still the one used.
+        let moved = t.path().join("moved");
+        std::fs::rename(&first, &moved).unwrap();
+        std::fs::create_dir(&first).unwrap();
+        a.send_request(&ResumeRequest {
+            migration_id: id(5),
+        })
+        .unwrap();
+        assert!(moved.join("resume.json").exists());
+        assert!(!first.join("resume.json").exists());
+        assert_eq!(
+            a.take_request::<ResumeRequest>().unwrap(),
+            Some(ResumeRequest {
+                migration_id: id(5)
+            })
+        );
+        assert_eq!(a.clear().unwrap(), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn symlinks_are_neither_followed_nor_opened_as_the_directory() {
+        let (t, a) = dir();
+        let secret = t.path().join("secret");
+        std::fs::write(
+            &secret,
+            r#"{"migration_id":"04040404040404040404040404040404"}"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&secret, t.path().join("resume.json")).unwrap();
+        let err = a.take_request::<ResumeRequest>().unwrap_err();
+        assert!(matches!(err, AdminError::Io { .. }), "{err}");
+        // The link is consumed, its target untouched.
+        assert!(std::fs::symlink_metadata(t.path().join("resume.json")).is_err());
+        assert!(secret.exists());
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(t.path(), &link).unwrap();
+        assert!(AdminDir::open(&link).is_ok());
+        assert!(matches!(
+            AdminDir::open_no_follow(&link),
+            Err(AdminError::NotADirectory(_))
+        ));
+        assert!(matches!(
+            AdminDir::open(&secret),
+            Err(AdminError::NotADirectory(_))
+        ));
+    }
+
+    #[test]
+    fn root_gives_its_files_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt as _;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP root_gives_its_files_to_the_directory_owner: needs root (chown)");
+            return;
+        }
+        let (t, a) = dir();
+        std::os::unix::fs::chown(t.path(), Some(65534), Some(65534)).unwrap();
+        a.send_request(&ResumeRequest {
+            migration_id: id(6),
+        })
+        .unwrap();
+        let m = std::fs::metadata(t.path().join("resume.json")).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o600));
     }
 
     #[test]

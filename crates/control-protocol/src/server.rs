@@ -4,7 +4,7 @@
 //! ```text
 //!  wrapper (I/O)                        ServerControl                         wrapper (I/O)
 //!  ─────────────                        ─────────────                         ─────────────
-//!  connection up  ──on_connect(now)──► SessionId, hello deadline
+//!  connection up  ──on_connect(now)──► SessionId, hello deadline  (Err(Full): close it)
 //!  stream bytes   ──on_bytes(s, b, now)──► ControlDecoder(Role::Server) per session
 //!  stream end     ──on_stream_finished / on_stream_error / on_disconnect
 //!  operator       ──quiesce / announce / abort / resumed (now)
@@ -18,11 +18,14 @@
 //! One session per connection:
 //!
 //! ```text
+//!  on_connect ──connections < max_sessions──► AwaitingHello
+//!             └─otherwise──────────────────► Err(Refusal::Full): the wrapper closes it
 //!  AwaitingHello ──Hello (common version, room)──► Open ──Bye──► ByeReceived
 //!       │  ├─Hello (no common version)──► Bye + Close(UnsupportedVersion)
 //!       │  ├─Hello (registry full)──────► Bye + Close(Internal), Event Refused{Full}
 //!       │  └─anything else──────────────► Close(UnexpectedMessage)
 //!       └─hello deadline (handle_timeout)► Close(ProtocolViolation), Event HelloTimeout
+//!                                          (the wrapper closes the connection)
 //!  any state ──bytes that do not decode──► Close(DecodeError::close_code())
 //!  Open ──client finished its side──► Finish
 //! ```
@@ -39,6 +42,13 @@
 //! ```
 //!
 //! Decisions worth knowing:
+//! - **Every connection takes a slot, from `on_connect` until `on_disconnect`.** The limit
+//!   `max_sessions` bounds connections, not only registered sessions: a connection that has
+//!   not said `Hello` (yet, or ever) counts, so that silent connections cannot hold the
+//!   server's memory while the registry looks empty. `on_connect` beyond the limit is refused
+//!   ([`Refusal::Full`]) and nothing is kept for it. A connection that misses its hello
+//!   deadline keeps its slot until the wrapper closes it and reports `on_disconnect`, which
+//!   is what a wrapper must do on [`ServerEvent::HelloTimeout`].
 //! - **Only sessions that can hear are waited for.** A session whose control stream is closed
 //!   (garbage, a client `Bye`, a finished stream) is reported missing at once, so a round never
 //!   waits for someone who cannot answer; one that disconnects during a round is dropped from
@@ -85,7 +95,8 @@ use crate::types::{ByeReason, ClientId, Role, VersionRange};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Most registered sessions at once; a `Hello` beyond it is refused.
+    /// Most connections at once, registered or still to say `Hello`; a connection beyond it
+    /// is refused by [`ServerControl::on_connect`].
     pub max_sessions: usize,
     /// How long a new connection has to say `Hello` (from [`ServerControl::on_connect`]).
     pub hello_timeout: Duration,
@@ -150,7 +161,7 @@ impl RoundReport {
     }
 }
 
-/// Why a `Hello` was refused.
+/// Why a connection ([`ServerControl::on_connect`]) or a `Hello` was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusal {
@@ -159,7 +170,8 @@ pub enum Refusal {
         /// What the client offered.
         offered: VersionRange,
     },
-    /// The server holds its maximum of sessions; the wrapper should close the connection.
+    /// The server holds its maximum of connections (registered or not); the wrapper should
+    /// close the connection.
     Full {
         /// The configured maximum.
         max: usize,
@@ -488,7 +500,7 @@ impl ServerControl {
         self.round.as_ref().map(|r| (r.kind, r.migration_id))
     }
 
-    /// Connections known, registered or not.
+    /// Connections known, registered or not: the slots taken out of `max_sessions`.
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
@@ -585,8 +597,18 @@ impl ServerControl {
     // ---- connections ----
 
     /// A connection is up (handshake done): returns its session id and starts its hello
-    /// deadline.
-    pub fn on_connect(&mut self, now: Timestamp) -> SessionId {
+    /// deadline. The connection takes one of the `max_sessions` slots until
+    /// [`ServerControl::on_disconnect`], whether it ever says `Hello` or not.
+    ///
+    /// # Errors
+    /// [`Refusal::Full`] when every slot is taken: nothing is kept, and the wrapper closes the
+    /// connection.
+    pub fn on_connect(&mut self, now: Timestamp) -> Result<SessionId, Refusal> {
+        if self.conns.len() >= self.config.max_sessions {
+            return Err(Refusal::Full {
+                max: self.config.max_sessions,
+            });
+        }
         let session = SessionId(self.next_session);
         self.next_session = self.next_session.saturating_add(1);
         let deadline = now + self.config.hello_timeout;
@@ -603,7 +625,7 @@ impl ServerControl {
             },
         );
         self.hello_deadlines.insert((deadline, session));
-        session
+        Ok(session)
     }
 
     /// The connection is gone: the session is forgotten (and dropped from any round).

@@ -68,7 +68,7 @@ impl World {
 
     /// Connects a client and delivers its Hello (and the Welcome back).
     fn connect(&mut self, name: &str) -> SessionId {
-        let s = self.server.on_connect(self.now);
+        let s = self.server.on_connect(self.now).unwrap();
         let mut outbox = Vec::new();
         let control = ClientControl::new(
             ClientId::new(name).unwrap(),
@@ -553,7 +553,7 @@ fn quiesce_then_announce() {
 #[test]
 fn hello_timeout_closes_silent_connections() {
     let mut w = World::new(8);
-    let silent = w.server.on_connect(ms(0));
+    let silent = w.server.on_connect(ms(0)).unwrap();
     w.now = ms(10);
     let talker = w.connect("talker");
     assert_eq!(w.server.poll_timeout(), Some(ms(500)));
@@ -581,32 +581,75 @@ fn hello_timeout_closes_silent_connections() {
 }
 
 #[test]
-fn session_limit_refuses_with_bye_and_close() {
+fn session_limit_refuses_the_connection_beyond_it() {
     let mut w = World::new(2);
     let a = w.connect("a");
     w.connect("b");
-    let c = w.connect("c");
-    assert!(matches!(
-        w.clients[&c].events[..],
-        [ClientEvent::Bye { .. }]
-    ));
-    assert_eq!(w.closed.get(&c), Some(&CloseCode::Internal));
-    assert!(w.events.iter().any(|e| matches!(
-        e,
-        ServerEvent::Refused { session, refusal: Refusal::Full { max: 2 } } if *session == c
-    )));
+    assert_eq!(w.server.on_connect(w.now), Err(Refusal::Full { max: 2 }));
+    // Nothing was kept or said for the refused connection.
+    assert_eq!(w.server.connections(), 2);
+    w.drain();
     assert_eq!(w.server.sessions().len(), 2);
     w.server.on_disconnect(a, w.now);
-    w.server.on_disconnect(c, w.now);
     let d = w.connect("d");
     assert!(w.server.session(d).is_some());
     assert_eq!(w.server.connections(), 2);
 }
 
 #[test]
+fn connections_that_never_say_hello_count_against_the_limit() {
+    let mut w = World::new(2);
+    let silent: Vec<SessionId> = (0..2)
+        .map(|_| w.server.on_connect(ms(0)).unwrap())
+        .collect();
+    // The registry is empty, yet the server is full: silent connections hold their slots.
+    assert!(w.server.sessions().is_empty());
+    assert_eq!(w.server.on_connect(ms(1)), Err(Refusal::Full { max: 2 }));
+    // Their hello deadline passes: their control streams are closed and the wrapper is told
+    // (HelloTimeout), but the slots stay taken until the connections are gone.
+    w.advance(ms(500));
+    for s in &silent {
+        assert_eq!(w.closed.get(s), Some(&CloseCode::ProtocolViolation));
+        assert!(
+            w.events
+                .iter()
+                .any(|e| matches!(e, ServerEvent::HelloTimeout { session } if session == s))
+        );
+    }
+    assert_eq!(w.server.on_connect(w.now), Err(Refusal::Full { max: 2 }));
+    // The wrapper closes them (as it must on HelloTimeout): the slots are free again.
+    for s in silent {
+        w.server.on_disconnect(s, w.now);
+    }
+    assert_eq!(w.server.connections(), 0);
+    let a = w.connect("a");
+    let b = w.connect("b");
+    assert!(w.server.session(a).is_some() && w.server.session(b).is_some());
+    assert_eq!(w.server.on_connect(w.now), Err(Refusal::Full { max: 2 }));
+}
+
+#[test]
+fn a_refused_connection_during_a_flood_costs_nothing() {
+    // Many connection attempts beyond the limit: each is refused at once; no output, no
+    // timer, no memory is kept for them.
+    let mut w = World::new(1);
+    let a = w.connect("a");
+    w.drain();
+    let outputs = w.outputs;
+    for i in 0..10_000 {
+        assert!(w.server.on_connect(ms(i)).is_err());
+    }
+    w.drain();
+    assert_eq!(w.outputs, outputs);
+    assert_eq!(w.server.connections(), 1);
+    assert_eq!(w.server.poll_timeout(), None);
+    assert!(w.server.session(a).is_some());
+}
+
+#[test]
 fn version_negotiation() {
     let mut w = World::new(4);
-    let s = w.server.on_connect(w.now);
+    let s = w.server.on_connect(w.now).unwrap();
     let hello = |min, max| {
         frame(&Message::Hello {
             client_id: ClientId::new("v").unwrap(),
@@ -623,7 +666,7 @@ fn version_negotiation() {
             ..
         }
     )));
-    let s = w.server.on_connect(w.now);
+    let s = w.server.on_connect(w.now).unwrap();
     w.server.on_bytes(s, &hello(1, 3), w.now);
     assert!(w.server.poll_output().is_some_and(|o| matches!(
         o,
@@ -634,7 +677,7 @@ fn version_negotiation() {
 #[test]
 fn wrong_direction_and_out_of_order_messages_close_with_unexpected() {
     let mut w = World::new(4);
-    let s = w.server.on_connect(w.now);
+    let s = w.server.on_connect(w.now).unwrap();
     w.server
         .on_bytes(s, &frame(&Message::Ack { migration_id: M1 }), w.now);
     w.drain();
@@ -755,7 +798,7 @@ fn a_client_that_finishes_its_stream_gets_a_finish_and_is_missing() {
     let told = w.announce(M1);
     assert_eq!(told, vec![s[1], s[2]]);
     // Finishing inside a frame is a truncated stream: closed with its code.
-    let t = w.server.on_connect(w.now);
+    let t = w.server.on_connect(w.now).unwrap();
     w.server.on_bytes(t, &[0, 0, 0, 9, 0], w.now);
     w.server.on_stream_finished(t, w.now);
     w.drain();
@@ -822,7 +865,12 @@ proptest! {
     ) {
         let mut server = ServerControl::new(ServerConfig::new(2, HELLO));
         let mut now = ms(0);
-        let sessions: Vec<SessionId> = (0..3).map(|_| server.on_connect(now)).collect();
+        // The third connection is beyond the limit: refused at once; what it would send is
+        // sent to a session the server does not know.
+        let mut sessions: Vec<SessionId> =
+            (0..3).filter_map(|_| server.on_connect(now).ok()).collect();
+        prop_assert_eq!(sessions.len(), 2);
+        sessions.push(SessionId(u64::MAX));
         if hello_first {
             for s in &sessions {
                 server.on_bytes(*s, &frame(&Message::Hello {

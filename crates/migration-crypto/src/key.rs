@@ -59,9 +59,26 @@ pub enum KeyFileError {
         /// The file asked for.
         path: PathBuf,
     },
-    /// The key file is readable by every user; fix with `chmod 600`.
-    #[error("key file {} is world-readable (mode {mode:o}); run chmod 600", path.display())]
-    WorldReadable {
+    /// The path is a symbolic link: key files are never read or written through one.
+    #[error("key file {} is a symlink; give the file itself", path.display())]
+    Symlink {
+        /// The file asked for.
+        path: PathBuf,
+    },
+    /// The key file belongs to another user than the caller (its effective uid).
+    #[error("key file {} is owned by uid {owner}, not by you (uid {caller})", path.display())]
+    NotOwned {
+        /// The file asked for.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The caller's effective uid.
+        caller: u32,
+    },
+    /// The key file grants some permission to its group or to others (mode `& 0o077` is not
+    /// 0); fix with `chmod 600`.
+    #[error("key file {} has mode {mode:04o}: {}; run chmod 600", path.display(), open_to(*mode))]
+    TooOpen {
         /// The file asked for.
         path: PathBuf,
         /// Its permission bits.
@@ -188,31 +205,80 @@ fn io_error(path: &Path, source: io::Error) -> KeyFileError {
     }
 }
 
+/// Says who, besides the owner, may read or write a file of mode `mode` ("readable by group",
+/// "readable and writable by others", ...).
+fn open_to(mode: u32) -> String {
+    let part = |bits: u32, who: &str| -> Option<String> {
+        let what = match (bits & 0o4 != 0, bits & 0o2 != 0) {
+            (true, true) => "readable and writable",
+            (true, false) => "readable",
+            (false, true) => "writable",
+            (false, false) if bits & 0o1 != 0 => "executable",
+            (false, false) => return None,
+        };
+        Some(format!("{what} by {who}"))
+    };
+    [part((mode >> 3) & 0o7, "group"), part(mode & 0o7, "others")]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn not_followed(path: &Path, e: io::Error) -> KeyFileError {
+    // O_NOFOLLOW on a symlink fails with ELOOP.
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        KeyFileError::Symlink {
+            path: path.to_path_buf(),
+        }
+    } else {
+        io_error(path, e)
+    }
+}
+
 /// Loads a key file holding exactly [`Key::LEN`] raw bytes.
 ///
-/// Refuses a file that is world-readable (mode `& 0o004`) or not a regular
-/// file, and never reads more than `Key::LEN + 1` bytes, so pointing it at
-/// a huge file is harmless.
+/// Refuses, each with its own [`KeyFileError`]: a symbolic link (checked on the path, and
+/// opened with `O_NOFOLLOW` so that a link swapped in meanwhile is refused too), anything but
+/// a regular file, a file owned by another user than the caller's effective uid, and a file
+/// with any group or other permission bit (mode `& 0o077`). The checks are made on the opened
+/// file (`fstat`), so they and the read see the same file. Never reads more than
+/// `Key::LEN + 1` bytes, so pointing it at a huge file is harmless.
 pub fn load_key_file(path: &Path) -> Result<Key, KeyFileError> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
-    // fstat the opened file, not the path, so the checks and the read see
-    // the same file.
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let link = std::fs::symlink_metadata(path).map_err(|e| io_error(path, e))?;
+    if link.file_type().is_symlink() {
+        return Err(KeyFileError::Symlink {
+            path: path.to_path_buf(),
+        });
+    }
+    // O_NONBLOCK: a FIFO put in the key's place must not block the open.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| not_followed(path, e))?;
     let meta = file.metadata().map_err(|e| io_error(path, e))?;
     if !meta.is_file() {
         return Err(KeyFileError::NotAFile {
             path: path.to_path_buf(),
         });
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o004 != 0 {
-            return Err(KeyFileError::WorldReadable {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let caller = unsafe { libc::geteuid() };
+    if meta.uid() != caller {
+        return Err(KeyFileError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            caller,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::TooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
     let mut buf = Zeroizing::new([0u8; Key::LEN + 1]);
     let mut filled = 0;
@@ -250,25 +316,33 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyFileError> {
 
 /// Writes `key` to a new file at `path` with mode 0600.
 ///
-/// Refuses to overwrite an existing file ([`KeyFileError::AlreadyExists`]).
-/// A partially written file is removed on failure.
+/// The file is created exclusively (`O_CREAT | O_EXCL | O_NOFOLLOW`): an existing path,
+/// including a symbolic link (dangling or not), is refused ([`KeyFileError::AlreadyExists`],
+/// [`KeyFileError::Symlink`]) and nothing is written through it. A partially written file is
+/// removed on failure.
 pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyFileError> {
-    let mut options = File::options();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        return Err(KeyFileError::Symlink {
+            path: path.to_path_buf(),
+        });
     }
-    let mut file = options.open(path).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            KeyFileError::AlreadyExists {
-                path: path.to_path_buf(),
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                KeyFileError::AlreadyExists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                not_followed(path, e)
             }
-        } else {
-            io_error(path, e)
-        }
-    })?;
+        })?;
     let result = file
         .write_all(key.as_bytes())
         .and_then(|()| file.sync_all());
@@ -404,22 +478,87 @@ mod tests {
         let path = write_raw(dir.path(), "k", &key_bytes(), 0o600);
         let k = load_key_file(&path).unwrap();
         assert_eq!(k.as_bytes(), &key_bytes());
-        // Group-readable is allowed; only world-readable is refused.
-        let path = write_raw(dir.path(), "g", &key_bytes(), 0o640);
-        assert!(load_key_file(&path).is_ok());
     }
 
     #[test]
-    fn load_world_readable_refused() {
+    fn load_refuses_any_group_or_other_bit() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_raw(dir.path(), "k", &key_bytes(), 0o644);
-        match load_key_file(&path).unwrap_err() {
-            KeyFileError::WorldReadable { path: p, mode } => {
-                assert_eq!(p, path);
-                assert_eq!(mode, 0o644);
-            }
-            e => panic!("unexpected {e:?}"),
+        for (mode, says) in [
+            (0o640, "mode 0640: readable by group; run chmod 600"),
+            (0o644, "readable by group, readable by others"),
+            (0o604, "mode 0604: readable by others"),
+            (0o620, "writable by group"),
+            (0o602, "writable by others"),
+            (0o610, "executable by group"),
+        ] {
+            let path = write_raw(dir.path(), &format!("k{mode:o}"), &key_bytes(), mode);
+            let err = load_key_file(&path).unwrap_err();
+            assert!(
+                matches!(&err, KeyFileError::TooOpen { path: p, mode: m } if *p == path && *m == mode),
+                "{mode:o}: {err:?}"
+            );
+            assert!(err.to_string().contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn load_refuses_a_symlink_even_to_a_good_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = write_raw(dir.path(), "k", &key_bytes(), 0o600);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = load_key_file(&link).unwrap_err();
+        assert!(
+            matches!(&err, KeyFileError::Symlink { path } if *path == link),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+    }
+
+    #[test]
+    fn load_refuses_a_file_owned_by_another_user() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP load_refuses_a_file_owned_by_another_user: needs root (chown)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_raw(dir.path(), "k", &key_bytes(), 0o600);
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let err = load_key_file(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyFileError::NotOwned {
+                    owner: 65534,
+                    caller: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("owned by uid 65534, not by you (uid 0)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn write_refuses_a_symlink_dangling_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = write_raw(dir.path(), "victim", b"keep", 0o600);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let dangling = dir.path().join("dangling");
+        let nowhere = dir.path().join("nowhere");
+        std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+        for l in [&link, &dangling] {
+            let err = write_key_file(l, &Key::generate().unwrap()).unwrap_err();
+            assert!(matches!(err, KeyFileError::Symlink { .. }), "{err:?}");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!nowhere.exists());
     }
 
     #[test]

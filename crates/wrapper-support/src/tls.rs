@@ -58,6 +58,42 @@ pub enum TlsError {
         /// What the parser said.
         reason: String,
     },
+    /// The private key path is a symbolic link: a key is never read or written through one.
+    #[error("private key {path} is a symlink; give the file itself")]
+    KeySymlink {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The private key path is not a regular file (a directory, a FIFO, ...).
+    #[error("private key {path} is not a regular file")]
+    KeyNotAFile {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The private key belongs to another user than the caller (its effective uid).
+    #[error("private key {path} is owned by uid {owner}, not by you (uid {caller})")]
+    KeyNotOwned {
+        /// The path given.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The caller's effective uid.
+        caller: u32,
+    },
+    /// The private key grants some permission to its group or to others (mode `& 0o077`).
+    #[error("private key {path} has mode {mode:04o}: accessible by {}; run chmod 600", open_to(*mode))]
+    KeyTooOpen {
+        /// The path given.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// [`GeneratedPem::write_key`] refuses to replace an existing file.
+    #[error("private key {path} already exists; refusing to overwrite it")]
+    KeyExists {
+        /// The path given.
+        path: PathBuf,
+    },
     /// Generating a self-signed certificate failed.
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -96,9 +132,15 @@ impl Identity {
     }
 
     /// Loads a PEM certificate chain and a PEM private key.
+    ///
+    /// The key file is refused unless it is a regular file (not a symbolic link: checked on
+    /// the path and opened with `O_NOFOLLOW`), owned by the caller's effective uid, with no
+    /// group or other permission bit (mode `& 0o077 == 0`); each refusal is its own
+    /// [`TlsError`]. The checks are made on the opened file, so they and the read see the
+    /// same file.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
         let certs = load_certs(cert)?;
-        let key_pem = read_pem(key)?;
+        let key_pem = read_private_pem(key)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadKey {
             path: key.to_path_buf(),
             reason: e.to_string(),
@@ -125,22 +167,104 @@ impl GeneratedPem {
         })
     }
 
-    /// Writes the private key, readable by the owner only.
+    /// Writes the private key to a new file, readable by the owner only (0600).
+    ///
+    /// The file is created exclusively (`O_CREAT | O_EXCL | O_NOFOLLOW`): an existing path
+    /// ([`TlsError::KeyExists`]) or a symbolic link, dangling or not ([`TlsError::KeySymlink`]),
+    /// is refused and nothing is written through it.
     pub fn write_key(&self, path: &Path) -> Result<(), TlsError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| f.write_all(self.key.as_bytes()))
-            .map_err(|source| TlsError::Write {
+        if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(TlsError::KeySymlink {
+                path: path.to_path_buf(),
+            });
+        }
+        let write_err = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => TlsError::KeyExists {
+                path: path.to_path_buf(),
+            },
+            _ if source.raw_os_error() == Some(nix::libc::ELOOP) => TlsError::KeySymlink {
+                path: path.to_path_buf(),
+            },
+            _ => TlsError::Write {
                 path: path.to_path_buf(),
                 source,
-            })
+            },
+        };
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(write_err)?;
+        f.write_all(self.key.as_bytes()).map_err(write_err)
     }
+}
+
+/// Says who, besides the owner, may use a file of mode `mode` ("group", "others",
+/// "group and others").
+fn open_to(mode: u32) -> &'static str {
+    match (mode & 0o070 != 0, mode & 0o007 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "group",
+        _ => "others",
+    }
+}
+
+/// Reads a private key PEM file after the checks of [`Identity::load`].
+fn read_private_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let p = || path.to_path_buf();
+    let read_err = |source: std::io::Error| {
+        if source.raw_os_error() == Some(nix::libc::ELOOP) {
+            TlsError::KeySymlink { path: p() }
+        } else {
+            TlsError::Read { path: p(), source }
+        }
+    };
+    if fs::symlink_metadata(path)
+        .map_err(read_err)?
+        .file_type()
+        .is_symlink()
+    {
+        return Err(TlsError::KeySymlink { path: p() });
+    }
+    // O_NONBLOCK: a FIFO put in the key's place must not block the open.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = f.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(TlsError::KeyNotAFile { path: p() });
+    }
+    let caller = nix::unistd::geteuid().as_raw();
+    if meta.uid() != caller {
+        return Err(TlsError::KeyNotOwned {
+            path: p(),
+            owner: meta.uid(),
+            caller,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyTooOpen { path: p(), mode });
+    }
+    if meta.len() > MAX_PEM {
+        return Err(TlsError::TooLarge {
+            path: p(),
+            len: meta.len(),
+        });
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_PEM + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    Ok(bytes)
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -281,7 +405,9 @@ mod tests {
         let (_, pem) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
         let cert = dir.path().join("c.pem");
         pem.write_cert(&cert).unwrap();
-        // A certificate file given where the key belongs.
+        // A certificate file given where the key belongs (private enough, but no key).
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(
             Identity::load(&cert, &cert),
             Err(TlsError::BadKey { .. })
@@ -295,5 +421,119 @@ mod tests {
             transport_config(Duration::from_secs(u64::MAX)),
             Err(TlsError::Quic(_))
         ));
+    }
+
+    /// A generated identity's files in a fresh directory: (dir, cert, key).
+    fn files() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, pem) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        pem.write_cert(&c).unwrap();
+        pem.write_key(&k).unwrap();
+        (dir, c, k)
+    }
+
+    #[test]
+    fn a_symlinked_key_is_refused() {
+        let (dir, c, k) = files();
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&k, &link).unwrap();
+        let err = Identity::load(&c, &link).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::KeySymlink { path } if *path == link),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+    }
+
+    #[test]
+    fn a_group_or_world_accessible_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (_dir, c, k) = files();
+        for (mode, who) in [
+            (0o640, "group"),
+            (0o604, "others"),
+            (0o660, "group"),
+            (0o646, "group and others"),
+        ] {
+            fs::set_permissions(&k, fs::Permissions::from_mode(mode)).unwrap();
+            let err = Identity::load(&c, &k).unwrap_err();
+            assert!(
+                matches!(err, TlsError::KeyTooOpen { mode: m, .. } if m == mode),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("mode {mode:04o}: accessible by {who}")),
+                "{text}"
+            );
+            assert!(text.contains("chmod 600"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_key_owned_by_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP a_key_owned_by_another_user_is_refused: needs root (chown)");
+            return;
+        }
+        let (_dir, c, k) = files();
+        std::os::unix::fs::chown(&k, Some(65534), Some(65534)).unwrap();
+        let err = Identity::load(&c, &k).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::KeyNotOwned {
+                    owner: 65534,
+                    caller: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("owned by uid 65534, not by you (uid 0)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_directory_as_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (dir, c, _k) = files();
+        let d = dir.path().join("d");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        let err = Identity::load(&c, &d).unwrap_err();
+        assert!(matches!(err, TlsError::KeyNotAFile { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_key_writer_refuses_an_existing_path_or_a_symlink() {
+        let (dir, _c, k) = files();
+        let (_, pem) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+        let before = fs::read(&k).unwrap();
+        let err = pem.write_key(&k).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::KeyExists { path } if *path == k),
+            "{err:?}"
+        );
+        assert_eq!(
+            fs::read(&k).unwrap(),
+            before,
+            "the existing key was changed"
+        );
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&k, &link).unwrap();
+        let dangling = dir.path().join("dangling.pem");
+        let nowhere = dir.path().join("nowhere.pem");
+        std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+        for l in [&link, &dangling] {
+            let err = pem.write_key(l).unwrap_err();
+            assert!(matches!(err, TlsError::KeySymlink { .. }), "{err:?}");
+        }
+        assert_eq!(fs::read(&k).unwrap(), before);
+        assert!(!nowhere.exists(), "written through a dangling symlink");
     }
 }
