@@ -51,12 +51,40 @@ fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
     }
 }
 
+/// Whom a dump runs as: the server's own account, so that criu may read the server's
+/// resource limits (`prlimit` of another user's process needs CAP_SYS_RESOURCE, which root
+/// lacks on some hosts, this one among them), with the capabilities a dump needs as ambient
+/// capabilities and `--unprivileged`. The restore runs as root (the supervisor) and brings
+/// the process back with its own credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DumpAs {
+    /// The server's uid.
+    pub(crate) uid: u32,
+    /// The server's gid.
+    pub(crate) gid: u32,
+}
+
+/// The capabilities criu needs for an unprivileged dump of a process in a network namespace.
+const DUMP_CAPS: &str = "-all,+checkpoint_restore,+sys_ptrace,+sys_admin,+net_admin,\
+                         +dac_override,+dac_read_search,+fowner,+kill";
+
 fn criu_in(netns: &Path) -> Command {
+    criu_as(netns, None)
+}
+
+fn criu_as(netns: &Path, user: Option<DumpAs>) -> Command {
     use std::os::unix::process::CommandExt as _;
     let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .arg("criu");
+    c.arg(format!("--net={}", netns.display())).arg("--");
+    if let Some(u) = user {
+        c.arg("setpriv")
+            .arg(format!("--reuid={}", u.uid))
+            .arg(format!("--regid={}", u.gid))
+            .arg("--clear-groups")
+            .arg(format!("--inh-caps={DUMP_CAPS}"))
+            .arg(format!("--ambient-caps={DUMP_CAPS}"));
+    }
+    c.arg("criu");
     // Run by the supervisor, which blocks SIGCHLD: criu needs its signals delivered. Image
     // files hold the server's memory: umask 077, so criu writes them 0600 (never readable by
     // other users). Its own process group: a Ctrl-C at control's terminal reaches control
@@ -112,14 +140,20 @@ pub(crate) fn pre_dump(
 }
 
 /// The command of the final dump (see [`dump`]).
-pub(crate) fn dump_command(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> Command {
+pub(crate) fn dump_command(
+    pid: i32,
+    netns: &Path,
+    dir: &Path,
+    parent: Option<&str>,
+    user: Option<DumpAs>,
+) -> Command {
     let log = dir.join("dump.log");
-    let mut cmd = criu_in(netns);
-    cmd.args(["dump", "-t", &pid.to_string(), "-v4"])
-        .arg("-D")
-        .arg(dir)
-        .arg("-o")
-        .arg(&log);
+    let mut cmd = criu_as(netns, user);
+    cmd.args(["dump", "-t", &pid.to_string(), "-v4"]);
+    if user.is_some() {
+        cmd.arg("--unprivileged");
+    }
+    cmd.arg("-D").arg(dir).arg("-o").arg(&log);
     if let Some(p) = parent {
         cmd.args(["--track-mem", "--prev-images-dir", p]);
     }
@@ -127,9 +161,15 @@ pub(crate) fn dump_command(pid: i32, netns: &Path, dir: &Path, parent: Option<&s
 }
 
 /// The final `criu dump` of `pid` into `dir`; on success the process is gone.
-pub(crate) fn dump(pid: i32, netns: &Path, dir: &Path, parent: Option<&str>) -> Result<CriuTiming> {
+pub(crate) fn dump(
+    pid: i32,
+    netns: &Path,
+    dir: &Path,
+    parent: Option<&str>,
+    user: Option<DumpAs>,
+) -> Result<CriuTiming> {
     let log = dir.join("dump.log");
-    let mut cmd = dump_command(pid, netns, dir, parent);
+    let mut cmd = dump_command(pid, netns, dir, parent, user);
     let r = run_unchecked("criu dump", &mut cmd)?;
     check(&r.output, "criu dump", &log)?;
     Ok(timing(r.took, &log, DUMP_TASK_MARKERS))

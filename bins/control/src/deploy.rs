@@ -44,6 +44,8 @@ pub(crate) struct UpOptions {
     pub(crate) dst_port: u16,
     /// Where swrapper (and cwrapper) are.
     pub(crate) bin_dir: PathBuf,
+    /// The account the server runs as.
+    pub(crate) server_user: String,
 }
 
 /// How long the server has to say it is ready.
@@ -115,6 +117,17 @@ pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
             opts.bin_dir.display()
         );
     }
+    if nix::unistd::User::from_name(&opts.server_user)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        bail!(
+            "the server's account `{}` does not exist: `cargo xtask setup` creates it (or pass \
+             --server-user)",
+            opts.server_user
+        );
+    }
     Ok(())
 }
 
@@ -184,6 +197,8 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         "--admin-dir".into(),
         admin.as_os_str().to_owned(),
         "--park-after-announce".into(),
+        "--user".into(),
+        opts.server_user.clone().into(),
         "--log".into(),
         "info".into(),
     ];

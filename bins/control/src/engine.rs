@@ -193,6 +193,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         started: Instant::now(),
         state_dir: state_dir.to_path_buf(),
         sides: (state.side, state.side.other()),
+        dump_as: dump_as(state.server_pid),
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
     engine.journal(Phase::Idle)?;
@@ -343,6 +344,8 @@ struct Engine<'a> {
     state_dir: PathBuf,
     /// (from, to).
     sides: (Side, Side),
+    /// Whom the dump runs as (the server's account).
+    dump_as: Option<criu::DumpAs>,
 }
 
 impl Engine<'_> {
@@ -455,12 +458,24 @@ impl Engine<'_> {
         }
         if interrupt::kill_armed(Point::Dumping) {
             // The recovery test: criu runs on while control dies.
-            let _child = criu::dump_command(self.pid, &self.src.netns, &dir, parent.as_deref())
-                .spawn()
-                .context("starting criu dump")?;
+            let _child = criu::dump_command(
+                self.pid,
+                &self.src.netns,
+                &dir,
+                parent.as_deref(),
+                self.dump_as,
+            )
+            .spawn()
+            .context("starting criu dump")?;
             interrupt::fault(Point::Dumping);
         }
-        let timing = criu::dump(self.pid, &self.src.netns, &dir, parent.as_deref())?;
+        let timing = criu::dump(
+            self.pid,
+            &self.src.netns,
+            &dir,
+            parent.as_deref(),
+            self.dump_as,
+        )?;
         interrupt::fault(Point::Dumped);
         let bytes = sys::dir_size(&dir);
         self.report.dump = Some(timing);
@@ -655,6 +670,12 @@ impl Work for Engine<'_> {
         self.restore_at_source()?;
         self.send_back()
     }
+}
+
+/// The server's credentials, read from `/proc`: a server that is not root is dumped as itself.
+fn dump_as(pid: i32) -> Option<criu::DumpAs> {
+    let (uid, gid) = sys::process_ids(pid)?;
+    (uid != 0).then_some(criu::DumpAs { uid, gid })
 }
 
 /// `criu restore` of `dir` into `netns`, run by the supervisor at `socket`: the restored PID

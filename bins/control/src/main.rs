@@ -136,6 +136,10 @@ struct UpArgs {
     /// of this control binary).
     #[arg(long, env = "QLM_BIN_DIR")]
     bin_dir: Option<PathBuf>,
+    /// The unprivileged account the server runs as (with no_new_privs); `cargo xtask setup`
+    /// creates the default one.
+    #[arg(long, env = "QLM_SERVER_USER", default_value = "qlm-server")]
+    server_user: String,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -383,6 +387,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         src_port: a.src_port,
         dst_port: a.dst_port,
         bin_dir,
+        server_user: a.server_user.clone(),
     })
 }
 

@@ -84,7 +84,8 @@ fn run_inner(settings: &Settings, opts: &RunOptions) -> Result<()> {
                 .args(["--src-port", &opts.up.src_port.to_string()])
                 .args(["--dst-port", &opts.up.dst_port.to_string()])
                 .arg("--bin-dir")
-                .arg(&opts.up.bin_dir);
+                .arg(&opts.up.bin_dir)
+                .args(["--server-user", &opts.up.server_user]);
             run_self(cmd, "control up")?;
             State::load(&settings.state_dir)?
         }

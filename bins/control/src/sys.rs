@@ -163,6 +163,21 @@ pub(crate) fn netns_inode(path: &Path) -> Result<u64> {
         .with_context(|| format!("reading the network namespace {}", path.display()))
 }
 
+/// The real uid and gid of `pid`, from `/proc/<pid>/status`.
+pub(crate) fn process_ids(pid: i32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let first = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((first("Uid:")?, first("Gid:")?))
+}
+
 /// The parent PID of `pid`, from `/proc/<pid>/stat`.
 pub(crate) fn parent_pid(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -242,6 +257,10 @@ mod tests {
             mine
         );
         assert!(netns_inode(Path::new("/nonexistent/ns")).is_err());
+        let ids = process_ids(me).unwrap();
+        assert_eq!(ids.0, nix::unistd::getuid().as_raw());
+        assert_eq!(ids.1, nix::unistd::getgid().as_raw());
+        assert_eq!(process_ids(i32::MAX), None);
         let parent = parent_pid(me).unwrap();
         assert_eq!(parent, nix::unistd::getppid().as_raw());
         assert_eq!(parent_pid(i32::MAX), None);

@@ -182,6 +182,15 @@ impl World {
         ) {
             return None;
         }
+        if !test_support::require(
+            "the server's account qlm-server is missing (cargo xtask setup)",
+            nix::unistd::User::from_name("qlm-server")
+                .ok()
+                .flatten()
+                .is_some(),
+        ) {
+            return None;
+        }
         // control deploys the swrapper next to its own binary: have cargo build it there.
         let swrapper = test_support::workspace_bin("swrapper", "swrapper").unwrap();
         assert_eq!(
@@ -331,6 +340,24 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
     assert_eq!(up["server"]["in_its_container"], true, "{up}");
     assert_eq!(up["supervisor"]["answers"], true, "{up}");
     let pid = up["server"]["pid"].as_i64().unwrap();
+    // The network-facing server runs as the unprivileged account, with no_new_privs.
+    let creds = |pid: i64| -> (String, String) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        (field("Uid:"), field("NoNewPrivs:"))
+    };
+    let user = nix::unistd::User::from_name("qlm-server").unwrap().unwrap();
+    let uid = user.uid.as_raw().to_string();
+    let expected = (format!("{uid} {uid} {uid} {uid}"), "1".to_owned());
+    assert_eq!(creds(pid), expected, "after up");
     let parent = |pid: i64| -> i64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let (_, rest) = stat.rsplit_once(')').unwrap();
@@ -355,6 +382,8 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
     assert_eq!(moved["server"]["side"], "B", "{moved}");
     assert_eq!(moved["server"]["in_its_container"], true, "{moved}");
     assert_eq!(parent(pid), moved["supervisor"]["pid"].as_i64().unwrap());
+    // CRIU brought it back as the same account, still without new privileges.
+    assert_eq!(creds(pid), expected, "after the move");
 
     // B -> A, but restored into B's namespace again: the labels would say A, the engine
     // observes B and reports the move failed.
