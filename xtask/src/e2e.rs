@@ -95,8 +95,10 @@ pub(crate) struct Options {
     #[arg(long)]
     no_interrupt: bool,
     /// Fail when the client pauses longer than this for any migration (completed or rolled
-    /// back), or when a figure is missing.
-    #[arg(long, value_name = "MS", default_value_t = 1000,
+    /// back), or when a figure is missing. The default is generous (about ten times a typical
+    /// pause here, for a shared and noisy machine) yet below the ~1.5 s a dumped server used
+    /// to wait for init to reap it.
+    #[arg(long, value_name = "MS", default_value_t = 1500,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_pause_ms: u64,
 }
@@ -617,7 +619,7 @@ mod tests {
             ),
             (2, false, false, false, false)
         );
-        assert_eq!(o.max_pause_ms, 1000);
+        assert_eq!(o.max_pause_ms, 1500);
         assert_eq!(scenarios(&o).len(), 4);
         let o = options(
             "--write-benchmarks --no-rollback --no-by-hand --no-interrupt --max-pause-ms 300",

@@ -217,7 +217,7 @@ struct RunArgs {
     #[arg(long, hide = true, value_delimiter = ',')]
     kill_at: Vec<String>,
     /// The run fails when the client pauses longer than this for any migration.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
     max_pause_ms: u64,
 }
 
