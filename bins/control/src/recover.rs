@@ -51,34 +51,13 @@ pub(crate) fn recover(
     let target_addr = SocketAddr::from(([127, 0, 0, 1], dst.host_port));
     let admin = AdminDir::open(&state.admin_dir)?;
     let policy = MigrationPolicy::default();
-    let mut report = MoveReport {
-        migration_id: id,
-        from: src.name.clone(),
-        to: dst.name.clone(),
-        target_addr,
-        source_addr,
-        images_dir: None,
-        result: MoveResult::Failed,
-        failure: None,
-        recovery: None,
-        announce: None,
-        dirty_tracking: false,
-        predump_stop: None,
-        predump_rounds: Vec::new(),
-        dump: None,
-        image_bytes: None,
-        transfer: None,
-        restore: None,
-        rollback_restore: None,
-        placement: None,
-        resumed: None,
-        aborted: None,
-        source_probe: None,
-        target_probe: None,
-        wall_ms: 0.0,
-        timeline: Migration::new(id, migration_core::Timestamp::from_micros(0)).report(),
-        recovered_after: Some(journal.phase),
-    };
+    let mut report = MoveReport::new(
+        id,
+        (src.name.clone(), dst.name.clone()),
+        (source_addr, target_addr),
+        Migration::new(id, migration_core::Timestamp::from_micros(0)).report(),
+    );
+    report.recovered_after = Some(journal.phase);
     let pid = journal.server_pid;
     let alive = sys::process_runs(pid, "swrapper");
     let at_target = alive && observe_placement(pid, &dst).is_ok_and(|p| p.is_right());

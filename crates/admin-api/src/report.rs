@@ -152,6 +152,43 @@ pub struct MoveReport {
 }
 
 impl MoveReport {
+    /// A report with nothing observed yet (result `Failed` until told otherwise).
+    pub fn new(
+        migration_id: MigrationId,
+        (from, to): (String, String),
+        (source_addr, target_addr): (SocketAddr, SocketAddr),
+        timeline: migration_core::MigrationReport,
+    ) -> Self {
+        Self {
+            migration_id,
+            from,
+            to,
+            target_addr,
+            source_addr,
+            images_dir: None,
+            result: MoveResult::Failed,
+            failure: None,
+            recovery: None,
+            announce: None,
+            dirty_tracking: false,
+            predump_stop: None,
+            predump_rounds: Vec::new(),
+            dump: None,
+            image_bytes: None,
+            transfer: None,
+            restore: None,
+            rollback_restore: None,
+            placement: None,
+            resumed: None,
+            aborted: None,
+            source_probe: None,
+            target_probe: None,
+            wall_ms: 0.0,
+            timeline,
+            recovered_after: None,
+        }
+    }
+
     /// The freeze (final dump start -> restored process running), in milliseconds.
     pub fn freeze_ms(&self) -> Option<f64> {
         self.timeline.freeze_time.map(|d| d.as_secs_f64() * 1e3)
