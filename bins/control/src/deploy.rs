@@ -286,7 +286,15 @@ fn start_supervisor(
 pub(crate) fn down(settings: &Settings) -> Result<()> {
     sys::require_root()?;
     let mut problems = Vec::new();
-    let state = State::load(&settings.state_dir).ok();
+    // What a state folder says (PIDs to stop, containers to remove) is trusted only when the
+    // folder is control's and private: nothing planted by another user is acted on.
+    let trusted = is_ours(&settings.state_dir)
+        && crate::secure::check_private_dir(&settings.state_dir).is_ok();
+    let state = if trusted {
+        State::load(&settings.state_dir).ok()
+    } else {
+        None
+    };
     if let Some(s) = &state {
         if sys::process_runs(s.server_pid, "swrapper") {
             info!(pid = s.server_pid, "stopping the server");
@@ -298,7 +306,8 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
         stop_supervisor(&settings.state_dir, s.supervisor_pid);
     }
     let client_pid = settings.state_dir.join("client.pid");
-    if let Ok(text) = std::fs::read_to_string(&client_pid)
+    if trusted
+        && let Ok(text) = std::fs::read_to_string(&client_pid)
         && let Ok(pid) = text.trim().parse::<i32>()
         && sys::process_runs(pid, "cwrapper")
     {
@@ -327,16 +336,26 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
         .as_ref()
         .map(|s| s.images_dir.clone())
         .unwrap_or_else(|| settings.images_dir.clone());
-    // Only a directory control marked as its own is removed.
-    if images.join(images::MARKER).exists()
-        && let Err(e) = std::fs::remove_dir_all(&images)
-    {
-        problems.push(format!("removing {}: {e}", images.display()));
+    // Only a folder control marked as its own, still a private folder of this user (a marker
+    // planted in someone else's folder does not make it removable), is removed.
+    if images.join(images::MARKER).exists() {
+        match crate::secure::check_private_dir(&images) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_dir_all(&images) {
+                    problems.push(format!("removing {}: {e}", images.display()));
+                }
+            }
+            Err(e) => problems.push(format!("{e:#}; left as it is")),
+        }
     }
-    // Only a state folder control marked as its own is removed.
     if is_ours(&settings.state_dir) {
-        if let Err(e) = std::fs::remove_dir_all(&settings.state_dir) {
-            problems.push(format!("removing {}: {e}", settings.state_dir.display()));
+        match crate::secure::check_private_dir(&settings.state_dir) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_dir_all(&settings.state_dir) {
+                    problems.push(format!("removing {}: {e}", settings.state_dir.display()));
+                }
+            }
+            Err(e) => problems.push(format!("{e:#}; left as it is")),
         }
     } else if settings.state_dir.exists() {
         problems.push(format!(

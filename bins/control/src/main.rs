@@ -291,11 +291,12 @@ fn dispatch(cli: &Cli) -> Result<()> {
             }
         }
         Cmd::Down => {
-            let _lock = if deploy::is_ours(state_dir) {
-                Some(lock::acquire(state_dir, "control down")?)
-            } else {
-                None
-            };
+            let _lock =
+                if deploy::is_ours(state_dir) && secure::check_private_dir(state_dir).is_ok() {
+                    Some(lock::acquire(state_dir, "control down")?)
+                } else {
+                    None
+                };
             deploy::down(&settings)
         }
         Cmd::Status => {

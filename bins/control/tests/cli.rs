@@ -468,8 +468,21 @@ fn a_foreign_or_symlinked_state_folder_is_refused() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
-    // A folder of ours that holds someone's files is not adopted (nor removed by down).
+    // Another user's folder carrying control's marker is not removed by down either.
     std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join(".quic-live-migrate-state"), b"").unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let o = w.run(&["down"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("belongs to uid 65534"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(state.join(".quic-live-migrate-state").exists());
+    std::fs::remove_dir_all(&state).unwrap();
+    // A folder of ours that holds someone's files is not adopted (nor removed by down).
     std::fs::create_dir(&state).unwrap();
     std::fs::write(state.join("notes.txt"), b"mine").unwrap();
     let o = w.run(&["up"]);
