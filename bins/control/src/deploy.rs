@@ -135,7 +135,14 @@ pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
 /// locked); on failure removes whatever was made.
 pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
     let started = Instant::now();
-    check_up(settings, opts)?;
+    // check_up ran before the lock was taken; only another up could have changed things
+    // since, and it would have left a state.
+    if State::exists(&settings.state_dir) {
+        bail!(
+            "a deployment is already up (state in {}); `control down` first",
+            settings.state_dir.display()
+        );
+    }
     let swrapper = opts.bin_dir.join("swrapper");
     match up_inner(settings, opts, &swrapper) {
         Ok(state) => {

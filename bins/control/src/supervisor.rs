@@ -104,7 +104,7 @@ pub(crate) fn ask(
         .write_all(&line)
         .context("writing to the supervisor")?;
     let mut answer = String::new();
-    BufReader::new(stream.take_bounded())
+    BufReader::new(bounded(stream))
         .read_line(&mut answer)
         .context("reading the supervisor's answer")?;
     if answer.is_empty() {
@@ -130,14 +130,8 @@ pub(crate) fn send(socket: &Path, request: &SupervisorRequest) -> Result<()> {
 }
 
 /// Reads at most [`MAX_REQUEST`] bytes from a stream.
-trait TakeBounded {
-    fn take_bounded(self) -> std::io::Take<UnixStream>;
-}
-
-impl TakeBounded for UnixStream {
-    fn take_bounded(self) -> std::io::Take<UnixStream> {
-        std::io::Read::take(self, MAX_REQUEST)
-    }
+fn bounded(stream: UnixStream) -> std::io::Take<UnixStream> {
+    std::io::Read::take(stream, MAX_REQUEST)
 }
 
 /// What the supervisor starts.
@@ -287,7 +281,7 @@ fn handle(stream: UnixStream) -> bool {
     let mut line = String::new();
     let read = stream
         .try_clone()
-        .map(|s| BufReader::new(s.take_bounded()).read_line(&mut line));
+        .map(|s| BufReader::new(bounded(s)).read_line(&mut line));
     let request: Result<SupervisorRequest, String> = match read {
         Ok(Ok(_)) => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
         Ok(Err(e)) | Err(e) => Err(format!("reading the request: {e}")),
