@@ -6,6 +6,7 @@
 //! usage error (exit code 2), as in the project's binaries (clap).
 
 mod bench;
+mod bench_migrate;
 mod e2e;
 mod limit;
 mod setup;
@@ -87,6 +88,20 @@ enum Cmd {
         #[arg(last = true, value_name = "CRITERION_ARGS")]
         criterion_args: Vec<String>,
     },
+    /// The client's pause at several resident sizes, in every way to move the server, in one
+    /// run: figures, targets, JSON and a plot (as root).
+    ///
+    /// For each resident size (--sizes, MiB of ballast the server holds; 0 is the plain demo
+    /// server) and mode: the reconnect baseline (the server restarted in B, a new handshake),
+    /// podman's own container checkpoint/restore, the seed's single-phase cold move, two-phase
+    /// cold, two-phase post-copy. --moves moves each with a latency client (an echo every ms)
+    /// and --bulk-moves more with a bulk stream. Reports median, p95 and max of the client's
+    /// pause, the freeze, pause minus freeze, image size, time until every page is resident,
+    /// latency while pages arrive and time until the bulk stream is back to 90% of its
+    /// goodput, plus handshakes; judges the targets of the issue; writes
+    /// bench-migrate.json, bench-migrate.md, machine.txt and pause-vs-size.svg into --out
+    /// and, with --write-benchmarks, BENCHMARKS.md. --quick runs a small subset for CI.
+    BenchMigrate(bench_migrate::Options),
     /// What the UDP shims cost against quinn's stock socket, in instructions (callgrind).
     ///
     /// Instructions are repeatable where time is not on this noisy machine. Builds the release
@@ -131,6 +146,7 @@ fn main() -> Result<()> {
         }
         Some(Cmd::Bench { criterion_args }) => bench::run(&root, &criterion_args),
         Some(Cmd::E2eMigrate(opts)) => e2e::run(&root, &opts),
+        Some(Cmd::BenchMigrate(opts)) => bench_migrate::run(&root, &opts),
         Some(Cmd::ShimCost(opts)) => shim_cost::run(&root, &opts),
         Some(Cmd::Setup(opts)) if opts.if_needed => setup::ensure(&root),
         Some(Cmd::Setup(opts)) => setup::run(&root, &opts),
