@@ -164,6 +164,21 @@ pub(crate) fn up(settings: &Settings, opts: &UpOptions) -> Result<State> {
     }
 }
 
+/// Builds `tag` from the release swrapper in `bin_dir` (its entry is given at `podman run`)
+/// and writes a self-signed certificate and key for `localhost` into `certs`, which must be a
+/// private folder (the key is the server's).
+pub(crate) fn pod_image(tag: &str, certs: &Path, bin_dir: &Path) -> Result<()> {
+    crate::secure::check_private_dir(certs)?;
+    let (_, pem) = wrapper_support::Identity::self_signed(&["localhost".to_owned()])?;
+    pem.write_cert(&certs.join("server-cert.pem"))?;
+    pem.write_key(&certs.join("server-key.pem"))?;
+    let work = certs.join("build");
+    crate::secure::private_dir(&work)?;
+    let r = podman::build_image(&work, tag, &[bin_dir.join("swrapper")]);
+    std::fs::remove_dir_all(&work).ok();
+    r
+}
+
 fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<State> {
     let state_dir = &settings.state_dir;
     let admin = state_dir.join("admin");

@@ -10,6 +10,7 @@ mod lock;
 mod podman;
 mod recover;
 mod report;
+mod restart;
 mod run;
 mod secure;
 mod state;
@@ -99,6 +100,34 @@ enum Cmd {
     /// once and runs criu restore so that the restored server is its child again.
     #[command(hide = true)]
     Supervise(SuperviseArgs),
+    /// For benchmarks (`cargo xtask bench-migrate`): the reconnect baseline. End the server
+    /// and start a fresh one in the other container (clients lose their connections).
+    #[command(hide = true)]
+    RestartElsewhere(RestartArgs),
+    /// For benchmarks (`cargo xtask bench-migrate`): build an image whose entry can be the
+    /// server itself (for podman's own checkpoint/restore) and a certificate and key for it.
+    #[command(hide = true)]
+    PodImage(PodImageArgs),
+}
+
+#[derive(Debug, Args)]
+struct RestartArgs {
+    /// Write the JSON report here (default: <state-dir>/reports/restart-<n>.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct PodImageArgs {
+    /// The image's tag.
+    #[arg(long)]
+    tag: String,
+    /// A private folder (0700) where `server-cert.pem` and `server-key.pem` are written.
+    #[arg(long)]
+    certs: PathBuf,
+    /// Directory holding the release swrapper (default: this control's directory).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +368,12 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 },
             )
         }
+        Cmd::RestartElsewhere(a) => {
+            let _lock = locked_existing(state_dir, "control restart-elsewhere")?;
+            recover_if_needed(&settings)?;
+            restart::restart_elsewhere(&settings, a.report.as_deref()).map(|_| ())
+        }
+        Cmd::PodImage(a) => deploy::pod_image(&a.tag, &a.certs, &bin_dir(a.bin_dir.as_ref())?),
         Cmd::Supervise(a) => supervisor::serve(
             &a.socket,
             &supervisor::ServerCommand {
@@ -375,15 +410,20 @@ fn recover_if_needed(settings: &Settings) -> Result<()> {
     Ok(())
 }
 
-fn up_options(a: &UpArgs) -> Result<UpOptions> {
-    let bin_dir = match &a.bin_dir {
-        Some(d) => d.clone(),
+/// `--bin-dir`, or the directory of this control binary.
+fn bin_dir(given: Option<&PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d.clone()),
         None => std::env::current_exe()
             .context("locating this executable")?
             .parent()
             .map(std::path::Path::to_path_buf)
-            .context("this executable has no directory")?,
-    };
+            .context("this executable has no directory"),
+    }
+}
+
+fn up_options(a: &UpArgs) -> Result<UpOptions> {
+    let bin_dir = bin_dir(a.bin_dir.as_ref())?;
     Ok(UpOptions {
         src_port: a.src_port,
         dst_port: a.dst_port,

@@ -55,6 +55,15 @@ pub(crate) enum SupervisorRequest {
         /// criu's log file name inside `dir`.
         log_name: String,
     },
+    /// The reconnect baseline of the benchmarks: end the server `pid` (SIGKILL; it must be
+    /// this supervisor's descendant) and start a fresh one, with the same command line, in
+    /// `netns`. Its clients lose their connections.
+    Restart {
+        /// The running server.
+        pid: i32,
+        /// Where the new one starts.
+        netns: PathBuf,
+    },
     /// Stop supervising (the server is not touched).
     Exit,
 }
@@ -79,6 +88,11 @@ pub(crate) enum SupervisorReply {
     Failed {
         /// Why.
         error: String,
+    },
+    /// Answer to `Restart`: the new server's PID.
+    Started {
+        /// Its PID.
+        pid: i32,
     },
     /// Answer to `Exit`.
     Exiting,
@@ -135,7 +149,7 @@ fn bounded(stream: UnixStream) -> std::io::Take<UnixStream> {
 }
 
 /// What the supervisor starts.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ServerCommand {
     /// The network namespace the server starts in.
     pub(crate) netns: PathBuf,
@@ -189,7 +203,7 @@ pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {
         if conn_ready {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if handle(stream) {
+                    if handle(stream, server) {
                         info!("supervisor: asked to exit");
                         reap_all();
                         return Ok(());
@@ -275,8 +289,54 @@ fn reap_all() {
     }
 }
 
+/// Whether `pid` descends from this process (its parent, or its parent's parent, ...).
+fn is_descendant(pid: i32) -> bool {
+    let me = nix::unistd::getpid().as_raw();
+    let mut p = pid;
+    // A process tree here is shallow (nsenter/unshare, the server); the bound stops a loop.
+    for _ in 0..16 {
+        let Some(parent) = parent_of(p) else {
+            return false;
+        };
+        if parent == me {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        p = parent;
+    }
+    false
+}
+
+/// The parent PID from `/proc/<pid>/stat` (the field after the command name, which may hold
+/// spaces and parentheses: parsed from the last `)`).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Ends the server `pid` and starts a fresh one in `netns`.
+fn restart(server: &ServerCommand, pid: i32, netns: &Path) -> Result<i32> {
+    if !is_descendant(pid) {
+        bail!("process {pid} is not supervised here; not ending it");
+    }
+    let target = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(target, Signal::SIGKILL)
+        .with_context(|| format!("ending the server {pid}"))?;
+    // Reaped here when it is our child; a deeper descendant is reaped by its own parent.
+    if parent_of(pid) == Some(nix::unistd::getpid().as_raw()) {
+        let _ = waitpid(target, None);
+    }
+    start_server(&ServerCommand {
+        netns: netns.to_path_buf(),
+        ..server.clone()
+    })
+}
+
 /// Answers one connection; `true` when asked to exit.
-fn handle(stream: UnixStream) -> bool {
+fn handle(stream: UnixStream, server: &ServerCommand) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let read = stream
@@ -307,6 +367,15 @@ fn handle(stream: UnixStream) -> bool {
                 false,
             ),
         },
+        Ok(SupervisorRequest::Restart { pid, netns }) => match restart(server, pid, &netns) {
+            Ok(pid) => (SupervisorReply::Started { pid }, false),
+            Err(e) => (
+                SupervisorReply::Failed {
+                    error: format!("{e:#}"),
+                },
+                false,
+            ),
+        },
         Err(error) => (SupervisorReply::Failed { error }, false),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{}".to_vec());
@@ -321,6 +390,37 @@ fn handle(stream: UnixStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server() -> ServerCommand {
+        ServerCommand {
+            netns: "/nonexistent/netns".into(),
+            argv: vec!["/bin/false".into()],
+            log: "/nonexistent/log".into(),
+        }
+    }
+
+    #[test]
+    fn a_restart_of_a_process_not_supervised_here_is_refused() {
+        // PID 1 is nobody's descendant: it must not be killed, and the answer says why.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let req = serde_json::to_string(&SupervisorRequest::Restart {
+            pid: 1,
+            netns: "/nonexistent".into(),
+        })
+        .unwrap();
+        b.write_all(format!("{req}\n").as_bytes()).unwrap();
+        assert!(!handle(a, &server()));
+        let mut answer = String::new();
+        BufReader::new(b).read_line(&mut answer).unwrap();
+        let reply: SupervisorReply = serde_json::from_str(&answer).unwrap();
+        assert!(
+            matches!(&reply, SupervisorReply::Failed { error } if error.contains("not supervised here")),
+            "{reply:?}"
+        );
+        assert_eq!(parent_of(1), Some(0));
+        assert!(!is_descendant(1));
+        assert_eq!(parent_of(-5), None);
+    }
 
     #[test]
     fn requests_and_replies_round_trip_and_garbage_is_refused() {
@@ -339,7 +439,7 @@ mod tests {
     fn a_garbage_request_gets_a_typed_failure_and_the_supervisor_goes_on() {
         let (a, mut b) = UnixStream::pair().unwrap();
         b.write_all(b"this is not json\n").unwrap();
-        let exit = handle(a);
+        let exit = handle(a, &server());
         assert!(!exit);
         let mut answer = String::new();
         BufReader::new(b).read_line(&mut answer).unwrap();
@@ -357,9 +457,9 @@ mod tests {
         let listener = bind(&path).unwrap();
         let t = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
-            assert!(!handle(s));
+            assert!(!handle(s, &server()));
             let (s, _) = listener.accept().unwrap();
-            assert!(handle(s));
+            assert!(handle(s, &server()));
         });
         let me = nix::unistd::getpid().as_raw();
         assert_eq!(

@@ -232,6 +232,33 @@ pub struct ClientMigration {
     pub peer_after: Option<SocketAddr>,
 }
 
+/// The reconnect baseline of the benchmarks (`control restart-elsewhere`): the server ended
+/// where it ran and a fresh one started in the other container. Its clients lose their
+/// connections and must reconnect (a new handshake).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartReport {
+    /// The container the server ran in.
+    pub from: String,
+    /// The container the new server runs in.
+    pub to: String,
+    /// The new server's address (host port).
+    pub target_addr: SocketAddr,
+    /// When the restart was asked for (wall clock, microseconds since the epoch).
+    pub started_us: u64,
+    /// When the new server said it is ready (wall clock, microseconds since the epoch).
+    pub ready_us: u64,
+    /// The new server's PID.
+    pub pid: i32,
+}
+
+impl RestartReport {
+    /// Asked -> ready, in milliseconds: the baseline's counterpart of a freeze.
+    pub fn downtime_ms(&self) -> f64 {
+        self.ready_us.saturating_sub(self.started_us) as f64 / 1e3
+    }
+}
+
 /// The demo client's report (cwrapper `--json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use admin_api::{MoveReport, MoveResult};
+use admin_api::{MoveReport, MoveResult, RestartReport};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,8 @@ pub(crate) enum Mode {
     /// The server restarted in B; the client opens a new connection (new handshake).
     Reconnect,
     /// podman's own `container checkpoint` / `container restore` of the server's container.
+    /// The client reconnects when its connection does not survive (it does not here: after
+    /// the restore the port map's NAT state is gone and replies come from another address).
     Podman,
     /// The seed's flow: single phase (Migrate, ack, dump), cold (every page in the dump).
     Seed,
@@ -608,28 +610,25 @@ fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32) -> Cell 
         extra.push(format!("127.0.0.1:{SRC_PORT},127.0.0.1:{DST_PORT}"));
     }
     match moves_under(paths, mode, n, "latency", &extra, &tag) {
-        Ok((windows, reports, client)) => {
+        Ok((done, client)) => {
             let answers = client.answers();
-            for (w, r) in windows.iter().zip(&reports) {
+            for d in &done {
+                let w = d.window;
                 let latency = match w.resident_us {
                     Some(res) => stats::latencies_ms(&answers, w.resume_us, res),
                     None => Vec::new(),
                 };
                 cell.moves.push(MoveFigures {
                     pause_ms: stats::pause_ms(&answers, w.start_us, w.end_us),
-                    freeze_ms: r.as_ref().and_then(MoveReport::freeze_ms),
-                    image_bytes: r.as_ref().and_then(|r| r.image_bytes),
-                    resident_ms: r.as_ref().and_then(resident_ms),
+                    freeze_ms: d.freeze_ms,
+                    image_bytes: d.image_bytes,
+                    resident_ms: d.resident_ms,
                     latency_while_paging_ms: latency,
                     goodput_back_ms: None,
                 });
             }
             cell.client_handshakes = client.handshakes;
-            cell.server_handshakes = reports
-                .iter()
-                .rev()
-                .flatten()
-                .find_map(MoveReport::server_handshakes);
+            cell.server_handshakes = done.iter().rev().find_map(|d| d.server_handshakes);
             if let Some(e) = client.error {
                 cell.problems.push(format!("latency client: {e}"));
             }
@@ -645,9 +644,9 @@ fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32) -> Cell 
     }
     if bulk > 0 && !reconnect {
         match moves_under(paths, mode, bulk, "bulk", &[], &format!("{tag}-bulk")) {
-            Ok((windows, _, client)) => {
+            Ok((done, client)) => {
                 let buckets = client.buckets();
-                for w in &windows {
+                for w in done.iter().map(|d| d.window) {
                     cell.bulk_moves.push(MoveFigures {
                         goodput_back_ms: stats::goodput_back_ms(
                             &buckets,
@@ -680,7 +679,73 @@ fn mode_tag(mode: Mode) -> &'static str {
     }
 }
 
-type Moves = (Vec<Window>, Vec<Option<MoveReport>>, ClientResult);
+/// One move as control reported it.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    window: Window,
+    freeze_ms: Option<f64>,
+    image_bytes: Option<u64>,
+    resident_ms: Option<f64>,
+    server_handshakes: Option<u64>,
+}
+
+impl Done {
+    fn of_move(r: &MoveReport) -> Self {
+        Done {
+            window: window_of(r),
+            freeze_ms: r.freeze_ms(),
+            image_bytes: r.image_bytes,
+            resident_ms: resident_ms(r),
+            server_handshakes: r.server_handshakes(),
+        }
+    }
+
+    fn of_restart(r: &RestartReport) -> Self {
+        Done {
+            window: Window {
+                start_us: r.started_us,
+                resume_us: r.ready_us,
+                end_us: r.ready_us,
+                resident_us: None,
+            },
+            freeze_ms: Some(r.downtime_ms()),
+            image_bytes: None,
+            resident_ms: None,
+            server_handshakes: None,
+        }
+    }
+}
+
+/// Runs one move (or restart) and reads its report.
+fn one_move(paths: &Paths, mode: Mode, report_path: &Path) -> Result<Done> {
+    let _ = std::fs::remove_file(report_path);
+    let mut cmd = paths.control();
+    match mode.migrate_args() {
+        Some(args) => cmd.arg("migrate").args(args),
+        None => cmd.arg("restart-elsewhere"),
+    };
+    cmd.arg("--report").arg(report_path);
+    let status = crate::limit::status(&mut cmd, "control", STEP_LIMIT)?;
+    let text = std::fs::read_to_string(report_path);
+    if mode.migrate_args().is_none() {
+        if !status.success() {
+            bail!("control restart-elsewhere exited with {status}");
+        }
+        let r: RestartReport = serde_json::from_str(&text.context("no restart report")?)
+            .context("the restart report")?;
+        return Ok(Done::of_restart(&r));
+    }
+    let report: Option<MoveReport> = text.ok().and_then(|t| serde_json::from_str(&t).ok());
+    match report {
+        Some(r) if status.success() && r.result == MoveResult::Completed => Ok(Done::of_move(&r)),
+        Some(r) => bail!(
+            "{} ({})",
+            r.result,
+            r.failure.as_deref().unwrap_or("no reason given")
+        ),
+        None => bail!("control exited with {status}, no report"),
+    }
+}
 
 /// Starts a client, lets it settle, runs `n` moves, stops the client.
 fn moves_under(
@@ -690,60 +755,19 @@ fn moves_under(
     kind: &str,
     extra: &[String],
     tag: &str,
-) -> Result<Moves> {
+) -> Result<(Vec<Done>, ClientResult)> {
     let client = Client::start(paths, kind, SRC_PORT, extra, tag)?;
     std::thread::sleep(Duration::from_millis(800));
-    let mut windows = Vec::new();
-    let mut reports = Vec::new();
+    let mut done = Vec::new();
     let mut failure = None;
     for i in 0..n {
         let report_path = paths.out.join(format!("move-{tag}-{i}.json"));
-        let _ = std::fs::remove_file(&report_path);
-        let start_us = now_us();
-        let mut cmd = paths.control();
-        match mode.migrate_args() {
-            Some(args) => {
-                cmd.arg("migrate").args(args);
+        match one_move(paths, mode, &report_path) {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                failure = Some(format!("move {} of {n}: {e:#}", i + 1));
+                break;
             }
-            None => {
-                cmd.arg("restart-elsewhere");
-            }
-        }
-        cmd.arg("--report").arg(&report_path);
-        let status = crate::limit::status(&mut cmd, "control", STEP_LIMIT);
-        let end_us = now_us();
-        let report: Option<MoveReport> = std::fs::read_to_string(&report_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        match (&status, &report) {
-            (Ok(s), Some(r)) if s.success() && r.result == MoveResult::Completed => {
-                windows.push(window_of(r));
-            }
-            _ => {
-                windows.push(Window {
-                    start_us,
-                    resume_us: end_us,
-                    end_us,
-                    resident_us: None,
-                });
-                failure = Some(format!(
-                    "move {} of {n}: {}",
-                    i + 1,
-                    match (&status, &report) {
-                        (Err(e), _) => format!("{e:#}"),
-                        (_, Some(r)) => format!(
-                            "{} ({})",
-                            r.result,
-                            r.failure.as_deref().unwrap_or("no reason given")
-                        ),
-                        (Ok(s), None) => format!("control exited with {s}, no report"),
-                    }
-                ));
-            }
-        }
-        reports.push(report);
-        if failure.is_some() {
-            break;
         }
         // Let pages settle and the client's figures stabilise between moves.
         std::thread::sleep(Duration::from_millis(400));
@@ -753,7 +777,7 @@ fn moves_under(
     if let Some(f) = failure {
         bail!("{f}");
     }
-    Ok((windows, reports, result?))
+    Ok((done, result?))
 }
 
 /// podman's own checkpoint and restore of a container whose process is the server.
@@ -771,13 +795,10 @@ fn podman_cell(paths: &Paths, size: u32, n: u32, dirty: u32) -> Cell {
                 f.pause_ms = stats::pause_ms(&answers, w.start_us, w.end_us);
                 cell.moves.push(f);
             }
+            // Measured here: after podman's restore the port map's NAT state is gone and the
+            // old flow's replies arrive from another address, which QUIC discards: the client
+            // must reconnect. Its handshakes are reported, not required to be 1.
             cell.client_handshakes = client.handshakes;
-            if client.handshakes != Some(1) {
-                cell.problems.push(format!(
-                    "the client made {:?} handshakes, expected 1",
-                    client.handshakes
-                ));
-            }
             if let Some(e) = client.error {
                 cell.problems.push(format!("latency client: {e}"));
             }
@@ -921,6 +942,7 @@ impl Client {
             .arg("--json")
             .arg(&json)
             .args(["--interval-ms", "1"])
+            .args(["--reconnect-to", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -997,11 +1019,11 @@ fn judge(s: &[Summary]) -> Vec<Target> {
     );
     let extra = s
         .iter()
-        .filter(|x| x.mode != Mode::Reconnect && x.moves > 0)
+        .filter(|x| !matches!(x.mode, Mode::Reconnect | Mode::Podman) && x.moves > 0)
         .filter_map(|x| x.client_handshakes)
         .max();
     target(
-        "zero second handshakes in every mode but reconnect (most handshakes a client made)",
+        "zero second handshakes in the project's modes (most handshakes a client made)",
         extra.map(|h| h as f64),
         &|h| h <= 1.0,
     );
