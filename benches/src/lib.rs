@@ -11,6 +11,9 @@
 //! ```
 //!
 //! The criterion benches of the migration data path live in `benches/pipeline.rs`.
+//!
+//! [`timeline`]: what the `bench_client` program records during moves (echo latencies, bulk
+//! goodput, reconnects) and the pure computations over it (pause, steady goodput, recovery).
 
 use std::error::Error;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -19,6 +22,8 @@ use std::time::Duration;
 
 use udp_shim_client::SwappableUdp;
 use udp_shim_server::MigratableUdp;
+
+pub mod timeline;
 
 /// Requests up to this size are echoed; larger ones are answered with their byte count.
 pub const ECHO_MAX: usize = 64;

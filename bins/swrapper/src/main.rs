@@ -20,7 +20,8 @@ mod privileges;
 
 /// The demo echo server on a migratable QUIC socket.
 ///
-/// Every request is echoed with a per-connection counter that must survive a migration.
+/// Every request is echoed with a per-connection counter that must survive a migration; a
+/// bulk request (demo-echo's BulkRequest) gets a stream of pattern bytes, for goodput.
 ///
 /// Signals (as the orchestrator uses them):
 ///   SIGTERM  announce a migration: send Migrate(--migrate-to, or the admin dir's migrate.json)
@@ -82,6 +83,17 @@ struct Args {
     /// it). Ports below 1024 cannot be served then: the socket is bound as the user.
     #[arg(long, env = "SWRAPPER_USER")]
     user: Option<String>,
+    /// Resident memory to hold, in MiB (for benchmarks of moves by size): allocated and every
+    /// page written with incompressible bytes at start, before the server is ready (before
+    /// `ready.json`), so that the process's RSS is this much larger. At most the machine's
+    /// memory (MemTotal). 0: none.
+    #[arg(long, env = "SWRAPPER_BALLAST_MIB", default_value_t = 0)]
+    ballast_mib: u64,
+    /// Rewrite this many MiB of the ballast per second, a slice every 10 ms round and round
+    /// (memory a live process dirties while it is copied), from a thread of its own. Needs
+    /// --ballast-mib; at most 100 x --ballast-mib. 0: none.
+    #[arg(long, env = "SWRAPPER_DIRTY_MIB_PER_S", default_value_t = 0)]
+    dirty_mib_per_s: u64,
     /// Log filter (tracing's EnvFilter syntax, e.g. `info`, `swrapper=debug`).
     #[arg(long, env = "SWRAPPER_LOG", default_value = "info")]
     log: String,
@@ -101,6 +113,13 @@ fn main() -> Result<()> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if args.ack_deadline_ms == 0 {
         bail!("--ack-deadline-ms must be at least 1");
+    }
+    // Refused before anything is opened or allocated.
+    swrapper::ballast::check_rate(args.dirty_mib_per_s, args.ballast_mib)?;
+    if args.ballast_mib > 0 {
+        let total = swrapper::ballast::mem_total()?;
+        swrapper::ballast::check_size(args.ballast_mib, total)
+            .context("--ballast-mib is larger than this machine's memory")?;
     }
     if args.user.is_some() && !nix::unistd::geteuid().is_root() {
         bail!(
@@ -125,12 +144,34 @@ fn main() -> Result<()> {
     if let Some(user) = &args.user {
         privileges::drop_to(user, admin_dir.as_ref())?;
     }
+    // After the privileges are dropped: the dirtying thread is started as the user. Held until
+    // the server exits; resident before the server is ready.
+    let _ballast = ballast(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(run(args, identity, admin_dir))
+}
+
+fn ballast(args: &Args) -> Result<Option<swrapper::ballast::Ballast>> {
+    if args.ballast_mib == 0 {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let mut ballast = swrapper::ballast::Ballast::allocate(args.ballast_mib)
+        .with_context(|| format!("--ballast-mib {}", args.ballast_mib))?;
+    ballast
+        .start_dirtying(args.dirty_mib_per_s)
+        .with_context(|| format!("--dirty-mib-per-s {}", args.dirty_mib_per_s))?;
+    info!(
+        mib = args.ballast_mib,
+        dirty_mib_per_s = args.dirty_mib_per_s,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "ballast resident"
+    );
+    Ok(Some(ballast))
 }
 
 fn load_identity(args: &Args) -> Result<Identity> {
@@ -176,6 +217,7 @@ async fn run(args: Args, identity: Identity, admin_dir: Option<AdminDir>) -> Res
     loop {
         tokio::select! {
             conn = server.accept() => match conn {
+                // Echo and bulk requests (see demo-echo).
                 Some(app) => { tokio::spawn(swrapper::serve_echo(app)); }
                 None => break,
             },

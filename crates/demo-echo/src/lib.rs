@@ -15,6 +15,19 @@
 //! duplicate, and `served` grows by exactly one per request. A request retried after a timeout
 //! (same `seq`) gets the cached reply and does not count twice, so retries never break the check.
 //!
+//! Bulk: a stream that opens with [`BULK_MAGIC`] is a [`BulkRequest`] instead. The server
+//! answers on that stream with `len` bytes (or until the client stops the stream) of a
+//! deterministic pattern, [`bulk_fill`], that the client checks byte for byte with
+//! [`bulk_check`]; no counter, no state. An echo stream opens with its frame's length prefix,
+//! whose first byte is always 0 (`MAX_FRAME` < 2^24), so the two kinds never collide and the
+//! echo bytes are what they were before bulk existed. [`DemoRequest::decode`] tells them apart.
+//!
+//! ```text
+//!  client                                          server
+//!  "QLMB" + BulkRequest { len } ──stream, FIN──►   DemoRequest::Bulk
+//!  bulk_check(offset, chunk) ◄───stream─────────   bulk_fill(offset, chunk) ... (FIN after len)
+//! ```
+//!
 //! Sans-I/O: the wrappers own the streams; this crate encodes, decodes and keeps the state.
 
 use serde::{Deserialize, Serialize};
@@ -90,6 +103,19 @@ pub enum EchoError {
     /// The reply carries other bytes than the request.
     #[error("reply payload differs from the request's")]
     PayloadMismatch,
+    /// A bulk request does not open with [`BULK_MAGIC`].
+    #[error("not a bulk request: it does not open with the bulk magic")]
+    NotBulk,
+    /// A bulk stream carries another byte than the pattern's.
+    #[error("bulk byte at offset {offset} is {got:#04x}, expected {expected:#04x}")]
+    BulkMismatch {
+        /// Offset of the first wrong byte in the stream.
+        offset: u64,
+        /// The pattern's byte there.
+        expected: u8,
+        /// The byte received.
+        got: u8,
+    },
 }
 
 fn encode<T: Serialize>(msg: &T, payload_len: usize) -> Result<Vec<u8>, EchoError> {
@@ -146,6 +172,124 @@ impl EchoReply {
     pub fn decode(bytes: &[u8]) -> Result<Self, EchoError> {
         decode(bytes)
     }
+}
+
+/// The four bytes that open a bulk request stream (an echo stream opens with a 0 byte).
+pub const BULK_MAGIC: [u8; 4] = *b"QLMB";
+
+/// A client's request for a stream of pattern bytes ([`bulk_fill`]) on the request's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRequest {
+    /// Bytes to send, then finish the stream; `None`: send until the client stops the stream.
+    pub len: Option<u64>,
+}
+
+impl BulkRequest {
+    /// The bytes a client writes on the request's stream: [`BULK_MAGIC`], then one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, EchoError> {
+        let mut out = BULK_MAGIC.to_vec();
+        frame::encode(self, MAX_FRAME, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes a whole bulk request stream.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EchoError> {
+        let body = bytes.strip_prefix(&BULK_MAGIC).ok_or(EchoError::NotBulk)?;
+        decode(body)
+    }
+}
+
+/// What a request stream asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DemoRequest {
+    /// One echo.
+    Echo(EchoRequest),
+    /// A stream of pattern bytes.
+    Bulk(BulkRequest),
+}
+
+impl DemoRequest {
+    /// Decodes a whole request stream of either kind (told apart by [`BULK_MAGIC`]).
+    pub fn decode(bytes: &[u8]) -> Result<Self, EchoError> {
+        if bytes.starts_with(&BULK_MAGIC) {
+            BulkRequest::decode(bytes).map(Self::Bulk)
+        } else {
+            EchoRequest::decode(bytes).map(Self::Echo)
+        }
+    }
+}
+
+/// The pattern's word `w` (splitmix64's output function): bytes `8w .. 8w + 8` of a bulk
+/// stream are its little-endian bytes. Any lost, repeated or reordered run of bytes shows.
+fn pattern_word(w: u64) -> u64 {
+    let mut z = w.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Byte `i` of every bulk stream.
+pub fn bulk_byte(i: u64) -> u8 {
+    pattern_word(i / 8).to_le_bytes()[(i % 8) as usize]
+}
+
+/// Fills `buf` with the bulk stream's bytes from `offset` on.
+pub fn bulk_fill(offset: u64, buf: &mut [u8]) {
+    // Byte by byte up to a word boundary, then whole words, then the tail byte by byte.
+    let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+    let (first, rest) = buf.split_at_mut(head);
+    for (k, b) in first.iter_mut().enumerate() {
+        *b = bulk_byte(offset + k as u64);
+    }
+    let mut i = offset + head as u64;
+    let mut words = rest.chunks_exact_mut(8);
+    for c in &mut words {
+        c.copy_from_slice(&pattern_word(i / 8).to_le_bytes());
+        i += 8;
+    }
+    for b in words.into_remainder() {
+        *b = bulk_byte(i);
+        i += 1;
+    }
+}
+
+/// Checks that `buf` holds the bulk stream's bytes from `offset` on; the error names the first
+/// wrong byte.
+pub fn bulk_check(offset: u64, buf: &[u8]) -> Result<(), EchoError> {
+    let mismatch = |at: u64, got: u8| EchoError::BulkMismatch {
+        offset: at,
+        expected: bulk_byte(at),
+        got,
+    };
+    let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+    let (first, rest) = buf.split_at(head);
+    for (k, &b) in first.iter().enumerate() {
+        let at = offset + k as u64;
+        if b != bulk_byte(at) {
+            return Err(mismatch(at, b));
+        }
+    }
+    let mut i = offset + head as u64;
+    let mut words = rest.chunks_exact(8);
+    for c in &mut words {
+        if c != pattern_word(i / 8).to_le_bytes() {
+            // The first wrong byte of the word.
+            for (k, &b) in c.iter().enumerate() {
+                if b != bulk_byte(i + k as u64) {
+                    return Err(mismatch(i + k as u64, b));
+                }
+            }
+        }
+        i += 8;
+    }
+    for &b in words.remainder() {
+        if b != bulk_byte(i) {
+            return Err(mismatch(i, b));
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// The server's state for one connection.
@@ -371,7 +515,110 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn golden_bytes() {
+        // The echo bytes are those of before bulk existed; the first byte is 0 (a length prefix).
+        let echo = EchoRequest {
+            seq: 1,
+            payload: b"hi".to_vec(),
+        };
+        assert_eq!(echo.encode().unwrap(), [0, 0, 0, 4, 1, 2, b'h', b'i']);
+        let bulk = BulkRequest { len: Some(1000) };
+        assert_eq!(
+            bulk.encode().unwrap(),
+            [b'Q', b'L', b'M', b'B', 0, 0, 0, 3, 1, 0xE8, 0x07]
+        );
+        let unbounded = BulkRequest { len: None };
+        assert_eq!(
+            unbounded.encode().unwrap(),
+            [b'Q', b'L', b'M', b'B', 0, 0, 0, 1, 0]
+        );
+        assert_eq!(
+            DemoRequest::decode(&bulk.encode().unwrap()).unwrap(),
+            DemoRequest::Bulk(bulk)
+        );
+        assert_eq!(
+            DemoRequest::decode(&echo.encode().unwrap()).unwrap(),
+            DemoRequest::Echo(echo)
+        );
+        // The pattern is pinned too: a client and a server of different builds agree.
+        let mut first = [0u8; 10];
+        bulk_fill(0, &mut first);
+        assert_eq!(first[..8], pattern_word(0).to_le_bytes());
+        assert_eq!(bulk_byte(9), pattern_word(1).to_le_bytes()[1]);
+        assert_eq!(pattern_word(0), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn bad_bulk_bytes_are_typed_errors() {
+        assert!(matches!(
+            BulkRequest::decode(b"QLM"),
+            Err(EchoError::NotBulk)
+        ));
+        assert!(matches!(
+            BulkRequest::decode(b"QLMB"),
+            Err(EchoError::Frame(FrameError::Truncated { .. }))
+        ));
+        // Some(len) cut short, and a frame followed by more bytes.
+        assert!(matches!(
+            BulkRequest::decode(&[b'Q', b'L', b'M', b'B', 0, 0, 0, 2, 1, 0xE8]),
+            Err(EchoError::Frame(_))
+        ));
+        let mut trailing = BulkRequest { len: None }.encode().unwrap();
+        trailing.push(0);
+        assert!(matches!(
+            DemoRequest::decode(&trailing),
+            Err(EchoError::Frame(FrameError::TrailingBytes(1)))
+        ));
+        // A huge length prefix after the magic is refused before allocating.
+        let mut huge = BULK_MAGIC.to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            DemoRequest::decode(&huge),
+            Err(EchoError::Frame(FrameError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn the_check_finds_the_first_wrong_byte() {
+        let mut buf = vec![0u8; 100];
+        bulk_fill(13, &mut buf);
+        bulk_check(13, &buf).unwrap();
+        // The same bytes one position later are wrong (a lost byte shows).
+        assert!(bulk_check(14, &buf).is_err());
+        buf[40] ^= 1;
+        let err = bulk_check(13, &buf).unwrap_err();
+        assert!(
+            matches!(err, EchoError::BulkMismatch { offset: 53, .. }),
+            "{err}"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn fill_agrees_with_the_byte_function(offset in 0u64..1 << 40, len in 0usize..64) {
+            let mut buf = vec![0u8; len];
+            bulk_fill(offset, &mut buf);
+            for (k, b) in buf.iter().enumerate() {
+                prop_assert_eq!(*b, bulk_byte(offset + k as u64));
+            }
+            prop_assert!(bulk_check(offset, &buf).is_ok());
+            if len > 0 {
+                let at = offset as usize % len;
+                buf[at] = buf[at].wrapping_add(1);
+                let err = bulk_check(offset, &buf).unwrap_err();
+                let is_mismatch_at = matches!(err, EchoError::BulkMismatch { offset: o, .. } if o == offset + at as u64);
+                prop_assert!(is_mismatch_at);
+            }
+        }
+
+        #[test]
+        fn bulk_round_trip(len: Option<u64>) {
+            let req = BulkRequest { len };
+            prop_assert_eq!(BulkRequest::decode(&req.encode().unwrap()).unwrap(), req);
+            prop_assert_eq!(DemoRequest::decode(&req.encode().unwrap()).unwrap(), DemoRequest::Bulk(req));
+        }
+
         #[test]
         fn round_trip(seq: u64, served: u64, payload in proptest::collection::vec(any::<u8>(), 0..512)) {
             let req = EchoRequest { seq, payload: payload.clone() };
@@ -384,6 +631,11 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = EchoRequest::decode(&bytes);
             let _ = EchoReply::decode(&bytes);
+            let _ = DemoRequest::decode(&bytes);
+            let _ = BulkRequest::decode(&bytes);
+            let mut magic = BULK_MAGIC.to_vec();
+            magic.extend_from_slice(&bytes);
+            let _ = DemoRequest::decode(&magic);
         }
     }
 }
