@@ -46,6 +46,10 @@ pub(crate) struct UpOptions {
     pub(crate) bin_dir: PathBuf,
     /// The account the server runs as.
     pub(crate) server_user: String,
+    /// MiB of memory the server holds and touches (swrapper --ballast-mib; 0: none).
+    pub(crate) ballast_mib: u32,
+    /// MiB per second of it the server rewrites (swrapper --dirty-mib-per-s).
+    pub(crate) dirty_mib_per_s: u32,
 }
 
 /// How long the server has to say it is ready.
@@ -224,9 +228,20 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         "--log".into(),
         "info".into(),
     ];
+    let mut argv = argv;
+    if opts.ballast_mib > 0 {
+        argv.extend([
+            "--ballast-mib".into(),
+            opts.ballast_mib.to_string().into(),
+            "--dirty-mib-per-s".into(),
+            opts.dirty_mib_per_s.to_string().into(),
+        ]);
+    }
+    // The server touches its ballast before it says it is ready.
+    let ready_limit = READY_LIMIT + Duration::from_millis(10 * u64::from(opts.ballast_mib));
     let supervisor_pid = start_supervisor(state_dir, &a.netns, &server_log, &argv)?;
     let admin_dir = AdminDir::open(&admin)?;
-    let ready: Ready = admin_dir.wait_event(None, READY_LIMIT).with_context(|| {
+    let ready: Ready = admin_dir.wait_event(None, ready_limit).with_context(|| {
         format!(
             "the server did not start; its log ({}):\n{}",
             server_log.display(),

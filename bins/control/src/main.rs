@@ -169,6 +169,14 @@ struct UpArgs {
     /// creates the default one.
     #[arg(long, env = "QLM_SERVER_USER", default_value = "qlm-server")]
     server_user: String,
+    /// MiB of memory the demo server holds, every page touched before it is ready (to
+    /// measure moves of bigger services; swrapper --ballast-mib).
+    #[arg(long, default_value_t = 0)]
+    ballast_mib: u32,
+    /// MiB per second of its ballast the demo server rewrites while it runs (needs
+    /// --ballast-mib; swrapper --dirty-mib-per-s).
+    #[arg(long, default_value_t = 0)]
+    dirty_mib_per_s: u32,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -423,12 +431,17 @@ fn bin_dir(given: Option<&PathBuf>) -> Result<PathBuf> {
 }
 
 fn up_options(a: &UpArgs) -> Result<UpOptions> {
+    if a.dirty_mib_per_s > 0 && a.ballast_mib == 0 {
+        bail!("--dirty-mib-per-s needs --ballast-mib (there is nothing to rewrite)");
+    }
     let bin_dir = bin_dir(a.bin_dir.as_ref())?;
     Ok(UpOptions {
         src_port: a.src_port,
         dst_port: a.dst_port,
         bin_dir,
         server_user: a.server_user.clone(),
+        ballast_mib: a.ballast_mib,
+        dirty_mib_per_s: a.dirty_mib_per_s,
     })
 }
 

@@ -92,6 +92,10 @@ fn bad_flags_are_refused_by_the_parser() {
     for args in [
         &["up", "--src-port", "70000"][..],
         &["up", "--src-port", "x"],
+        &["up", "--ballast-mib", "-3"],
+        &["up", "--ballast-mib", "lots"],
+        &["restart-elsewhere", "--what"],
+        &["pod-image"],
         &["migrate", "--transfer", "carrier-pigeon"],
         &["run", "--moves", "-1"],
         &["frobnicate"],
@@ -106,6 +110,26 @@ fn bad_flags_are_refused_by_the_parser() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn dirtying_without_a_ballast_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let o = control(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "up",
+        "--dirty-mib-per-s",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--dirty-mib-per-s needs --ballast-mib"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!state.exists(), "nothing is created");
 }
 
 #[test]

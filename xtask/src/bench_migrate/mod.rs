@@ -485,7 +485,7 @@ impl Client {
         let _ = std::fs::remove_file(&json);
         let log = std::fs::File::create(paths.out.join(format!("client-{tag}.log")))?;
         let child = Command::new(paths.bin.join("bench_client"))
-            .arg(kind)
+            .args(["--mode", kind])
             .args(["--target", &format!("127.0.0.1:{target}")])
             .arg("--ca")
             .arg(paths.state.join("server-cert.pem"))
@@ -522,19 +522,29 @@ impl Client {
     }
 }
 
-/// What a bench client recorded (the subset the bench reads).
+/// What a bench client recorded (the subset the bench reads; `bench_client --json`).
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct ClientResult {
-    /// Answered requests (latency mode).
     #[serde(default)]
-    answers: Vec<(u64, u64)>,
-    /// Bytes per bucket (bulk mode).
+    latency: Option<LatencyPart>,
     #[serde(default)]
-    buckets: Vec<(u64, u64)>,
+    bulk: Option<BulkPart>,
     #[serde(default)]
     handshakes: Option<u64>,
     #[serde(default)]
     error: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LatencyPart {
+    /// Answered echoes: [sent, round trip], microseconds (sent: wall clock).
+    echoes: Vec<[u64; 2]>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BulkPart {
+    /// [bucket start (wall clock), bytes], microseconds.
+    buckets: Vec<[u64; 2]>,
 }
 
 impl ClientResult {
@@ -542,19 +552,23 @@ impl ClientResult {
         serde_json::from_str(text).context("bench_client's JSON")
     }
     fn answers(&self) -> Vec<Answered> {
-        self.answers
-            .iter()
-            .map(|&(sent_us, answered_us)| Answered {
-                sent_us,
-                answered_us,
-            })
-            .collect()
+        self.latency.as_ref().map_or_else(Vec::new, |l| {
+            l.echoes
+                .iter()
+                .map(|&[sent_us, rtt_us]| Answered {
+                    sent_us,
+                    answered_us: sent_us.saturating_add(rtt_us),
+                })
+                .collect()
+        })
     }
     fn buckets(&self) -> Vec<Bucket> {
-        self.buckets
-            .iter()
-            .map(|&(t_us, bytes)| Bucket { t_us, bytes })
-            .collect()
+        self.bulk.as_ref().map_or_else(Vec::new, |b| {
+            b.buckets
+                .iter()
+                .map(|&[t_us, bytes]| Bucket { t_us, bytes })
+                .collect()
+        })
     }
 }
 
@@ -606,6 +620,7 @@ fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32) -> Cell 
     let reconnect = mode == Mode::Reconnect;
     let mut extra = vec!["--interval-ms".to_owned(), "1".to_owned()];
     if reconnect {
+        extra.push("--reconnect".to_owned());
         extra.push("--reconnect-to".to_owned());
         extra.push(format!("127.0.0.1:{SRC_PORT},127.0.0.1:{DST_PORT}"));
     }
@@ -935,7 +950,7 @@ impl Client {
         let _ = std::fs::remove_file(&json);
         let log = std::fs::File::create(paths.out.join(format!("client-{tag}.log")))?;
         let child = Command::new(paths.bin.join("bench_client"))
-            .arg("latency")
+            .args(["--mode", "latency", "--reconnect"])
             .args(["--target", &format!("127.0.0.1:{port}")])
             .arg("--ca")
             .arg(ca)
@@ -1165,9 +1180,20 @@ mod tests {
 
     #[test]
     fn client_results_parse_and_garbage_is_an_error() {
-        let r = ClientResult::parse(r#"{"answers":[[1,2]],"handshakes":1}"#).unwrap();
-        assert_eq!(r.answers().len(), 1);
+        let r = ClientResult::parse(
+            r#"{"mode":"latency","handshakes":1,"latency":{"echoes":[[1000,250]],"failures":[]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.answers(),
+            vec![Answered {
+                sent_us: 1000,
+                answered_us: 1250
+            }]
+        );
+        assert_eq!(r.handshakes, Some(1));
+        assert!(r.buckets().is_empty());
         assert!(ClientResult::parse("not json").is_err());
-        assert!(ClientResult::parse(r#"{"answers":"x"}"#).is_err());
+        assert!(ClientResult::parse(r#"{"latency":{"echoes":"x"}}"#).is_err());
     }
 }
