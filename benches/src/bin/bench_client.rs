@@ -318,6 +318,8 @@ enum Conn {
         connection: quinn::Connection,
         /// Kept open: the control stream's send half (Hello written).
         _control: quinn::SendStream,
+        /// This connection's own endpoint (socket).
+        _endpoint: quinn::Endpoint,
     },
 }
 
@@ -345,8 +347,11 @@ struct Run<'a> {
     roots: Vec<quinn::rustls::pki_types::CertificateDer<'static>>,
     clock: Clock,
     client_id: String,
-    /// The plain endpoint (--reconnect).
-    endpoint: Option<quinn::Endpoint>,
+    /// --reconnect: where plain endpoints bind and their client configuration. Every
+    /// connection gets a new endpoint (a new socket and source port), as a reconnecting
+    /// client would: a NAT entry left stale by a restore on the server's side (podman's
+    /// port map here) then does not catch the new connection too.
+    endpoint: Option<(SocketAddr, quinn::ClientConfig)>,
     migrations: Arc<Mutex<Vec<MigrationRecord>>>,
     reconnects: Vec<ReconnectRecord>,
     handshakes: u64,
@@ -366,15 +371,10 @@ async fn run(
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         };
-        let mut ep = quinn::Endpoint::client(bind).context("binding the client endpoint")?;
         let transport =
             wrapper_support::tls::transport_config(Duration::from_secs(args.idle_timeout_s))?;
-        ep.set_default_client_config(wrapper_support::tls::client_config(
-            &roots,
-            &[demo_echo::ALPN],
-            transport,
-        )?);
-        Some(ep)
+        let config = wrapper_support::tls::client_config(&roots, &[demo_echo::ALPN], transport)?;
+        Some((bind, config))
     } else {
         None
     };
@@ -492,7 +492,10 @@ impl Run<'_> {
                 watch_migrations(&client, self.clock, self.migrations.clone());
                 Conn::Following(client)
             }
-            Some(ep) => {
+            Some((bind, config)) => {
+                let mut ep =
+                    quinn::Endpoint::client(*bind).context("binding the client endpoint")?;
+                ep.set_default_client_config(config.clone());
                 let connecting = ep.connect(addr, &self.args.server_name)?;
                 let connection =
                     tokio::time::timeout(timeout, connecting)
@@ -518,6 +521,7 @@ impl Run<'_> {
                 Conn::Plain {
                     connection,
                     _control: send,
+                    _endpoint: ep,
                 }
             }
         };

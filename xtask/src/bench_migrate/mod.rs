@@ -277,7 +277,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("bench-migrate: building release binaries (swrapper, control, bench_client)...");
     let status = Command::new(crate::cargo())
         .args(["build", "--release", "-p", "swrapper", "-p", "control"])
-        .args(["-p", "migration-benches", "--bin", "bench_client"])
+        .args(["-p", "migration-benches", "--bins"])
         .current_dir(root)
         .status()
         .context("starting cargo build")?;
@@ -985,7 +985,7 @@ fn judge(s: &[Summary]) -> Vec<Target> {
     let mut target = |what: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool| {
         t.push(Target {
             what: what.to_owned(),
-            measured: measured.map_or("not measured".to_owned(), |m| format!("{m:.1}")),
+            measured: measured.map_or("-".to_owned(), |m| format!("{m:.1}")),
             met: measured.map(ok),
         });
     };
@@ -1140,7 +1140,7 @@ mod tests {
         assert_eq!(get("post-copy: freeze at 1 GiB <=").met, Some(true));
         assert_eq!(get("post-copy: freeze at 1 GiB within").met, Some(false));
         assert_eq!(get("post-copy: 1 GiB fully").met, None);
-        assert_eq!(get("post-copy: 1 GiB fully").measured, "not measured");
+        assert_eq!(get("post-copy: 1 GiB fully").measured, "-");
     }
 
     #[test]

@@ -47,20 +47,19 @@ pub(crate) struct Answered {
 }
 
 /// The client's pause around a move: the longest gap between two consecutive answers (by
-/// answer time) that overlaps `[from_us, to_us]`. `None` when no answer followed the window's
-/// start (the client never heard from the server again).
+/// answer time) from the last answer before `from_us` to the first answer after `to_us`.
+/// `None` when nothing was answered after `to_us` (the client never heard from the server
+/// again: no pause can be measured, the move broke it).
 pub(crate) fn pause_ms(answers: &[Answered], from_us: u64, to_us: u64) -> Option<f64> {
     let mut times: Vec<u64> = answers.iter().map(|a| a.answered_us).collect();
     times.sort_unstable();
-    let mut best: Option<u64> = None;
-    for w in times.windows(2) {
-        let (a, b) = (w[0], w[1]);
-        // The gap [a, b] overlaps the window.
-        if b >= from_us && a <= to_us {
-            best = Some(best.map_or(b - a, |g| g.max(b - a)));
-        }
-    }
-    best.map(|g| g as f64 / 1e3)
+    let after = times.iter().position(|&t| t >= to_us)?;
+    let before = times.iter().rposition(|&t| t <= from_us).unwrap_or(0);
+    times[before..=after]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .map(|g| g as f64 / 1e3)
 }
 
 /// Round-trip times (ms) of the requests sent in `[from_us, to_us)`: the service's latency
@@ -162,11 +161,15 @@ mod tests {
         t.extend((50..=60).map(|i| i * 1000));
         t.extend((120..=125).map(|i| i * 1000));
         let a = answers(&t);
+        // A two-phase move: the client paused inside the move's window.
+        assert_eq!(pause_ms(&a, 5_000, 55_000), Some(40.0));
+        // The gap started before the window (the seed's flow) and ended inside it.
         assert_eq!(pause_ms(&a, 20_000, 30_000), Some(40.0));
         // A window that sees the 60 ms gap too.
         assert_eq!(pause_ms(&a, 20_000, 100_000), Some(60.0));
-        // Nothing answered after the window's start: no pause can be measured.
-        assert_eq!(pause_ms(&answers(&[1000, 2000]), 5000, 6000), None);
+        // Nothing answered after the window's end: the move broke the client.
+        assert_eq!(pause_ms(&answers(&[1000, 2000]), 1500, 6000), None);
+        assert_eq!(pause_ms(&[], 0, 1), None);
     }
 
     #[test]
