@@ -36,11 +36,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
+use crate::criu_rpc::Worker;
 use crate::interrupt::{self, Point};
 use crate::journal::{self, Journal};
 use crate::state::{Container, Side, State};
 use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
-use crate::{criu, images, secure, sys, transfer};
+use crate::{criu, images, kdat, secure, sys, transfer};
 
 /// How the image set reaches the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -179,6 +180,9 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         state_dir: state_dir.to_path_buf(),
         sides: (state.side, state.side.other()),
         dump_as: dump_as(state.server_pid),
+        dump_kdat: None,
+        dump_worker: None,
+        restore_prepared: false,
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
     engine.journal(Phase::Idle)?;
@@ -331,6 +335,12 @@ struct Engine<'a> {
     sides: (Side, Side),
     /// Whom the dump runs as (the server's account).
     dump_as: Option<criu::DumpAs>,
+    /// That account's kdat cache folder.
+    dump_kdat: Option<PathBuf>,
+    /// The final dump's worker, started before the clients are told (`Err`: why none runs).
+    dump_worker: Option<Result<Worker, String>>,
+    /// Whether the supervisor was asked for a restore worker not used yet.
+    restore_prepared: bool,
 }
 
 impl Engine<'_> {
@@ -368,7 +378,10 @@ impl Engine<'_> {
         }
         // Asked before the clients are told: criu's start-up costs tens of milliseconds,
         // which must not fall between the server parking and the dump.
-        self.report.dirty_tracking = criu::dirty_tracking_supported().unwrap_or(false);
+        let root_kdat = kdat::for_account(0, 0);
+        self.report.dirty_tracking =
+            criu::dirty_tracking_supported(root_kdat.as_deref()).unwrap_or(false);
+        self.start_workers();
         let deadline = self.opts.policy.ack_deadline;
         self.admin.send_request(&MigrateRequest {
             migration_id: self.id,
@@ -395,6 +408,35 @@ impl Engine<'_> {
         })
     }
 
+    /// Starts criu's workers before the freeze: the dump's here (in the source's namespace, as
+    /// the server's account), the restore's at the supervisor (in the target's namespace).
+    /// A worker that does not start is not an error: the command line runs instead.
+    fn start_workers(&mut self) {
+        let (uid, gid) = self.dump_as.map_or((0, 0), |u| (u.uid, u.gid));
+        self.dump_kdat = kdat::for_account(uid, gid);
+        self.dump_worker = Some(
+            criu::dump_worker(&self.src.netns, self.dump_as, self.dump_kdat.as_deref())
+                .map_err(|e| e.to_string()),
+        );
+        if let Some(Err(e)) = &self.dump_worker {
+            warn!("no criu dump worker: {e}");
+        }
+        let request = SupervisorRequest::PrepareRestore {
+            netns: self.dst.netns.clone(),
+        };
+        match supervisor::ask(&self.supervisor, &request, EVENT_LIMIT) {
+            Ok(SupervisorReply::Prepared { pid }) => {
+                info!(pid, "criu restore worker waits at the supervisor");
+                self.restore_prepared = true;
+            }
+            Ok(SupervisorReply::Failed { error }) => {
+                warn!("no criu restore worker: {error}");
+            }
+            Ok(other) => warn!("no criu restore worker: the supervisor answered {other:?}"),
+            Err(e) => warn!("no criu restore worker: {e:#}"),
+        }
+    }
+
     /// Dumping: pre-dump rounds while the kernel tracks dirty memory, then the final dump.
     fn dump(&mut self, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
         let policy: &PreDumpPolicy = &self.opts.policy.predump;
@@ -412,7 +454,14 @@ impl Engine<'_> {
             }
             let dir = self.images.join(format!("pre{rounds}"));
             secure::private_dir(&dir)?;
-            match criu::pre_dump(self.pid, &self.src.netns, &dir, parent.as_deref()) {
+            let root_kdat = kdat::for_account(0, 0);
+            match criu::pre_dump(
+                self.pid,
+                &self.src.netns,
+                &dir,
+                parent.as_deref(),
+                root_kdat.as_deref(),
+            ) {
                 Ok(t) => {
                     let bytes = sys::dir_size(&dir);
                     step(Event::PreDumpRound { image_bytes: bytes })?;
@@ -441,26 +490,26 @@ impl Engine<'_> {
         } else {
             secure::private_dir(&dir)?;
         }
+        let args = criu::DumpArgs {
+            pid: self.pid,
+            netns: self.src.netns.clone(),
+            dir: dir.clone(),
+            parent,
+            user: self.dump_as,
+            kdat: self.dump_kdat.clone(),
+        };
         if interrupt::kill_armed(Point::Dumping) {
             // The recovery test: criu runs on while control dies.
-            let _child = criu::dump_command(
-                self.pid,
-                &self.src.netns,
-                &dir,
-                parent.as_deref(),
-                self.dump_as,
-            )
-            .spawn()
-            .context("starting criu dump")?;
+            let _child = criu::dump_command(&args)
+                .spawn()
+                .context("starting criu dump")?;
             interrupt::fault(Point::Dumping);
         }
-        let timing = criu::dump(
-            self.pid,
-            &self.src.netns,
-            &dir,
-            parent.as_deref(),
-            self.dump_as,
-        )?;
+        let worker = self
+            .dump_worker
+            .take()
+            .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
+        let timing = criu::dump_via(worker, &args)?;
         interrupt::fault(Point::Dumped);
         let bytes = sys::dir_size(&dir);
         self.report.dump = Some(timing);
@@ -509,6 +558,8 @@ impl Engine<'_> {
         } else {
             self.dst.netns.clone()
         };
+        // Whatever happens next, the supervisor's worker is used or dropped by this request.
+        self.restore_prepared = false;
         if interrupt::kill_armed(Point::Restoring) {
             // The recovery test: the supervisor restores while control dies.
             supervisor::send(
@@ -611,6 +662,19 @@ impl Engine<'_> {
     }
 
     fn finish(mut self, machine: &migration_core::Migration) -> MoveReport {
+        // Unused workers (a move that stopped before its dump or restore) are killed.
+        drop(self.dump_worker.take());
+        if self.restore_prepared {
+            match supervisor::ask(
+                &self.supervisor,
+                &SupervisorRequest::DiscardRestore,
+                EVENT_LIMIT,
+            ) {
+                Ok(SupervisorReply::Discarded { .. }) => {}
+                Ok(other) => warn!("discarding the restore worker: answered {other:?}"),
+                Err(e) => warn!("discarding the restore worker: {e:#}"),
+            }
+        }
         let completed = machine.phase() == Phase::Completed;
         let rolled_back = machine
             .failure()

@@ -1,11 +1,15 @@
 //! control: moves the demo QUIC server between two podman containers with CRIU.
 
 mod criu;
+#[cfg(test)]
+mod criu_real_tests;
+mod criu_rpc;
 mod deploy;
 mod engine;
 mod images;
 mod interrupt;
 mod journal;
+mod kdat;
 mod lock;
 mod podman;
 mod recover;

@@ -4,10 +4,21 @@
 //!  control up ──spawns──► control supervise (setsid, child subreaper)
 //!                              ├─ child: nsenter --net=A -- swrapper ...   (the server)
 //!                              │    dumped by criu: it exits, and is reaped at once (SIGCHLD)
-//!                              └─ on request: nsenter --net=B -- criu restore -d ...
-//!                                   the restored server is re-parented to the supervisor
-//!  control migrate ──unix socket (one JSON line each way)──► Restore { netns, dir } / Exit
+//!                              ├─ PrepareRestore: nsenter --net=B -- criu swrk (waits)
+//!                              └─ Restore: the worker restores (rst_sibling: the restored
+//!                                   server is the supervisor's child), or, without a worker,
+//!                                   nsenter --net=B -- criu restore -d ... (re-parented to
+//!                                   the supervisor, a child subreaper)
+//!  control migrate ──unix socket (one JSON line each way)──► PrepareRestore { netns } /
+//!                                   Restore { netns, dir } / DiscardRestore / Exit
 //! ```
+//!
+//! The supervisor keeps at most one restore worker (`criu_rpc.rs`), started by
+//! `PrepareRestore` before the freeze. A `Restore` into the worker's namespace uses it; any
+//! other `Restore` kills it and runs the command line (a warning says why), as does one whose
+//! worker died. A new `PrepareRestore`, a `DiscardRestore` (a rollback) or the supervisor's
+//! exit kill and reap an unused worker. The supervisor's reaper tells the worker when it
+//! collected it, so that a reaped worker's PID is never signalled.
 //!
 //! CRIU restores the server under its old PID, so that PID must be free: the dumped process
 //! must have been reaped. A process whose parent is init waits for this machine's init (about
@@ -33,6 +44,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::criu;
+use crate::criu_rpc::Worker;
+use crate::kdat;
 
 /// The socket's file name in the state directory.
 pub(crate) const SOCKET: &str = "supervisor.sock";
@@ -64,6 +77,13 @@ pub(crate) enum SupervisorRequest {
         /// Where the new one starts.
         netns: PathBuf,
     },
+    /// Start a restore worker in `netns` (replacing an unused one), for the next `Restore`.
+    PrepareRestore {
+        /// The network namespace the next restore goes to.
+        netns: PathBuf,
+    },
+    /// Kill and reap the prepared restore worker, if any.
+    DiscardRestore,
     /// Stop supervising (the server is not touched).
     Exit,
 }
@@ -83,6 +103,16 @@ pub(crate) enum SupervisorReply {
         pid: i32,
         /// criu's timing.
         timing: CriuTiming,
+    },
+    /// A restore worker waits.
+    Prepared {
+        /// Its PID.
+        pid: i32,
+    },
+    /// Answer to `DiscardRestore`: whether a worker was discarded.
+    Discarded {
+        /// Whether there was one.
+        had_worker: bool,
     },
     /// The request failed.
     Failed {
@@ -175,6 +205,7 @@ pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {
     let listener = bind(socket)?;
     let pid = start_server(server)?;
     info!(pid, "supervisor: server started");
+    let mut prepared: Option<Prepared> = None;
     loop {
         let (sig_ready, conn_ready) = {
             let mut fds = [
@@ -194,25 +225,27 @@ pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {
                 let sig = i32::try_from(info.ssi_signo).unwrap_or(0);
                 if sig == Signal::SIGTERM as i32 || sig == Signal::SIGINT as i32 {
                     info!("supervisor: terminated");
-                    reap_all();
+                    drop(prepared.take());
+                    reap_all(&mut prepared);
                     return Ok(());
                 }
             }
-            reap_all();
+            reap_all(&mut prepared);
         }
         if conn_ready {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if handle(stream, server) {
+                    if handle(stream, server, &mut prepared) {
                         info!("supervisor: asked to exit");
-                        reap_all();
+                        drop(prepared.take());
+                        reap_all(&mut prepared);
                         return Ok(());
                     }
                 }
                 Err(e) => warn!("supervisor: accept failed: {e}"),
             }
             // A restore's criu ran as a child; whatever exited meanwhile is reaped now.
-            reap_all();
+            reap_all(&mut prepared);
         }
     }
 }
@@ -279,12 +312,33 @@ pub(crate) fn unblock_all_signals() -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-/// Reaps every child that has exited.
-fn reap_all() {
+/// A restore worker waiting in a network namespace.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// Where it runs.
+    netns: PathBuf,
+    /// The worker.
+    worker: Worker,
+}
+
+/// Reaps every child that has exited; a prepared worker among them is told.
+fn reap_all(prepared: &mut Option<Prepared>) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(status) => info!(?status, "supervisor: reaped"),
+            Ok(status) => {
+                if let Some(p) = prepared.as_mut()
+                    && status.pid().map(nix::unistd::Pid::as_raw) == Some(p.worker.pid())
+                {
+                    warn!(
+                        ?status,
+                        "supervisor: the prepared restore worker exited unused"
+                    );
+                    p.worker.mark_reaped(format!("{status:?}"));
+                } else {
+                    info!(?status, "supervisor: reaped");
+                }
+            }
         }
     }
 }
@@ -335,8 +389,66 @@ fn restart(server: &ServerCommand, pid: i32, netns: &Path) -> Result<i32> {
     })
 }
 
+/// root's kdat cache folder for the restores.
+fn root_kdat() -> Option<PathBuf> {
+    kdat::for_account(0, 0)
+}
+
+/// `PrepareRestore`: a new worker in `netns`, replacing any unused one.
+fn prepare(netns: PathBuf, prepared: &mut Option<Prepared>) -> SupervisorReply {
+    if let Some(old) = prepared.take() {
+        info!(
+            pid = old.worker.pid(),
+            "supervisor: an unused restore worker is replaced"
+        );
+    }
+    let kdat = root_kdat();
+    match criu::restore_worker(&netns, kdat.as_deref()) {
+        Ok(worker) => {
+            let pid = worker.pid();
+            info!(pid, netns = %netns.display(), "supervisor: restore worker waits");
+            *prepared = Some(Prepared { netns, worker });
+            SupervisorReply::Prepared { pid }
+        }
+        Err(e) => SupervisorReply::Failed {
+            error: format!("{e}"),
+        },
+    }
+}
+
+/// `Restore`: through the prepared worker when it waits in `args.netns`, else the command
+/// line.
+fn restore(
+    netns: PathBuf,
+    dir: PathBuf,
+    log_name: String,
+    prepared: &mut Option<Prepared>,
+) -> SupervisorReply {
+    let worker = match prepared.take() {
+        Some(p) if p.netns == netns => Ok(p.worker),
+        Some(p) => Err(format!(
+            "the prepared worker waits in {}, the restore goes to {}",
+            p.netns.display(),
+            netns.display()
+        )),
+        None => Err("no restore worker was prepared".to_owned()),
+    };
+    let args = criu::RestoreArgs {
+        netns,
+        dir,
+        log_name,
+        kdat: root_kdat(),
+    };
+    match criu::restore_via(worker, &args) {
+        Ok((pid, timing)) => SupervisorReply::Restored { pid, timing },
+        Err(e) => SupervisorReply::Failed {
+            error: format!("{e:#}"),
+        },
+    }
+}
+
 /// Answers one connection; `true` when asked to exit.
-fn handle(stream: UnixStream, server: &ServerCommand) -> bool {
+fn handle(stream: UnixStream, server: &ServerCommand, prepared: &mut Option<Prepared>) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
     let read = stream
@@ -358,15 +470,12 @@ fn handle(stream: UnixStream, server: &ServerCommand) -> bool {
             netns,
             dir,
             log_name,
-        }) => match criu::restore(&netns, &dir, &log_name) {
-            Ok((pid, timing)) => (SupervisorReply::Restored { pid, timing }, false),
-            Err(e) => (
-                SupervisorReply::Failed {
-                    error: format!("{e:#}"),
-                },
-                false,
-            ),
-        },
+        }) => (restore(netns, dir, log_name, prepared), false),
+        Ok(SupervisorRequest::PrepareRestore { netns }) => (prepare(netns, prepared), false),
+        Ok(SupervisorRequest::DiscardRestore) => {
+            let had_worker = prepared.take().is_some();
+            (SupervisorReply::Discarded { had_worker }, false)
+        }
         Ok(SupervisorRequest::Restart { pid, netns }) => match restart(server, pid, &netns) {
             Ok(pid) => (SupervisorReply::Started { pid }, false),
             Err(e) => (
@@ -409,7 +518,7 @@ mod tests {
         })
         .unwrap();
         b.write_all(format!("{req}\n").as_bytes()).unwrap();
-        assert!(!handle(a, &server()));
+        assert!(!handle(a, &server(), &mut None));
         let mut answer = String::new();
         BufReader::new(b).read_line(&mut answer).unwrap();
         let reply: SupervisorReply = serde_json::from_str(&answer).unwrap();
@@ -439,7 +548,7 @@ mod tests {
     fn a_garbage_request_gets_a_typed_failure_and_the_supervisor_goes_on() {
         let (a, mut b) = UnixStream::pair().unwrap();
         b.write_all(b"this is not json\n").unwrap();
-        let exit = handle(a, &server());
+        let exit = handle(a, &server(), &mut None);
         assert!(!exit);
         let mut answer = String::new();
         BufReader::new(b).read_line(&mut answer).unwrap();
@@ -456,15 +565,27 @@ mod tests {
         let path = dir.path().join(SOCKET);
         let listener = bind(&path).unwrap();
         let t = std::thread::spawn(move || {
+            let mut none = None;
             let (s, _) = listener.accept().unwrap();
-            assert!(!handle(s, &server()));
+            assert!(!handle(s, &server(), &mut none));
             let (s, _) = listener.accept().unwrap();
-            assert!(handle(s, &server()));
+            assert!(!handle(s, &server(), &mut none));
+            let (s, _) = listener.accept().unwrap();
+            assert!(handle(s, &server(), &mut none));
         });
         let me = nix::unistd::getpid().as_raw();
         assert_eq!(
             ask(&path, &SupervisorRequest::Ping, Duration::from_secs(5)).unwrap(),
             SupervisorReply::Pong { pid: me }
+        );
+        assert_eq!(
+            ask(
+                &path,
+                &SupervisorRequest::DiscardRestore,
+                Duration::from_secs(5)
+            )
+            .unwrap(),
+            SupervisorReply::Discarded { had_worker: false }
         );
         assert_eq!(
             ask(&path, &SupervisorRequest::Exit, Duration::from_secs(5)).unwrap(),

@@ -402,6 +402,9 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
     );
     assert_ne!(r["source_probe"], "answered", "{r}");
     assert_eq!(r["target_probe"], "answered", "{r}");
+    // Both through criu workers started before the freeze (criu_rpc.rs).
+    assert_eq!(r["dump"]["route"], "worker", "{r}");
+    assert_eq!(r["restore"]["route"], "worker", "{r}");
     let moved = w.status();
     assert_eq!(moved["server"]["side"], "B", "{moved}");
     assert_eq!(moved["server"]["in_its_container"], true, "{moved}");
@@ -428,6 +431,15 @@ fn a_move_is_observed_and_a_restore_into_the_source_namespace_is_caught() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["result"], "failed", "{r}");
     assert_eq!(r["recovery"], "abort", "{r}");
+    // The restore worker waited in the target's namespace: the command line restored, and the
+    // report says why.
+    assert_eq!(r["restore"]["route"], "command_line", "{r}");
+    assert!(
+        r["restore"]["worker_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("waits in")),
+        "{r}"
+    );
     assert_ne!(
         r["placement"]["netns_inode"], r["placement"]["expected_netns_inode"],
         "{r}"

@@ -29,6 +29,6 @@ pub use admin::{
     MigrateRequest, Ready, Request, ResumeRequest, Resumed, ServerEvent,
 };
 pub use report::{
-    ClientMigration, ClientReport, CriuTiming, MoveReport, MoveResult, Placement, PortProbe,
-    RestartReport, RunReport, RunRow, RunSummary, TransferStats, median,
+    ClientMigration, ClientReport, CriuRoute, CriuTiming, MoveReport, MoveResult, Placement,
+    PortProbe, RestartReport, RunReport, RunRow, RunSummary, TransferStats, median,
 };

@@ -19,6 +19,23 @@ pub struct CriuTiming {
     pub startup_ms: Option<f64>,
     /// From that line to the end of criu's log.
     pub work_ms: Option<f64>,
+    /// How criu was run (absent in reports written before workers existed).
+    #[serde(default)]
+    pub route: Option<CriuRoute>,
+    /// Why a prepared worker was not used, when the command line ran instead of it.
+    #[serde(default)]
+    pub worker_error: Option<String>,
+}
+
+/// How a criu call ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CriuRoute {
+    /// `criu dump` / `criu restore` started for this call (its start-up paid in the freeze).
+    CommandLine,
+    /// A `criu swrk` worker started before the freeze, asked over criu's RPC.
+    Worker,
 }
 
 /// The sealed transfer of an image set through migration-wire.
@@ -398,6 +415,26 @@ mod tests {
         assert!(serde_json::from_str::<ClientReport>(&extra).is_err());
         let missing = good.replace("\"connections\":1,", "");
         assert!(serde_json::from_str::<ClientReport>(&missing).is_err());
+    }
+
+    #[test]
+    fn a_criu_timing_without_a_route_still_parses_and_a_bad_route_is_refused() {
+        let old = r#"{"wall_ms":40.5,"startup_ms":15.0,"work_ms":20.0}"#;
+        let t: CriuTiming = serde_json::from_str(old).unwrap();
+        assert_eq!(t.route, None);
+        assert_eq!(t.worker_error, None);
+        let new = r#"{"wall_ms":4.5,"startup_ms":1.0,"work_ms":3.0,"route":"worker"}"#;
+        let t: CriuTiming = serde_json::from_str(new).unwrap();
+        assert_eq!(t.route, Some(CriuRoute::Worker));
+        let text = serde_json::to_string(&CriuTiming {
+            route: Some(CriuRoute::CommandLine),
+            worker_error: Some("the worker died".into()),
+            ..CriuTiming::default()
+        })
+        .unwrap();
+        assert!(text.contains("\"route\":\"command_line\""), "{text}");
+        let bad = r#"{"wall_ms":1.0,"startup_ms":null,"work_ms":null,"route":"carrier_pigeon"}"#;
+        assert!(serde_json::from_str::<CriuTiming>(bad).is_err());
     }
 
     #[test]
