@@ -21,6 +21,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use admin_api::Phases;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migration_core::{MigrationPolicy, PreDumpPolicy};
@@ -148,6 +149,15 @@ struct MigrateArgs {
     #[arg(long, env = "QLM_ACK_DEADLINE_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     ack_deadline_ms: u64,
+    /// How the server prepares its clients: `two` (Quiesce first: every client finishes its
+    /// in-flight requests and stops, then Migrate and the acks; after the restore, Resumed
+    /// releases them at once, so nothing is lost in the freeze and no client waits for a
+    /// deadline or a QUIC probe timer) or `one` (the seed's: Migrate and the acks only;
+    /// clients keep sending into the freeze and retry what was lost). A client that ignores
+    /// Quiesce is reported missing and the move goes on. In two phases the server may take
+    /// up to twice --ack-deadline-ms before it parks.
+    #[arg(long, env = "QLM_PHASES", default_value = "two")]
+    phases: Phases,
     /// Rounds of `criu pre-dump --track-mem` at most, when the kernel tracks dirty memory.
     #[arg(long, env = "QLM_PREDUMP_ROUNDS", default_value_t = 3)]
     predump_rounds: u32,
@@ -396,15 +406,16 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
     engine::Options {
         policy: MigrationPolicy {
             ack_deadline: Duration::from_millis(a.ack_deadline_ms),
-            // The demo server parks its socket after the acks (swrapper --park-after-announce)
-            // rather than asking clients to quiesce.
-            quiesce: false,
+            // Whether the server asks its clients to quiesce (two phases); either way it
+            // parks its socket after the acks (swrapper --park-after-announce).
+            quiesce: a.phases == Phases::Two,
             predump: PreDumpPolicy {
                 max_rounds: a.predump_rounds,
                 ..PreDumpPolicy::default()
             },
             ..MigrationPolicy::default()
         },
+        phases: a.phases,
         transfer: a.transfer,
         keep_images: a.keep_images,
         fault: if a.fail_dump {
@@ -451,12 +462,20 @@ mod tests {
         assert_eq!(o.policy.predump.max_rounds, 0);
         assert_eq!(o.transfer, Transfer::Sealed);
         assert_eq!(o.fault, Some(Fault::Restore));
+        assert_eq!(o.phases, Phases::Two, "two phases by default");
         assert!(o.policy.validate().is_ok());
+        let one = Cli::try_parse_from(["control", "run", "--phases", "one"]).unwrap();
+        let Cmd::Run(r) = &one.cmd else {
+            panic!("not run: {one:?}")
+        };
+        assert_eq!(engine_options(&r.migrate).phases, Phases::One);
         // Refused: a zero ack deadline, both faults, an unknown transfer or route.
         for bad in [
             &["control", "migrate", "--ack-deadline-ms", "0"][..],
             &["control", "migrate", "--fail-dump", "--fail-restore"],
             &["control", "migrate", "--transfer", "carrier-pigeon"],
+            &["control", "migrate", "--phases", "three"],
+            &["control", "run", "--phases", ""],
             &["control", "run", "--route", "teleport"],
             &["control", "run", "--max-pause-ms", "0"],
             &[
