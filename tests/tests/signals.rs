@@ -201,7 +201,6 @@ async fn signals_announce_park_resume_and_abort() {
         assert!(matches!(e, AdminError::ServerReported { .. }), "{e}");
         assert_eq!(client.status().migrations.len(), 1);
 
-
         // An aborted two-phase move: this client's application ignores Quiesce, so it is
         // reported missing from the quiesce round and the move goes on (its control task acks
         // Migrate); then SIGUSR1 sends it back (abort.json) and releases it.

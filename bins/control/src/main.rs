@@ -149,14 +149,15 @@ struct MigrateArgs {
     #[arg(long, env = "QLM_ACK_DEADLINE_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     ack_deadline_ms: u64,
-    /// How the server prepares its clients: `two` (Quiesce first: every client finishes its
-    /// in-flight requests and stops, then Migrate and the acks; after the restore, Resumed
-    /// releases them at once, so nothing is lost in the freeze and no client waits for a
-    /// deadline or a QUIC probe timer) or `one` (the seed's: Migrate and the acks only;
-    /// clients keep sending into the freeze and retry what was lost). A client that ignores
-    /// Quiesce is reported missing and the move goes on. In two phases the server may take
-    /// up to twice --ack-deadline-ms before it parks.
-    #[arg(long, env = "QLM_PHASES", default_value = "two")]
+    /// How the server prepares its clients: `one` (the seed's: Migrate and the acks only;
+    /// clients keep sending into the freeze and retry what was lost) or `two` (Quiesce first:
+    /// every client finishes its in-flight requests and stops, then Migrate and the acks;
+    /// after the restore, Resumed releases them at once, so nothing is lost in the freeze
+    /// and no client waits for a deadline or a QUIC probe timer, at the price of one more
+    /// round before the freeze). A client that ignores Quiesce is reported missing and the
+    /// move goes on. In two phases the server may take up to twice --ack-deadline-ms before
+    /// it parks.
+    #[arg(long, env = "QLM_PHASES", default_value = "one")]
     phases: Phases,
     /// Rounds of `criu pre-dump --track-mem` at most, when the kernel tracks dirty memory.
     #[arg(long, env = "QLM_PREDUMP_ROUNDS", default_value_t = 3)]
@@ -462,13 +463,14 @@ mod tests {
         assert_eq!(o.policy.predump.max_rounds, 0);
         assert_eq!(o.transfer, Transfer::Sealed);
         assert_eq!(o.fault, Some(Fault::Restore));
-        assert_eq!(o.phases, Phases::Two, "two phases by default");
+        assert_eq!(o.phases, Phases::One, "the seed's single phase by default");
         assert!(o.policy.validate().is_ok());
-        let one = Cli::try_parse_from(["control", "run", "--phases", "one"]).unwrap();
-        let Cmd::Run(r) = &one.cmd else {
-            panic!("not run: {one:?}")
+        let two = Cli::try_parse_from(["control", "run", "--phases", "two"]).unwrap();
+        let Cmd::Run(r) = &two.cmd else {
+            panic!("not run: {two:?}")
         };
-        assert_eq!(engine_options(&r.migrate).phases, Phases::One);
+        assert_eq!(engine_options(&r.migrate).phases, Phases::Two);
+        assert!(engine_options(&r.migrate).policy.quiesce);
         // Refused: a zero ack deadline, both faults, an unknown transfer or route.
         for bad in [
             &["control", "migrate", "--ack-deadline-ms", "0"][..],

@@ -580,8 +580,8 @@ impl MigrationHandle {
     ///
     /// Why two rounds in sequence rather than `Migrate` and `Quiesce` back to back: the
     /// announce round after the quiesce round costs one more round trip on the control
-    /// stream while the clients are already silent (measured in-process on loopback: see
-    /// the crate doc), and keeps the protocol's ordering (a client learns the new address
+    /// stream while the clients are already silent (1.2 ms median in-process, debug build,
+    /// loaded machine: `tests/tests/two_phase.rs`), and keeps the protocol's ordering (a client learns the new address
     /// after it has stopped, and its `Ack` still means only "swapped"), with no change to
     /// either state machine.
     pub async fn prepare(
