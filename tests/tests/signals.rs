@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use admin_api::{
-    AbortRequest, Aborted, AdminDir, AdminError, Announced, MigrateRequest, ResumeRequest, Resumed,
-    ServerEvent,
+    AbortRequest, Aborted, AdminDir, AdminError, Announced, MigrateRequest, Phases, ResumeRequest,
+    Resumed, ServerEvent,
 };
 use cwrapper::{ClientOptions, MigratingClient};
 use demo_echo::EchoChecker;
@@ -150,6 +150,7 @@ async fn signals_announce_park_resume_and_abort() {
                 migration_id: id(1),
                 new_addr: addr,
                 deadline_ms: 2000,
+                phases: Phases::One,
             })
             .unwrap();
         server.signal(Signal::SIGTERM);
@@ -157,6 +158,8 @@ async fn signals_announce_park_resume_and_abort() {
         assert_eq!(e.outcome.acked.len(), 1, "{e:?}");
         assert!(e.outcome.missing.is_empty(), "{e:?}");
         assert!(e.parked, "{e:?}");
+        assert_eq!(e.phases, Phases::One);
+        assert!(e.quiesce.is_none(), "{e:?}");
         // The request was consumed: a stray SIGTERM now announces nothing.
         assert!(!dir.path().join("migrate.json").exists());
         // Parked: the port is free, as a checkpoint needs.
@@ -198,17 +201,29 @@ async fn signals_announce_park_resume_and_abort() {
         assert!(matches!(e, AdminError::ServerReported { .. }), "{e}");
         assert_eq!(client.status().migrations.len(), 1);
 
-        // An aborted move: announce, then SIGUSR1 sends the clients back (abort.json).
+        // An aborted two-phase move: this client's application ignores Quiesce, so it is
+        // reported missing from the quiesce round and the move goes on (its control task acks
+        // Migrate); then SIGUSR1 sends it back (abort.json) and releases it.
         admin
             .send_request(&MigrateRequest {
                 migration_id: id(2),
                 new_addr: addr,
-                deadline_ms: 2000,
+                deadline_ms: 300,
+                phases: Phases::Two,
             })
             .unwrap();
         server.signal(Signal::SIGTERM);
         let e: Announced = event(dir.path(), Some(id(2))).await.unwrap();
+        assert_eq!(e.phases, Phases::Two);
+        let q = e.quiesce.as_ref().unwrap();
+        assert!(q.quiesced.is_empty(), "{e:?}");
+        assert_eq!(q.missing.len(), 1, "{e:?}");
+        assert!(
+            q.elapsed_ms >= 300.0,
+            "waited for the quiesce deadline: {e:?}"
+        );
         assert_eq!(e.outcome.acked.len(), 1, "{e:?}");
+        assert!(client.status().quiesce_requested(), "asked to hold");
         admin
             .send_request(&AbortRequest {
                 migration_id: id(2),
@@ -226,6 +241,12 @@ async fn signals_announce_park_resume_and_abort() {
         assert_eq!(status.migrations.len(), 3);
         assert!(!status.migrations[1].aborted);
         assert!(status.migrations[2].aborted);
+        assert!(status.migrations[2].quiesced, "a two-phase migration");
+        assert!(!status.quiesce_requested(), "the abort released it");
+        assert!(matches!(
+            status.last_release,
+            Some(cwrapper::Release::Aborted { .. })
+        ));
         // Unparked by the abort: echoes go on.
         let before = echoes.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;

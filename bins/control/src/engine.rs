@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use admin_api::{
-    AbortRequest, Aborted, AdminDir, Announced, MigrateRequest, MoveReport, MoveResult, Placement,
-    PortProbe, ResumeRequest, Resumed, ServerEvent,
+    AbortRequest, Aborted, AdminDir, Announced, MigrateRequest, MoveReport, MoveResult, Phases,
+    Placement, PortProbe, ResumeRequest, Resumed, ServerEvent,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use migration_core::{
@@ -69,6 +69,8 @@ pub(crate) enum Fault {
 pub(crate) struct Options {
     /// Recovery, deadlines and pre-dump.
     pub(crate) policy: MigrationPolicy,
+    /// Single- or two-phase preparation of the clients (the server's rounds).
+    pub(crate) phases: Phases,
     /// How images reach the target.
     pub(crate) transfer: Transfer,
     /// Keep the image set after a completed move.
@@ -383,15 +385,19 @@ impl Engine<'_> {
             criu::dirty_tracking_supported(root_kdat.as_deref()).unwrap_or(false);
         self.start_workers();
         let deadline = self.opts.policy.ack_deadline;
+        let phases = self.opts.phases;
+        self.report.phases = phases;
         self.admin.send_request(&MigrateRequest {
             migration_id: self.id,
             new_addr: self.report.target_addr,
             deadline_ms: u64::try_from(deadline.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
+            phases,
         })?;
         signal(self.pid, Signal::SIGTERM)?;
-        let announced: Announced = self.wait(deadline + ANNOUNCE_SLACK)?;
+        // Each of the server's rounds (quiesce, announce) waits at most the deadline.
+        let announced: Announced = self.wait(deadline * phases.rounds() + ANNOUNCE_SLACK)?;
         info!(
             acked = announced.outcome.acked.len(),
             missing = announced.outcome.missing.len(),

@@ -26,6 +26,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use admin_api::Phases;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use migration_core::{MigrationPolicy, PreDumpPolicy};
@@ -189,6 +190,16 @@ struct MigrateArgs {
     #[arg(long, env = "QLM_ACK_DEADLINE_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     ack_deadline_ms: u64,
+    /// How the server prepares its clients: `one` (the seed's: Migrate and the acks only;
+    /// clients keep sending into the freeze and retry what was lost) or `two` (Quiesce first:
+    /// every client finishes its in-flight requests and stops, then Migrate and the acks;
+    /// after the restore, Resumed releases them at once, so nothing is lost in the freeze
+    /// and no client waits for a deadline or a QUIC probe timer, at the price of one more
+    /// round before the freeze). A client that ignores Quiesce is reported missing and the
+    /// move goes on. In two phases the server may take up to twice --ack-deadline-ms before
+    /// it parks.
+    #[arg(long, env = "QLM_PHASES", default_value = "one")]
+    phases: Phases,
     /// Rounds of `criu pre-dump --track-mem` at most, when the kernel tracks dirty memory.
     #[arg(long, env = "QLM_PREDUMP_ROUNDS", default_value_t = 3)]
     predump_rounds: u32,
@@ -453,15 +464,16 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
     engine::Options {
         policy: MigrationPolicy {
             ack_deadline: Duration::from_millis(a.ack_deadline_ms),
-            // The demo server parks its socket after the acks (swrapper --park-after-announce)
-            // rather than asking clients to quiesce.
-            quiesce: false,
+            // Whether the server asks its clients to quiesce (two phases); either way it
+            // parks its socket after the acks (swrapper --park-after-announce).
+            quiesce: a.phases == Phases::Two,
             predump: PreDumpPolicy {
                 max_rounds: a.predump_rounds,
                 ..PreDumpPolicy::default()
             },
             ..MigrationPolicy::default()
         },
+        phases: a.phases,
         transfer: a.transfer,
         keep_images: a.keep_images,
         fault: if a.fail_dump {
@@ -508,12 +520,21 @@ mod tests {
         assert_eq!(o.policy.predump.max_rounds, 0);
         assert_eq!(o.transfer, Transfer::Sealed);
         assert_eq!(o.fault, Some(Fault::Restore));
+        assert_eq!(o.phases, Phases::One, "the seed's single phase by default");
         assert!(o.policy.validate().is_ok());
+        let two = Cli::try_parse_from(["control", "run", "--phases", "two"]).unwrap();
+        let Cmd::Run(r) = &two.cmd else {
+            panic!("not run: {two:?}")
+        };
+        assert_eq!(engine_options(&r.migrate).phases, Phases::Two);
+        assert!(engine_options(&r.migrate).policy.quiesce);
         // Refused: a zero ack deadline, both faults, an unknown transfer or route.
         for bad in [
             &["control", "migrate", "--ack-deadline-ms", "0"][..],
             &["control", "migrate", "--fail-dump", "--fail-restore"],
             &["control", "migrate", "--transfer", "carrier-pigeon"],
+            &["control", "migrate", "--phases", "three"],
+            &["control", "run", "--phases", ""],
             &["control", "run", "--route", "teleport"],
             &["control", "run", "--max-pause-ms", "0"],
             &[

@@ -279,6 +279,7 @@ fn migrate_by_hand(
             "--predump-rounds",
             &opts.policy.predump.max_rounds.to_string(),
         ])
+        .args(["--phases", opts.phases.as_str()])
         .args([
             "--transfer",
             match opts.transfer {

@@ -11,8 +11,10 @@
 //!                       data quinn decrypted, naming the migration)
 //!    MigrateAborted:    set_peer(fallback) (and confirm_peer(fallback) if still overlapping)
 //!    overlap cap:       the shim swaps back; the failure is published (failed_moves)
+//!    Quiesce(id):       publish the hold (status.quiesce); the app answers with
+//!                       confirm_quiesced() ──► Quiesced; Resumed or MigrateAborted release it
 //!  app ──events()──► watch::Receiver<ClientStatus> (migration seen, resumed, failed moves,
-//!                    control state)
+//!                    quiesce hold, control state)
 //! ```
 //!
 //! **Confirmation.** The shim never ends a move's overlap on a datagram's source address (a
@@ -24,6 +26,28 @@
 //! ([`ClientOptions::overlap_limits`]) in a swap back, reported in
 //! [`ClientStatus::failed_moves`] with the shim's [`MoveError`].
 //!
+//! **Two-phase migrations: the application's part.** A server that moves in two phases first
+//! sends `Quiesce`: it wants nothing in flight while it is frozen, so that nothing is lost and
+//! no client waits for a deadline or QUIC's probe timer after the restore. The control task
+//! publishes the request; the application does the rest:
+//!
+//! ```text
+//!  Quiesce ──► status.quiesce = Requested   app: quiesce_requested() / quiesce_wanted()
+//!              open no new request, let the in-flight ones finish
+//!              app: confirm_quiesced() ──► Quiesced ──► status.quiesce = Confirmed
+//!              (Migrate, Ack as usual; the server is frozen, moved, restored)
+//!  Resumed ──► status.quiesce = Off          app: wait_released() ──► Some(Release::Resumed)
+//!              send again at once
+//!  or MigrateAborted (swap back) ──►          wait_released() ──► Some(Release::Aborted)
+//!  or the control stream closes ──►           wait_released() ──► Some(Release::ControlClosed)
+//! ```
+//!
+//! `quiesce_wanted()` is cancel-safe, for a `select!` with the application's idle waits; a
+//! confirmation that comes after the server went on without it (its quiesce deadline passed)
+//! is dropped, and the application still holds until `wait_released()`. An application that
+//! ignores all this keeps working: the server reports it missing from the quiesce round and
+//! moves anyway (what it sends during the freeze is then lost and retried, as in one phase).
+//!
 //! The control stream is opened and `Hello` written before [`MigratingClient::connect`]
 //! returns, so it is stream 0 and the server takes it as the control stream whatever streams
 //! the application opens afterwards.
@@ -34,7 +58,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_protocol::{
-    ByeReason, ClientControl, ClientEvent, ClientId, CloseCode, Role, SUPPORTED_VERSIONS,
+    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, Role,
+    SUPPORTED_VERSIONS,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -144,6 +169,8 @@ pub struct MigrationSeen {
     pub at: Instant,
     /// Whether this was a swap back after an aborted move.
     pub aborted: bool,
+    /// Whether the server asked this client to quiesce for this migration (two-phase).
+    pub quiesced: bool,
     /// `Resumed` messages received before this one was seen.
     pub resumed_before: u64,
 }
@@ -177,6 +204,53 @@ pub enum ControlStatus {
     },
 }
 
+/// Where the application stands in a two-phase migration (see the crate doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiesce {
+    /// Nothing asked: send freely.
+    Off,
+    /// The server asked the application to stop: open no new request, let the in-flight ones
+    /// finish, then call [`MigratingClient::confirm_quiesced`].
+    Requested {
+        /// The migration being prepared (hex).
+        migration_id: String,
+    },
+    /// `Quiesced` was sent: hold until [`MigratingClient::wait_released`] returns.
+    Confirmed {
+        /// The migration being prepared (hex).
+        migration_id: String,
+    },
+}
+
+impl Quiesce {
+    /// Whether the application must not open new requests (requested or confirmed).
+    pub fn holds(&self) -> bool {
+        !matches!(self, Quiesce::Off)
+    }
+}
+
+/// How a quiesce ended: the application may send again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Release {
+    /// The server runs at its new address (`Resumed`).
+    Resumed {
+        /// The migration (hex).
+        migration_id: String,
+    },
+    /// The move was abandoned and the client swapped back (`MigrateAborted`).
+    Aborted {
+        /// The migration (hex).
+        migration_id: String,
+    },
+    /// The control stream closed: the server can no longer release the client, so it does
+    /// not hold any longer.
+    ControlClosed {
+        /// Why it closed.
+        reason: String,
+    },
+}
+
 /// What the application can watch.
 #[derive(Debug, Clone)]
 pub struct ClientStatus {
@@ -186,11 +260,21 @@ pub struct ClientStatus {
     pub resumed: u64,
     /// Moves given up at the overlap's cap (a swap back), in order.
     pub failed_moves: Vec<FailedMove>,
-    /// Whether the server asked the application to stop sending (two-phase migration) and it
-    /// has not resumed yet.
-    pub quiesce_requested: bool,
+    /// The two-phase hold: whether the server asked the application to stop sending, and
+    /// whether it answered.
+    pub quiesce: Quiesce,
+    /// How the last hold ended, if one did.
+    pub last_release: Option<Release>,
     /// The control stream.
     pub control: ControlStatus,
+}
+
+impl ClientStatus {
+    /// Whether the server asked the application to stop sending (two-phase migration) and
+    /// has not released it yet.
+    pub fn quiesce_requested(&self) -> bool {
+        self.quiesce.holds()
+    }
 }
 
 /// Requests from the application to the control task.
@@ -244,7 +328,8 @@ impl MigratingClient {
             migrations: Vec::new(),
             resumed: 0,
             failed_moves: Vec::new(),
-            quiesce_requested: false,
+            quiesce: Quiesce::Off,
+            last_release: None,
             control: ControlStatus::Connecting,
         });
         let (requests, rx) = mpsc::unbounded_channel();
@@ -307,9 +392,60 @@ impl MigratingClient {
             .and_then(|s| s.migrations.get(n.checked_sub(1)?).cloned())
     }
 
-    /// The application stopped sending after a quiesce request: tell the server.
+    /// Whether the application must hold its new requests now (a quiesce was requested or
+    /// confirmed and not yet released). Check it before opening each request.
+    pub fn quiesce_requested(&self) -> bool {
+        self.status.borrow().quiesce.holds()
+    }
+
+    /// Resolves when the server asks the application to stop sending (at once if it has and
+    /// the hold is not over). Cancel-safe: use it in a `select!` with the application's own
+    /// waits (an idle pause between requests, for example), so that an idle application
+    /// answers at once.
+    pub async fn quiesce_wanted(&self) {
+        let mut rx = self.status.clone();
+        // Err only when the control task is gone; then nothing will ever be asked.
+        if rx
+            .wait_for(|s| matches!(s.quiesce, Quiesce::Requested { .. }))
+            .await
+            .is_err()
+        {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The application stopped sending after a quiesce request (no new request opened, every
+    /// in-flight one finished): tell the server (`Quiesced`). Nothing happens when no quiesce
+    /// is pending (already confirmed, released, or the server went on to `Migrate` before the
+    /// answer: still hold until [`MigratingClient::wait_released`]).
     pub fn confirm_quiesced(&self) {
         let _ = self.requests.send(Request::Quiesced);
+    }
+
+    /// Resolves when the hold is over: at once with `None` when nothing holds the
+    /// application, else with how it ended: `Resumed` (the server runs at its new address;
+    /// send at once, nothing was lost), `Aborted` (the move was abandoned; the client is back
+    /// at the old address) or `ControlClosed`.
+    pub async fn wait_released(&self) -> Option<Release> {
+        let mut rx = self.status.clone();
+        let held = rx.borrow().quiesce.holds();
+        if !held {
+            return None;
+        }
+        match rx
+            .wait_for(|s| !s.quiesce.holds() || matches!(s.control, ControlStatus::Closed { .. }))
+            .await
+        {
+            Ok(s) => s.last_release.clone().or_else(|| match &s.control {
+                ControlStatus::Closed { reason } => Some(Release::ControlClosed {
+                    reason: reason.clone(),
+                }),
+                _ => None,
+            }),
+            Err(_) => Some(Release::ControlClosed {
+                reason: "the control task ended".to_owned(),
+            }),
+        }
     }
 
     /// Sends Bye on the control stream, closes the connection and waits for the endpoint to
@@ -384,8 +520,16 @@ async fn control_task(mut t: ControlTask) {
         }
     };
     warn!("control stream closed: {reason}");
-    t.status
-        .send_modify(|s| s.control = ControlStatus::Closed { reason });
+    t.status.send_modify(|s| {
+        // Nobody can release a held application any more.
+        if s.quiesce.holds() {
+            s.quiesce = Quiesce::Off;
+            s.last_release = Some(Release::ControlClosed {
+                reason: reason.clone(),
+            });
+        }
+        s.control = ControlStatus::Closed { reason };
+    });
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -438,9 +582,33 @@ fn on_quiesced(t: &mut ControlTask, out: &mut Vec<u8>) -> Result<(), (CloseCode,
         debug!("quiesced confirmation with no quiesce pending: ignored");
         return Ok(());
     };
+    // The server may have gone on (its quiesce deadline passed: Migrate, or an abort) before
+    // the application answered; the answer is then moot, not an error.
+    if t.control.state() != ClientState::Quiescing {
+        debug!(id = %id, state = %t.control.state(), "quiesced confirmation too late: ignored");
+        return Ok(());
+    }
     t.control
         .quiesced(id, out)
-        .map_err(|e| (e.close_code(), e.to_string()))
+        .map_err(|e| (e.close_code(), e.to_string()))?;
+    let migration_id = id.to_string();
+    t.status.send_modify(|s| {
+        if s.quiesce.holds() {
+            s.quiesce = Quiesce::Confirmed { migration_id };
+        }
+    });
+    info!(id = %id, "quiesced sent");
+    Ok(())
+}
+
+/// Whether the application holds for `id` (asked to quiesce for that migration).
+fn holds_for(s: &ClientStatus, id: &str) -> bool {
+    match &s.quiesce {
+        Quiesce::Requested { migration_id } | Quiesce::Confirmed { migration_id } => {
+            migration_id == id
+        }
+        Quiesce::Off => false,
+    }
 }
 
 fn on_server_message(
@@ -475,11 +643,14 @@ fn on_server_message(
             swap(t, new_addr);
             t.pending_move = Some((migration_id, new_addr));
             t.status.send_modify(|s| {
+                let id = migration_id.to_string();
+                let quiesced = holds_for(s, &id);
                 s.migrations.push(MigrationSeen {
-                    id: migration_id.to_string(),
+                    id,
                     new_addr,
                     at,
                     aborted: false,
+                    quiesced,
                     resumed_before: s.resumed,
                 });
             });
@@ -500,15 +671,22 @@ fn on_server_message(
             if t.shim.previous_peer().is_some() {
                 confirm(t, fallback_addr);
             }
+            t.quiesce_id = None;
             t.status.send_modify(|s| {
+                let id = migration_id.to_string();
+                let quiesced = holds_for(s, &id);
                 s.migrations.push(MigrationSeen {
-                    id: migration_id.to_string(),
+                    id: id.clone(),
                     new_addr: fallback_addr,
                     at,
                     aborted: true,
+                    quiesced,
                     resumed_before: s.resumed,
                 });
-                s.quiesce_requested = false;
+                if s.quiesce.holds() {
+                    s.quiesce = Quiesce::Off;
+                    s.last_release = Some(Release::Aborted { migration_id: id });
+                }
             });
             t.control
                 .swapped(migration_id, out)
@@ -518,7 +696,11 @@ fn on_server_message(
         ClientEvent::Quiesce { migration_id, .. } => {
             info!(id = %migration_id, "quiesce requested");
             t.quiesce_id = Some(migration_id);
-            t.status.send_modify(|s| s.quiesce_requested = true);
+            t.status.send_modify(|s| {
+                s.quiesce = Quiesce::Requested {
+                    migration_id: migration_id.to_string(),
+                };
+            });
         }
         ClientEvent::Resumed { migration_id } => {
             info!(id = %migration_id, "server resumed");
@@ -528,9 +710,16 @@ fn on_server_message(
                 t.pending_move = None;
                 confirm(t, addr);
             }
+            t.quiesce_id = None;
+            // Published at once: a held application sends its next request on this change.
             t.status.send_modify(|s| {
                 s.resumed += 1;
-                s.quiesce_requested = false;
+                if s.quiesce.holds() {
+                    s.quiesce = Quiesce::Off;
+                    s.last_release = Some(Release::Resumed {
+                        migration_id: migration_id.to_string(),
+                    });
+                }
             });
         }
         ClientEvent::Bye { reason } => {

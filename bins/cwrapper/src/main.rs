@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use admin_api::{ClientMigration, ClientReport};
+use admin_api::{ClientMigration, ClientReport, Phases};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cwrapper::{ClientOptions, ControlStatus, MigratingClient};
@@ -21,6 +21,14 @@ use tracing::{info, warn};
 /// migration to the first one after, as a human line and as a JSON line on stdout. Every reply
 /// is checked: sequence in order, no gap, no duplicate, and the server's per-connection counter
 /// advancing by exactly one (so a server that lost its state is detected).
+///
+/// Two-phase migrations (the server sends Quiesce before Migrate): the client sends no new
+/// echo, lets the one in flight finish, answers Quiesced, and holds until the server says
+/// Resumed (or aborts the move); it then sends its next echo at once, without the
+/// --interval-ms pause. Nothing is in flight during the freeze, so nothing is lost and no
+/// deadline or QUIC probe timer has to expire. A quiesce request also ends an --interval-ms
+/// pause early. Each migration's JSON record says which mode the server used ("phases":
+/// "one" or "two"). Single-phase migrations behave as before.
 ///
 /// During a move the client sends to the old and the new address until the server confirms,
 /// on the authenticated control stream (Resumed), that it runs at the new one; a move not
@@ -118,6 +126,7 @@ fn sync_migrations(
             id: m.id.clone(),
             new_addr: m.new_addr,
             aborted: m.aborted,
+            phases: if m.quiesced { Phases::Two } else { Phases::One },
             seen_at_ms: ms(m.at),
             last_echo_before_ms: None,
             first_echo_after_ms: None,
@@ -241,6 +250,28 @@ async fn run(args: &Args) -> Result<Report> {
                 f.error
             ));
         }
+        // Two-phase migration: the server asked to stop. Echoes go one at a time, so nothing
+        // is in flight here: answer Quiesced, hold, and send the next echo the instant the
+        // server releases the client (Resumed, or the abort), without the interval's pause.
+        if client.quiesce_requested() {
+            client.confirm_quiesced();
+            let hold = Duration::from_millis(args.recovery_deadline_ms);
+            let released = tokio::select! {
+                r = tokio::time::timeout(hold, client.wait_released()) => r,
+                _ = sigint.recv() => break None,
+                _ = sigterm.recv() => break None,
+            };
+            match released {
+                Ok(how) => info!(?how, "released: sending again"),
+                Err(_) => {
+                    break Some(format!(
+                        "asked to quiesce, and not released (Resumed or an abort) within {} ms",
+                        args.recovery_deadline_ms
+                    ));
+                }
+            }
+            continue;
+        }
         let timeout = Duration::from_millis(if window.is_some() {
             args.migrated_io_timeout_ms
         } else {
@@ -361,7 +392,11 @@ async fn run(args: &Args) -> Result<Report> {
             continue;
         }
         if args.interval_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+            // A quiesce request ends the pause: an idle client answers it at once.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(args.interval_ms)) => {}
+                () = client.quiesce_wanted() => {}
+            }
         }
     };
     report.control = match client.status().control {

@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+pub use admin_api::Phases;
 use control_protocol::{
     ClientId, CloseCode, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl,
     ServerError as ControlError, ServerEvent, ServerOutput,
@@ -165,6 +166,18 @@ impl AnnounceReport {
     pub fn complete(&self) -> bool {
         self.missing.is_empty()
     }
+}
+
+/// The outcome of [`MigrationHandle::prepare`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Prepared {
+    /// The mode run.
+    pub phases: Phases,
+    /// Two-phase only: the quiesce round (`acked` are the clients that answered
+    /// `Quiesced`).
+    pub quiesce: Option<AnnounceReport>,
+    /// The announce round.
+    pub announce: AnnounceReport,
 }
 
 /// A session as the wrapper sees it.
@@ -492,6 +505,12 @@ impl MigrationHandle {
         self.shared.socket.local_addr()
     }
 
+    /// The migration under way (from its first round until `resumed` or the end of its
+    /// abort).
+    pub fn active_migration(&self) -> Option<MigrationId> {
+        self.shared.core().control.active_migration()
+    }
+
     /// Starts a round in the `ServerControl` and waits for its report.
     async fn round(
         &self,
@@ -551,6 +570,39 @@ impl MigrationHandle {
             c.quiesce(migration_id, deadline, now).map(|_| migration_id)
         })
         .await
+    }
+
+    /// Prepares the clients for a move, in the mode asked for, and returns the rounds'
+    /// reports. [`Phases::One`]: the announce round alone (the seed's). [`Phases::Two`]: the
+    /// quiesce round (every client finishes its in-flight requests, opens no new one and
+    /// answers `Quiesced`, or is reported missing at `deadline`), then the announce round
+    /// (`Migrate`, acks, at most `deadline` again). Park the socket afterwards; after the
+    /// restore, [`MigrationHandle::unpark`] (or `rebind`) then [`MigrationHandle::resumed`]
+    /// releases the clients, and [`MigrationHandle::abort`] releases them too.
+    ///
+    /// Why two rounds in sequence rather than `Migrate` and `Quiesce` back to back: the
+    /// announce round after the quiesce round costs one more round trip on the control
+    /// stream while the clients are already silent (1.2 ms median in-process, debug build,
+    /// loaded machine: `tests/tests/two_phase.rs`), and keeps the protocol's ordering (a client learns the new address
+    /// after it has stopped, and its `Ack` still means only "swapped"), with no change to
+    /// either state machine.
+    pub async fn prepare(
+        &self,
+        migration_id: MigrationId,
+        new_addr: SocketAddr,
+        deadline: Duration,
+        phases: Phases,
+    ) -> Result<Prepared, ServerError> {
+        let quiesce = match phases {
+            Phases::One => None,
+            Phases::Two => Some(self.quiesce(migration_id, deadline).await?),
+        };
+        let announce = self.announce(migration_id, new_addr, deadline).await?;
+        Ok(Prepared {
+            phases,
+            quiesce,
+            announce,
+        })
     }
 
     /// The move failed: tell every client that was told about it to swap back to

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use admin_api::{
     AbortRequest, Aborted, AdminDir, AnnounceOutcome, Announced, ClientRef, Envelope,
-    MigrateRequest, Ready, Request, ResumeRequest, Resumed, ServerEvent,
+    MigrateRequest, Phases, QuiesceOutcome, Ready, Request, ResumeRequest, Resumed, ServerEvent,
 };
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -24,13 +24,20 @@ mod privileges;
 /// bulk request (demo-echo's BulkRequest) gets a stream of pattern bytes, for goodput.
 ///
 /// Signals (as the orchestrator uses them):
-///   SIGTERM  announce a migration: send Migrate(--migrate-to, or the admin dir's migrate.json)
-///            to every client and wait for their acks (--ack-deadline-ms); with
-///            --park-after-announce the socket is then closed, ready for a checkpoint.
+///   SIGTERM  announce a migration (--migrate-to, or the admin dir's migrate.json, whose
+///            "phases" overrides --phases). One phase: send Migrate to every client and wait
+///            for their acks (--ack-deadline-ms). Two phases: first Quiesce (clients finish
+///            their in-flight requests, open no new ones and answer Quiesced; one that does
+///            not within the deadline is reported missing and the move goes on), then
+///            Migrate and the acks. With --park-after-announce the socket is then closed,
+///            ready for a checkpoint; announce.json names who acked, who quiesced and who is
+///            missing.
 ///   SIGUSR2  after a restore: rebind the socket (or unpark it) in the current network
-///            namespace and tell the clients that the server runs again (Resumed).
-///   SIGUSR1  the move failed: tell the clients to swap back to this server's address and
-///            unpark the socket if it was parked.
+///            namespace and at once tell the clients that the server runs again (Resumed),
+///            which also releases quiesced clients.
+///   SIGUSR1  the move failed: unpark the socket if it was parked and tell the clients to
+///            swap back to this server's address (MigrateAborted), which also releases
+///            quiesced clients.
 ///   SIGINT   close every connection and exit.
 ///
 /// With --user (started as root): the certificate, the key and the admin directory are opened
@@ -71,6 +78,10 @@ struct Args {
     /// How long to wait for the clients' acks after announcing.
     #[arg(long, env = "SWRAPPER_ACK_DEADLINE_MS", default_value_t = 2000)]
     ack_deadline_ms: u64,
+    /// Migration mode on SIGTERM when no migrate.json says otherwise: `one` (Migrate, acks)
+    /// or `two` (Quiesce and Quiesced first, so that nothing is in flight during the freeze).
+    #[arg(long, env = "SWRAPPER_PHASES", default_value = "one")]
+    phases: Phases,
     /// Close the socket once the acks are in, so that a checkpoint holds no inet socket.
     #[arg(long, env = "SWRAPPER_PARK_AFTER_ANNOUNCE")]
     park_after_announce: bool,
@@ -278,33 +289,46 @@ fn fresh_id() -> MigrationId {
 }
 
 async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
-    let (new_addr, id, deadline_ms) = match (admin.take::<MigrateRequest>(), args.migrate_to) {
-        (Ok(Some(r)), _) => (r.new_addr, r.migration_id, r.deadline_ms),
-        (Err(e), _) => {
-            error!("SIGTERM: {e}; not announcing");
-            admin.post::<Announced>(None, Err(e));
-            return;
-        }
-        (Ok(None), Some(addr)) => (addr, fresh_id(), args.ack_deadline_ms),
-        (Ok(None), None) => {
-            let e = "SIGTERM without a migrate request (admin directory) or --migrate-to: \
+    let (new_addr, id, deadline_ms, phases) =
+        match (admin.take::<MigrateRequest>(), args.migrate_to) {
+            (Ok(Some(r)), _) => (r.new_addr, r.migration_id, r.deadline_ms, r.phases),
+            (Err(e), _) => {
+                error!("SIGTERM: {e}; not announcing");
+                admin.post::<Announced>(None, Err(e));
+                return;
+            }
+            (Ok(None), Some(addr)) => (addr, fresh_id(), args.ack_deadline_ms, args.phases),
+            (Ok(None), None) => {
+                let e = "SIGTERM without a migrate request (admin directory) or --migrate-to: \
                      not announcing";
-            error!("{e}");
-            admin.post::<Announced>(None, Err(e.to_owned()));
-            return;
-        }
-    };
+                error!("{e}");
+                admin.post::<Announced>(None, Err(e.to_owned()));
+                return;
+            }
+        };
     if deadline_ms == 0 {
         admin.post::<Announced>(Some(id), Err("deadline_ms must be at least 1".to_owned()));
         return;
     }
-    info!(%id, %new_addr, "SIGTERM: announcing migration");
+    info!(%id, %new_addr, %phases, "SIGTERM: announcing migration");
     match handle
-        .announce(id, new_addr, Duration::from_millis(deadline_ms))
+        .prepare(id, new_addr, Duration::from_millis(deadline_ms), phases)
         .await
     {
-        Ok(report) => {
+        Ok(prepared) => {
             admin.current = Some(id);
+            if let Some(q) = &prepared.quiesce {
+                if q.complete() {
+                    info!(
+                        quiesced = q.acked.len(),
+                        ms = q.elapsed_ms,
+                        "every client quiesced"
+                    );
+                } else {
+                    warn!(missing = ?q.missing, "some clients did not quiesce; moving anyway");
+                }
+            }
+            let report = prepared.announce;
             if report.complete() {
                 info!(
                     acked = report.acked.len(),
@@ -320,6 +344,12 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
                 error!("parking failed: {e}");
             }
             let event = Announced {
+                phases,
+                quiesce: prepared.quiesce.as_ref().map(|q| QuiesceOutcome {
+                    quiesced: refs(&q.acked),
+                    missing: refs(&q.missing),
+                    elapsed_ms: q.elapsed_ms,
+                }),
                 outcome: outcome(&report),
                 parked: handle.is_parked(),
                 handshakes: handle.handshakes(),
@@ -328,20 +358,24 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
         }
         Err(e) => {
             error!("announce failed: {e}");
+            // A quiesce round may have started the migration: it is ours to abort (SIGUSR1
+            // releases the clients).
+            admin.current = handle.active_migration();
             admin.post::<Announced>(Some(id), Err(e.to_string()));
         }
     }
 }
 
+fn refs(v: &[(u64, String)]) -> Vec<ClientRef> {
+    v.iter()
+        .map(|(session, client_id)| ClientRef {
+            session: *session,
+            client_id: client_id.clone(),
+        })
+        .collect()
+}
+
 fn outcome(report: &swrapper::AnnounceReport) -> AnnounceOutcome {
-    let refs = |v: &[(u64, String)]| {
-        v.iter()
-            .map(|(session, client_id)| ClientRef {
-                session: *session,
-                client_id: client_id.clone(),
-            })
-            .collect()
-    };
     AnnounceOutcome {
         address: report.address,
         acked: refs(&report.acked),

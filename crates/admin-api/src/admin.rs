@@ -116,6 +116,62 @@ pub trait ServerEvent: Serialize + DeserializeOwned {
     const KIND: &'static str;
 }
 
+/// How the server prepares its clients for a move.
+///
+/// In JSON and on command lines: `"one"` or `"two"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phases {
+    /// The seed's single phase: `Migrate` to every client, wait for the acks, park. Clients
+    /// keep sending during the freeze; what they send then is lost and retried after it.
+    #[default]
+    One,
+    /// Two phases: `Quiesce` (clients finish their in-flight requests, open no new ones and
+    /// answer `Quiesced`), then `Migrate` and the acks, then park; `Resumed` after the
+    /// restore releases them. Nothing is in flight during the freeze.
+    Two,
+}
+
+impl Phases {
+    /// The name used in JSON and on command lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phases::One => "one",
+            Phases::Two => "two",
+        }
+    }
+
+    /// How many rounds the server runs before it parks (each waits at most its deadline).
+    pub fn rounds(self) -> u32 {
+        match self {
+            Phases::One => 1,
+            Phases::Two => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A phase count that is neither `one` nor `two`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown migration mode `{0}`: expected `one` or `two`")]
+pub struct UnknownPhases(pub String);
+
+impl std::str::FromStr for Phases {
+    type Err = UnknownPhases;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "one" => Ok(Phases::One),
+            "two" => Ok(Phases::Two),
+            other => Err(UnknownPhases(other.to_owned())),
+        }
+    }
+}
+
 /// SIGTERM: announce the move to `new_addr` to every client, wait for their acks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,8 +180,12 @@ pub struct MigrateRequest {
     pub migration_id: MigrationId,
     /// Where the clients are sent.
     pub new_addr: SocketAddr,
-    /// How long the server waits for the acks, in milliseconds (at least 1).
+    /// How long the server waits for the acks, in milliseconds (at least 1); in two-phase
+    /// mode, the quiesce round has the same deadline.
     pub deadline_ms: u64,
+    /// Single- or two-phase (absent in requests written before the mode existed: one).
+    #[serde(default)]
+    pub phases: Phases,
 }
 
 impl Request for MigrateRequest {
@@ -211,11 +271,30 @@ pub struct AnnounceOutcome {
     pub elapsed_ms: f64,
 }
 
+/// Who stopped sending when asked (the quiesce round of a two-phase move).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuiesceOutcome {
+    /// Clients that answered `Quiesced` in time: nothing of theirs is in flight.
+    pub quiesced: Vec<ClientRef>,
+    /// Clients that did not (a client that ignores `Quiesce`, a closed control stream, the
+    /// deadline): they may still send during the freeze. The move went on regardless.
+    pub missing: Vec<ClientRef>,
+    /// From the `Quiesce` to the last `Quiesced` (or the deadline), in milliseconds.
+    pub elapsed_ms: f64,
+}
+
 /// The move was announced; when `parked`, the socket is closed, ready for the checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Announced {
-    /// The clients' answers.
+    /// The mode the server ran (one when the event predates the field).
+    #[serde(default)]
+    pub phases: Phases,
+    /// Two-phase only: the quiesce round, before the announce.
+    #[serde(default)]
+    pub quiesce: Option<QuiesceOutcome>,
+    /// The clients' answers to `Migrate`.
     pub outcome: AnnounceOutcome,
     /// Whether the socket is parked.
     pub parked: bool,
@@ -580,6 +659,15 @@ mod tests {
 
     fn announced() -> Announced {
         Announced {
+            phases: Phases::Two,
+            quiesce: Some(QuiesceOutcome {
+                quiesced: vec![ClientRef {
+                    session: 1,
+                    client_id: "car".into(),
+                }],
+                missing: vec![],
+                elapsed_ms: 0.5,
+            }),
             outcome: AnnounceOutcome {
                 address: "127.0.0.1:5243".parse().unwrap(),
                 acked: vec![ClientRef {
@@ -601,6 +689,7 @@ mod tests {
             migration_id: id(1),
             new_addr: "127.0.0.1:5243".parse().unwrap(),
             deadline_ms: 2000,
+            phases: Phases::Two,
         };
         a.send_request(&req).unwrap();
         let mode = std::fs::metadata(t.path().join("migrate.json"))
@@ -628,6 +717,48 @@ mod tests {
             assert!(matches!(err, AdminError::Malformed { .. }), "{bad}: {err}");
             assert!(!t.path().join("migrate.json").exists());
         }
+    }
+
+    #[test]
+    fn the_mode_defaults_to_one_phase_and_refuses_unknown_values() {
+        let (t, a) = dir();
+        let old = r#"{"migration_id":"01010101010101010101010101010101","new_addr":"127.0.0.1:1","deadline_ms":5}"#;
+        std::fs::write(t.path().join("migrate.json"), old).unwrap();
+        let r = a.take_request::<MigrateRequest>().unwrap().unwrap();
+        assert_eq!(
+            r.phases,
+            Phases::One,
+            "a request without the mode is the seed's"
+        );
+        let two = old.replace("\"deadline_ms\":5", "\"deadline_ms\":5,\"phases\":\"two\"");
+        std::fs::write(t.path().join("migrate.json"), &two).unwrap();
+        assert_eq!(
+            a.take_request::<MigrateRequest>().unwrap().unwrap().phases,
+            Phases::Two
+        );
+        for bad in ["\"three\"", "2", "\"Two\"", "null"] {
+            let text = old.replace(
+                "\"deadline_ms\":5",
+                &format!("\"deadline_ms\":5,\"phases\":{bad}"),
+            );
+            std::fs::write(t.path().join("migrate.json"), &text).unwrap();
+            let err = a.take_request::<MigrateRequest>().unwrap_err();
+            assert!(matches!(err, AdminError::Malformed { .. }), "{bad}: {err}");
+        }
+        // The command-line form.
+        assert_eq!("two".parse::<Phases>(), Ok(Phases::Two));
+        assert_eq!("one".parse::<Phases>(), Ok(Phases::One));
+        let e = "both".parse::<Phases>().unwrap_err();
+        assert_eq!(e, UnknownPhases("both".into()));
+        assert!(e.to_string().contains("`one` or `two`"), "{e}");
+        assert_eq!(Phases::Two.to_string(), "two");
+        // An announce event written before the mode existed reads as one phase.
+        let mut ev = serde_json::to_value(announced()).unwrap();
+        let obj = ev.as_object_mut().unwrap();
+        obj.remove("phases");
+        obj.remove("quiesce");
+        let back: Announced = serde_json::from_value(ev).unwrap();
+        assert_eq!((back.phases, back.quiesce), (Phases::One, None));
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub mod report;
 
 pub use admin::{
     AbortRequest, Aborted, AdminDir, AdminError, AnnounceOutcome, Announced, ClientRef, Envelope,
-    MigrateRequest, Ready, Request, ResumeRequest, Resumed, ServerEvent,
+    MigrateRequest, Phases, QuiesceOutcome, Ready, Request, ResumeRequest, Resumed, ServerEvent,
+    UnknownPhases,
 };
 pub use report::{
     ClientMigration, ClientReport, CriuRoute, CriuTiming, MoveReport, MoveResult, Placement,

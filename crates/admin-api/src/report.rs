@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use migration_core::{FinalDumpReason, MigrationId, Recovery};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{Aborted, Announced, Resumed};
+use crate::admin::{Aborted, Announced, Phases, Resumed};
 
 /// How one criu run spent its time, read from its log.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -122,6 +122,9 @@ pub struct MoveReport {
     pub target_addr: SocketAddr,
     /// The address they came from (and go back to after a rollback).
     pub source_addr: SocketAddr,
+    /// Single- or two-phase (one in reports written before the mode existed).
+    #[serde(default)]
+    pub phases: Phases,
     /// The image set, when kept.
     pub images_dir: Option<PathBuf>,
     /// How it ended.
@@ -182,6 +185,7 @@ impl MoveReport {
             to,
             target_addr,
             source_addr,
+            phases: Phases::One,
             images_dir: None,
             result: MoveResult::Failed,
             failure: None,
@@ -230,6 +234,10 @@ pub struct ClientMigration {
     pub new_addr: SocketAddr,
     /// This record is the abort of a migration.
     pub aborted: bool,
+    /// The mode the server used, as the client saw it: two when it was asked to quiesce for
+    /// this migration (one in reports written before the mode existed).
+    #[serde(default)]
+    pub phases: Phases,
     /// Milliseconds since the client started.
     pub seen_at_ms: f64,
     /// The last echo before the pause.

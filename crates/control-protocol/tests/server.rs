@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use control_protocol::{
-    ByeReason, ClientControl, ClientEvent, ClientId, CloseCode, ControlDecoder, Ignored, Message,
-    MessageKind, Refusal, Role, RoundKind, RoundReport, SUPPORTED_VERSIONS, ServerConfig,
-    ServerControl, ServerError, ServerEvent, ServerOutput, VersionRange, encode,
+    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, ControlDecoder,
+    Ignored, Message, MessageKind, Refusal, Role, RoundKind, RoundReport, SUPPORTED_VERSIONS,
+    ServerConfig, ServerControl, ServerError, ServerEvent, ServerOutput, VersionRange, encode,
 };
 use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
 use proptest::prelude::*;
@@ -548,6 +548,185 @@ fn quiesce_then_announce() {
         w.flush(x);
     }
     assert!(w.report(RoundKind::Announce).unwrap().complete());
+}
+
+/// The ignored answers a `Quiesced` can be, by kind and reason.
+fn ignored_quiesced(w: &World) -> Vec<(SessionId, Ignored)> {
+    w.events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Ignored {
+                session,
+                kind: MessageKind::Quiesced,
+                why,
+            } => Some((*session, why.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn bad_quiesced_answers_are_ignored_with_a_reason_never_closed() {
+    let (mut w, s) = three();
+    let quiesced = |id| frame(&Message::Quiesced { migration_id: id });
+    // Before any Quiesce: no migration.
+    w.server.on_bytes(s[0], &quiesced(M1), w.now);
+    w.drain();
+    assert_eq!(
+        ignored_quiesced(&w),
+        vec![(
+            s[0],
+            Ignored::WrongMigration {
+                active: None,
+                got: M1
+            }
+        )]
+    );
+    w.take_events();
+    w.server.quiesce(M1, DEADLINE, w.now).unwrap();
+    w.drain();
+    // Another migration's id: ignored, and it does not count for M1.
+    w.server.on_bytes(s[1], &quiesced(M2), w.now);
+    w.drain();
+    assert_eq!(
+        ignored_quiesced(&w),
+        vec![(
+            s[1],
+            Ignored::WrongMigration {
+                active: Some(M1),
+                got: M2
+            }
+        )]
+    );
+    // The right one, twice: counted once; the second answers nothing ("not asked"), and as
+    // a's ignored Quiesced was already reported in this migration's span it is only counted.
+    let repeats = w.server.session(s[0]).unwrap().repeats;
+    w.server.on_bytes(s[0], &quiesced(M1), w.now);
+    w.server.on_bytes(s[0], &quiesced(M1), w.now);
+    w.drain();
+    assert_eq!(w.server.session(s[0]).unwrap().repeats, repeats + 1);
+    // b's wrong id again: counted, not reported a second time.
+    w.server.on_bytes(s[1], &quiesced(M2), w.now);
+    w.drain();
+    assert_eq!(ignored_quiesced(&w).len(), 1, "{:?}", ignored_quiesced(&w));
+    assert_eq!(w.server.session(s[1]).unwrap().repeats, 1);
+    let answered: Vec<SessionId> = w
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Answered {
+                session,
+                kind: MessageKind::Quiesced,
+                ..
+            } => Some(*session),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, vec![s[0]]);
+    assert!(w.report(RoundKind::Quiesce).is_none(), "b and c still owe");
+    assert!(w.closed.is_empty(), "never a reason to close");
+    w.advance(ms(100));
+    let r = w.report(RoundKind::Quiesce).unwrap();
+    assert_eq!(ids(&r.acked), vec![s[0]]);
+    assert_eq!(ids(&r.missing), vec![s[1], s[2]]);
+    // A Quiesced during the announce round answers nothing.
+    w.take_events();
+    w.announce(M1);
+    w.server.on_bytes(s[2], &quiesced(M1), w.now);
+    w.drain();
+    assert_eq!(ignored_quiesced(&w), vec![(s[2], Ignored::NotAsked)]);
+    assert!(w.closed.is_empty());
+}
+
+#[test]
+fn a_client_that_ignores_quiesce_is_missing_and_the_move_goes_on() {
+    let (mut w, s) = three();
+    let [a, b, mute] = s;
+    w.server.quiesce(M1, DEADLINE, w.now).unwrap();
+    w.drain();
+    for x in [a, b] {
+        w.handle(x);
+        w.flush(x);
+    }
+    assert!(
+        w.report(RoundKind::Quiesce).is_none(),
+        "waits for the mute one"
+    );
+    assert_eq!(w.server.poll_timeout(), Some(ms(100)));
+    w.advance(ms(100));
+    let q = w.report(RoundKind::Quiesce).unwrap();
+    assert_eq!(ids(&q.acked), vec![a, b]);
+    assert_eq!(ids(&q.missing), vec![mute]);
+    assert!(q.deadline_passed);
+    // The announce round goes on with everyone, the mute one included (it can still hear).
+    assert_eq!(
+        w.server.announce(M1, addr(9), DEADLINE, w.now).unwrap(),
+        s.to_vec()
+    );
+    w.drain();
+    for x in [a, b] {
+        w.handle(x);
+        w.flush(x);
+    }
+    w.advance(ms(200));
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), vec![a, b]);
+    assert_eq!(ids(&r.missing), vec![mute]);
+    // After the restore: Resumed releases every told client.
+    assert_eq!(w.server.resumed(ms(250)).unwrap(), 3);
+    w.drain();
+    for x in [a, b] {
+        w.handle(x);
+        assert!(matches!(
+            &w.clients[&x].events[..],
+            [
+                ClientEvent::Welcomed { .. },
+                ClientEvent::Quiesce {
+                    migration_id: M1,
+                    ..
+                },
+                ClientEvent::SwapPeer {
+                    migration_id: M1,
+                    ..
+                },
+                ClientEvent::Resumed { migration_id: M1 }
+            ]
+        ));
+        assert_eq!(w.clients[&x].control.state(), ClientState::Idle);
+    }
+    assert_eq!(w.server.active_migration(), None);
+}
+
+#[test]
+fn an_abort_during_the_quiesce_releases_the_clients() {
+    let (mut w, s) = three();
+    w.server.quiesce(M1, DEADLINE, w.now).unwrap();
+    w.drain();
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    assert!(w.report(RoundKind::Quiesce).unwrap().complete());
+    for x in s {
+        assert_eq!(w.clients[&x].control.state(), ClientState::Quiesced);
+    }
+    // The move fails before Migrate: every quiesced client is told to carry on.
+    assert_eq!(
+        w.server.abort(addr(1), DEADLINE, w.now).unwrap(),
+        s.to_vec()
+    );
+    w.drain();
+    for x in s {
+        w.handle(x);
+        assert!(matches!(
+            w.clients[&x].events.last(),
+            Some(ClientEvent::SwapBack { migration_id: M1, fallback_addr }) if *fallback_addr == addr(1)
+        ));
+        assert_eq!(w.clients[&x].control.state(), ClientState::Idle);
+        w.flush(x);
+    }
+    assert!(w.report(RoundKind::Abort).unwrap().complete());
+    assert_eq!(w.server.active_migration(), None);
 }
 
 #[test]
