@@ -603,6 +603,11 @@ impl Run<'_> {
             if Instant::now() >= self.end {
                 return (None, Some(conn));
             }
+            // Two-phase moves: no request is in flight here; stop, say so, go on the instant
+            // the server resumes (or the move is abandoned).
+            if let Err(e) = self.hold_if_asked(&conn).await {
+                return (Some(e), Some(conn));
+            }
             let req = checker.request(checker.next_seq().to_be_bytes().to_vec());
             let timeout = if self.moving(last_good) {
                 args.migrated_io_timeout_ms
@@ -660,8 +665,38 @@ impl Run<'_> {
                 continue;
             }
             if args.interval_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+                let pause = tokio::time::sleep(Duration::from_millis(args.interval_ms));
+                match &conn {
+                    // A quiesce request cuts the idle pause short.
+                    Conn::Following(c) => {
+                        tokio::select! {
+                            () = pause => {}
+                            () = c.quiesce_wanted() => {}
+                        }
+                    }
+                    Conn::Plain { .. } => pause.await,
+                }
             }
+        }
+    }
+
+    /// When the server asked the application to quiesce (two-phase moves): confirms it and
+    /// waits until it is released, within the recovery deadline.
+    async fn hold_if_asked(&self, conn: &Conn) -> Result<(), String> {
+        let Conn::Following(c) = conn else {
+            return Ok(());
+        };
+        if !c.quiesce_requested() {
+            return Ok(());
+        }
+        c.confirm_quiesced();
+        let limit = Duration::from_millis(self.args.recovery_deadline_ms);
+        match tokio::time::timeout(limit, c.wait_released()).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "quiesced and not released within {} ms",
+                self.args.recovery_deadline_ms
+            )),
         }
     }
 
@@ -697,6 +732,13 @@ impl Run<'_> {
                     let _ = recv.stop(quinn::VarInt::from_u32(0));
                     let _ = send.finish();
                     return (None, Some(conn));
+                }
+                // A bulk client sends no application data of its own: it confirms a quiesce at
+                // once and keeps reading.
+                if let Conn::Following(c) = &conn
+                    && matches!(c.status().quiesce, cwrapper::Quiesce::Requested { .. })
+                {
+                    c.confirm_quiesced();
                 }
                 let wait = Duration::from_millis(args.io_timeout_ms).min(self.end - now);
                 let chunk = tokio::time::timeout(wait, recv.read_chunk(64 * 1024, true)).await;
