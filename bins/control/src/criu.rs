@@ -223,7 +223,17 @@ pub(crate) fn dump_worker(
 
 /// The final dump through `worker` (started before the freeze), or from the command line when
 /// there is no worker (`Err` says why) or it died before answering.
+#[cfg(test)]
 pub(crate) fn dump_via(worker: Result<Worker, String>, a: &DumpArgs) -> Result<CriuTiming> {
+    dump_via_deferred(worker, a).map(|(t, _spent)| t)
+}
+
+/// [`dump_via`], handing back the worker that answered instead of waiting for its exit: its
+/// exit (criu's clean-up) is not on the freeze's path. Dropping it reaps it.
+pub(crate) fn dump_via_deferred(
+    worker: Result<Worker, String>,
+    a: &DumpArgs,
+) -> Result<(CriuTiming, Option<Worker>)> {
     let why = match worker {
         Ok(mut w) => {
             let start = Instant::now();
@@ -236,13 +246,11 @@ pub(crate) fn dump_via(worker: Result<Worker, String>, a: &DumpArgs) -> Result<C
             };
             let done = w.dump(&req, WORKER_LIMIT);
             let wall = start.elapsed();
-            // The worker's exit, after its answer.
-            drop(w);
             match done {
                 Ok(()) => {
                     let mut t = timing(wall, &a.log(), DUMP_TASK_MARKERS);
                     t.route = Some(CriuRoute::Worker);
-                    return Ok(t);
+                    return Ok((t, Some(w)));
                 }
                 Err(e) if e.worker_unusable() => e.to_string(),
                 Err(e) => return Err(worker_failure(&e, &a.log())),
@@ -253,7 +261,7 @@ pub(crate) fn dump_via(worker: Result<Worker, String>, a: &DumpArgs) -> Result<C
     warn!("criu dump runs from the command line: {why}");
     let mut t = dump(a)?;
     t.worker_error = Some(why);
-    Ok(t)
+    Ok((t, None))
 }
 
 /// What a restore needs.
@@ -307,10 +315,20 @@ pub(crate) fn restore_worker(
 /// A restore through `worker`, or from the command line when there is none (`Err` says why)
 /// or it died before answering. The worker restores the task as its sibling: the worker's
 /// parent (the supervisor) gets it as its own child.
+#[cfg(test)]
 pub(crate) fn restore_via(
     worker: Result<Worker, String>,
     a: &RestoreArgs,
 ) -> Result<(i32, CriuTiming)> {
+    restore_via_deferred(worker, a).map(|(pid, t, _spent)| (pid, t))
+}
+
+/// [`restore_via`], handing back the worker that answered instead of waiting for its exit
+/// (criu's clean-up is not on the freeze's path). Dropping it reaps it.
+pub(crate) fn restore_via_deferred(
+    worker: Result<Worker, String>,
+    a: &RestoreArgs,
+) -> Result<(i32, CriuTiming, Option<Worker>)> {
     let log = a.dir.join(&a.log_name);
     let why = match worker {
         Ok(mut w) => {
@@ -323,12 +341,11 @@ pub(crate) fn restore_via(
             };
             let done = w.restore(&req, WORKER_LIMIT);
             let wall = start.elapsed();
-            drop(w);
             match done {
                 Ok(pid) => {
                     let mut t = timing(wall, &log, RESTORE_TASK_MARKERS);
                     t.route = Some(CriuRoute::Worker);
-                    return Ok((pid, t));
+                    return Ok((pid, t, Some(w)));
                 }
                 Err(e) if e.worker_unusable() => e.to_string(),
                 Err(e) => return Err(worker_failure(&e, &log)),
@@ -339,7 +356,7 @@ pub(crate) fn restore_via(
     warn!("criu restore runs from the command line: {why}");
     let (pid, mut t) = restore(a)?;
     t.worker_error = Some(why);
-    Ok((pid, t))
+    Ok((pid, t, None))
 }
 
 /// A worker's failure, with the error lines of criu's log.

@@ -184,6 +184,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         dump_as: dump_as(state.server_pid),
         dump_kdat: None,
         dump_worker: None,
+        spent_dump_worker: None,
         restore_prepared: false,
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
@@ -341,6 +342,9 @@ struct Engine<'a> {
     dump_kdat: Option<PathBuf>,
     /// The final dump's worker, started before the clients are told (`Err`: why none runs).
     dump_worker: Option<Result<Worker, String>>,
+    /// The dump worker after its answer: reaped once the server runs again (criu's clean-up
+    /// is not part of the freeze).
+    spent_dump_worker: Option<Worker>,
     /// Whether the supervisor was asked for a restore worker not used yet.
     restore_prepared: bool,
 }
@@ -515,7 +519,8 @@ impl Engine<'_> {
             .dump_worker
             .take()
             .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
-        let timing = criu::dump_via(worker, &args)?;
+        let (timing, spent) = criu::dump_via_deferred(worker, &args)?;
+        self.spent_dump_worker = spent;
         interrupt::fault(Point::Dumped);
         let bytes = sys::dir_size(&dir);
         self.report.dump = Some(timing);
@@ -670,6 +675,7 @@ impl Engine<'_> {
     fn finish(mut self, machine: &migration_core::Migration) -> MoveReport {
         // Unused workers (a move that stopped before its dump or restore) are killed.
         drop(self.dump_worker.take());
+        drop(self.spent_dump_worker.take());
         if self.restore_prepared {
             match supervisor::ask(
                 &self.supervisor,

@@ -423,7 +423,7 @@ fn restore(
     dir: PathBuf,
     log_name: String,
     prepared: &mut Option<Prepared>,
-) -> SupervisorReply {
+) -> (SupervisorReply, Option<Worker>) {
     let worker = match prepared.take() {
         Some(p) if p.netns == netns => Ok(p.worker),
         Some(p) => Err(format!(
@@ -439,11 +439,14 @@ fn restore(
         log_name,
         kdat: root_kdat(),
     };
-    match criu::restore_via(worker, &args) {
-        Ok((pid, timing)) => SupervisorReply::Restored { pid, timing },
-        Err(e) => SupervisorReply::Failed {
-            error: format!("{e:#}"),
-        },
+    match criu::restore_via_deferred(worker, &args) {
+        Ok((pid, timing, spent)) => (SupervisorReply::Restored { pid, timing }, spent),
+        Err(e) => (
+            SupervisorReply::Failed {
+                error: format!("{e:#}"),
+            },
+            None,
+        ),
     }
 }
 
@@ -458,6 +461,9 @@ fn handle(stream: UnixStream, server: &ServerCommand, prepared: &mut Option<Prep
         Ok(Ok(_)) => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
         Ok(Err(e)) | Err(e) => Err(format!("reading the request: {e}")),
     };
+    // A restore worker that answered: reaped after the answer is sent, so that criu's
+    // clean-up is not part of the freeze.
+    let mut spent = None;
     let (reply, exit) = match request {
         Ok(SupervisorRequest::Ping) => (
             SupervisorReply::Pong {
@@ -470,7 +476,11 @@ fn handle(stream: UnixStream, server: &ServerCommand, prepared: &mut Option<Prep
             netns,
             dir,
             log_name,
-        }) => (restore(netns, dir, log_name, prepared), false),
+        }) => {
+            let (reply, worker) = restore(netns, dir, log_name, prepared);
+            spent = worker;
+            (reply, false)
+        }
         Ok(SupervisorRequest::PrepareRestore { netns }) => (prepare(netns, prepared), false),
         Ok(SupervisorRequest::DiscardRestore) => {
             let had_worker = prepared.take().is_some();
@@ -493,6 +503,8 @@ fn handle(stream: UnixStream, server: &ServerCommand, prepared: &mut Option<Prep
     if let Err(e) = stream.write_all(&out) {
         warn!("supervisor: answering failed: {e}");
     }
+    drop(stream);
+    drop(spent);
     exit
 }
 
