@@ -151,6 +151,7 @@ async fn signals_announce_park_resume_and_abort() {
                 new_addr: addr,
                 deadline_ms: 2000,
                 phases: Phases::One,
+                quiesce_deadline_ms: None,
             })
             .unwrap();
         server.signal(Signal::SIGTERM);
@@ -210,6 +211,7 @@ async fn signals_announce_park_resume_and_abort() {
                 new_addr: addr,
                 deadline_ms: 300,
                 phases: Phases::Two,
+                quiesce_deadline_ms: None,
             })
             .unwrap();
         server.signal(Signal::SIGTERM);

@@ -140,6 +140,7 @@ async fn the_server_runs_as_nobody_with_no_new_privs_and_still_answers_control()
                 new_addr: addr,
                 deadline_ms: 2000,
                 phases: admin_api::Phases::One,
+                quiesce_deadline_ms: None,
             })
             .unwrap();
         // Control's request (written by root) was given to the directory's owner.

@@ -71,6 +71,8 @@ pub(crate) struct Options {
     pub(crate) policy: MigrationPolicy,
     /// Single- or two-phase preparation of the clients (the server's rounds).
     pub(crate) phases: Phases,
+    /// Two phases: how long the server waits for the clients' `Quiesced`.
+    pub(crate) quiesce_deadline: Duration,
     /// How images reach the target.
     pub(crate) transfer: Transfer,
     /// Keep the image set after a completed move.
@@ -398,6 +400,11 @@ impl Engine<'_> {
                 .unwrap_or(u64::MAX)
                 .max(1),
             phases,
+            quiesce_deadline_ms: Some(
+                u64::try_from(self.opts.quiesce_deadline.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
         })?;
         signal(self.pid, Signal::SIGTERM)?;
         // Each of the server's rounds (quiesce, announce) waits at most the deadline.

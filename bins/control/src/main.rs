@@ -200,6 +200,12 @@ struct MigrateArgs {
     /// it parks.
     #[arg(long, env = "QLM_PHASES", default_value = "one")]
     phases: Phases,
+    /// Two phases: how long the server waits for every client's Quiesced. Clients that did
+    /// quiesce are held until the slowest answers or this passes, so it is short; a client
+    /// that has not answered by then is reported missing and the move goes on.
+    #[arg(long, env = "QLM_QUIESCE_DEADLINE_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    quiesce_deadline_ms: u64,
     /// Rounds of `criu pre-dump --track-mem` at most, when the kernel tracks dirty memory.
     #[arg(long, env = "QLM_PREDUMP_ROUNDS", default_value_t = 3)]
     predump_rounds: u32,
@@ -474,6 +480,7 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
             ..MigrationPolicy::default()
         },
         phases: a.phases,
+        quiesce_deadline: Duration::from_millis(a.quiesce_deadline_ms),
         transfer: a.transfer,
         keep_images: a.keep_images,
         fault: if a.fail_dump {

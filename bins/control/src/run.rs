@@ -281,6 +281,10 @@ fn migrate_by_hand(
         ])
         .args(["--phases", opts.phases.as_str()])
         .args([
+            "--quiesce-deadline-ms",
+            &opts.quiesce_deadline.as_millis().to_string(),
+        ])
+        .args([
             "--transfer",
             match opts.transfer {
                 Transfer::Local => "local",

@@ -97,6 +97,7 @@ fn bad_flags_are_refused_by_the_parser() {
         &["restart-elsewhere", "--what"],
         &["pod-image"],
         &["migrate", "--transfer", "carrier-pigeon"],
+        &["migrate", "--quiesce-deadline-ms", "0"],
         &["run", "--moves", "-1"],
         &["frobnicate"],
     ] {

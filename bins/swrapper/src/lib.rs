@@ -593,9 +593,24 @@ impl MigrationHandle {
         deadline: Duration,
         phases: Phases,
     ) -> Result<Prepared, ServerError> {
+        self.prepare_within(migration_id, new_addr, deadline, deadline, phases)
+            .await
+    }
+
+    /// [`prepare`](Self::prepare) with a deadline of its own for the quiesce round: every
+    /// client that quiesced is held until the slowest answers or `quiesce_deadline` passes,
+    /// so it is usually much shorter than the acks' `deadline`.
+    pub async fn prepare_within(
+        &self,
+        migration_id: MigrationId,
+        new_addr: SocketAddr,
+        quiesce_deadline: Duration,
+        deadline: Duration,
+        phases: Phases,
+    ) -> Result<Prepared, ServerError> {
         let quiesce = match phases {
             Phases::One => None,
-            Phases::Two => Some(self.quiesce(migration_id, deadline).await?),
+            Phases::Two => Some(self.quiesce(migration_id, quiesce_deadline).await?),
         };
         let announce = self.announce(migration_id, new_addr, deadline).await?;
         Ok(Prepared {

@@ -289,15 +289,27 @@ fn fresh_id() -> MigrationId {
 }
 
 async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
-    let (new_addr, id, deadline_ms, phases) =
+    let (new_addr, id, deadline_ms, phases, quiesce_ms) =
         match (admin.take::<MigrateRequest>(), args.migrate_to) {
-            (Ok(Some(r)), _) => (r.new_addr, r.migration_id, r.deadline_ms, r.phases),
+            (Ok(Some(r)), _) => (
+                r.new_addr,
+                r.migration_id,
+                r.deadline_ms,
+                r.phases,
+                r.quiesce_deadline_ms.unwrap_or(r.deadline_ms),
+            ),
             (Err(e), _) => {
                 error!("SIGTERM: {e}; not announcing");
                 admin.post::<Announced>(None, Err(e));
                 return;
             }
-            (Ok(None), Some(addr)) => (addr, fresh_id(), args.ack_deadline_ms, args.phases),
+            (Ok(None), Some(addr)) => (
+                addr,
+                fresh_id(),
+                args.ack_deadline_ms,
+                args.phases,
+                args.ack_deadline_ms,
+            ),
             (Ok(None), None) => {
                 let e = "SIGTERM without a migrate request (admin directory) or --migrate-to: \
                      not announcing";
@@ -306,13 +318,22 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
                 return;
             }
         };
-    if deadline_ms == 0 {
-        admin.post::<Announced>(Some(id), Err("deadline_ms must be at least 1".to_owned()));
+    if deadline_ms == 0 || quiesce_ms == 0 {
+        admin.post::<Announced>(
+            Some(id),
+            Err("deadline_ms and quiesce_deadline_ms must be at least 1".to_owned()),
+        );
         return;
     }
     info!(%id, %new_addr, %phases, "SIGTERM: announcing migration");
     match handle
-        .prepare(id, new_addr, Duration::from_millis(deadline_ms), phases)
+        .prepare_within(
+            id,
+            new_addr,
+            Duration::from_millis(quiesce_ms),
+            Duration::from_millis(deadline_ms),
+            phases,
+        )
         .await
     {
         Ok(prepared) => {

@@ -186,6 +186,11 @@ pub struct MigrateRequest {
     /// Single- or two-phase (absent in requests written before the mode existed: one).
     #[serde(default)]
     pub phases: Phases,
+    /// Two-phase: how long the server waits for the clients' `Quiesced`, in milliseconds
+    /// (absent: `deadline_ms`). Every quiesced client is held until the slowest answers or
+    /// this passes, so it is kept short.
+    #[serde(default)]
+    pub quiesce_deadline_ms: Option<u64>,
 }
 
 impl Request for MigrateRequest {
@@ -690,6 +695,7 @@ mod tests {
             new_addr: "127.0.0.1:5243".parse().unwrap(),
             deadline_ms: 2000,
             phases: Phases::Two,
+            quiesce_deadline_ms: None,
         };
         a.send_request(&req).unwrap();
         let mode = std::fs::metadata(t.path().join("migrate.json"))
@@ -730,6 +736,28 @@ mod tests {
             Phases::One,
             "a request without the mode is the seed's"
         );
+        assert_eq!(r.quiesce_deadline_ms, None);
+        let q = old.replace(
+            "\"deadline_ms\":5",
+            "\"deadline_ms\":5,\"quiesce_deadline_ms\":40",
+        );
+        std::fs::write(t.path().join("migrate.json"), &q).unwrap();
+        assert_eq!(
+            a.take_request::<MigrateRequest>()
+                .unwrap()
+                .unwrap()
+                .quiesce_deadline_ms,
+            Some(40)
+        );
+        for bad in ["-1", "\"40\"", "1.5"] {
+            let text = old.replace(
+                "\"deadline_ms\":5",
+                &format!("\"deadline_ms\":5,\"quiesce_deadline_ms\":{bad}"),
+            );
+            std::fs::write(t.path().join("migrate.json"), &text).unwrap();
+            let err = a.take_request::<MigrateRequest>().unwrap_err();
+            assert!(matches!(err, AdminError::Malformed { .. }), "{bad}: {err}");
+        }
         let two = old.replace("\"deadline_ms\":5", "\"deadline_ms\":5,\"phases\":\"two\"");
         std::fs::write(t.path().join("migrate.json"), &two).unwrap();
         assert_eq!(

@@ -86,8 +86,9 @@ impl Mode {
     /// `control migrate` arguments of the modes the engine runs.
     fn migrate_args(self) -> Option<&'static [&'static str]> {
         match self {
-            Mode::Seed => Some(&["--phases", "one", "--memory", "cold"]),
-            Mode::TwoPhase => Some(&["--phases", "two", "--memory", "cold"]),
+            // Cold is control's default memory mode.
+            Mode::Seed => Some(&["--phases", "one"]),
+            Mode::TwoPhase => Some(&["--phases", "two"]),
             Mode::PostCopy => Some(&["--phases", "two", "--memory", "post-copy"]),
             Mode::Reconnect | Mode::Podman => None,
         }
@@ -306,18 +307,35 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     let mut cells = Vec::new();
     for &size in &sizes {
         let n = if size >= 1024 { moves_large } else { moves };
-        let engine_modes: Vec<Mode> = opts
-            .modes
-            .iter()
-            .copied()
-            .filter(|m| m.migrate_args().is_some() || *m == Mode::Reconnect)
-            .collect();
-        if !engine_modes.is_empty() {
-            println!("\nbench-migrate: {size} MiB: control up");
-            let up = up(&paths, size, opts.dirty_mib_per_s);
-            match up {
+        // Two deployments per size: the default layout (an unprivileged server in the
+        // host's pid namespace) for the reconnect baseline and the cold moves, and a server
+        // in its own pid namespace (what post-copy needs) for post-copy.
+        for pid_namespace in [false, true] {
+            let modes: Vec<Mode> = opts
+                .modes
+                .iter()
+                .copied()
+                .filter(|m| match m {
+                    Mode::Podman => false,
+                    Mode::PostCopy => pid_namespace,
+                    Mode::Reconnect | Mode::Seed | Mode::TwoPhase => !pid_namespace,
+                })
+                .collect();
+            if modes.is_empty() {
+                continue;
+            }
+            println!(
+                "\nbench-migrate: {size} MiB: control up{}",
+                if pid_namespace {
+                    " --pid-namespace"
+                } else {
+                    ""
+                }
+            );
+            match up(&paths, size, opts.dirty_mib_per_s, pid_namespace) {
                 Ok(()) => {
-                    for &mode in &engine_modes {
+                    let mut port = SRC_PORT;
+                    for &mode in &modes {
                         println!(
                             "bench-migrate: {size} MiB, {}: {n} moves{}",
                             mode.label(),
@@ -327,13 +345,13 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
                                 String::new()
                             }
                         );
-                        let cell = engine_cell(&paths, mode, size, n, bulk_moves);
+                        let cell = engine_cell(&paths, mode, size, n, bulk_moves, &mut port);
                         print_cell_line(&cell);
                         cells.push(cell);
                     }
                 }
                 Err(e) => {
-                    for &mode in &engine_modes {
+                    for &mode in &modes {
                         cells.push(failed_cell(mode, size, format!("control up: {e:#}")));
                     }
                 }
@@ -448,7 +466,7 @@ fn print_cell_line(c: &Cell) {
     );
 }
 
-fn up(paths: &Paths, size: u32, dirty: u32) -> Result<()> {
+fn up(paths: &Paths, size: u32, dirty: u32, pid_namespace: bool) -> Result<()> {
     let mut cmd = paths.control();
     cmd.arg("up")
         .args(["--src-port", &SRC_PORT.to_string()])
@@ -457,8 +475,10 @@ fn up(paths: &Paths, size: u32, dirty: u32) -> Result<()> {
         .args([
             "--dirty-mib-per-s",
             &if size == 0 { 0 } else { dirty }.to_string(),
-        ])
-        .arg("--pid-namespace");
+        ]);
+    if pid_namespace {
+        cmd.arg("--pid-namespace");
+    }
     let status = crate::limit::status(&mut cmd, "control up", STEP_LIMIT)?;
     if !status.success() {
         bail!("control up exited with {status}");
@@ -498,6 +518,20 @@ impl Client {
             .spawn()
             .context("starting bench_client")?;
         Ok(Client { child, json })
+    }
+
+    /// Fails (with the end of its log) when the client already ended: it could not connect.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = self.json.with_extension("log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().filter(|l| !l.starts_with("  ")).collect();
+            bail!(
+                "bench_client ended at once ({status}): {}",
+                tail[tail.len().saturating_sub(4)..].join(" / ")
+            );
+        }
+        Ok(())
     }
 
     /// SIGINT, wait (bounded), read its JSON.
@@ -613,18 +647,32 @@ fn window_of(r: &MoveReport) -> Window {
 
 /// Runs `n` moves of one engine mode (or restarts, for the reconnect baseline) under a
 /// latency client, then `bulk` more under a bulk client.
-fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32) -> Cell {
+/// The other container's host port.
+fn other_port(port: u16) -> u16 {
+    if port == SRC_PORT { DST_PORT } else { SRC_PORT }
+}
+
+/// `port`: where the server runs now (updated after every move).
+fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32, port: &mut u16) -> Cell {
     let mut cell = failed_cell(mode, size, String::new());
     cell.problems.clear();
     let tag = format!("{}-{size}", mode_tag(mode));
     let reconnect = mode == Mode::Reconnect;
     let mut extra = vec!["--interval-ms".to_owned(), "1".to_owned()];
     if reconnect {
+        // The reconnect baseline at its best: it dials the server's next address first (as
+        // if a name were updated at once) and notices a loss after 250 ms without an answer.
         extra.push("--reconnect".to_owned());
+        extra.push("--io-timeout-ms".to_owned());
+        extra.push(BASELINE_IO_TIMEOUT_MS.to_string());
         extra.push("--reconnect-to".to_owned());
-        extra.push(format!("127.0.0.1:{SRC_PORT},127.0.0.1:{DST_PORT}"));
+        extra.push(format!(
+            "127.0.0.1:{},127.0.0.1:{}",
+            other_port(*port),
+            *port
+        ));
     }
-    match moves_under(paths, mode, n, "latency", &extra, &tag) {
+    match moves_under(paths, mode, n, "latency", &extra, &tag, port) {
         Ok((done, client)) => {
             let answers = client.answers();
             for d in &done {
@@ -658,7 +706,7 @@ fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32) -> Cell 
         Err(e) => cell.problems.push(format!("{e:#}")),
     }
     if bulk > 0 && !reconnect {
-        match moves_under(paths, mode, bulk, "bulk", &[], &format!("{tag}-bulk")) {
+        match moves_under(paths, mode, bulk, "bulk", &[], &format!("{tag}-bulk"), port) {
             Ok((done, client)) => {
                 let buckets = client.buckets();
                 for w in done.iter().map(|d| d.window) {
@@ -694,9 +742,22 @@ fn mode_tag(mode: Mode) -> &'static str {
     }
 }
 
+/// How long a baseline client waits for an answer before it counts the connection as lost.
+const BASELINE_IO_TIMEOUT_MS: u64 = 250;
+
+/// The pause between two moves.
+fn settle(mode: Mode) -> Duration {
+    match mode {
+        Mode::Reconnect | Mode::Podman => Duration::from_millis(1500),
+        Mode::Seed | Mode::TwoPhase | Mode::PostCopy => Duration::from_millis(400),
+    }
+}
+
 /// One move as control reported it.
 #[derive(Debug, Clone, Copy)]
 struct Done {
+    /// The host port the server answers at afterwards.
+    target_port: u16,
     window: Window,
     freeze_ms: Option<f64>,
     image_bytes: Option<u64>,
@@ -707,6 +768,7 @@ struct Done {
 impl Done {
     fn of_move(r: &MoveReport) -> Self {
         Done {
+            target_port: r.target_addr.port(),
             window: window_of(r),
             freeze_ms: r.freeze_ms(),
             image_bytes: r.image_bytes,
@@ -717,6 +779,7 @@ impl Done {
 
     fn of_restart(r: &RestartReport) -> Self {
         Done {
+            target_port: r.target_addr.port(),
             window: Window {
                 start_us: r.started_us,
                 resume_us: r.ready_us,
@@ -770,22 +833,28 @@ fn moves_under(
     kind: &str,
     extra: &[String],
     tag: &str,
+    port: &mut u16,
 ) -> Result<(Vec<Done>, ClientResult)> {
-    let client = Client::start(paths, kind, SRC_PORT, extra, tag)?;
+    let mut client = Client::start(paths, kind, *port, extra, tag)?;
     std::thread::sleep(Duration::from_millis(800));
+    client.check_running()?;
     let mut done = Vec::new();
     let mut failure = None;
     for i in 0..n {
         let report_path = paths.out.join(format!("move-{tag}-{i}.json"));
         match one_move(paths, mode, &report_path) {
-            Ok(d) => done.push(d),
+            Ok(d) => {
+                *port = d.target_port;
+                done.push(d);
+            }
             Err(e) => {
                 failure = Some(format!("move {} of {n}: {e:#}", i + 1));
                 break;
             }
         }
-        // Let pages settle and the client's figures stabilise between moves.
-        std::thread::sleep(Duration::from_millis(400));
+        // Let pages settle and the client's figures stabilise between moves; a reconnecting
+        // client needs its loss timeout and a handshake first.
+        std::thread::sleep(settle(mode));
     }
     std::thread::sleep(Duration::from_millis(300));
     let result = client.stop();
@@ -919,7 +988,7 @@ fn podman_moves(
                 ..MoveFigures::default()
             },
         ));
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(settle(Mode::Podman));
     }
     std::thread::sleep(Duration::from_millis(300));
     let result = client.stop();
@@ -957,6 +1026,7 @@ impl Client {
             .arg("--json")
             .arg(&json)
             .args(["--interval-ms", "1"])
+            .args(["--io-timeout-ms", &BASELINE_IO_TIMEOUT_MS.to_string()])
             .args(["--reconnect-to", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1056,7 +1126,9 @@ fn render(r: &BenchReport) -> String {
     let _ = writeln!(
         o,
         "Median / p95 / max over the moves; pause as the client saw it (longest gap between \
-         answers, 1 ms echo interval), freeze from control's phases (podman: checkpoint + \
+         answers, 1 ms echo interval; the reconnect and podman clients count a connection as \
+         lost after {BASELINE_IO_TIMEOUT_MS} ms without an answer and reconnect at once to \
+         the server's new address), freeze from control's phases (podman: checkpoint + \
          restore wall time; reconnect: the server's stop to the new server serving), overhead \
          = pause - freeze; the server rewrites {} MiB/s of its ballast.\n",
         r.dirty_mib_per_s
