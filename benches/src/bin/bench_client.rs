@@ -353,6 +353,10 @@ struct Run<'a> {
     /// port map here) then does not catch the new connection too.
     endpoint: Option<(SocketAddr, quinn::ClientConfig)>,
     migrations: Arc<Mutex<Vec<MigrationRecord>>>,
+    /// The connection in use: closed explicitly when the run is stopped (a stopped loop
+    /// drops its connection without a CONNECTION_CLOSE reaching the server, which would keep
+    /// the session until its idle timeout and make the next move wait for it).
+    live: Arc<Mutex<Option<quinn::Connection>>>,
     reconnects: Vec<ReconnectRecord>,
     handshakes: u64,
     /// Next index in the reconnect list.
@@ -388,6 +392,7 @@ async fn run(
             .unwrap_or_else(|| format!("bench-{}", std::process::id())),
         endpoint,
         migrations: Arc::new(Mutex::new(Vec::new())),
+        live: Arc::new(Mutex::new(None)),
         reconnects: Vec::new(),
         handshakes: 0,
         next_addr: 0,
@@ -433,6 +438,14 @@ async fn run(
             r.handshakes = u64::from(c.connection().stats().frame_rx.handshake_done);
         }
         conn.close().await;
+    }
+    let live = r.live.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(c) = live
+        && c.close_reason().is_none()
+    {
+        c.close(quinn::VarInt::from_u32(0), b"bench done");
+        // The endpoint's driver sends the close while the runtime runs.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ended_unix_us = r.clock.now();
     let migrations = r
@@ -503,14 +516,21 @@ impl Run<'_> {
                         .map_err(|_| {
                             anyhow::anyhow!("no handshake with {addr} within {timeout:?}")
                         })??;
-                let (mut send, recv) = connection.open_bi().await?;
                 let mut hello = Vec::new();
                 ClientControl::new(
                     ClientId::new(self.client_id.clone())?,
                     SUPPORTED_VERSIONS,
                     &mut hello,
                 )?;
-                send.write_all(&hello).await?;
+                // Bounded too: a connection whose peer went silent right after the handshake
+                // must not hold the reconnect loop.
+                let (send, recv) = tokio::time::timeout(timeout, async {
+                    let (mut send, recv) = connection.open_bi().await?;
+                    send.write_all(&hello).await?;
+                    anyhow::Ok((send, recv))
+                })
+                .await
+                .map_err(|_| anyhow::anyhow!("no control stream to {addr} within {timeout:?}"))??;
                 // Read (and log) what the server says; never answer a Migrate.
                 tokio::spawn(async move {
                     let mut reader = wrapper_support::ControlReader::new(recv, Role::Client);
@@ -526,6 +546,7 @@ impl Run<'_> {
             }
         };
         self.handshakes += 1;
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.connection().clone());
         info!(%addr, "connected");
         Ok(conn)
     }

@@ -599,7 +599,10 @@ impl MigrationHandle {
 
     /// [`prepare`](Self::prepare) with a deadline of its own for the quiesce round: every
     /// client that quiesced is held until the slowest answers or `quiesce_deadline` passes,
-    /// so it is usually much shorter than the acks' `deadline`.
+    /// so it is usually much shorter than the acks' `deadline`. In two phases the announce
+    /// round that follows holds them too, so it waits at most `quiesce_deadline` as well: a
+    /// client that answered `Quiesced` acks `Migrate` within a round trip, and one that did
+    /// not is told the address all the same but not waited for (it is reported missing).
     pub async fn prepare_within(
         &self,
         migration_id: MigrationId,
@@ -608,9 +611,12 @@ impl MigrationHandle {
         deadline: Duration,
         phases: Phases,
     ) -> Result<Prepared, ServerError> {
-        let quiesce = match phases {
-            Phases::One => None,
-            Phases::Two => Some(self.quiesce(migration_id, quiesce_deadline).await?),
+        let (quiesce, deadline) = match phases {
+            Phases::One => (None, deadline),
+            Phases::Two => (
+                Some(self.quiesce(migration_id, quiesce_deadline).await?),
+                deadline.min(quiesce_deadline),
+            ),
         };
         let announce = self.announce(migration_id, new_addr, deadline).await?;
         Ok(Prepared {

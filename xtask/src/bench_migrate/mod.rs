@@ -169,7 +169,8 @@ pub(crate) struct Cell {
     pub(crate) bulk_moves: Vec<MoveFigures>,
     /// Handshakes the latency client completed in all (1: the connection survived).
     pub(crate) client_handshakes: Option<u64>,
-    /// Handshakes the server counted at the end (1 for a kept connection).
+    /// Handshakes the server counted from the end of the first move to the end of the last
+    /// (0 when every connection was kept).
     pub(crate) server_handshakes: Option<u64>,
     pub(crate) problems: Vec<String>,
 }
@@ -691,7 +692,19 @@ fn engine_cell(paths: &Paths, mode: Mode, size: u32, n: u32, bulk: u32, port: &m
                 });
             }
             cell.client_handshakes = client.handshakes;
-            cell.server_handshakes = done.iter().rev().find_map(|d| d.server_handshakes);
+            // New handshakes the server counted between the end of the first move and the end
+            // of the last (0: every connection survived; the count is the server's life's).
+            let counts: Vec<u64> = done.iter().filter_map(|d| d.server_handshakes).collect();
+            cell.server_handshakes = match (counts.first(), counts.last()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(*a)),
+                _ => None,
+            };
+            if cell.server_handshakes.is_some_and(|n| n > 0) && !reconnect {
+                cell.problems.push(format!(
+                    "the server counted {} new handshakes during the moves",
+                    cell.server_handshakes.unwrap_or(0)
+                ));
+            }
             if let Some(e) = client.error {
                 cell.problems.push(format!("latency client: {e}"));
             }
@@ -1135,7 +1148,7 @@ fn render(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         o,
-        "| mode | MiB | moves | pause ms | freeze ms | overhead ms | image MiB | resident ms | latency while paging ms | goodput 90% ms | handshakes (client/server) |"
+        "| mode | MiB | moves | pause ms | freeze ms | overhead ms | image MiB | resident ms | latency while paging ms | goodput 90% ms | handshakes: client / server's new |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|");
     let f = |x: Option<Spread>| {
