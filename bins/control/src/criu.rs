@@ -14,9 +14,9 @@ use anyhow::{Context, Result, bail};
 use crate::sys::{run_unchecked, tail};
 
 /// Where the task's own work starts in a dump log.
-const DUMP_TASK_MARKERS: &[&str] = &["Seizing", "seize", "Freezing"];
+pub(crate) const DUMP_TASK_MARKERS: &[&str] = &["Seizing", "seize", "Freezing"];
 /// Where the task's own work starts in a restore log.
-const RESTORE_TASK_MARKERS: &[&str] = &["Restoring processes", "Forking task", "fork"];
+pub(crate) const RESTORE_TASK_MARKERS: &[&str] = &["Restoring processes", "Forking task", "fork"];
 
 /// Parses criu's "(SS.UUUUUU) message" log lines: the time of the first line whose message
 /// contains one of `markers`, and of the last line.
@@ -41,7 +41,8 @@ fn log_times(log: &str, markers: &[&str]) -> (Option<f64>, Option<f64>) {
     (first, last)
 }
 
-fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
+/// criu's timing from its log (also used by `postcopy`).
+pub(crate) fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let (first, last) = log_times(&text, markers);
     CriuTiming {
@@ -72,7 +73,8 @@ fn criu_in(netns: &Path) -> Command {
     criu_as(netns, None)
 }
 
-fn criu_as(netns: &Path, user: Option<DumpAs>) -> Command {
+/// criu in `netns`, as `user` when given (also used by `postcopy`).
+pub(crate) fn criu_as(netns: &Path, user: Option<DumpAs>) -> Command {
     use std::os::unix::process::CommandExt as _;
     let mut c = Command::new("nsenter");
     c.arg(format!("--net={}", netns.display())).arg("--");
@@ -199,7 +201,8 @@ pub(crate) fn restore(netns: &Path, dir: &Path, log_name: &str) -> Result<(i32, 
     Ok((pid, timing(r.took, &log, RESTORE_TASK_MARKERS)))
 }
 
-fn check(output: &std::process::Output, what: &str, log: &Path) -> Result<()> {
+/// A failed criu's error, with its log's error lines (also used by `postcopy`).
+pub(crate) fn check(output: &std::process::Output, what: &str, log: &Path) -> Result<()> {
     if output.status.success() {
         return Ok(());
     }

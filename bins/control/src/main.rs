@@ -8,6 +8,7 @@ mod interrupt;
 mod journal;
 mod lock;
 mod podman;
+mod postcopy;
 mod recover;
 mod report;
 mod run;
@@ -27,6 +28,7 @@ use migration_core::{MigrationPolicy, PreDumpPolicy};
 
 use crate::deploy::{Settings, UpOptions};
 use crate::engine::{Fault, Transfer};
+use crate::postcopy::Memory;
 use crate::run::{Route, RunOptions};
 
 /// Orchestrates the live migration of the demo QUIC server (swrapper) between two podman
@@ -119,6 +121,9 @@ struct SuperviseArgs {
     /// The server's log.
     #[arg(long)]
     server_log: PathBuf,
+    /// Start the server as PID 1 of its own pid namespace.
+    #[arg(long)]
+    pid_namespace: bool,
     /// The server's command line.
     #[arg(last = true, required = true)]
     server: Vec<OsString>,
@@ -137,9 +142,16 @@ struct UpArgs {
     #[arg(long, env = "QLM_BIN_DIR")]
     bin_dir: Option<PathBuf>,
     /// The unprivileged account the server runs as (with no_new_privs); `cargo xtask setup`
-    /// creates the default one.
+    /// creates the default one. `root` (keep the server root) is accepted only with
+    /// `--pid-namespace`, and required there.
     #[arg(long, env = "QLM_SERVER_USER", default_value = "qlm-server")]
     server_user: String,
+    /// Start the server as PID 1 of its own pid namespace (`unshare --pid --fork`), which
+    /// `--memory post-copy` moves need (cold moves work in it too). Needs `--server-user
+    /// root`: criu can dump a process in its own pid namespace only if that process may mount
+    /// a /proc for it.
+    #[arg(long, env = "QLM_PID_NAMESPACE")]
+    pid_namespace: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -156,6 +168,12 @@ struct MigrateArgs {
     /// reassembled into a new directory, as between two hosts).
     #[arg(long, env = "QLM_TRANSFER", default_value = "local")]
     transfer: Transfer,
+    /// How the server's memory moves: `cold` (all of it while the server is frozen, about
+    /// 1 ms per MiB) or `post-copy` (the server runs at the target first, its pages follow
+    /// from the frozen source; needs `up --pid-namespace`, fs.pipe-max-size >= 4 MiB and
+    /// `--transfer local`; if the page transfer fails after the restore, the server is lost).
+    #[arg(long, env = "QLM_MEMORY", value_enum, default_value = "cold")]
+    memory: Memory,
     /// Write the migration's JSON report here (default: <state-dir>/reports/<id>.json).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -345,6 +363,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 netns: a.netns.clone(),
                 argv: a.server.clone(),
                 log: a.server_log.clone(),
+                pid_namespace: a.pid_namespace,
             },
         ),
     }
@@ -389,6 +408,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         dst_port: a.dst_port,
         bin_dir,
         server_user: a.server_user.clone(),
+        pid_namespace: a.pid_namespace,
     })
 }
 
@@ -406,6 +426,7 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
             ..MigrationPolicy::default()
         },
         transfer: a.transfer,
+        memory: a.memory,
         keep_images: a.keep_images,
         fault: if a.fail_dump {
             Some(Fault::Dump)

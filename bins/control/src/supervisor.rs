@@ -3,10 +3,13 @@
 //! ```text
 //!  control up ──spawns──► control supervise (setsid, child subreaper)
 //!                              ├─ child: nsenter --net=A -- swrapper ...   (the server)
+//!                              │    (--pid-namespace: nsenter -- unshare --pid --fork setsid
+//!                              │     swrapper: the server is PID 1 of its own pid namespace)
 //!                              │    dumped by criu: it exits, and is reaped at once (SIGCHLD)
 //!                              └─ on request: nsenter --net=B -- criu restore -d ...
 //!                                   the restored server is re-parented to the supervisor
 //!  control migrate ──unix socket (one JSON line each way)──► Restore { netns, dir } / Exit
+//!                                                            (RestoreLazy: post-copy)
 //! ```
 //!
 //! CRIU restores the server under its old PID, so that PID must be free: the dumped process
@@ -51,6 +54,16 @@ pub(crate) enum SupervisorRequest {
         /// The network namespace to restore into.
         netns: PathBuf,
         /// The image set.
+        dir: PathBuf,
+        /// criu's log file name inside `dir`.
+        log_name: String,
+    },
+    /// Post-copy (`postcopy`): `criu restore --lazy-pages --restore-detached` of `dir` inside
+    /// `netns`, as the supervisor's child; the lazy-pages daemon fills its memory.
+    RestoreLazy {
+        /// The network namespace to restore into.
+        netns: PathBuf,
+        /// The image set (everything but the memory).
         dir: PathBuf,
         /// criu's log file name inside `dir`.
         log_name: String,
@@ -143,6 +156,9 @@ pub(crate) struct ServerCommand {
     pub(crate) argv: Vec<OsString>,
     /// The server's log (stdout and stderr).
     pub(crate) log: PathBuf,
+    /// Start it as PID 1 of its own pid namespace (`unshare --pid --fork`), which post-copy
+    /// moves need (`postcopy`).
+    pub(crate) pid_namespace: bool,
 }
 
 /// Runs the supervisor until asked to exit or terminated: starts the server, reaps every
@@ -231,8 +247,14 @@ fn start_server(server: &ServerCommand) -> Result<i32> {
     };
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", server.netns.display()))
-        .arg("--")
-        .arg(program)
+        .arg("--");
+    if server.pid_namespace {
+        // unshare forks the server as PID 1 of a new pid namespace and waits for it (the
+        // server's host PID is unshare's child: `postcopy::server_host_pid`); setsid makes
+        // the server its own session leader inside it, which criu needs to dump it alone.
+        cmd.args(["unshare", "--pid", "--fork", "setsid"]);
+    }
+    cmd.arg(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
@@ -299,6 +321,19 @@ fn handle(stream: UnixStream) -> bool {
             dir,
             log_name,
         }) => match criu::restore(&netns, &dir, &log_name) {
+            Ok((pid, timing)) => (SupervisorReply::Restored { pid, timing }, false),
+            Err(e) => (
+                SupervisorReply::Failed {
+                    error: format!("{e:#}"),
+                },
+                false,
+            ),
+        },
+        Ok(SupervisorRequest::RestoreLazy {
+            netns,
+            dir,
+            log_name,
+        }) => match crate::postcopy::restore(&netns, &dir, &log_name) {
             Ok((pid, timing)) => (SupervisorReply::Restored { pid, timing }, false),
             Err(e) => (
                 SupervisorReply::Failed {

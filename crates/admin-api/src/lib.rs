@@ -30,5 +30,5 @@ pub use admin::{
 };
 pub use report::{
     ClientMigration, ClientReport, CriuTiming, MoveReport, MoveResult, Placement, PortProbe,
-    RunReport, RunRow, RunSummary, TransferStats, median,
+    PostCopyReport, RunReport, RunRow, RunSummary, TransferStats, median,
 };
