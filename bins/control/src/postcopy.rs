@@ -438,7 +438,7 @@ impl PageFlow {
         };
         PostCopyReport {
             transport: "unix-socket-pair".to_owned(),
-            resident_after_ms: error.is_none().then(|| after.as_secs_f64() * 1e3),
+            resident_after_ms: error.is_none().then_some(after.as_secs_f64() * 1e3),
             pages_transferred: pages.map(|p| p.0),
             bytes_transferred: pages.map(|p| p.0 * page),
             error,
@@ -489,6 +489,7 @@ pub(crate) fn restore(netns: &Path, dir: &Path, log_name: &str) -> Result<(i32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt as _;
 
     #[test]
     fn pipe_max_size_is_parsed_and_checked_with_typed_refusals() {
@@ -562,5 +563,179 @@ mod tests {
             None
         );
         assert_eq!(parse_transferred_pages("UFFD transferred pages: (3"), None);
+    }
+
+    /// A process that holds `mib` MiB (every page written with its own offset) and prints
+    /// `sum <sha256>` of it on SIGUSR1; `ready <pid>` once filled.
+    const HOLDER: &str = "import sys, signal, hashlib, os\n\
+        buf = bytearray(int(sys.argv[1]) << 20)\n\
+        for i in range(0, len(buf), 4096): buf[i:i+8] = i.to_bytes(8, 'little')\n\
+        signal.signal(signal.SIGUSR1, lambda *_: print('sum', hashlib.sha256(buf).hexdigest(), flush=True))\n\
+        print('ready', os.getpid(), flush=True)\n\
+        while True: signal.pause()\n";
+
+    fn lines_with(path: &Path, prefix: &str) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn wait_lines(path: &Path, prefix: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let l = lines_with(path, prefix);
+            if l.len() >= n || Instant::now() > deadline {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn program(p: &str) -> bool {
+        Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    fn uffd_supported() -> bool {
+        Command::new("criu")
+            .args(["check", "--feature", "uffd-noncoop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Kills a process by PID when dropped (the held process, the restored one).
+    struct KillOnDrop(i32);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    #[test]
+    fn a_real_process_moves_post_copy_between_two_network_namespaces_with_its_memory() {
+        if !test_support::require("needs root (netns, criu)", nix::unistd::geteuid().is_root())
+            || !test_support::require(
+                "needs criu, python3, unshare",
+                program("criu") && program("python3") && program("unshare"),
+            )
+            || !test_support::require(
+                "needs userfaultfd (criu check --feature uffd-noncoop)",
+                uffd_supported(),
+            )
+            || !test_support::require(
+                "needs fs.pipe-max-size >= 4 MiB (cargo xtask setup)",
+                check_pipe_max_size(Path::new(PIPE_MAX_SIZE)).is_ok(),
+            )
+        {
+            return;
+        }
+        let Some(a) =
+            test_support::require_ok("netns A", test_support::netns::Netns::create("qlmh-lazy-a"))
+        else {
+            return;
+        };
+        let Some(b) =
+            test_support::require_ok("netns B", test_support::netns::Netns::create("qlmh-lazy-b"))
+        else {
+            return;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("qlmh-lazy-")
+            .tempdir()
+            .unwrap();
+        let out = dir.path().join("holder.out");
+        let images = dir.path().join("images");
+        crate::secure::private_dir(&images).unwrap();
+        // The holder: PID 1 of its own pid namespace, its own session, in A.
+        let log = std::fs::File::create(&out).unwrap();
+        let mut unshare = Command::new("nsenter")
+            .arg(format!("--net={}", a.path().display()))
+            .args([
+                "--", "unshare", "--pid", "--fork", "setsid", "python3", "-c", HOLDER, "64",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            wait_lines(&out, "ready", 1).len(),
+            1,
+            "the holder did not start"
+        );
+        let pid = {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let kids =
+                    std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
+                        .unwrap_or_default();
+                if let Some(p) = kids.split_whitespace().next() {
+                    break p.parse::<i32>().unwrap();
+                }
+                assert!(Instant::now() < deadline, "unshare forked no holder");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let _holder = KillOnDrop(pid);
+        assert!(own_pid_namespace(pid));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        let before = wait_lines(&out, "sum", 1);
+        assert_eq!(before.len(), 1, "no checksum before the move");
+
+        let frozen = Instant::now();
+        let started = start(pid, &a.path(), &images, None).unwrap();
+        assert!(started.dump.wall_ms > 0.0);
+        let (new_pid, timing) = restore(&b.path(), &images, "restore.log").unwrap();
+        let restored_at = Instant::now();
+        let freeze = restored_at - frozen;
+        let _restored = KillOnDrop(new_pid);
+        assert!(timing.wall_ms > 0.0);
+        let report = started.flow.wait_resident(restored_at);
+        assert_eq!(report.error, None, "{report:?}");
+        let resident = report.resident_after_ms.expect("resident-after figure");
+        let pages = report
+            .pages_transferred
+            .expect("pages from the daemon's log");
+        assert!(pages >= 64 << 8, "only {pages} pages moved for 64 MiB");
+        assert_eq!(report.bytes_transferred, Some(pages * 4096));
+        eprintln!(
+            "post-copy 64 MiB: freeze {:.1} ms, resident after {resident:.1} ms, {pages} pages",
+            freeze.as_secs_f64() * 1e3
+        );
+        // The source is gone (criu kills it once every page is served), its unshare with it.
+        let _ = unshare.wait();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists() || !own_pid_namespace(pid));
+        // The restored process runs in B, as PID 1 of its pid namespace, with the same memory.
+        assert_eq!(
+            crate::sys::netns_inode(Path::new(&format!("/proc/{new_pid}/ns/net"))).unwrap(),
+            crate::sys::netns_inode(&b.path()).unwrap()
+        );
+        assert!(own_pid_namespace(new_pid));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(new_pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        let after = wait_lines(&out, "sum", 2);
+        assert_eq!(after.len(), 2, "no checksum after the move");
+        assert_eq!(after[0], after[1], "the memory changed in the move");
     }
 }
