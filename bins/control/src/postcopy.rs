@@ -565,6 +565,39 @@ mod tests {
         assert_eq!(parse_transferred_pages("UFFD transferred pages: (3"), None);
     }
 
+    #[test]
+    fn a_transfer_that_fails_after_the_restore_is_reported_not_counted_as_resident() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("lazy-pages.log"),
+            "(00.5) Error (criu/uffd.c:1) uffd: 1-5: read error\n\
+             (00.6) uffd: 1-5: UFFD transferred pages: (7/9)\n",
+        )
+        .unwrap();
+        // The source's dump dies (exit 3), the daemon ends fine: the pages never all arrived.
+        let flow = PageFlow {
+            dump: Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap(),
+            daemon: Command::new("true").spawn().unwrap(),
+            dir: dir.path().to_path_buf(),
+        };
+        let r = flow.wait_resident(Instant::now());
+        let error = r.error.expect("a failed transfer is an error");
+        assert!(error.contains("failed after the restore"), "{error}");
+        assert!(error.contains("exit status: 3"), "{error}");
+        assert!(error.contains("read error"), "{error}");
+        assert_eq!(r.resident_after_ms, None);
+        assert_eq!(r.pages_transferred, Some(7));
+        // Both fine: resident, with a figure.
+        let flow = PageFlow {
+            dump: Command::new("true").spawn().unwrap(),
+            daemon: Command::new("true").spawn().unwrap(),
+            dir: dir.path().to_path_buf(),
+        };
+        let r = flow.wait_resident(Instant::now());
+        assert_eq!(r.error, None);
+        assert!(r.resident_after_ms.is_some());
+    }
+
     /// A process that holds `mib` MiB (every page written with its own offset) and prints
     /// `sum <sha256>` of it on SIGUSR1; `ready <pid>` once filled.
     const HOLDER: &str = "import sys, signal, hashlib, os\n\
@@ -624,22 +657,109 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_real_process_moves_post_copy_between_two_network_namespaces_with_its_memory() {
-        if !test_support::require("needs root (netns, criu)", nix::unistd::geteuid().is_root())
-            || !test_support::require(
+    /// Starts the holder of `mib` MiB as PID 1 of its own pid namespace, its own session, in
+    /// `netns`; returns unshare (its parent) and its host PID.
+    fn start_holder(netns: &Path, out: &Path, mib: u32) -> (Child, i32) {
+        let log = std::fs::File::create(out).unwrap();
+        let mut unshare = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args([
+                "--", "unshare", "--pid", "--fork", "setsid", "python3", "-c", HOLDER,
+            ])
+            .arg(mib.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let ready = wait_lines(out, "ready", 1).len() == 1;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ready && Instant::now() < deadline {
+            let kids =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
+                    .unwrap_or_default();
+            if let Some(p) = kids.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                return (unshare, p);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = unshare.kill();
+        let _ = unshare.wait();
+        panic!("the holder did not start (ready: {ready})");
+    }
+
+    fn usr1(pid: i32) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+    }
+
+    fn may_run_real_moves() -> bool {
+        test_support::require("needs root (netns, criu)", nix::unistd::geteuid().is_root())
+            && test_support::require(
                 "needs criu, python3, unshare",
                 program("criu") && program("python3") && program("unshare"),
             )
-            || !test_support::require(
+            && test_support::require(
                 "needs userfaultfd (criu check --feature uffd-noncoop)",
                 uffd_supported(),
             )
-            || !test_support::require(
+            && test_support::require(
                 "needs fs.pipe-max-size >= 4 MiB (cargo xtask setup)",
                 check_pipe_max_size(Path::new(PIPE_MAX_SIZE)).is_ok(),
             )
-        {
+    }
+
+    #[test]
+    fn when_the_source_dies_after_the_restore_the_move_is_broken_and_the_source_runs_again() {
+        if !may_run_real_moves() {
+            return;
+        }
+        let Some(a) =
+            test_support::require_ok("netns A", test_support::netns::Netns::create("qlmh-lazy-a"))
+        else {
+            return;
+        };
+        let Some(b) =
+            test_support::require_ok("netns B", test_support::netns::Netns::create("qlmh-lazy-b"))
+        else {
+            return;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("qlmh-lazy-")
+            .tempdir()
+            .unwrap();
+        let out = dir.path().join("holder.out");
+        let images = dir.path().join("images");
+        crate::secure::private_dir(&images).unwrap();
+        // Big enough that the background transfer is still going when the dump is killed.
+        let (_unshare, pid) = start_holder(&a.path(), &out, 512);
+        let _holder = KillOnDrop(pid);
+        usr1(pid);
+        assert_eq!(wait_lines(&out, "sum", 1).len(), 1);
+        let mut started = start(pid, &a.path(), &images, None).unwrap();
+        let (new_pid, _) = restore(&b.path(), &images, "restore.log").unwrap();
+        let _restored = KillOnDrop(new_pid);
+        started.flow.dump.kill().unwrap();
+        let report = started.flow.wait_resident(Instant::now());
+        let error = report.error.expect("the transfer cannot have completed");
+        assert!(error.contains("failed after the restore"), "{error}");
+        assert_eq!(report.resident_after_ms, None);
+        // criu's killed dump let the frozen source go on, its memory intact: the engine's
+        // rollback after a failed transfer relies on this.
+        std::thread::sleep(Duration::from_millis(200));
+        usr1(pid);
+        let sums = wait_lines(&out, "sum", 2);
+        assert_eq!(sums.len(), 2, "the source does not run again");
+        assert_eq!(sums[0], sums[1], "the source's memory changed");
+    }
+
+    #[test]
+    fn a_real_process_moves_post_copy_between_two_network_namespaces_with_its_memory() {
+        if !may_run_real_moves() {
             return;
         }
         let Some(a) =
@@ -660,36 +780,7 @@ mod tests {
         let images = dir.path().join("images");
         crate::secure::private_dir(&images).unwrap();
         // The holder: PID 1 of its own pid namespace, its own session, in A.
-        let log = std::fs::File::create(&out).unwrap();
-        let mut unshare = Command::new("nsenter")
-            .arg(format!("--net={}", a.path().display()))
-            .args([
-                "--", "unshare", "--pid", "--fork", "setsid", "python3", "-c", HOLDER, "64",
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        assert_eq!(
-            wait_lines(&out, "ready", 1).len(),
-            1,
-            "the holder did not start"
-        );
-        let pid = {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let kids =
-                    std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
-                        .unwrap_or_default();
-                if let Some(p) = kids.split_whitespace().next() {
-                    break p.parse::<i32>().unwrap();
-                }
-                assert!(Instant::now() < deadline, "unshare forked no holder");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        };
+        let (mut unshare, pid) = start_holder(&a.path(), &out, 64);
         let _holder = KillOnDrop(pid);
         assert!(own_pid_namespace(pid));
         nix::sys::signal::kill(
