@@ -462,6 +462,8 @@ mod tests {
             "--transfer",
             "sealed",
             "--fail-restore",
+            "--memory",
+            "post-copy",
         ])
         .unwrap();
         let Cmd::Migrate(a) = &cli.cmd else {
@@ -472,6 +474,7 @@ mod tests {
         assert_eq!(o.policy.predump.max_rounds, 0);
         assert_eq!(o.transfer, Transfer::Sealed);
         assert_eq!(o.fault, Some(Fault::Restore));
+        assert_eq!(o.memory, Memory::PostCopy);
         assert!(o.policy.validate().is_ok());
         // Refused: a zero ack deadline, both faults, an unknown transfer or route.
         for bad in [
@@ -479,6 +482,8 @@ mod tests {
             &["control", "migrate", "--fail-dump", "--fail-restore"],
             &["control", "migrate", "--transfer", "carrier-pigeon"],
             &["control", "run", "--route", "teleport"],
+            &["control", "migrate", "--memory", "warm"],
+            &["control", "run", "--memory", ""],
             &["control", "run", "--max-pause-ms", "0"],
             &[
                 "control",
