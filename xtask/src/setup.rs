@@ -9,6 +9,7 @@
 //!      │        private apt lists/cache in a temp dir, `apt-get download` (system untouched)
 //!  install ──── apt-get install the missing packages (+ the libraries sid's criu needs)
 //!      │        dpkg-deb -x into a staged prefix, test it, rename into place, write the wrapper
+//!  sysctl ───── fs.pipe-max-size >= 4 MiB (post-copy moves), persisted in /etc/sysctl.d/
 //!  verify ───── one line per component (version, time), `criu check`, dirty tracking,
 //!               podman smoke run of a busybox image imported from a local tar
 //! ```
@@ -156,6 +157,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         );
     }
     ensure_server_user()?;
+    ensure_pipe_max_size()?;
     let verified = verify(root, &work.path);
     work.remove()?;
     verified?;
@@ -335,6 +337,10 @@ struct Survey {
     criu: CriuState,
     /// The unprivileged account the demo server runs as exists.
     server_user: bool,
+    /// `fs.pipe-max-size`, when readable (post-copy moves need [`MIN_PIPE_MAX_SIZE`]).
+    pipe_max_size: Option<u64>,
+    /// The setting is persisted in [`SYSCTL_FILE`].
+    pipe_max_size_persisted: bool,
 }
 
 impl Survey {
@@ -349,11 +355,17 @@ impl Survey {
             missing,
             criu: CriuState::probe()?,
             server_user: user_exists(SERVER_USER),
+            pipe_max_size: read_pipe_max_size(Path::new(PIPE_MAX_SIZE)).ok(),
+            pipe_max_size_persisted: persisted(Path::new(SYSCTL_FILE)),
         })
     }
 
     fn complete(&self) -> bool {
-        self.missing.is_empty() && self.criu.is_good() && self.server_user
+        self.missing.is_empty()
+            && self.criu.is_good()
+            && self.server_user
+            && self.pipe_max_size.is_some_and(|v| v >= MIN_PIPE_MAX_SIZE)
+            && self.pipe_max_size_persisted
     }
 
     fn print(&self) {
@@ -374,7 +386,86 @@ impl Survey {
                 "missing"
             }
         );
+        println!(
+            "xtask setup: fs.pipe-max-size: {}",
+            match self.pipe_max_size {
+                Some(v) if v >= MIN_PIPE_MAX_SIZE => format!("{v} (post-copy moves possible)"),
+                Some(v) => format!("{v}, below the {MIN_PIPE_MAX_SIZE} post-copy moves need"),
+                None => format!("unreadable ({PIPE_MAX_SIZE})"),
+            }
+        );
+        if !self.pipe_max_size_persisted {
+            println!(
+                "xtask setup: {SYSCTL_FILE}: missing (the setting would not survive a reboot)"
+            );
+        }
     }
+}
+
+/// `fs.pipe-max-size`.
+const PIPE_MAX_SIZE: &str = "/proc/sys/fs/pipe-max-size";
+/// What post-copy moves need (`control migrate --memory post-copy`): criu keeps the dumped
+/// memory in pipes it grows up to 4 MiB, and root here lacks CAP_SYS_RESOURCE, so the sysctl
+/// bounds it.
+const MIN_PIPE_MAX_SIZE: u64 = 4 << 20;
+/// Where the setting is persisted (read by systemd-sysctl / `sysctl --system` at boot).
+const SYSCTL_FILE: &str = "/etc/sysctl.d/60-quic-live-migrate.conf";
+
+/// Reads `fs.pipe-max-size` from `path`.
+fn read_pipe_max_size(path: &Path) -> Result<u64> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_pipe_max_size(&text)
+}
+
+fn parse_pipe_max_size(text: &str) -> Result<u64> {
+    text.trim()
+        .parse::<u64>()
+        .with_context(|| format!("fs.pipe-max-size is not a number: `{}`", text.trim()))
+}
+
+/// Whether `file` holds exactly the setting [`sysctl_file_content`] writes.
+fn persisted(file: &Path) -> bool {
+    fs::read_to_string(file).ok().as_deref() == Some(sysctl_file_content().as_str())
+}
+
+/// The content of [`SYSCTL_FILE`].
+fn sysctl_file_content() -> String {
+    format!(
+        "# quic-live-migrate (cargo xtask setup): criu's post-copy page pipes need\n\
+         # fs.pipe-max-size >= {MIN_PIPE_MAX_SIZE} (root lacks CAP_SYS_RESOURCE here).\n\
+         fs.pipe-max-size = {MIN_PIPE_MAX_SIZE}\n"
+    )
+}
+
+/// Raises `fs.pipe-max-size` to at least [`MIN_PIPE_MAX_SIZE`] now (never lowers it) and
+/// persists it in [`SYSCTL_FILE`]; idempotent: nothing is written when both already hold.
+fn ensure_pipe_max_size() -> Result<()> {
+    ensure_pipe_max_size_at(Path::new(PIPE_MAX_SIZE), Path::new(SYSCTL_FILE))
+}
+
+/// [`ensure_pipe_max_size`] with the sysctl at `path` and the persisted setting at `file`.
+fn ensure_pipe_max_size_at(path: &Path, file: &Path) -> Result<()> {
+    let now = read_pipe_max_size(path)?;
+    if now < MIN_PIPE_MAX_SIZE {
+        fs::write(path, MIN_PIPE_MAX_SIZE.to_string())
+            .with_context(|| format!("writing {MIN_PIPE_MAX_SIZE} to {}", path.display()))?;
+        let after = read_pipe_max_size(path)?;
+        if after < MIN_PIPE_MAX_SIZE {
+            bail!("fs.pipe-max-size is still {after} after writing {MIN_PIPE_MAX_SIZE}");
+        }
+        println!("xtask setup: raised fs.pipe-max-size from {now} to {after}");
+    }
+    let want = sysctl_file_content();
+    if !persisted(file) {
+        fs::write(file, &want).with_context(|| format!("writing {}", file.display()))?;
+        fs::set_permissions(file, fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("making {} world-readable", file.display()))?;
+        println!(
+            "xtask setup: wrote {} (fs.pipe-max-size kept across reboots)",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// The unprivileged account `control up` runs the demo server as (no home, no shell, no
@@ -1431,6 +1522,48 @@ mod tests {
         let path = b.path.clone();
         drop(b);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn pipe_max_size_parses_and_the_sysctl_file_sets_enough() {
+        assert_eq!(parse_pipe_max_size("1048576\n").unwrap(), 1 << 20);
+        for bad in ["", "x", "-4", "4 MiB"] {
+            let e = parse_pipe_max_size(bad).unwrap_err();
+            assert!(format!("{e:#}").contains("not a number"), "{bad:?}: {e:#}");
+        }
+        let text = sysctl_file_content();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("fs.pipe-max-size"))
+            .unwrap();
+        let value = parse_pipe_max_size(line.split('=').nth(1).unwrap()).unwrap();
+        assert!(value >= MIN_PIPE_MAX_SIZE, "{line}");
+        assert!(SYSCTL_FILE.starts_with("/etc/sysctl.d/") && SYSCTL_FILE.ends_with(".conf"));
+        assert!(read_pipe_max_size(Path::new("/nonexistent/pipe-max-size")).is_err());
+    }
+
+    #[test]
+    fn pipe_max_size_is_raised_never_lowered_and_persisted_once() {
+        let dir = WorkDir::create().unwrap();
+        let sysctl = dir.path.join("pipe-max-size");
+        let file = dir.path.join("60-quic-live-migrate.conf");
+        fs::write(&sysctl, "1048576\n").unwrap();
+        ensure_pipe_max_size_at(&sysctl, &file).unwrap();
+        assert_eq!(read_pipe_max_size(&sysctl).unwrap(), MIN_PIPE_MAX_SIZE);
+        assert!(persisted(&file));
+        let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        // Idempotent: a second run changes nothing; a larger value is kept.
+        let before = fs::metadata(&file).unwrap().modified().unwrap();
+        fs::write(&sysctl, "16777216").unwrap();
+        ensure_pipe_max_size_at(&sysctl, &file).unwrap();
+        assert_eq!(read_pipe_max_size(&sysctl).unwrap(), 16 << 20);
+        assert_eq!(fs::metadata(&file).unwrap().modified().unwrap(), before);
+        // A damaged sysctl value is an error, not a write.
+        fs::write(&sysctl, "garbage").unwrap();
+        assert!(ensure_pipe_max_size_at(&sysctl, &file).is_err());
+        assert_eq!(fs::read_to_string(&sysctl).unwrap(), "garbage");
+        dir.remove().unwrap();
     }
 
     #[test]

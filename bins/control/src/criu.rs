@@ -26,9 +26,9 @@ use crate::sys::{run_unchecked, tail};
 pub(crate) const WORKER_LIMIT: Duration = Duration::from_secs(60);
 
 /// Where the task's own work starts in a dump log.
-const DUMP_TASK_MARKERS: &[&str] = &["Seizing", "seize", "Seized", "Freezing"];
+pub(crate) const DUMP_TASK_MARKERS: &[&str] = &["Seizing", "seize", "Seized", "Freezing"];
 /// Where the task's own work starts in a restore log.
-const RESTORE_TASK_MARKERS: &[&str] = &["Restoring processes", "Forking task", "fork"];
+pub(crate) const RESTORE_TASK_MARKERS: &[&str] = &["Restoring processes", "Forking task", "fork"];
 
 /// Parses criu's "(SS.UUUUUU) message" log lines: the time of the first line whose message
 /// contains one of `markers`, and of the last line.
@@ -53,7 +53,8 @@ fn log_times(log: &str, markers: &[&str]) -> (Option<f64>, Option<f64>) {
     (first, last)
 }
 
-fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
+/// criu's timing from its log (also used by `postcopy`).
+pub(crate) fn timing(wall: Duration, log: &Path, markers: &[&str]) -> CriuTiming {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let (first, last) = log_times(&text, markers);
     CriuTiming {
@@ -374,7 +375,8 @@ fn log_errors(log: &Path) -> String {
     tail(&errors.join("\n"), 12)
 }
 
-fn check(output: &std::process::Output, what: &str, log: &Path) -> Result<()> {
+/// A failed criu's error, with its log's error lines (also used by `postcopy`).
+pub(crate) fn check(output: &std::process::Output, what: &str, log: &Path) -> Result<()> {
     if output.status.success() {
         return Ok(());
     }

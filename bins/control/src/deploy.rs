@@ -50,7 +50,15 @@ pub(crate) struct UpOptions {
     pub(crate) ballast_mib: u32,
     /// MiB per second of it the server rewrites (swrapper --dirty-mib-per-s).
     pub(crate) dirty_mib_per_s: u32,
+    /// The server runs as PID 1 of its own pid namespace (post-copy needs it).
+    pub(crate) pid_namespace: bool,
 }
+
+/// The `--server-user` that keeps the server root: needed in its own pid namespace, where
+/// criu's parasite (running as the server) must mount a /proc of that namespace
+/// (`parasite.c`, `get_proc_fd`: "can't dump unprivileged task whose /proc doesn't belong to
+/// it"). Accepted only with `--pid-namespace`.
+pub(crate) const ROOT_SERVER: &str = "root";
 
 /// How long the server has to say it is ready.
 const READY_LIMIT: Duration = Duration::from_secs(10);
@@ -121,10 +129,27 @@ pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
             opts.bin_dir.display()
         );
     }
-    if nix::unistd::User::from_name(&opts.server_user)
-        .ok()
-        .flatten()
-        .is_none()
+    // Post-copy hook: a server in its own pid namespace must be root (see `ROOT_SERVER`).
+    if opts.pid_namespace && opts.server_user != ROOT_SERVER {
+        bail!(
+            "--pid-namespace needs `--server-user {ROOT_SERVER}`: criu dumps a process in its \
+             own pid namespace only if that process can mount /proc for it (criu's parasite \
+             runs with the process's credentials), which an unprivileged server cannot; a \
+             server in the host's pid namespace can run as `{}` (cold moves only)",
+            opts.server_user
+        );
+    }
+    if !opts.pid_namespace && opts.server_user == ROOT_SERVER {
+        bail!(
+            "`--server-user {ROOT_SERVER}` is only for --pid-namespace (post-copy); without it \
+             the server runs as an unprivileged account"
+        );
+    }
+    if opts.server_user != ROOT_SERVER
+        && nix::unistd::User::from_name(&opts.server_user)
+            .ok()
+            .flatten()
+            .is_none()
     {
         bail!(
             "the server's account `{}` does not exist: `cargo xtask setup` creates it (or pass \
@@ -212,7 +237,7 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         .map_err(|_| anyhow::anyhow!("expected two containers"))?;
 
     let server_log = state_dir.join("server.log");
-    let argv = vec![
+    let mut argv = vec![
         swrapper.as_os_str().to_owned(),
         "--listen".into(),
         format!("0.0.0.0:{}", podman::CONTAINER_PORT).into(),
@@ -223,12 +248,9 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         "--admin-dir".into(),
         admin.as_os_str().to_owned(),
         "--park-after-announce".into(),
-        "--user".into(),
-        opts.server_user.clone().into(),
         "--log".into(),
         "info".into(),
     ];
-    let mut argv = argv;
     if opts.ballast_mib > 0 {
         argv.extend([
             "--ballast-mib".into(),
@@ -239,7 +261,13 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
     }
     // The server touches its ballast before it says it is ready.
     let ready_limit = READY_LIMIT + Duration::from_millis(10 * u64::from(opts.ballast_mib));
-    let supervisor_pid = start_supervisor(state_dir, &a.netns, &server_log, &argv)?;
+    // Post-copy hook: `--server-user root` (only with --pid-namespace, see `check_up`) keeps
+    // the server root; every other account is dropped to.
+    if opts.server_user != ROOT_SERVER {
+        argv.extend(["--user".into(), opts.server_user.clone().into()]);
+    }
+    let supervisor_pid =
+        start_supervisor(state_dir, &a.netns, &server_log, &argv, opts.pid_namespace)?;
     let admin_dir = AdminDir::open(&admin)?;
     let ready: Ready = admin_dir.wait_event(None, ready_limit).with_context(|| {
         format!(
@@ -252,7 +280,22 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         )
     })?;
     let pid = i32::try_from(ready.pid).context("PID out of range")?;
-    if sys::parent_pid(pid) != Some(supervisor_pid) {
+    // Post-copy hook: in its own pid namespace the server knows itself as PID 1; the engine
+    // needs its host PID, a child of `unshare` (the supervisor's child).
+    let pid = if opts.pid_namespace {
+        let host = crate::postcopy::server_host_pid(supervisor_pid)?;
+        let parent = sys::parent_pid(host);
+        if parent.and_then(sys::parent_pid) != Some(supervisor_pid) {
+            bail!(
+                "the server (PID {host}) is not under the supervisor ({supervisor_pid}): \
+                 parent {parent:?}"
+            );
+        }
+        host
+    } else {
+        pid
+    };
+    if !opts.pid_namespace && sys::parent_pid(pid) != Some(supervisor_pid) {
         bail!(
             "the server (PID {pid}) is not the supervisor's ({supervisor_pid}) child: parent {:?}",
             sys::parent_pid(pid)
@@ -271,6 +314,7 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         server_log,
         images_dir: settings.images_dir.clone(),
         migrations: 0,
+        pid_namespace: opts.pid_namespace,
     };
     state.save(state_dir)?;
     Ok(state)
@@ -282,6 +326,7 @@ fn start_supervisor(
     netns: &Path,
     server_log: &Path,
     argv: &[std::ffi::OsString],
+    pid_namespace: bool,
 ) -> Result<i32> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("locating this executable")?;
@@ -294,8 +339,11 @@ fn start_supervisor(
         .arg("--netns")
         .arg(netns)
         .arg("--server-log")
-        .arg(server_log)
-        .arg("--")
+        .arg(server_log);
+    if pid_namespace {
+        cmd.arg("--pid-namespace");
+    }
+    cmd.arg("--")
         .args(argv)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -444,6 +492,8 @@ struct ServerStatus<'a> {
     container: &'a str,
     /// Observed: the server's network namespace is its container's.
     in_its_container: Option<bool>,
+    /// Observed: the server is PID 1 of its own pid namespace (post-copy possible).
+    own_pid_namespace: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -485,6 +535,7 @@ pub(crate) fn status(settings: &Settings) -> Result<()> {
             side: state.side.to_string(),
             container: &here.name,
             in_its_container,
+            own_pid_namespace: crate::postcopy::own_pid_namespace(state.server_pid),
         },
         supervisor: SupervisorStatus {
             pid: state.supervisor_pid,

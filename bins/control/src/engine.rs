@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use crate::criu_rpc::Worker;
 use crate::interrupt::{self, Point};
 use crate::journal::{self, Journal};
+use crate::postcopy::{self, Memory};
 use crate::state::{Container, Side, State};
 use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
 use crate::{criu, images, kdat, secure, sys, transfer};
@@ -75,6 +76,8 @@ pub(crate) struct Options {
     pub(crate) quiesce_deadline: Duration,
     /// How images reach the target.
     pub(crate) transfer: Transfer,
+    /// How the memory moves (post-copy: `postcopy`).
+    pub(crate) memory: Memory,
     /// Keep the image set after a completed move.
     pub(crate) keep_images: bool,
     /// Fault injection.
@@ -113,7 +116,7 @@ fn signal(pid: i32, sig: Signal) -> Result<()> {
 }
 
 /// Checks made before anything is touched: a failure here leaves everything as it was.
-pub(crate) fn preflight(state_dir: &Path, state: &State) -> Result<()> {
+pub(crate) fn preflight(state_dir: &Path, state: &State, opts: &Options) -> Result<()> {
     let dst = state.container(state.side.other());
     let src = state.container(state.side);
     if !crate::podman::is_running(&dst.name) {
@@ -142,6 +145,14 @@ pub(crate) fn preflight(state_dir: &Path, state: &State) -> Result<()> {
             );
         }
     }
+    // Post-copy hook: its preconditions refuse the move before anything is touched.
+    if opts.memory == Memory::PostCopy {
+        postcopy::refusal(
+            state.server_pid,
+            opts.transfer,
+            Path::new(postcopy::PIPE_MAX_SIZE),
+        )?;
+    }
     images::check_dir(&state.images_dir)
 }
 
@@ -149,7 +160,7 @@ pub(crate) fn preflight(state_dir: &Path, state: &State) -> Result<()> {
 /// whatever the result; `Err` only for what is not a migration outcome (a bug, or a failure
 /// to record the new state).
 pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Result<MoveReport> {
-    preflight(state_dir, state)?;
+    preflight(state_dir, state, opts)?;
     let id = random_id()?;
     let images = state.images_dir.join(id.to_string());
     secure::private_dir(&images)?;
@@ -188,6 +199,9 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         dump_worker: None,
         spent_dump_worker: None,
         restore_prepared: false,
+        page_flow: None,
+        restored_at: None,
+        source_pid: state.server_pid,
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
     engine.journal(Phase::Idle)?;
@@ -349,6 +363,14 @@ struct Engine<'a> {
     spent_dump_worker: Option<Worker>,
     /// Whether the supervisor was asked for a restore worker not used yet.
     restore_prepared: bool,
+    /// Post-copy: the source's page server and the lazy-pages daemon, from the dump until
+    /// every page is resident.
+    page_flow: Option<postcopy::PageFlow>,
+    /// When the restore at the target returned (post-copy: "resident after" counts from it).
+    restored_at: Option<Instant>,
+    /// The server's PID at the source (post-copy: the frozen source stays until every page
+    /// arrived, and runs again when the transfer fails).
+    source_pid: i32,
 }
 
 impl Engine<'_> {
@@ -429,6 +451,11 @@ impl Engine<'_> {
     /// the server's account), the restore's at the supervisor (in the target's namespace).
     /// A worker that does not start is not an error: the command line runs instead.
     fn start_workers(&mut self) {
+        if self.opts.memory == Memory::PostCopy {
+            // Post-copy runs criu's lazy dump, the lazy-pages daemon and the lazy restore
+            // from the command line (`postcopy`): no worker would be used.
+            return;
+        }
         let (uid, gid) = self.dump_as.map_or((0, 0), |u| (u.uid, u.gid));
         self.dump_kdat = kdat::for_account(uid, gid);
         self.dump_worker = Some(
@@ -456,6 +483,9 @@ impl Engine<'_> {
 
     /// Dumping: pre-dump rounds while the kernel tracks dirty memory, then the final dump.
     fn dump(&mut self, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
+        if self.opts.memory == Memory::PostCopy {
+            return self.dump_lazy();
+        }
         let policy: &PreDumpPolicy = &self.opts.policy.predump;
         let mut parent: Option<String> = None;
         let (mut last, mut prev) = (None, None);
@@ -541,6 +571,11 @@ impl Engine<'_> {
     /// Transferring: the source process is gone (its PID free for the restore), and the
     /// image set reaches the target.
     fn transfer(&mut self) -> Result<Event> {
+        if self.page_flow.is_some() {
+            // Post-copy: the source stays frozen while it serves pages; nothing to move.
+            self.restore_dir.clone_from(&self.dump_dir);
+            return Ok(Event::TransferDone);
+        }
         sys::reap(self.pid, REAP_LIMIT)?;
         let dump_dir = self.dump_dir.clone().context("no dump to transfer")?;
         self.restore_dir = Some(match self.opts.transfer {
@@ -595,6 +630,7 @@ impl Engine<'_> {
             std::fs::rename(hidden, original).context("putting pstree.img back")?;
         }
         let (pid, timing) = restored?;
+        self.restored_at = Some(Instant::now());
         self.pid = pid;
         self.report.restore = Some(timing);
         Ok(Event::RestoreDone)
@@ -606,6 +642,9 @@ impl Engine<'_> {
         dir: &Path,
         log_name: &str,
     ) -> Result<(i32, admin_api::CriuTiming)> {
+        if self.page_flow.is_some() {
+            return restore_lazy_via_supervisor(&self.supervisor, netns, dir, log_name);
+        }
         restore_via_supervisor(&self.supervisor, netns, dir, log_name)
     }
 
@@ -640,11 +679,15 @@ impl Engine<'_> {
                 self.report.target_addr
             );
         }
+        self.wait_resident()?;
         Ok(Event::ResumeDone)
     }
 
     /// The process was dumped: bring it back in the source's namespace from its own images.
     fn restore_at_source(&mut self) -> Result<()> {
+        if let Some(flow) = self.page_flow.take() {
+            return self.source_after_lazy_abort(flow);
+        }
         let dir = self
             .dump_dir
             .clone()
@@ -714,6 +757,103 @@ impl Engine<'_> {
     }
 }
 
+// ---- post-copy hooks (`postcopy.rs`): the engine's side of `--memory post-copy` ----------
+impl Engine<'_> {
+    /// Dumping, post-copy: the lazy dump (everything but the memory) and the lazy-pages
+    /// daemon, joined by a socket pair; the source stays frozen, its pages pinned.
+    fn dump_lazy(&mut self) -> Result<Event> {
+        let dir = self.images.join("final");
+        if self.opts.fault == Some(Fault::Dump) {
+            warn!("fault injection: the dump will fail");
+            std::fs::write(&dir, b"")?;
+        } else {
+            secure::private_dir(&dir)?;
+        }
+        // No kill points here: recovering a post-copy move whose control was killed is not
+        // handled yet (see ARCHITECTURE.md).
+        let started = postcopy::start(self.pid, &self.src.netns, &dir, self.dump_as)?;
+        self.page_flow = Some(started.flow);
+        let bytes = sys::dir_size(&dir);
+        self.report.dump = Some(started.dump);
+        self.report.image_bytes = Some(bytes);
+        self.dump_dir = Some(dir);
+        Ok(Event::DumpDone {
+            image_bytes: Some(bytes),
+        })
+    }
+
+    /// Rolling back before the restore used the pages: the dump is stopped, which lets the
+    /// frozen source go on; it must run again where it was.
+    fn source_after_lazy_abort(&mut self, flow: postcopy::PageFlow) -> Result<()> {
+        // A failed lazy restore may have left a half-restored process: it has no memory.
+        if self.pid != self.source_pid && sys::process_runs(self.pid, "swrapper") {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+        flow.abort();
+        self.pid = self.source_pid;
+        if !sys::process_runs(self.pid, "swrapper") {
+            bail!(
+                "the source's server (PID {}) did not survive the stopped post-copy dump",
+                self.pid
+            );
+        }
+        let placement = observe_placement(self.pid, &self.src)?;
+        if !placement.is_right() {
+            bail!(
+                "the source's server is not in {}'s namespace",
+                self.src.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Resuming, post-copy: waits until every page is resident. A failed transfer after the
+    /// restore leaves the restored server with incomplete memory: it is killed (better than
+    /// running on zero-filled pages), and the move fails loudly; when criu let the source run
+    /// again, its clients are sent back to it.
+    fn wait_resident(&mut self) -> Result<()> {
+        let Some(flow) = self.page_flow.take() else {
+            return Ok(());
+        };
+        let restored_at = self.restored_at.unwrap_or_else(Instant::now);
+        let report = flow.wait_resident(restored_at);
+        let error = report.error.clone();
+        self.report.post_copy = Some(report);
+        let Some(error) = error else {
+            return Ok(());
+        };
+        tracing::error!(
+            "POST-COPY PAGE TRANSFER FAILED after the restore: the restored server's memory is \
+             incomplete; killing it (PID {}). {error}",
+            self.pid
+        );
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        let mut outcome = format!(
+            "post-copy page transfer failed after the restore; the restored server (PID {}) \
+             was killed, its memory being incomplete",
+            self.pid
+        );
+        if sys::process_runs(self.source_pid, "swrapper") {
+            self.pid = self.source_pid;
+            match self.send_back() {
+                Ok(()) => outcome.push_str(
+                    "; the source's server runs again (criu unfroze it) and its clients were \
+                     sent back",
+                ),
+                Err(e) => outcome.push_str(&format!(
+                    "; the source's server runs again but sending the clients back failed: {e:#}"
+                )),
+            }
+        } else {
+            outcome.push_str(
+                "; the source's server is gone too: THE SERVICE IS DOWN (`control down`, \
+                 `control up`)",
+            );
+        }
+        bail!("{outcome}: {error}")
+    }
+}
+
 impl Work for Engine<'_> {
     fn run(&mut self, phase: Phase, step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
         self.journal(phase)?;
@@ -763,6 +903,26 @@ pub(crate) fn restore_via_supervisor(
         SupervisorReply::Restored { pid, timing } => Ok((pid, timing)),
         SupervisorReply::Failed { error } => Err(anyhow!("{error}")),
         other => bail!("the supervisor answered {other:?} to a restore"),
+    }
+}
+
+/// Post-copy: `criu restore --lazy-pages` of `dir` into `netns`, run by the supervisor at
+/// `socket`.
+fn restore_lazy_via_supervisor(
+    socket: &Path,
+    netns: &Path,
+    dir: &Path,
+    log_name: &str,
+) -> Result<(i32, admin_api::CriuTiming)> {
+    let request = SupervisorRequest::RestoreLazy {
+        netns: netns.to_path_buf(),
+        dir: dir.to_path_buf(),
+        log_name: log_name.to_owned(),
+    };
+    match supervisor::ask(socket, &request, RESTORE_LIMIT)? {
+        SupervisorReply::Restored { pid, timing } => Ok((pid, timing)),
+        SupervisorReply::Failed { error } => Err(anyhow!("{error}")),
+        other => bail!("the supervisor answered {other:?} to a lazy restore"),
     }
 }
 

@@ -12,6 +12,7 @@ mod journal;
 mod kdat;
 mod lock;
 mod podman;
+mod postcopy;
 mod recover;
 mod report;
 mod restart;
@@ -33,6 +34,7 @@ use migration_core::{MigrationPolicy, PreDumpPolicy};
 
 use crate::deploy::{Settings, UpOptions};
 use crate::engine::{Fault, Transfer};
+use crate::postcopy::Memory;
 use crate::run::{Route, RunOptions};
 
 /// Orchestrates the live migration of the demo QUIC server (swrapper) between two podman
@@ -153,6 +155,9 @@ struct SuperviseArgs {
     /// The server's log.
     #[arg(long)]
     server_log: PathBuf,
+    /// Start the server as PID 1 of its own pid namespace.
+    #[arg(long)]
+    pid_namespace: bool,
     /// The server's command line.
     #[arg(last = true, required = true)]
     server: Vec<OsString>,
@@ -171,7 +176,8 @@ struct UpArgs {
     #[arg(long, env = "QLM_BIN_DIR")]
     bin_dir: Option<PathBuf>,
     /// The unprivileged account the server runs as (with no_new_privs); `cargo xtask setup`
-    /// creates the default one.
+    /// creates the default one. `root` (keep the server root) is accepted only with
+    /// `--pid-namespace`, and required there.
     #[arg(long, env = "QLM_SERVER_USER", default_value = "qlm-server")]
     server_user: String,
     /// MiB of memory the demo server holds, every page touched before it is ready (to
@@ -182,6 +188,12 @@ struct UpArgs {
     /// --ballast-mib; swrapper --dirty-mib-per-s).
     #[arg(long, default_value_t = 0)]
     dirty_mib_per_s: u32,
+    /// Start the server as PID 1 of its own pid namespace (`unshare --pid --fork`), which
+    /// `--memory post-copy` moves need (cold moves work in it too). Needs `--server-user
+    /// root`: criu can dump a process in its own pid namespace only if that process may mount
+    /// a /proc for it.
+    #[arg(long, env = "QLM_PID_NAMESPACE")]
+    pid_namespace: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -215,6 +227,12 @@ struct MigrateArgs {
     /// reassembled into a new directory, as between two hosts).
     #[arg(long, env = "QLM_TRANSFER", default_value = "local")]
     transfer: Transfer,
+    /// How the server's memory moves: `cold` (all of it while the server is frozen, about
+    /// 1 ms per MiB) or `post-copy` (the server runs at the target first, its pages follow
+    /// from the frozen source; needs `up --pid-namespace`, fs.pipe-max-size >= 4 MiB and
+    /// `--transfer local`; if the page transfer fails after the restore, the server is lost).
+    #[arg(long, env = "QLM_MEMORY", value_enum, default_value = "cold")]
+    memory: Memory,
     /// Write the migration's JSON report here (default: <state-dir>/reports/<id>.json).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -410,6 +428,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 netns: a.netns.clone(),
                 argv: a.server.clone(),
                 log: a.server_log.clone(),
+                pid_namespace: a.pid_namespace,
             },
         ),
     }
@@ -464,6 +483,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         server_user: a.server_user.clone(),
         ballast_mib: a.ballast_mib,
         dirty_mib_per_s: a.dirty_mib_per_s,
+        pid_namespace: a.pid_namespace,
     })
 }
 
@@ -483,6 +503,7 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
         phases: a.phases,
         quiesce_deadline: Duration::from_millis(a.quiesce_deadline_ms),
         transfer: a.transfer,
+        memory: a.memory,
         keep_images: a.keep_images,
         fault: if a.fail_dump {
             Some(Fault::Dump)
@@ -518,6 +539,8 @@ mod tests {
             "--transfer",
             "sealed",
             "--fail-restore",
+            "--memory",
+            "post-copy",
         ])
         .unwrap();
         let Cmd::Migrate(a) = &cli.cmd else {
@@ -529,6 +552,7 @@ mod tests {
         assert_eq!(o.transfer, Transfer::Sealed);
         assert_eq!(o.fault, Some(Fault::Restore));
         assert_eq!(o.phases, Phases::One, "the seed's single phase by default");
+        assert_eq!(o.memory, Memory::PostCopy);
         assert!(o.policy.validate().is_ok());
         let two = Cli::try_parse_from(["control", "run", "--phases", "two"]).unwrap();
         let Cmd::Run(r) = &two.cmd else {
@@ -544,6 +568,8 @@ mod tests {
             &["control", "migrate", "--phases", "three"],
             &["control", "run", "--phases", ""],
             &["control", "run", "--route", "teleport"],
+            &["control", "migrate", "--memory", "warm"],
+            &["control", "run", "--memory", ""],
             &["control", "run", "--max-pause-ms", "0"],
             &[
                 "control",

@@ -59,6 +59,23 @@ pub(crate) fn move_summary(r: &MoveReport) -> String {
     ) {
         let _ = writeln!(out, "  criu start-up: dump {a:.1} ms, restore {b:.1} ms");
     }
+    if let Some(p) = &r.post_copy {
+        match &p.error {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  post-copy ({}): every page resident {} ms after the restore, {} KiB",
+                    p.transport,
+                    ms(p.resident_after_ms),
+                    p.bytes_transferred
+                        .map_or_else(|| "?".to_owned(), |b| (b / 1024).to_string()),
+                );
+            }
+            Some(e) => {
+                let _ = writeln!(out, "  POST-COPY PAGE TRANSFER FAILED: {e}");
+            }
+        }
+    }
     if let (Some(s), Some(t)) = (r.source_probe, r.target_probe) {
         let _ = writeln!(
             out,
@@ -327,6 +344,7 @@ mod tests {
             wall_ms: 200.0,
             timeline: m.report(),
             recovered_after: None,
+            post_copy: None,
         }
     }
 

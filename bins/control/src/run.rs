@@ -86,6 +86,9 @@ fn run_inner(settings: &Settings, opts: &RunOptions) -> Result<()> {
                 .arg("--bin-dir")
                 .arg(&opts.up.bin_dir)
                 .args(["--server-user", &opts.up.server_user]);
+            if opts.up.pid_namespace {
+                cmd.arg("--pid-namespace");
+            }
             run_self(cmd, "control up")?;
             State::load(&settings.state_dir)?
         }
@@ -289,6 +292,13 @@ fn migrate_by_hand(
             match opts.transfer {
                 Transfer::Local => "local",
                 Transfer::Sealed => "sealed",
+            },
+        ])
+        .args([
+            "--memory",
+            match opts.memory {
+                crate::postcopy::Memory::Cold => "cold",
+                crate::postcopy::Memory::PostCopy => "post-copy",
             },
         ])
         .arg("--report")

@@ -71,6 +71,10 @@ pub(crate) struct State {
     pub(crate) images_dir: PathBuf,
     /// Migrations done so far.
     pub(crate) migrations: u32,
+    /// The server runs as PID 1 of its own pid namespace (`up --pid-namespace`); absent in
+    /// state files written before it existed.
+    #[serde(default)]
+    pub(crate) pid_namespace: bool,
 }
 
 impl State {
@@ -157,6 +161,7 @@ mod tests {
             server_log: dir.join("server.log"),
             images_dir: dir.join("images"),
             migrations: 0,
+            pid_namespace: false,
         }
     }
 

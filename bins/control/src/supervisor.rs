@@ -3,6 +3,8 @@
 //! ```text
 //!  control up ──spawns──► control supervise (setsid, child subreaper)
 //!                              ├─ child: nsenter --net=A -- swrapper ...   (the server)
+//!                              │    (--pid-namespace: nsenter -- unshare --pid --fork setsid
+//!                              │     swrapper: the server is PID 1 of its own pid namespace)
 //!                              │    dumped by criu: it exits, and is reaped at once (SIGCHLD)
 //!                              ├─ PrepareRestore: nsenter --net=B -- criu swrk (waits)
 //!                              └─ Restore: the worker restores (rst_sibling: the restored
@@ -11,6 +13,8 @@
 //!                                   the supervisor, a child subreaper)
 //!  control migrate ──unix socket (one JSON line each way)──► PrepareRestore { netns } /
 //!                                   Restore { netns, dir } / DiscardRestore / Exit
+//!                                   (RestoreLazy: post-copy; Restart: the benchmarks'
+//!                                   reconnect baseline)
 //! ```
 //!
 //! The supervisor keeps at most one restore worker (`criu_rpc.rs`), started by
@@ -84,6 +88,16 @@ pub(crate) enum SupervisorRequest {
     },
     /// Kill and reap the prepared restore worker, if any.
     DiscardRestore,
+    /// Post-copy (`postcopy`): `criu restore --lazy-pages --restore-detached` of `dir` inside
+    /// `netns`, as the supervisor's child; the lazy-pages daemon fills its memory.
+    RestoreLazy {
+        /// The network namespace to restore into.
+        netns: PathBuf,
+        /// The image set (everything but the memory).
+        dir: PathBuf,
+        /// criu's log file name inside `dir`.
+        log_name: String,
+    },
     /// Stop supervising (the server is not touched).
     Exit,
 }
@@ -187,6 +201,9 @@ pub(crate) struct ServerCommand {
     pub(crate) argv: Vec<OsString>,
     /// The server's log (stdout and stderr).
     pub(crate) log: PathBuf,
+    /// Start it as PID 1 of its own pid namespace (`unshare --pid --fork`), which post-copy
+    /// moves need (`postcopy`).
+    pub(crate) pid_namespace: bool,
 }
 
 /// Runs the supervisor until asked to exit or terminated: starts the server, reaps every
@@ -278,8 +295,14 @@ fn start_server(server: &ServerCommand) -> Result<i32> {
     };
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", server.netns.display()))
-        .arg("--")
-        .arg(program)
+        .arg("--");
+    if server.pid_namespace {
+        // unshare forks the server as PID 1 of a new pid namespace and waits for it (the
+        // server's host PID is unshare's child: `postcopy::server_host_pid`); setsid makes
+        // the server its own session leader inside it, which criu needs to dump it alone.
+        cmd.args(["unshare", "--pid", "--fork", "setsid"]);
+    }
+    cmd.arg(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
@@ -495,6 +518,19 @@ fn handle(stream: UnixStream, server: &ServerCommand, prepared: &mut Option<Prep
                 false,
             ),
         },
+        Ok(SupervisorRequest::RestoreLazy {
+            netns,
+            dir,
+            log_name,
+        }) => match crate::postcopy::restore(&netns, &dir, &log_name) {
+            Ok((pid, timing)) => (SupervisorReply::Restored { pid, timing }, false),
+            Err(e) => (
+                SupervisorReply::Failed {
+                    error: format!("{e:#}"),
+                },
+                false,
+            ),
+        },
         Err(error) => (SupervisorReply::Failed { error }, false),
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{}".to_vec());
@@ -517,6 +553,7 @@ mod tests {
             netns: "/nonexistent/netns".into(),
             argv: vec!["/bin/false".into()],
             log: "/nonexistent/log".into(),
+            pid_namespace: false,
         }
     }
 

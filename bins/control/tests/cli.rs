@@ -235,7 +235,13 @@ impl World {
         Some(World {
             dir,
             images,
-            name: format!("qlmt{}{tag}", std::process::id()),
+            // QLM_TEST_NAME_PREFIX: a session sharing the host with others names its
+            // containers apart.
+            name: format!(
+                "{}{}{tag}",
+                std::env::var("QLM_TEST_NAME_PREFIX").unwrap_or_else(|_| "qlmt".to_owned()),
+                std::process::id()
+            ),
             ports,
         })
     }
@@ -615,4 +621,127 @@ fn two_migrations_at_once_the_second_is_refused_and_told_who_works() {
     let s = w.status();
     assert_eq!(s["server"]["side"], "B", "{s}");
     assert_eq!(s["migrations"], 1, "{s}");
+}
+
+/// The report a `migrate --report <path>` wrote.
+fn read_report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn post_copy_without_a_pid_namespace_is_refused_and_the_server_stays() {
+    let Some(w) = World::new("pcno") else {
+        return;
+    };
+    // --pid-namespace needs a root server, and a root server needs --pid-namespace.
+    let o = w.run(&["up", "--pid-namespace"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--server-user root"), "{}", stderr(&o));
+    let o = w.run(&["up", "--server-user", "root"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("only for --pid-namespace"),
+        "{}",
+        stderr(&o)
+    );
+    let o = w.run(&["up"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let before = w.status();
+    assert_eq!(before["server"]["own_pid_namespace"], false, "{before}");
+    let o = w.run(&["migrate", "--memory", "post-copy"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("own pid namespace") && err.contains("control up --pid-namespace"),
+        "{err}"
+    );
+    let after = w.status();
+    assert_eq!(after["server"], before["server"], "{after}");
+    assert_eq!(after["migrations"], 0, "{after}");
+    let o = w.run(&["migrate", "--memory", "teleport"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn in_its_own_pid_namespace_the_server_moves_post_copy_and_cold_and_rolls_back() {
+    let Some(w) = World::new("pcyes") else {
+        return;
+    };
+    if !test_support::require(
+        "needs fs.pipe-max-size >= 4 MiB (cargo xtask setup)",
+        std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .is_some_and(|v| v >= 4 << 20),
+    ) {
+        return;
+    }
+    let o = w.run(&["up", "--pid-namespace", "--server-user", "root"]);
+    assert!(o.status.success(), "up: {}", stderr(&o));
+    let up = w.status();
+    assert_eq!(up["server"]["own_pid_namespace"], true, "{up}");
+    assert_eq!(up["server"]["in_its_container"], true, "{up}");
+    // Post-copy A -> B: observed at B, every page arrived, figures recorded.
+    let report = w.dir.path().join("pc.json");
+    let o = w.run(&[
+        "migrate",
+        "--memory",
+        "post-copy",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "post-copy migrate: {}", stderr(&o));
+    let r = read_report(&report);
+    assert_eq!(r["result"], "completed", "{r}");
+    assert!(r["timeline"]["freeze_time_us"].as_u64().is_some(), "{r}");
+    let pc = &r["post_copy"];
+    assert!(pc["resident_after_ms"].as_f64().is_some(), "{r}");
+    assert!(
+        pc["bytes_transferred"].as_u64().is_some_and(|b| b > 0),
+        "{r}"
+    );
+    assert!(pc["error"].is_null(), "{r}");
+    let moved = w.status();
+    assert_eq!(moved["server"]["side"], "B", "{moved}");
+    assert_eq!(moved["server"]["in_its_container"], true, "{moved}");
+    assert_eq!(moved["server"]["own_pid_namespace"], true, "{moved}");
+    // Cold B -> A in the same layout.
+    let report = w.dir.path().join("cold.json");
+    let o = w.run(&[
+        "migrate",
+        "--memory",
+        "cold",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "cold migrate: {}", stderr(&o));
+    let r = read_report(&report);
+    assert_eq!(r["result"], "completed", "{r}");
+    assert!(r["post_copy"].is_null(), "{r}");
+    assert_eq!(w.status()["server"]["side"], "A");
+    // Post-copy whose restore fails, and one whose dump fails: the source serves again.
+    for fault in ["--fail-restore", "--fail-dump"] {
+        let report = w.dir.path().join(format!("rb{fault}.json"));
+        let o = w.run(&[
+            "migrate",
+            "--memory",
+            "post-copy",
+            fault,
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
+        let r = read_report(&report);
+        assert_eq!(r["result"], "rolled_back", "{fault}: {r}");
+        let st = w.status();
+        assert_eq!(st["server"]["side"], "A", "{fault}: {st}");
+        assert_eq!(st["server"]["running"], true, "{fault}: {st}");
+        assert_eq!(st["server"]["in_its_container"], true, "{fault}: {st}");
+    }
+    // Sealed transfer has no pages to seal: refused before anything is touched.
+    let o = w.run(&["migrate", "--memory", "post-copy", "--transfer", "sealed"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--transfer local"), "{}", stderr(&o));
+    let o = w.run(&["down"]);
+    assert!(o.status.success(), "down: {}", stderr(&o));
 }

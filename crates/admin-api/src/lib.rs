@@ -31,5 +31,5 @@ pub use admin::{
 };
 pub use report::{
     ClientMigration, ClientReport, CriuRoute, CriuTiming, MoveReport, MoveResult, Placement,
-    PortProbe, RestartReport, RunReport, RunRow, RunSummary, TransferStats, median,
+    PortProbe, PostCopyReport, RestartReport, RunReport, RunRow, RunSummary, TransferStats, median,
 };

@@ -38,6 +38,24 @@ pub enum CriuRoute {
     Worker,
 }
 
+/// A post-copy move's memory: what reached the restored process after the freeze.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostCopyReport {
+    /// How the pages travelled (`unix-socket-pair` on one host).
+    pub transport: String,
+    /// Restore done -> the source's page server and the lazy-pages daemon both exited
+    /// successfully (every page resident), in milliseconds; `None` when the transfer failed.
+    pub resident_after_ms: Option<f64>,
+    /// Pages the lazy-pages daemon copied into the process (from its log).
+    pub pages_transferred: Option<u64>,
+    /// The same, in bytes.
+    pub bytes_transferred: Option<u64>,
+    /// Why the transfer failed after the restore: the restored server's memory was
+    /// incomplete (post-copy's known risk).
+    pub error: Option<String>,
+}
+
 /// The sealed transfer of an image set through migration-wire.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +187,10 @@ pub struct MoveReport {
     /// the journal said was running. The figures of the phases before are then unknown.
     #[serde(default)]
     pub recovered_after: Option<migration_core::Phase>,
+    /// A post-copy move's memory transfer (`control migrate --memory post-copy`); `None` for
+    /// a cold move (all memory in the freeze).
+    #[serde(default)]
+    pub post_copy: Option<PostCopyReport>,
 }
 
 impl MoveReport {
@@ -207,6 +229,7 @@ impl MoveReport {
             wall_ms: 0.0,
             timeline,
             recovered_after: None,
+            post_copy: None,
         }
     }
 

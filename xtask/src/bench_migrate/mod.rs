@@ -478,7 +478,9 @@ fn up(paths: &Paths, size: u32, dirty: u32, pid_namespace: bool) -> Result<()> {
             &if size == 0 { 0 } else { dirty }.to_string(),
         ]);
     if pid_namespace {
-        cmd.arg("--pid-namespace");
+        // criu can dump a process that is PID 1 of its own pid namespace only when it may
+        // mount a /proc for it: the post-copy layout's server is root (see control up --help).
+        cmd.args(["--pid-namespace", "--server-user", "root"]);
     }
     let status = crate::limit::status(&mut cmd, "control up", STEP_LIMIT)?;
     if !status.success() {
@@ -623,9 +625,9 @@ fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// Post-copy: the restore's end -> every page resident (to be read from the report).
-fn resident_ms(_r: &MoveReport) -> Option<f64> {
-    None
+/// Post-copy: the restore's end -> every page resident.
+fn resident_ms(r: &MoveReport) -> Option<f64> {
+    r.post_copy.as_ref()?.resident_after_ms
 }
 
 fn window_of(r: &MoveReport) -> Window {
