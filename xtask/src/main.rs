@@ -41,16 +41,18 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// What CI runs (the README's test command): layering checks, formatting, clippy, as root
-    /// the set-up, every test, and as root the end-to-end migration.
+    /// the set-up, every test, and as root the end-to-end migration and the small migration
+    /// benchmark.
     ///
     /// In order: the layering checks (`tidy`), the formatting check, clippy with -D warnings
     /// on all targets, as root the set-up (`setup --if-needed`: installs podman, runc and CRIU
     /// when missing, so that the tests that need them run), every test of the workspace, and
-    /// as root e2e-migrate. Not root: the set-up and e2e-migrate are skipped with a message
+    /// as root e2e-migrate and bench-migrate --quick. Not root: the set-up, e2e-migrate and
+    /// bench-migrate are skipped with a message
     /// (and the tests that need root skip theirs), unless CI=true, where root is required and
     /// ci fails at once. Each step has a time limit (formatting 5 min, set-up 20 min, clippy,
-    /// tests and e2e-migrate 30 min each, 80 min in all); a step that overruns is stopped with
-    /// everything it started, and ci fails naming it.
+    /// tests and e2e-migrate 30 min each, bench-migrate --quick 20 min, 80 min in all); a step
+    /// that overruns is stopped with everything it started, and ci fails naming it.
     Ci,
     /// The main job: release binaries, podman containers A and B, the demo client, CRIU
     /// migrations A -> B -> A from one process and by hand, an interrupt scenario and a
@@ -290,7 +292,7 @@ fn ci(root: &Path) -> Result<()> {
         // stopped at the limit with everything it started; then the containers are removed.
         let exe = std::env::current_exe().context("locating the xtask binary")?;
         let res = limit::status(
-            Command::new(exe).arg("e2e-migrate").current_dir(root),
+            Command::new(&exe).arg("e2e-migrate").current_dir(root),
             "e2e-migrate",
             limit,
         );
@@ -307,8 +309,37 @@ fn ci(root: &Path) -> Result<()> {
             "xtask ci: e2e-migrate passed in {:.1} s",
             step_started.elapsed().as_secs_f64()
         );
+        let step_started = Instant::now();
+        let limit = step_limit(deadline, 20);
+        println!(
+            "xtask ci: the migration benchmark, small (cargo xtask bench-migrate --quick, \
+             limit {} s)",
+            limit.as_secs()
+        );
+        let res = limit::status(
+            Command::new(exe)
+                .args(["bench-migrate", "--quick"])
+                .current_dir(root),
+            "bench-migrate",
+            limit,
+        );
+        if res.is_err() {
+            bench_migrate::clean_up_after_a_kill(root);
+        }
+        if !res.as_ref().is_ok_and(|s| s.success()) {
+            return Err(res
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("bench-migrate --quick failed")));
+        }
+        println!(
+            "xtask ci: bench-migrate --quick passed in {:.1} s",
+            step_started.elapsed().as_secs_f64()
+        );
     } else {
-        println!("xtask ci: SKIPPED e2e-migrate: it needs root (podman rootful, criu, netns)");
+        println!(
+            "xtask ci: SKIPPED e2e-migrate and bench-migrate --quick: they need root (podman \
+             rootful, criu, netns)"
+        );
     }
     println!(
         "xtask ci: all checks passed in {:.0} s",

@@ -43,6 +43,8 @@ const SRC_PORT: u16 = 5262;
 const DST_PORT: u16 = 5263;
 const POD_PORT: u16 = 5264;
 const POD_CONTAINER: &str = "qlm-bench-pod";
+/// Where the image sets go (a tmpfs).
+const IMAGES: &str = "/dev/shm/quic-live-migrate-bench";
 /// One `control` command (a move, up, down) that has not ended after this is hung.
 const STEP_LIMIT: Duration = Duration::from_secs(5 * 60);
 
@@ -269,6 +271,26 @@ impl Paths {
     }
 }
 
+/// After bench-migrate was stopped at its time limit (by `cargo xtask ci`): removes its
+/// deployment and the podman container, best effort.
+pub(crate) fn clean_up_after_a_kill(root: &Path) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let out = target.join("bench-migrate");
+    let paths = Paths {
+        bin: target.join("release"),
+        state: out.join("state"),
+        images: PathBuf::from(IMAGES),
+        out,
+    };
+    if paths.bin.join("control").exists() {
+        down(&paths);
+    }
+    let _ = podman(&["rm", "-f", "-t", "0", POD_CONTAINER]);
+    let _ = podman(&["rmi", "-f", &pod_image()]);
+}
+
 pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     let started = Instant::now();
     if !crate::setup::is_root() {
@@ -299,7 +321,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     let paths = Paths {
         bin: target.join("release"),
         state: out.join("state"),
-        images: PathBuf::from("/dev/shm/quic-live-migrate-bench"),
+        images: PathBuf::from(IMAGES),
         out,
     };
     // A deployment left by an earlier, killed run.
