@@ -546,6 +546,8 @@ impl Client {
             .arg(paths.state.join("server-cert.pem"))
             .arg("--json")
             .arg(&json)
+            // Stopped by SIGINT when the series ends; the limit only bounds a forgotten one.
+            .args(["--duration-s", "3600"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1072,6 +1074,8 @@ impl Client {
             .arg(ca)
             .arg("--json")
             .arg(&json)
+            // Stopped by SIGINT when the series ends; the limit only bounds a forgotten one.
+            .args(["--duration-s", "3600"])
             .args(["--interval-ms", "1"])
             .args(["--io-timeout-ms", &BASELINE_IO_TIMEOUT_MS.to_string()])
             .args(["--reconnect-to", &format!("127.0.0.1:{port}")])
