@@ -437,8 +437,8 @@ fn sysctl_file_content() -> String {
     )
 }
 
-/// Raises `fs.pipe-max-size` to at least [`MIN_PIPE_MAX_SIZE`] now (never lowers it) and
-/// persists it in [`SYSCTL_FILE`]; idempotent: nothing is written when both already hold.
+/// Raises `fs.pipe-max-size` to at least [`MIN_PIPE_MAX_SIZE`] now (never lowers it) and,
+/// when it had to raise it, persists it in [`SYSCTL_FILE`]; idempotent.
 fn ensure_pipe_max_size() -> Result<()> {
     ensure_pipe_max_size_at(Path::new(PIPE_MAX_SIZE), Path::new(SYSCTL_FILE))
 }
@@ -455,8 +455,10 @@ fn ensure_pipe_max_size_at(path: &Path, file: &Path) -> Result<()> {
         }
         println!("xtask setup: raised fs.pipe-max-size from {now} to {after}");
     }
+    // Persisted only when this set-up had to raise it: a value that was already high enough
+    // comes from the machine's own configuration, which a file of ours could lower at boot.
     let want = sysctl_file_content();
-    if !persisted(file) {
+    if now < MIN_PIPE_MAX_SIZE && !persisted(file) {
         fs::write(file, &want).with_context(|| format!("writing {}", file.display()))?;
         fs::set_permissions(file, fs::Permissions::from_mode(0o644))
             .with_context(|| format!("making {} world-readable", file.display()))?;
@@ -1559,6 +1561,11 @@ mod tests {
         ensure_pipe_max_size_at(&sysctl, &file).unwrap();
         assert_eq!(read_pipe_max_size(&sysctl).unwrap(), 16 << 20);
         assert_eq!(fs::metadata(&file).unwrap().modified().unwrap(), before);
+        // A machine whose value is already high enough gets no file of ours (it could lower
+        // the machine's own, larger setting at boot).
+        let other = dir.path.join("other.conf");
+        ensure_pipe_max_size_at(&sysctl, &other).unwrap();
+        assert!(!other.exists());
         // A damaged sysctl value is an error, not a write.
         fs::write(&sysctl, "garbage").unwrap();
         assert!(ensure_pipe_max_size_at(&sysctl, &file).is_err());

@@ -174,12 +174,19 @@ pub(crate) enum RpcError {
     #[error("starting the criu worker: {0}")]
     Spawn(#[source] std::io::Error),
     /// The worker exited (or closed its socket) before answering.
-    #[error("the criu worker (PID {pid}) died before answering ({status})")]
+    #[error(
+        "the criu worker (PID {pid}) died before answering ({status}){}",
+        if *request_sent { "; it had the request" } else { "" }
+    )]
     WorkerDied {
         /// Its PID.
         pid: i32,
         /// How it ended, as far as known.
         status: String,
+        /// Whether it died after it had the request: then it may have done part of the work
+        /// (a dump that killed the task, a restore that forked it), and running the command
+        /// line after it would do it twice.
+        request_sent: bool,
     },
     /// Writing the request or reading the answer failed.
     #[error("talking to the criu worker: {0}")]
@@ -227,7 +234,14 @@ impl RpcError {
     /// Whether the worker could not do the work at all (not started, or gone before
     /// answering): the command line may then do it instead.
     pub(crate) fn worker_unusable(&self) -> bool {
-        matches!(self, Self::Spawn(_) | Self::WorkerDied { .. })
+        matches!(
+            self,
+            Self::Spawn(_)
+                | Self::WorkerDied {
+                    request_sent: false,
+                    ..
+                }
+        )
     }
 }
 
@@ -335,6 +349,8 @@ pub(crate) struct Worker {
     reaped: Option<String>,
     /// Whether it answered its request (it then exits by itself).
     answered: bool,
+    /// A request was written to it.
+    sent: bool,
 }
 
 impl Worker {
@@ -380,6 +396,7 @@ impl Worker {
             sock: ours,
             reaped: None,
             answered: false,
+            sent: false,
         })
     }
 
@@ -461,7 +478,10 @@ impl Worker {
     fn send(&mut self, req: &CriuReq) -> Result<(), RpcError> {
         let bytes = req.encode_to_vec();
         match send(self.sock.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(n) if n == bytes.len() => {
+                self.sent = true;
+                Ok(())
+            }
             Ok(n) => Err(RpcError::Io(std::io::Error::other(format!(
                 "sent {n} of {} bytes",
                 bytes.len()
@@ -524,6 +544,7 @@ impl Worker {
         RpcError::WorkerDied {
             pid: self.pid,
             status,
+            request_sent: self.sent,
         }
     }
 
@@ -723,7 +744,7 @@ mod tests {
     const LIMIT: Duration = Duration::from_secs(10);
 
     #[test]
-    fn a_worker_that_dies_is_a_typed_error_that_allows_the_command_line() {
+    fn a_worker_that_dies_is_a_typed_error_and_allows_the_command_line_only_before_the_request() {
         // Dies before the request.
         let mut w = fake("exit 3");
         let start = Instant::now();
@@ -734,10 +755,22 @@ mod tests {
         assert!(matches!(e, RpcError::WorkerDied { .. }), "{e}");
         assert!(e.worker_unusable());
         assert!(e.to_string().contains("died"), "{e}");
-        // Dies after reading the request, without answering.
+        // Dies after reading the request, without answering: it may have done part of the
+        // work, so the command line must not run after it.
         let mut w = fake("dd bs=64k count=1 <&\"$2\" >/dev/null 2>&1; exit 0");
         let e = w.dump(&dump_req(), LIMIT).unwrap_err();
-        assert!(matches!(e, RpcError::WorkerDied { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RpcError::WorkerDied {
+                    request_sent: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!e.worker_unusable(), "no second dump after a half-done one");
+        assert!(e.to_string().contains("it had the request"), "{e}");
         // A program that does not exist.
         let e = Worker::spawn(Command::new("/nonexistent/criu")).unwrap_err();
         assert!(

@@ -89,7 +89,10 @@ const ANNOUNCE_SLACK: Duration = Duration::from_secs(5);
 /// How long a resume or an abort may take.
 const EVENT_LIMIT: Duration = Duration::from_secs(5);
 /// How long a restore through the supervisor may take.
-const RESTORE_LIMIT: Duration = Duration::from_secs(60);
+// The supervisor may run the worker to its limit and then the command line: control waits
+// longer than both, so that it never gives up (and restores at the source) while the
+// supervisor still restores at the target.
+const RESTORE_LIMIT: Duration = Duration::from_secs(2 * criu::WORKER_LIMIT.as_secs() + 30);
 /// How long the dumped PID may take to be reaped.
 const REAP_LIMIT: Duration = Duration::from_secs(5);
 /// How long a probe of an address waits for a QUIC answer.
@@ -723,6 +726,14 @@ impl Engine<'_> {
     }
 
     fn finish(mut self, machine: &migration_core::Migration) -> MoveReport {
+        // Post-copy: a move that failed after its restore (placement, resume, probes) still
+        // has pages in flight: they are waited for (or the restored server is killed when
+        // they cannot arrive) before the image set goes, and the criu processes are reaped.
+        if self.page_flow.is_some()
+            && let Err(e) = self.wait_resident()
+        {
+            warn!("post-copy after a failed move: {e:#}");
+        }
         // Unused workers (a move that stopped before its dump or restore) are killed.
         drop(self.dump_worker.take());
         drop(self.spent_dump_worker.take());

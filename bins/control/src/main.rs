@@ -213,7 +213,7 @@ struct MigrateArgs {
     #[arg(long, env = "QLM_PHASES", default_value = "one")]
     phases: Phases,
     /// Two phases: how long the server waits for every client's Quiesced, and then for the
-    /// acks of Migrate (at most --ack-deadline-ms). Clients that did quiesce are held until
+    /// acks of Migrate (capped at --ack-deadline-ms). Clients that did quiesce are held until
     /// the slowest answers or this passes, so it is short; a client that has not answered by
     /// then is still told the new address, reported missing, and the move goes on.
     #[arg(long, env = "QLM_QUIESCE_DEADLINE_MS", default_value_t = 250,

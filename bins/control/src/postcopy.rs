@@ -250,13 +250,23 @@ fn wait_ready(status: OwnedFd, child: &mut Child, what: &str, log: &Path) -> Res
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
             Ok(_) => break,
-            Err(e) => return Err(e).context("poll"),
+            Err(e) => {
+                // Not left running (a dump keeps the source frozen) nor unreaped.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).context("poll");
+            }
         }
     }
     let mut byte = [0u8; 1];
-    let n = std::fs::File::from(status)
-        .read(&mut byte)
-        .with_context(|| format!("reading {what}'s status pipe"))?;
+    let n = match std::fs::File::from(status).read(&mut byte) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e).with_context(|| format!("reading {what}'s status pipe"));
+        }
+    };
     if n == 1 {
         return Ok(());
     }

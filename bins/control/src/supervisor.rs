@@ -396,6 +396,10 @@ fn parent_of(pid: i32) -> Option<i32> {
 
 /// Ends the server `pid` and starts a fresh one in `netns`.
 fn restart(server: &ServerCommand, pid: i32, netns: &Path) -> Result<i32> {
+    if server.pid_namespace {
+        // The PID start_server returns is unshare's there, not the server's.
+        bail!("a restart is for the default layout only, not a server in its own pid namespace");
+    }
     if !is_descendant(pid) {
         bail!("process {pid} is not supervised here; not ending it");
     }

@@ -597,9 +597,9 @@ impl MigrationHandle {
             .await
     }
 
-    /// [`prepare`](Self::prepare) with a deadline of its own for the quiesce round: every
-    /// client that quiesced is held until the slowest answers or `quiesce_deadline` passes,
-    /// so it is usually much shorter than the acks' `deadline`. In two phases the announce
+    /// [`prepare`](Self::prepare) with a deadline of its own for the quiesce round (at most
+    /// `deadline`): every client that quiesced is held until the slowest answers or
+    /// `quiesce_deadline` passes, so it is usually much shorter than the acks' `deadline`. In two phases the announce
     /// round that follows holds them too, so it waits at most `quiesce_deadline` as well: a
     /// client that answered `Quiesced` acks `Migrate` within a round trip, and one that did
     /// not is told the address all the same but not waited for (it is reported missing).
@@ -613,10 +613,15 @@ impl MigrationHandle {
     ) -> Result<Prepared, ServerError> {
         let (quiesce, deadline) = match phases {
             Phases::One => (None, deadline),
-            Phases::Two => (
-                Some(self.quiesce(migration_id, quiesce_deadline).await?),
-                deadline.min(quiesce_deadline),
-            ),
+            Phases::Two => {
+                // Never longer than the acks' deadline: the orchestrator waits for the
+                // announce by that deadline.
+                let quiesce_deadline = quiesce_deadline.min(deadline);
+                (
+                    Some(self.quiesce(migration_id, quiesce_deadline).await?),
+                    quiesce_deadline,
+                )
+            }
         };
         let announce = self.announce(migration_id, new_addr, deadline).await?;
         Ok(Prepared {

@@ -181,7 +181,7 @@ pub struct MigrateRequest {
     /// Where the clients are sent.
     pub new_addr: SocketAddr,
     /// How long the server waits for the acks, in milliseconds (at least 1); in two-phase
-    /// mode, the quiesce round has the same deadline.
+    /// mode also the quiesce round's, unless `quiesce_deadline_ms` is given.
     pub deadline_ms: u64,
     /// Single- or two-phase (absent in requests written before the mode existed: one).
     #[serde(default)]
