@@ -51,8 +51,14 @@ impl Drop for ServerProcess {
 }
 
 fn start(dir: &Path, addr: SocketAddr) -> ServerProcess {
+    start_with(dir, addr, "multi-thread")
+}
+
+/// The server with tokio's runtime `runtime` (swrapper --runtime).
+fn start_with(dir: &Path, addr: SocketAddr, runtime: &str) -> ServerProcess {
     let child = Command::new(swrapper_bin())
         .args(["--listen", &addr.to_string(), "--log", "warn"])
+        .args(["--runtime", runtime])
         .arg("--cert-out")
         .arg(dir.join("cert.pem"))
         .arg("--admin-dir")
@@ -101,6 +107,15 @@ async fn connect(dir: &Path, addr: SocketAddr) -> MigratingClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signals_announce_park_resume_and_abort() {
+    announce_park_resume_and_abort("multi-thread").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_a_current_thread_server() {
+    announce_park_resume_and_abort("current-thread").await;
+}
+
+async fn announce_park_resume_and_abort(runtime: &str) {
     swrapper_bin();
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
@@ -108,7 +123,7 @@ async fn signals_announce_park_resume_and_abort() {
             .unwrap()
             .local_addr()
             .unwrap();
-        let server = start(dir.path(), addr);
+        let server = start_with(dir.path(), addr, runtime);
         let client = Arc::new(connect(dir.path(), addr).await);
 
         // The application: echoes in a loop, retrying a missed deadline on a new stream.

@@ -105,6 +105,15 @@ struct Args {
     /// --ballast-mib; at most 100 x --ballast-mib. 0: none.
     #[arg(long, env = "SWRAPPER_DIRTY_MIB_PER_S", default_value_t = 0)]
     dirty_mib_per_s: u64,
+    /// tokio's runtime: `multi-thread` (two workers) or `current-thread` (everything on the
+    /// main thread: fewer threads for CRIU to seize and dump, so a shorter freeze).
+    #[arg(
+        long,
+        env = "SWRAPPER_RUNTIME",
+        value_enum,
+        default_value = "multi-thread"
+    )]
+    runtime: Runtime,
     /// Log filter (tracing's EnvFilter syntax, e.g. `info`, `swrapper=debug`).
     #[arg(long, env = "SWRAPPER_LOG", default_value = "info")]
     log: String,
@@ -158,12 +167,27 @@ fn main() -> Result<()> {
     // After the privileges are dropped: the dirtying thread is started as the user. Held until
     // the server exits; resident before the server is ready.
     let _ballast = ballast(&args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
+    let rt = match args.runtime {
+        Runtime::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build()
+    .context("starting the tokio runtime")?;
     rt.block_on(run(args, identity, admin_dir))
+}
+
+/// The server's tokio runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Runtime {
+    /// Two worker threads.
+    MultiThread,
+    /// The main thread only.
+    CurrentThread,
 }
 
 fn ballast(args: &Args) -> Result<Option<swrapper::ballast::Ballast>> {

@@ -53,6 +53,9 @@ fn bad_flags_are_refused() {
     let o = swrapper(&["--log", "=[=="]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("invalid --log filter"));
+    let o = swrapper(&["--runtime", "sideways"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--runtime"), "{}", stderr(&o));
 }
 
 #[test]
