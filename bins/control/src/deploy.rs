@@ -50,6 +50,8 @@ pub(crate) struct UpOptions {
     pub(crate) ballast_mib: u32,
     /// MiB per second of it the server rewrites (swrapper --dirty-mib-per-s).
     pub(crate) dirty_mib_per_s: u32,
+    /// The server's tokio runtime (swrapper --runtime).
+    pub(crate) server_runtime: String,
     /// The server runs as PID 1 of its own pid namespace (post-copy needs it).
     pub(crate) pid_namespace: bool,
 }
@@ -251,6 +253,7 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         "--log".into(),
         "info".into(),
     ];
+    argv.extend(["--runtime".into(), opts.server_runtime.clone().into()]);
     if opts.ballast_mib > 0 {
         argv.extend([
             "--ballast-mib".into(),

@@ -180,6 +180,11 @@ struct UpArgs {
     /// `--pid-namespace`, and required there.
     #[arg(long, env = "QLM_SERVER_USER", default_value = "qlm-server")]
     server_user: String,
+    /// The demo server's tokio runtime (swrapper --runtime): `current-thread` (everything on
+    /// one thread, which CRIU seizes and dumps faster: a shorter freeze) or `multi-thread`.
+    #[arg(long, env = "QLM_SERVER_RUNTIME", default_value = "current-thread",
+          value_parser = ["current-thread", "multi-thread"])]
+    server_runtime: String,
     /// MiB of memory the demo server holds, every page touched before it is ready (to
     /// measure moves of bigger services; swrapper --ballast-mib).
     #[arg(long, default_value_t = 0)]
@@ -483,6 +488,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         server_user: a.server_user.clone(),
         ballast_mib: a.ballast_mib,
         dirty_mib_per_s: a.dirty_mib_per_s,
+        server_runtime: a.server_runtime.clone(),
         pid_namespace: a.pid_namespace,
     })
 }

@@ -93,6 +93,7 @@ fn bad_flags_are_refused_by_the_parser() {
         &["up", "--src-port", "70000"][..],
         &["up", "--src-port", "x"],
         &["up", "--ballast-mib", "-3"],
+        &["up", "--server-runtime", "sideways"],
         &["up", "--ballast-mib", "lots"],
         &["restart-elsewhere", "--what"],
         &["pod-image"],
