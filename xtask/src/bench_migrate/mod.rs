@@ -535,7 +535,16 @@ struct Client {
 }
 
 impl Client {
-    fn start(paths: &Paths, kind: &str, target: u16, extra: &[String], tag: &str) -> Result<Self> {
+    /// `bench_client --mode kind` against the host port `target`, trusting the certificate
+    /// `ca`; its JSON and log are `client-<tag>.*` in the output folder.
+    fn start(
+        paths: &Paths,
+        kind: &str,
+        target: u16,
+        ca: &Path,
+        extra: &[String],
+        tag: &str,
+    ) -> Result<Self> {
         let json = paths.out.join(format!("client-{tag}.json"));
         let _ = std::fs::remove_file(&json);
         let log = std::fs::File::create(paths.out.join(format!("client-{tag}.log")))?;
@@ -543,7 +552,7 @@ impl Client {
             .args(["--mode", kind])
             .args(["--target", &format!("127.0.0.1:{target}")])
             .arg("--ca")
-            .arg(paths.state.join("server-cert.pem"))
+            .arg(ca)
             .arg("--json")
             .arg(&json)
             // Stopped by SIGINT when the series ends; the limit only bounds a forgotten one.
@@ -884,7 +893,8 @@ fn moves_under(
     tag: &str,
     port: &mut u16,
 ) -> Result<(Vec<Done>, ClientResult)> {
-    let mut client = Client::start(paths, kind, *port, extra, tag)?;
+    let ca = paths.state.join("server-cert.pem");
+    let mut client = Client::start(paths, kind, *port, &ca, extra, tag)?;
     std::thread::sleep(Duration::from_millis(800));
     client.check_running()?;
     let mut done = Vec::new();
@@ -1004,14 +1014,25 @@ fn podman_moves(
     ])?;
     // The server touches its ballast before it serves.
     std::thread::sleep(Duration::from_millis(500 + u64::from(size) * 2));
-    let client = Client::start_with_ca(
+    let extra = [
+        "--interval-ms".to_owned(),
+        "1".to_owned(),
+        "--reconnect".to_owned(),
+        "--io-timeout-ms".to_owned(),
+        BASELINE_IO_TIMEOUT_MS.to_string(),
+        "--reconnect-to".to_owned(),
+        format!("127.0.0.1:{POD_PORT}"),
+    ];
+    let mut client = Client::start(
         paths,
+        "latency",
         POD_PORT,
         &certs.join("server-cert.pem"),
-        "podman",
-        size,
+        &extra,
+        &format!("podman-{size}"),
     )?;
     std::thread::sleep(Duration::from_millis(800));
+    client.check_running()?;
     let mut figures = Vec::new();
     let mut failure = None;
     for i in 0..n {
@@ -1059,33 +1080,6 @@ fn build_pod_image(paths: &Paths, certs: &Path) -> Result<()> {
         bail!("control pod-image failed ({status})");
     }
     Ok(())
-}
-
-impl Client {
-    fn start_with_ca(paths: &Paths, port: u16, ca: &Path, tag: &str, size: u32) -> Result<Self> {
-        let tag = format!("{tag}-{size}");
-        let json = paths.out.join(format!("client-{tag}.json"));
-        let _ = std::fs::remove_file(&json);
-        let log = std::fs::File::create(paths.out.join(format!("client-{tag}.log")))?;
-        let child = Command::new(paths.bin.join("bench_client"))
-            .args(["--mode", "latency", "--reconnect"])
-            .args(["--target", &format!("127.0.0.1:{port}")])
-            .arg("--ca")
-            .arg(ca)
-            .arg("--json")
-            .arg(&json)
-            // Stopped by SIGINT when the series ends; the limit only bounds a forgotten one.
-            .args(["--duration-s", "3600"])
-            .args(["--interval-ms", "1"])
-            .args(["--io-timeout-ms", &BASELINE_IO_TIMEOUT_MS.to_string()])
-            .args(["--reconnect-to", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting bench_client")?;
-        Ok(Client { child, json })
-    }
 }
 
 /// A 0700 directory, made fresh.
