@@ -454,6 +454,34 @@ impl TokenVerifier {
         expected_target: &str,
         now_unix: u64,
     ) -> Result<TokenClaims, TokenError> {
+        let (claims, tag, forget_after) =
+            self.check_inner(token, expected_source, expected_target, now_unix)?;
+        self.replay.insert(tag, forget_after, now_unix)?;
+        Ok(claims)
+    }
+
+    /// [`verify`](Self::verify) without the replay cache: every check but "used before", and
+    /// nothing recorded. For the later requests of a migration whose first request was
+    /// verified (and recorded) with `verify`: they carry the same token, bound to the same
+    /// migration, over the same authenticated connection.
+    pub fn check(
+        &self,
+        token: &[u8],
+        expected_source: &str,
+        expected_target: &str,
+        now_unix: u64,
+    ) -> Result<TokenClaims, TokenError> {
+        self.check_inner(token, expected_source, expected_target, now_unix)
+            .map(|(claims, _, _)| claims)
+    }
+
+    fn check_inner(
+        &self,
+        token: &[u8],
+        expected_source: &str,
+        expected_target: &str,
+        now_unix: u64,
+    ) -> Result<(TokenClaims, [u8; TOKEN_TAG_LEN], u64), TokenError> {
         let parsed = parse(token)?;
         hmac::verify(&self.key.hmac_key(), parsed.body, parsed.tag)
             .map_err(|_| TokenError::Forged)?;
@@ -481,8 +509,7 @@ impl TokenVerifier {
                 now: now_unix,
             });
         }
-        self.replay.insert(*parsed.tag, forget_after, now_unix)?;
-        Ok(claims)
+        Ok((claims, *parsed.tag, forget_after))
     }
 }
 
@@ -513,6 +540,37 @@ mod tests {
 
     fn token(c: &TokenClaims) -> Vec<u8> {
         issue_token(&tkey(), c).unwrap().into_bytes()
+    }
+
+    #[test]
+    fn check_verifies_without_recording() {
+        let mut v = verifier();
+        let t = token(&claims());
+        assert_eq!(v.check(&t, "host-a", "host-b", NOW).unwrap(), claims());
+        assert_eq!(v.check(&t, "host-a", "host-b", NOW).unwrap(), claims());
+        assert!(v.replay_cache().is_empty());
+        assert!(matches!(
+            v.check(&t, "host-a", "host-c", NOW),
+            Err(TokenError::WrongBinding { .. })
+        ));
+        assert!(matches!(
+            v.check(&t, "host-a", "host-b", NOW + 3600),
+            Err(TokenError::Expired { .. })
+        ));
+        let mut forged = t.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(matches!(
+            v.check(&forged, "host-a", "host-b", NOW),
+            Err(TokenError::Forged)
+        ));
+        // verify records it once; check still accepts it afterwards, verify does not.
+        v.verify(&t, "host-a", "host-b", NOW).unwrap();
+        assert!(v.check(&t, "host-a", "host-b", NOW).is_ok());
+        assert!(matches!(
+            v.verify(&t, "host-a", "host-b", NOW),
+            Err(TokenError::Replayed)
+        ));
     }
 
     #[test]
