@@ -321,6 +321,33 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyFileError> {
 /// [`KeyFileError::Symlink`]) and nothing is written through it. A partially written file is
 /// removed on failure.
 pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyFileError> {
+    write_secret_file(path, key.as_bytes())
+}
+
+/// Loads a token key file: the same file rules and length as [`load_key_file`] (exactly 32
+/// raw bytes, the caller's, 0600, no link).
+pub fn load_token_key_file(path: &Path) -> Result<crate::TokenKey, KeyFileError> {
+    let key = load_key_file(path)?;
+    crate::TokenKey::from_bytes(key.as_bytes()).map_err(|_| KeyFileError::WrongLength {
+        path: path.to_path_buf(),
+        found: Key::LEN as u64,
+    })
+}
+
+/// Writes a token key as [`write_key_file`] writes a key. A token key longer than
+/// [`Key::LEN`] is refused (the file format holds exactly 32 bytes).
+pub fn write_token_key_file(path: &Path, key: &crate::TokenKey) -> Result<(), KeyFileError> {
+    let bytes = key.secret_bytes();
+    if bytes.len() != Key::LEN {
+        return Err(KeyFileError::WrongLength {
+            path: path.to_path_buf(),
+            found: bytes.len() as u64,
+        });
+    }
+    write_secret_file(path, bytes)
+}
+
+fn write_secret_file(path: &Path, secret: &[u8]) -> Result<(), KeyFileError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     if is_link {
@@ -344,7 +371,7 @@ pub fn write_key_file(path: &Path, key: &Key) -> Result<(), KeyFileError> {
             }
         })?;
     let result = file
-        .write_all(key.as_bytes())
+        .write_all(secret)
         .and_then(|()| file.sync_all());
     if let Err(e) = result {
         drop(file);
@@ -373,6 +400,36 @@ mod tests {
         std::fs::write(&path, data).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         path
+    }
+
+    #[test]
+    fn token_key_files_round_trip_and_refuse_bad_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::TokenKey::generate().unwrap();
+        let path = dir.path().join("token.key");
+        write_token_key_file(&path, &key).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load_token_key_file(&path).unwrap().id(), key.id());
+        assert!(matches!(
+            write_token_key_file(&path, &key),
+            Err(KeyFileError::AlreadyExists { .. })
+        ));
+        let long = crate::TokenKey::from_bytes(&[1u8; 40]).unwrap();
+        assert!(matches!(
+            write_token_key_file(&dir.path().join("long.key"), &long),
+            Err(KeyFileError::WrongLength { found: 40, .. })
+        ));
+        let short = write_raw(dir.path(), "short.key", &[1u8; 31], 0o600);
+        assert!(matches!(
+            load_token_key_file(&short),
+            Err(KeyFileError::WrongLength { found: 31, .. })
+        ));
+        let open = write_raw(dir.path(), "open.key", &key_bytes(), 0o644);
+        assert!(matches!(
+            load_token_key_file(&open),
+            Err(KeyFileError::TooOpen { .. })
+        ));
     }
 
     #[test]

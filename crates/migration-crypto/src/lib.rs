@@ -105,7 +105,8 @@ mod token;
 
 pub use crate::digest::{Digest, Sha256, sha256};
 pub use crate::key::{
-    CryptoError, Key, KeyError, KeyFileError, KeyId, load_key_file, write_key_file,
+    CryptoError, Key, KeyError, KeyFileError, KeyId, load_key_file, load_token_key_file,
+    write_key_file, write_token_key_file,
 };
 pub use crate::rate::{RateLimited, RateLimiter};
 pub use crate::seal::{

@@ -180,6 +180,11 @@ impl TokenKey {
         self.id
     }
 
+    /// The key's bytes, for writing its file.
+    pub(crate) fn secret_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// ring's HMAC key, built per operation so the expanded pads live only
     /// briefly.
     fn hmac_key(&self) -> hmac::Key {
