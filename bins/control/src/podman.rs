@@ -75,7 +75,7 @@ pub(crate) fn build_image(work: &Path, tag: &str, binaries: &[PathBuf]) -> Resul
     Ok(())
 }
 
-fn busybox() -> Result<PathBuf> {
+pub(crate) fn busybox() -> Result<PathBuf> {
     for p in ["/bin/busybox", "/usr/bin/busybox"] {
         let p = PathBuf::from(p);
         if p.is_file() {

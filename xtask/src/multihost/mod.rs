@@ -1,0 +1,3 @@
+//! The simulated hosts of `cargo xtask e2e-multihost` (issue 10, "across hosts").
+
+pub(crate) mod topology;
