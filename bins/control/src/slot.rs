@@ -121,15 +121,8 @@ impl Slot {
                 spec.service
             );
         }
-        if !port_free(spec.host_addr, spec.host_port) {
-            bail!(
-                "host port {}:{}/udp is already taken in this host's network namespace (by \
-                 another slot or process); no slot made for {}",
-                spec.host_addr,
-                spec.host_port,
-                spec.service
-            );
-        }
+        port_free(spec.host_addr, spec.host_port)
+            .with_context(|| format!("no slot made for {}", spec.service))?;
         host.ensure_image()?;
         let started = Instant::now();
         let publish = format!("{}:{}:{CONTAINER_PORT}/udp", spec.host_addr, spec.host_port);
@@ -267,10 +260,20 @@ fn check_service(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether `addr:port` (and the wildcard) can be bound in the calling thread's namespace.
-fn port_free(addr: Ipv4Addr, port: u16) -> bool {
-    UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).is_ok()
-        && UdpSocket::bind(SocketAddrV4::new(addr, port)).is_ok()
+/// Checks that `addr:port` (and the wildcard) can be bound in the calling thread's network
+/// namespace: a taken port and an address that is not this host's are errors that say so.
+fn port_free(addr: Ipv4Addr, port: u16) -> Result<()> {
+    for a in [Ipv4Addr::UNSPECIFIED, addr] {
+        match UdpSocket::bind(SocketAddrV4::new(a, port)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+                "host port {addr}:{port}/udp is already taken in this host's network namespace \
+                 (by another slot or process)"
+            ),
+            Err(e) => bail!("{addr}:{port}/udp cannot be bound in this host's namespace: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// The namespace inode (`kind`: net, mnt) of the calling thread and of the machine's own
@@ -885,6 +888,13 @@ mod tests {
             again.host_port = 5303;
             let taken_sock = format!("{:#}", Slot::create(&again).unwrap_err());
             drop(sock);
+            let mut foreign = again.clone();
+            foreign.host_addr = Ipv4Addr::new(10, 233, 201, 1);
+            let e = format!("{:#}", Slot::create(&foreign).unwrap_err());
+            assert!(
+                e.contains("cannot be bound in this host's namespace"),
+                "{e}"
+            );
             let slots = Slot::list(&sa.storage).unwrap();
             assert_eq!(slots.len(), 2, "{slots:?}");
 
