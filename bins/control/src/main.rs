@@ -11,6 +11,7 @@ mod interrupt;
 mod journal;
 mod kdat;
 mod lock;
+mod metrics;
 mod podman;
 mod postcopy;
 mod recover;
