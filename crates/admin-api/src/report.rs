@@ -318,7 +318,8 @@ pub struct ClientReport {
     /// Distinct QUIC connections the echoes went over (quinn's stable ids): 1 when the
     /// connection survived every move.
     pub connections: u64,
-    /// Handshakes the client completed.
+    /// Handshakes the client completed: its QUIC connections that the server confirmed
+    /// (HANDSHAKE_DONE received; a retransmitted copy of that frame is not a second one).
     pub handshakes: u64,
     /// Echoes answered.
     pub echoes: u64,
