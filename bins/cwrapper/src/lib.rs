@@ -51,6 +51,10 @@
 //! The control stream is opened and `Hello` written before [`MigratingClient::connect`]
 //! returns, so it is stream 0 and the server takes it as the control stream whatever streams
 //! the application opens afterwards.
+//!
+//! A process may hold many `MigratingClient`s: each has its own socket, endpoint, connection
+//! and control task, and follows moves on its own (the demo binary's `--connections N`;
+//! [`summary`] turns their reports into one per process).
 
 use std::io;
 use std::net::SocketAddr;
@@ -69,6 +73,8 @@ use wrapper_support::{ControlStreamError, TlsError};
 
 pub use quinn;
 pub use udp_shim_client::{MoveError, OverlapLimits, ShimStats};
+
+pub mod summary;
 
 /// How the client is set up.
 #[derive(Debug, Clone)]

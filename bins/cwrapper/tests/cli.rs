@@ -132,3 +132,38 @@ fn no_server_is_a_clear_connect_error() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+#[test]
+fn a_bad_connection_count_is_a_usage_error() {
+    for bad in ["0", "1001", "many", "-3", ""] {
+        let o = cwrapper(&["--ca", "/nonexistent", "--connections", bad]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "--connections {bad:?}: {}",
+            stderr(&o)
+        );
+        let err = stderr(&o);
+        assert!(
+            err.contains("invalid value")
+                && err.contains("--connections")
+                && err.contains("try '--help'"),
+            "--connections {bad:?}: {err}"
+        );
+    }
+    // The limits are named.
+    let o = cwrapper(&["--ca", "/nonexistent", "--connections", "0"]);
+    assert!(stderr(&o).contains("1..=1000"), "{}", stderr(&o));
+    // In range, the flag is accepted (the missing CA is the next error, exit 1).
+    let o = cwrapper(&["--ca", "/nonexistent", "--connections", "1000"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}
+
+#[test]
+fn help_explains_several_connections() {
+    let o = cwrapper(&["--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in ["--connections", "--stagger-ms", "<client-id>-<k>", "p95"] {
+        assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
+    }
+}

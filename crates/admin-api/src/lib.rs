@@ -17,7 +17,8 @@
 //! old request and a reader never mistakes an old answer for a new one.
 //!
 //! [`report`]: the JSON reports: one per migration ([`MoveReport`]), one per run of several
-//! migrations with the demo client ([`RunReport`]), and the demo client's own ([`ClientReport`]).
+//! migrations with the demo client ([`RunReport`]), and the demo client's own ([`ClientReport`];
+//! with several connections in one process, [`ClientsSummary`]).
 //!
 //! Free-form JSON (`serde_json::Value`) appears nowhere in these types.
 
@@ -30,6 +31,7 @@ pub use admin::{
     UnknownPhases,
 };
 pub use report::{
-    ClientMigration, ClientReport, CriuRoute, CriuTiming, MoveReport, MoveResult, Placement,
-    PortProbe, PostCopyReport, RestartReport, RunReport, RunRow, RunSummary, TransferStats, median,
+    ClientMigration, ClientReport, ClientsSummary, ConnectionError, CriuRoute, CriuTiming,
+    MigrationDowntimes, MoveReport, MoveResult, Percentiles, Placement, PortProbe, PostCopyReport,
+    RestartReport, RunReport, RunRow, RunSummary, TransferStats, median, percentile,
 };

@@ -318,7 +318,8 @@ pub struct ClientReport {
     /// Distinct QUIC connections the echoes went over (quinn's stable ids): 1 when the
     /// connection survived every move.
     pub connections: u64,
-    /// Handshakes the client completed.
+    /// Handshakes the client completed: its QUIC connections that the server confirmed
+    /// (HANDSHAKE_DONE received; a retransmitted copy of that frame is not a second one).
     pub handshakes: u64,
     /// Echoes answered.
     pub echoes: u64,
@@ -334,6 +335,119 @@ pub struct ClientReport {
     pub verified: bool,
     /// What went wrong, if anything.
     pub error: Option<String>,
+}
+
+/// The demo client's summary when it holds several connections (cwrapper `--connections N`,
+/// N > 1): one per process, its last line on stdout and its `--json` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsSummary {
+    /// The address every connection dialled.
+    pub target: SocketAddr,
+    /// The process's client id; connection `k` calls itself `<client_id>-<k>`.
+    pub client_id: String,
+    /// Connections asked for (`--connections`).
+    pub connections_requested: u64,
+    /// Connections whose handshake and `Hello` went through.
+    pub connections_started: u64,
+    /// Connections that ran until the client stopped (signal, `--count`, `--duration-s`)
+    /// with their QUIC connection still open: none lost, none ended by a failed check.
+    pub connections_alive: u64,
+    /// Connections whose echoes went over more than one QUIC connection or that completed
+    /// more than one handshake: 0 when every connection survived every move.
+    pub connections_reconnected: u64,
+    /// Connections whose own report is not verified (a failed check, a lost server, a
+    /// migration never completed), or that never started.
+    pub connections_failed: u64,
+    /// Echoes answered, over every connection.
+    pub echoes: u64,
+    /// Echo attempts that failed, over every connection.
+    pub failed_attempts: u64,
+    /// Every migration (or abort) some connection saw, in the order first seen.
+    pub migrations: Vec<MigrationDowntimes>,
+    /// What went wrong, per connection.
+    pub errors: Vec<ConnectionError>,
+    /// Every connection started, stayed alive, never reconnected and passed its checks.
+    pub verified: bool,
+}
+
+/// One migration (or abort) across the connections of a process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationDowntimes {
+    /// The migration.
+    pub id: String,
+    /// Where the server said it moves (for an abort, where the clients go back).
+    pub new_addr: SocketAddr,
+    /// This is the abort of a migration.
+    pub aborted: bool,
+    /// Connections that saw it.
+    pub seen: u64,
+    /// Connections that were asked to quiesce for it (two phases).
+    pub quiesced: u64,
+    /// Connections whose echoes resumed after it (`completed` in their record).
+    pub completed: u64,
+    /// Each connection's downtime in milliseconds, by connection index (`null`: that
+    /// connection measured none: it did not see the migration, or did not start).
+    pub downtimes_ms: Vec<Option<f64>>,
+    /// p50, p95 and max of the downtimes measured; `None` when none was.
+    pub downtime: Option<Percentiles>,
+}
+
+/// A connection's failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionError {
+    /// The connection's index (0-based).
+    pub connection: u64,
+    /// Its client id.
+    pub client_id: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// The 50th and 95th percentiles and the maximum of a list (see [`percentile`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percentiles {
+    /// The median (nearest rank: the lower middle value of an even count).
+    pub p50_ms: f64,
+    /// The 95th percentile (nearest rank).
+    pub p95_ms: f64,
+    /// The largest value.
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// p50, p95 and max of `values`; `None` when empty.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        Some(Self {
+            p50_ms: percentile(values, 50)?,
+            p95_ms: percentile(values, 95)?,
+            max_ms: percentile(values, 100)?,
+        })
+    }
+}
+
+/// The `p`-th percentile of `values` by the **nearest-rank** method, without interpolation:
+/// the value at 1-based rank `⌈p·n/100⌉` of the sorted list (rank 1 for `p` = 0), so always
+/// one of the values. For `n` values: p100 is the maximum; p50 is the middle value of an odd
+/// count and the lower of the two middle values of an even one; p95 is the maximum whenever
+/// `n` < 20, and for `n` = 100 it is the 95th smallest (at least 95 % of the values are at
+/// or below it, and at most 5 are above). `None` when `values` is empty; `p` above 100 counts
+/// as 100. Values are ordered by `f64::total_cmp`.
+pub fn percentile(values: &[f64], p: u32) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len() as u64;
+    let p = u64::from(p.min(100));
+    // ⌈p·n/100⌉ in integers: exact, no rounding of 0.95·n.
+    let rank = (p * n).div_ceil(100).max(1);
+    let index = usize::try_from(rank - 1).ok()?;
+    sorted.get(index).copied()
 }
 
 /// One migration of a run, joined with what the client saw.
@@ -433,6 +547,51 @@ mod tests {
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0]), Some(4.0));
+    }
+
+    #[test]
+    fn percentile_of_an_empty_list_is_none() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(Percentiles::of(&[]), None);
+    }
+
+    #[test]
+    fn percentile_of_one_value_is_that_value() {
+        for p in [0, 1, 50, 95, 100, 200] {
+            assert_eq!(percentile(&[7.5], p), Some(7.5), "p{p}");
+        }
+    }
+
+    #[test]
+    fn percentile_of_odd_and_even_counts_by_nearest_rank() {
+        // Odd: the middle value; unsorted input.
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50), Some(2.0));
+        // Even: the lower of the two middle values.
+        assert_eq!(percentile(&[4.0, 1.0, 3.0, 2.0], 50), Some(2.0));
+        // Fewer than 20 values: p95 is the maximum.
+        let v: Vec<f64> = (1..=19).map(f64::from).collect();
+        assert_eq!(percentile(&v, 95), Some(19.0));
+        // 20 values: rank ⌈0.95·20⌉ = 19.
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 95), Some(19.0));
+        assert_eq!(percentile(&v, 50), Some(10.0));
+        // 100 values, reversed: the 95th smallest; p0 and p1 are the minimum.
+        let v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(&v, 95), Some(95.0));
+        assert_eq!(percentile(&v, 100), Some(100.0));
+        assert_eq!(percentile(&v, 0), Some(1.0));
+        assert_eq!(percentile(&v, 1), Some(1.0));
+        // 101 values: rank ⌈95.95⌉ = 96.
+        let v: Vec<f64> = (1..=101).map(f64::from).collect();
+        assert_eq!(percentile(&v, 95), Some(96.0));
+        assert_eq!(
+            Percentiles::of(&[5.0, 1.0, 9.0, 3.0]),
+            Some(Percentiles {
+                p50_ms: 3.0,
+                p95_ms: 9.0,
+                max_ms: 9.0
+            })
+        );
     }
 
     #[test]
