@@ -6,6 +6,7 @@ mod criu_real_tests;
 mod criu_rpc;
 mod deploy;
 mod engine;
+mod image_stream;
 mod images;
 mod interrupt;
 mod journal;
