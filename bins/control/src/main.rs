@@ -7,6 +7,7 @@ mod criu_rpc;
 mod deploy;
 mod engine;
 mod http;
+mod image_stream;
 mod images;
 mod interrupt;
 mod journal;

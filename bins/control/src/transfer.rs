@@ -92,5 +92,7 @@ pub(crate) fn sealed(src: &Path, dest: &Path) -> Result<TransferStats> {
         wire_bytes,
         files: summary.files,
         ms: ms(took),
+        chunks: Some(summary.chunks),
+        ..TransferStats::default()
     })
 }

@@ -68,6 +68,28 @@ pub struct TransferStats {
     pub files: u64,
     /// Wall time.
     pub ms: f64,
+    /// Bytes of the compressed chunk payloads, without their sealing overhead (measured by the
+    /// receiver; absent in older reports and on the sending side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed_bytes: Option<u64>,
+    /// Chunks of the stream (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
+    /// Start of the transfer -> its first byte sent or received, in milliseconds (absent in
+    /// older reports and where not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<f64>,
+}
+
+impl TransferStats {
+    /// Image bytes per second over the wall time, in MB/s (10^6 bytes); 0 for a zero time.
+    pub fn mb_per_s(&self) -> f64 {
+        if self.ms > 0.0 {
+            self.bytes as f64 / (self.ms / 1e3) / 1e6
+        } else {
+            0.0
+        }
+    }
 }
 
 /// How a migration ended.
@@ -541,6 +563,28 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfer_stats_of_older_reports_still_parse() {
+        let old = r#"{"bytes":1000000,"wire_bytes":400000,"files":3,"ms":2.0}"#;
+        let t: TransferStats = serde_json::from_str(old).unwrap();
+        assert_eq!(t.compressed_bytes, None);
+        assert_eq!(t.chunks, None);
+        assert_eq!(t.first_byte_ms, None);
+        assert_eq!(t.mb_per_s(), 500.0);
+        // Absent fields stay absent when written back.
+        assert_eq!(serde_json::to_string(&t).unwrap(), old);
+        let new = TransferStats {
+            compressed_bytes: Some(350_000),
+            chunks: Some(2),
+            first_byte_ms: Some(0.5),
+            ..t
+        };
+        let back: TransferStats =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        assert_eq!(TransferStats::default().mb_per_s(), 0.0);
+    }
 
     #[test]
     fn medians() {

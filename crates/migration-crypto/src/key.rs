@@ -12,13 +12,16 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 /// Label HMAC'd with the key to derive its [`KeyId`].
 const KEY_ID_LABEL: &[u8] = b"migration-crypto key-id v1";
 
-/// The system random number generator failed.
+/// Generating key material failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CryptoError {
     /// `ring::rand::SystemRandom` could not produce random bytes.
     #[error("the system random number generator failed")]
     Random,
+    /// `ring` could not compute the public key of a freshly generated key pair.
+    #[error("computing the public key of a fresh key pair failed")]
+    PublicKey,
 }
 
 /// A key given as bytes was rejected.
@@ -166,7 +169,7 @@ impl Key {
         Ok(Key::from_array(array))
     }
 
-    fn from_array(bytes: &[u8; Key::LEN]) -> Key {
+    pub(crate) fn from_array(bytes: &[u8; Key::LEN]) -> Key {
         Key {
             bytes: *bytes,
             id: KeyId(derive_id(bytes, KEY_ID_LABEL)),

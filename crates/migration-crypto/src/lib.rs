@@ -1,5 +1,6 @@
 //! Cryptography for live QUIC server migration: sealing checkpoint data,
-//! migration tokens, replay protection, rate limiting and key files.
+//! per-migration key agreement, migration tokens, replay protection, rate
+//! limiting and key files.
 //!
 //! ```text
 //!   key file ──load_key_file──▶ Key ──┬──▶ Sealer::seal(aad, plaintext) ──▶ sealed record ──┐
@@ -14,6 +15,10 @@
 //!                                                                                        ▼ TokenClaims
 //!   RateLimiter::try_acquire(now) ──▶ Ok(()) | RateLimited { retry_after }
 //!   sha256(data) / Sha256::update..finish ──▶ Digest
+//!
+//!   source agent                                         target agent
+//!   KeyAgreement::generate ──public_key──▶ (mTLS) ◀──public_key── KeyAgreement::generate
+//!        └──agree(peer's, context)──▶ Key  ==  Key ◀──agree(peer's, context)──┘
 //! ```
 //!
 //! ```
@@ -79,6 +84,32 @@
 //! does not enforce counter order; [`RecordHeader::parse`] exposes the salt
 //! and counter for callers that want to.
 //!
+//! # Per-migration keys
+//!
+//! Two agents that move a server between hosts agree on a fresh sealing [`Key`] for each
+//! migration instead of sharing a long-lived one: each side generates a [`KeyAgreement`] (an
+//! ephemeral X25519 key pair from `ring::agreement`), sends its
+//! [`public_key`](KeyAgreement::public_key) over the agents' mutually authenticated TLS
+//! connection, and calls [`KeyAgreement::agree`] with the peer's public key and a `context`
+//! both sides know (the migration id and the two hosts' names). The key is
+//!
+//! ```text
+//! HKDF-SHA256(salt = "migration-crypto agreement v1",
+//!             ikm  = X25519 shared secret || lower public key || higher public key,
+//!             info = context)                                   → 32 bytes → Key
+//! ```
+//!
+//! The two public keys go in byte order, so both sides build the same input whichever calls
+//! first; binding them ties the key to this exchange, and the context ties it to this
+//! migration (another context gives another key, which [`Opener::open`] refuses as
+//! [`OpenError::WrongKey`]). [`AgreementError`] refuses a peer key of the wrong length, a point
+//! of small order (X25519's all-zero secret, all zeros among them) and our own public key
+//! reflected back; no input panics. The private key is used once (`agree` consumes it). The
+//! agreement authenticates nobody by itself: the public keys must travel over the
+//! authenticated channel. The copies of the shared secret this crate makes (the HKDF input, the
+//! derived bytes) are zeroized; ring's own private key and its stack copy of the secret are
+//! not (see "Key material").
+//!
 //! # Tokens
 //!
 //! A [`MigrationToken`] is a canonical encoding of [`TokenClaims`] followed by
@@ -94,8 +125,11 @@
 //!
 //! [`Key`] and [`TokenKey`] zeroize their bytes on drop and their `Debug`
 //! output shows only a key id. Keys expanded inside `ring` (AES round keys,
-//! HMAC pads) are outside this crate's control and are not zeroized.
+//! HMAC pads, the X25519 private key of a [`KeyAgreement`] and the shared
+//! secret on ring's stack) are outside this crate's control and are not
+//! zeroized.
 
+mod agreement;
 mod digest;
 mod hex;
 mod key;
@@ -103,6 +137,7 @@ mod rate;
 mod seal;
 mod token;
 
+pub use crate::agreement::{AGREEMENT_PUBLIC_KEY_LEN, AgreementError, KeyAgreement};
 pub use crate::digest::{Digest, Sha256, sha256};
 pub use crate::key::{
     CryptoError, Key, KeyError, KeyFileError, KeyId, load_key_file, load_token_key_file,

@@ -348,6 +348,33 @@ impl Reassembler {
         self.push_ref(item)
     }
 
+    /// Takes one frame body (as [`frame::read_frame_into`] reads it) holding a stream item and
+    /// pushes it without copying: a chunk's payload is opened, decompressed, verified and
+    /// written straight from `body`. Returns the payload's length (compressed and sealed, as
+    /// carried) for a chunk, `None` for a header or an end.
+    ///
+    /// A body that is not a stream item is [`ReassembleError::Frame`]; on any error the
+    /// staging directory is removed and every later call fails, as with
+    /// [`push`](Self::push).
+    pub fn push_frame(&mut self, body: &[u8]) -> Result<Option<usize>, ReassembleError> {
+        if matches!(self.state, State::Failed | State::Done) {
+            return Err(ReassembleError::Failed);
+        }
+        let item = match frame::decode_body_borrowed::<StreamItemRef<'_>>(body) {
+            Ok(item) => item,
+            Err(e) => {
+                self.abort();
+                return Err(ReassembleError::Frame(e));
+            }
+        };
+        let payload = match &item {
+            StreamItemRef::Chunk(c) => Some(c.payload.len()),
+            StreamItemRef::Header(_) | StreamItemRef::End(_) => None,
+        };
+        self.push_ref(item)?;
+        Ok(payload)
+    }
+
     /// [`Reassembler::push`] of an item whose chunk borrows its payload from a frame.
     fn push_ref(&mut self, item: StreamItemRef<'_>) -> Result<(), ReassembleError> {
         let res = match self.state {
@@ -419,9 +446,7 @@ impl Reassembler {
                 // read failure is a read failure.
                 Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
             };
-            let item = frame::decode_body_borrowed::<StreamItemRef<'_>>(&buf[..len])
-                .map_err(ReassembleError::Frame)?;
-            self.push_ref(item)?;
+            self.push_frame(&buf[..len])?;
         }
         self.finish()
     }
@@ -891,6 +916,43 @@ mod tests {
             "bytes after the end are left unread"
         );
         assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+    }
+
+    #[test]
+    fn push_frame_takes_frame_bodies_and_reports_payload_lengths() {
+        let f = fixture();
+        let items = f.items(Compression::Zstd { level: 1 }, true);
+        let mut r = f.reassembler(true);
+        let mut payloads = 0;
+        for item in &items {
+            let mut framed = Vec::new();
+            frame::encode(item, frame::DEFAULT_MAX_FRAME, &mut framed).unwrap();
+            let got = r.push_frame(&framed[frame::LEN_PREFIX..]).unwrap();
+            match item {
+                StreamItem::Chunk(c) => {
+                    assert_eq!(got, Some(c.payload.len()));
+                    payloads += 1;
+                }
+                _ => assert_eq!(got, None),
+            }
+        }
+        assert!(payloads >= 3, "{payloads}");
+        r.finish().unwrap();
+        assert_eq!(read_tree(f.src.path()), read_tree(&f.dest()));
+    }
+
+    #[test]
+    fn push_frame_refuses_a_body_that_is_no_item_and_cleans_up() {
+        let f = fixture();
+        let mut r = f.reassembler(false);
+        let staging = r.staging_dir().unwrap().to_owned();
+        assert!(matches!(
+            r.push_frame(&[0xff, 0xff, 0xff]),
+            Err(ReassembleError::Frame(_))
+        ));
+        assert!(!staging.exists());
+        assert!(matches!(r.push_frame(&[]), Err(ReassembleError::Failed)));
+        f.assert_clean();
     }
 
     #[test]
