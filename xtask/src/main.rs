@@ -9,9 +9,6 @@ mod bench;
 mod bench_migrate;
 mod e2e;
 mod limit;
-// The scenario network of e2e-multihost, which another change adds; until then only its
-// tests use it.
-#[allow(dead_code)]
 mod multihost;
 mod setup;
 mod shim_cost;
@@ -76,6 +73,16 @@ enum Cmd {
     /// fails, prints diagnostics (server, client, criu and container logs) on failure, and
     /// always cleans up. Needs root.
     E2eMigrate(e2e::Options),
+    /// The migration across hosts: three hosts and a client site as network namespaces on a
+    /// scenario network, each host with its own agent (`control agent`, mutual-TLS QUIC
+    /// between them), private storage and podman; a service with 100 client connections
+    /// (several client processes) moved A -> B -> C -> A with sealed image streams; every
+    /// failure case of a cross-host move (link cut, corrupted chunk, forged token, restore
+    /// failing, target agent killed before and during the restore); a host drained; the
+    /// 256 MiB transfer. Prints per-phase timings, bytes (raw, compressed, sealed) and
+    /// client downtime percentiles, writes target/e2e-multihost/report.json, always cleans
+    /// up. Needs root.
+    E2eMultihost(multihost::scenario::Options),
     /// Only the layering and documentation checks (fast; no compilation).
     ///
     /// Reads `cargo metadata` (the manifests and the resolved dependency graph) and the
@@ -152,6 +159,7 @@ fn main() -> Result<()> {
         }
         Some(Cmd::Bench { criterion_args }) => bench::run(&root, &criterion_args),
         Some(Cmd::E2eMigrate(opts)) => e2e::run(&root, &opts),
+        Some(Cmd::E2eMultihost(opts)) => multihost::scenario::run(&root, &opts),
         Some(Cmd::BenchMigrate(opts)) => bench_migrate::run(&root, &opts),
         Some(Cmd::ShimCost(opts)) => shim_cost::run(&root, &opts),
         Some(Cmd::Setup(opts)) if opts.if_needed => setup::ensure(&root),

@@ -98,14 +98,14 @@ const REAP_LIMIT: Duration = Duration::from_secs(5);
 /// How long a probe of an address waits for a QUIC answer.
 const PROBE_WAIT: Duration = Duration::from_millis(300);
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     Timestamp::from_micros(micros)
 }
 
-fn random_id() -> Result<MigrationId> {
+pub(crate) fn random_id() -> Result<MigrationId> {
     use std::io::Read as _;
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")

@@ -18,14 +18,6 @@
 //! slot for at most [`Limits::connection_deadline`], and no slot at all when all are taken.
 //! [`serve`] runs until the caller's shutdown future completes.
 
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the agent (issue 10) is the caller; remove this when it serves"
-    )
-)]
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;

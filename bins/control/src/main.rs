@@ -1,5 +1,6 @@
 //! control: moves the demo QUIC server between two podman containers with CRIU.
 
+mod agent;
 mod criu;
 #[cfg(test)]
 mod criu_real_tests;
@@ -21,9 +22,6 @@ mod report;
 mod restart;
 mod run;
 mod secure;
-// The slots of a simulated host's agent (e2e-multihost, being written); until then only its
-// tests use it.
-#[allow(dead_code)]
 mod slot;
 mod state;
 mod supervisor;
@@ -103,13 +101,24 @@ enum Cmd {
     /// says which): the server ends up serving, at the source or the target, with its clients
     /// pointed at it. `migrate` and `status` run it first when needed.
     Recover(RecoverArgs),
-    /// Show the deployment: where the server runs, its PID, the containers.
-    Status,
+    /// Show the deployment: where the server runs, its PID, the containers (with --fleet:
+    /// every host's services and the last migrations, from this host's agent).
+    Status(agent::cli::FleetStatusArgs),
     /// Print what explains a failure: the server's and the client's logs, CRIU's errors, the
     /// containers' logs.
     Logs,
     /// up, start the demo client, migrate A -> B and B -> A, stop the client, report, down.
     Run(RunArgs),
+    /// The agent of this host: runs its services, moves them to other hosts' agents (mutual
+    /// TLS QUIC, migration tokens, sealed image streams) and receives theirs; the command
+    /// line talks to it (`service`, `migrate --to`, `drain`, `status --fleet`).
+    Agent(agent::cli::AgentArgs),
+    /// Write a fleet's certificates, token key and agent configurations (one folder per host).
+    FleetInit(agent::cli::FleetInitArgs),
+    /// Start or stop a service on this host (through its agent).
+    Service(agent::cli::ServiceArgs),
+    /// Move every service of this host to other hosts, a few at a time, and report.
+    Drain(agent::cli::DrainArgs),
     /// The server's parent, started by `up` (not for direct use): reaps the dumped server at
     /// once and runs criu restore so that the restored server is its child again.
     #[command(hide = true)]
@@ -165,8 +174,11 @@ struct SuperviseArgs {
     /// Start the server as PID 1 of its own pid namespace.
     #[arg(long)]
     pid_namespace: bool,
+    /// Start no server: wait for a restore (the target of a cross-host move).
+    #[arg(long)]
+    idle: bool,
     /// The server's command line.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "idle")]
     server: Vec<OsString>,
 }
 
@@ -263,6 +275,8 @@ struct MigrateArgs {
     /// namespace instead of the target's; the move must be reported failed.
     #[arg(long, hide = true, conflicts_with_all = ["fail_restore", "fail_dump"])]
     fault_restore_in_source: bool,
+    #[command(flatten)]
+    cross: agent::cli::CrossMoveArgs,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +363,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
             let _lock = lock::acquire(state_dir, "control up")?;
             deploy::up(&settings, &opts).map(|_| ())
         }
+        Cmd::Migrate(a) if a.cross.to.is_some() => agent::cli::migrate(&a.cross, a.phases),
         Cmd::Migrate(a) => {
             interrupt::install()?;
             let _lock = locked_existing(state_dir, "control migrate")?;
@@ -388,7 +403,8 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 };
             deploy::down(&settings)
         }
-        Cmd::Status => {
+        Cmd::Status(a) if a.fleet => agent::cli::status(a),
+        Cmd::Status(_) => {
             let _lock = locked_existing(state_dir, "control status")?;
             recover_if_needed(&settings)?;
             deploy::status(&settings)
@@ -434,6 +450,10 @@ fn dispatch(cli: &Cli) -> Result<()> {
             restart::restart_elsewhere(&settings, a.report.as_deref()).map(|_| ())
         }
         Cmd::PodImage(a) => deploy::pod_image(&a.tag, &a.certs, &bin_dir(a.bin_dir.as_ref())?),
+        Cmd::Agent(a) => agent::cli::agent(a),
+        Cmd::FleetInit(a) => agent::cli::fleet_init(a),
+        Cmd::Service(a) => agent::cli::service(a),
+        Cmd::Drain(a) => agent::cli::drain(a),
         Cmd::Supervise(a) => supervisor::serve(
             &a.socket,
             &supervisor::ServerCommand {
@@ -441,6 +461,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 argv: a.server.clone(),
                 log: a.server_log.clone(),
                 pid_namespace: a.pid_namespace,
+                idle: a.idle,
             },
         ),
     }

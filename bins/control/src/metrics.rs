@@ -31,14 +31,6 @@
 //! rather than missing series; `requests_total` appears with the first request (its
 //! `request` values are the agent's to choose).
 
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the agent (issue 10) is the caller; remove this when it records metrics"
-    )
-)]
-
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;

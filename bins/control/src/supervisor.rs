@@ -204,6 +204,8 @@ pub(crate) struct ServerCommand {
     /// Start it as PID 1 of its own pid namespace (`unshare --pid --fork`), which post-copy
     /// moves need (`postcopy`).
     pub(crate) pid_namespace: bool,
+    /// Start nothing: the server arrives by a restore (the target of a cross-host move).
+    pub(crate) idle: bool,
 }
 
 /// Runs the supervisor until asked to exit or terminated: starts the server, reaps every
@@ -220,8 +222,12 @@ pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .context("creating a signalfd")?;
     let listener = bind(socket)?;
-    let pid = start_server(server)?;
-    info!(pid, "supervisor: server started");
+    if server.idle {
+        info!("supervisor: idle, waiting for a restore");
+    } else {
+        let pid = start_server(server)?;
+        info!(pid, "supervisor: server started");
+    }
     let mut prepared: Option<Prepared> = None;
     loop {
         let (sig_ready, conn_ready) = {
@@ -312,6 +318,9 @@ fn start_server(server: &ServerCommand) -> Result<i32> {
     unsafe {
         cmd.pre_exec(|| {
             unblock_all_signals()?;
+            // No descriptor of the supervisor's beyond stdio reaches the server (criu would
+            // have to dump it, and one of another mount namespace it cannot).
+            nix::libc::close_range(3, u32::MAX, nix::libc::CLOSE_RANGE_CLOEXEC as i32);
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)
@@ -558,6 +567,7 @@ mod tests {
             argv: vec!["/bin/false".into()],
             log: "/nonexistent/log".into(),
             pid_namespace: false,
+            idle: false,
         }
     }
 

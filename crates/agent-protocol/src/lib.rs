@@ -70,8 +70,7 @@ impl Name {
         let ok = !s.is_empty()
             && s.len() <= MAX_NAME
             && !s.starts_with('-')
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Name(s.to_owned()))
@@ -170,6 +169,9 @@ pub struct Prepare {
     pub service: ServiceSpec,
     /// The source's X25519 public key for this migration's sealing key.
     pub seal_public: [u8; 32],
+    /// The server's PID (criu restores it under the same one): how a target agent that
+    /// restarted recognises a server restored before it died.
+    pub server_pid: i32,
     /// Single- or two-phase (the restored server answers accordingly).
     pub phases: Phases,
     /// A fault to inject (refused unless the target allows faults).
@@ -212,6 +214,8 @@ pub enum PeerReply {
     Resumed {
         /// Clients the server told (`Resumed`).
         clients: u32,
+        /// Handshakes the server completed since it started (a move adds none).
+        handshakes: u64,
     },
     /// The migration was given up at the target.
     Aborted {
@@ -322,6 +326,15 @@ pub struct HostStatus {
     pub migrations_in_flight: u32,
     /// The last migrations this agent drove or received, newest last.
     pub recent: Vec<MoveSummary>,
+}
+
+/// The fleet as one agent sees it (`control status --fleet --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// Hosts that answered, this host first.
+    pub hosts: Vec<HostStatus>,
+    /// Hosts that did not, with why.
+    pub unreachable: Vec<String>,
 }
 
 /// One service on a host.

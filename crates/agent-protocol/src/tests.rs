@@ -22,6 +22,7 @@ fn requests() -> Vec<PeerRequest> {
                 server_user: Some("qlm-server".into()),
             },
             seal_public: [9; 32],
+            server_pid: 77,
             phases: Phases::Two,
             fault: Some(TargetFault::RestoreFails),
         }),
@@ -68,7 +69,10 @@ fn replies_round_trip() {
             restore: CriuTiming::default(),
             placement_checked: true,
         },
-        PeerReply::Resumed { clients: 100 },
+        PeerReply::Resumed {
+            clients: 100,
+            handshakes: 100,
+        },
         PeerReply::Aborted {
             undone: "slot".into(),
         },
@@ -162,10 +166,14 @@ fn a_bad_name_from_the_network_is_refused() {
     #[derive(Serialize)]
     enum Raw {
         #[allow(dead_code)]
-        Status { all: bool },
+        Status {
+            all: bool,
+        },
         #[allow(dead_code)]
         Start(u8),
-        Stop { service: String },
+        Stop {
+            service: String,
+        },
     }
     let frame = to_frame(&Raw::Stop {
         service: "../etc".into(),

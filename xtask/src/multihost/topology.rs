@@ -404,6 +404,7 @@ impl Topology {
     }
 
     /// The host called `name`.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn host(&self, name: &str) -> Option<&Node> {
         self.hosts.iter().find(|h| h.name == name)
     }
@@ -411,11 +412,6 @@ impl Topology {
     /// The client site.
     pub(crate) fn client(&self) -> &Node {
         &self.client
-    }
-
-    /// The spec it was built from.
-    pub(crate) fn spec(&self) -> &Spec {
-        &self.spec
     }
 
     /// Deletes every namespace it made (and with them every link). Processes still running

@@ -1,0 +1,599 @@
+//! The target's side of a cross-host move: what this agent does when another host's agent
+//! (already admitted by the gate) asks.
+//!
+//! ```text
+//!  Prepare  ──► slot (netns + host port), service folders, idle supervisor with a criu
+//!               restore worker, key agreement          ──► Prepared { public key, address }
+//!  Receive  ──► the rest of the stream: sealed image set ──► <storage>/inbound/<id>/set
+//!                                                        ──► Received { bytes ... }
+//!  Restore  ──► the server's log into place, criu restore by the supervisor, placement
+//!               observed, images wiped                   ──► Restored { pid, timing }
+//!  Resume   ──► resume request + SIGUSR2, the service is this host's ──► Resumed
+//!  Abort    ──► kill what was restored, supervisor, slot, folders, images ──► Aborted
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use admin_api::AdminDir;
+use agent_protocol::{
+    Name, PeerBody, PeerReply, PeerRequest, Prepare, Refusal, ServiceSpec, TargetFault,
+    TransferFigures,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use migration_core::MigrationId;
+use migration_crypto::Key;
+use tracing::{info, warn};
+
+use super::daemon::{Agent, kind_of, lock, refuse};
+use super::service::{self, Paths, Service};
+use crate::slot::{Slot, SlotSpec};
+use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
+
+/// Largest image set accepted.
+const MAX_IMAGE_SET: u64 = 16 << 30;
+
+/// A migration arriving here.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub(crate) migration: MigrationId,
+    pub(crate) source: Name,
+    pub(crate) service: ServiceSpec,
+    /// The agreed sealing key (None once the images were received by an earlier agent).
+    pub(crate) key: Option<Key>,
+    pub(crate) slot: Slot,
+    pub(crate) paths: Paths,
+    /// `<storage>/inbound/<id>`.
+    pub(crate) dir: PathBuf,
+    pub(crate) received: bool,
+    pub(crate) restored_pid: Option<i32>,
+    pub(crate) fault: Option<TargetFault>,
+}
+
+impl Inbound {
+    /// Undoes everything of this migration here.
+    pub(crate) fn give_up(self) -> String {
+        let mut undone = Vec::new();
+        if let Some(pid) = self.restored_pid {
+            undone.push(format!("killed the restored server (PID {pid})"));
+        }
+        if let Err(e) = service::tear_down(&self.paths, &self.slot, self.restored_pid) {
+            warn!(migration = %self.migration, "giving up: {e:#}");
+        }
+        undone.push("removed the slot and the service's folder".to_owned());
+        if let Err(e) = service::wipe_dir(&self.dir) {
+            warn!(migration = %self.migration, "wiping the received images: {e:#}");
+        } else {
+            undone.push("wiped the received images".to_owned());
+        }
+        undone.join(", ")
+    }
+}
+
+fn failed(agent: &Agent, phase: &str, e: &anyhow::Error) -> PeerReply {
+    PeerReply::Refused(Refusal::Failed {
+        phase: phase.to_owned(),
+        host: agent.config.host.to_string(),
+        message: format!("{e:#}"),
+    })
+}
+
+/// Answers an admitted request; `None` when the answer was already written.
+pub(crate) async fn handle(
+    agent: Arc<Agent>,
+    peer: Name,
+    request: PeerRequest,
+    _send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Option<PeerReply> {
+    let kind = kind_of(&request.body);
+    let reply = match request.body {
+        PeerBody::Status => PeerReply::Status(agent.host_status()),
+        PeerBody::Prepare(p) => {
+            let a = agent.clone();
+            let from = peer.clone();
+            match tokio::task::spawn_blocking(move || prepare(&a, &from, p)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(refusal)) => refuse(&agent, &peer, kind, refusal),
+                Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
+            }
+        }
+        PeerBody::Receive { migration } => match receive(&agent, &peer, migration, recv).await {
+            Ok(figures) => PeerReply::Received(figures),
+            Err(Rejected::Refused(r)) => refuse(&agent, &peer, kind, r),
+            Err(Rejected::Failed(e)) => {
+                warn!(%peer, %migration, "receiving the image set failed: {e:#}");
+                failed(&agent, "transferring", &e)
+            }
+        },
+        PeerBody::Restore { migration } => {
+            let a = agent.clone();
+            let from = peer.clone();
+            match tokio::task::spawn_blocking(move || restore(&a, &from, migration)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(Rejected::Refused(r))) => refuse(&agent, &peer, kind, r),
+                Ok(Err(Rejected::Failed(e))) => {
+                    warn!(%peer, %migration, "restore failed: {e:#}");
+                    failed(&agent, "restoring", &e)
+                }
+                Err(e) => failed(&agent, "restoring", &anyhow!("{e}")),
+            }
+        }
+        PeerBody::Resume { migration } => {
+            let a = agent.clone();
+            let from = peer.clone();
+            match tokio::task::spawn_blocking(move || resume(&a, &from, migration)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(Rejected::Refused(r))) => refuse(&agent, &peer, kind, r),
+                Ok(Err(Rejected::Failed(e))) => {
+                    warn!(%peer, %migration, "resume failed: {e:#}");
+                    failed(&agent, "resuming", &e)
+                }
+                Err(e) => failed(&agent, "resuming", &anyhow!("{e}")),
+            }
+        }
+        PeerBody::Abort { migration } => {
+            let taken = {
+                let mut inbound = lock(&agent.inbound);
+                match inbound.get(&migration) {
+                    Some(i) if i.source == peer => inbound.remove(&migration),
+                    _ => None,
+                }
+            };
+            match taken {
+                None => refuse(
+                    &agent,
+                    &peer,
+                    kind,
+                    Refusal::UnknownMigration(migration.to_string()),
+                ),
+                Some(i) => {
+                    let name = i.service.name.clone();
+                    let undone = tokio::task::spawn_blocking(move || i.give_up())
+                        .await
+                        .unwrap_or_else(|e| format!("giving up panicked: {e}"));
+                    agent.release(&name);
+                    agent.metrics.record_migration(&target_outcome(
+                        crate::metrics::MigrationResult::RolledBack,
+                    ));
+                    info!(%peer, %migration, "inbound migration given up: {undone}");
+                    PeerReply::Aborted { undone }
+                }
+            }
+        }
+        _ => refuse(
+            &agent,
+            &peer,
+            kind,
+            Refusal::Malformed("unknown request".into()),
+        ),
+    };
+    Some(reply)
+}
+
+/// A migration as the target counts it (the figures are the source's to record).
+fn target_outcome(result: crate::metrics::MigrationResult) -> crate::metrics::MigrationOutcome {
+    crate::metrics::MigrationOutcome {
+        result,
+        role: crate::metrics::Role::Target,
+        freeze: None,
+        transfer: None,
+        bytes: crate::metrics::TransferBytes::default(),
+        clients_acked: 0,
+        clients_missing: 0,
+        rollback_phase: None,
+        client_downtimes: Vec::new(),
+    }
+}
+
+/// Why a request of a known kind was not done.
+enum Rejected {
+    Refused(Refusal),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Rejected {
+    fn from(e: anyhow::Error) -> Rejected {
+        Rejected::Failed(e)
+    }
+}
+
+fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal> {
+    let name = p.service.name.clone();
+    if p.fault.is_some() && !agent.allow_faults {
+        return Err(Refusal::Malformed(
+            "fault injection asked of an agent that does not allow it".into(),
+        ));
+    }
+    let here = lock(&agent.services).contains_key(&name);
+    if here || !agent.claim(&name) {
+        return Err(Refusal::Busy(format!("a service {name} is already here")));
+    }
+    let prepared = lock(&agent.inbound).contains_key(&p.migration);
+    if prepared {
+        agent.release(&name);
+        return Err(Refusal::Busy(format!(
+            "migration {} is already prepared",
+            p.migration
+        )));
+    }
+    match prepare_inner(agent, peer, &p) {
+        Ok((inbound, reply)) => {
+            lock(&agent.inbound).insert(p.migration, inbound);
+            info!(%peer, migration = %p.migration, service = %name, "inbound migration prepared");
+            Ok(reply)
+        }
+        Err(e) => {
+            agent.release(&name);
+            warn!(%peer, migration = %p.migration, "preparing failed: {e:#}");
+            Err(Refusal::Failed {
+                phase: "preparing".into(),
+                host: agent.config.host.to_string(),
+                message: format!("{e:#}"),
+            })
+        }
+    }
+}
+
+fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, PeerReply)> {
+    if agent.free_slots() == 0 {
+        bail!("no free slot (max_services {})", agent.config.max_services);
+    }
+    let port = agent.free_port()?;
+    let agreement = migration_crypto::KeyAgreement::generate()?;
+    let public = agreement.public_key();
+    let key = agreement
+        .agree(
+            &p.seal_public,
+            &seal_context(p.migration, peer, &agent.config.host),
+        )
+        .map_err(|e| anyhow!("key agreement: {e}"))?;
+    let slot = service::create_slot(&SlotSpec {
+        service: p.service.name.to_string(),
+        host_addr: agent.host_v4()?,
+        host_port: port,
+        storage: agent.storage.clone(),
+    })?;
+    let paths = Paths::new(&agent.storage, &p.service.name);
+    let dir = agent.storage.join("inbound").join(p.migration.to_string());
+    let made = (|| -> Result<i32> {
+        crate::secure::private_dir(&agent.storage.join("inbound"))?;
+        crate::secure::private_dir(&dir)?;
+        service::make_folders(&paths, p.service.server_user.as_deref())?;
+        let supervisor_pid = service::start_supervisor(&paths, &slot, None)?;
+        // A restore worker waits in the slot's namespace: criu's start-up is not in the freeze.
+        match supervisor::ask(
+            &paths.socket,
+            &SupervisorRequest::PrepareRestore {
+                netns: slot.netns.clone(),
+            },
+            Duration::from_secs(5),
+        ) {
+            Ok(SupervisorReply::Prepared { pid }) => info!(pid, "criu restore worker waits"),
+            Ok(other) => warn!("no criu restore worker: {other:?}"),
+            Err(e) => warn!("no criu restore worker: {e:#}"),
+        }
+        Ok(supervisor_pid)
+    })();
+    let supervisor_pid = match made {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = service::tear_down(&paths, &slot, None);
+            let _ = service::wipe_dir(&dir);
+            return Err(e);
+        }
+    };
+    let address = agent.service_address(port);
+    let journal = Journal {
+        migration: p.migration,
+        source: peer.clone(),
+        service: p.service.clone(),
+        slot_name: slot.name.clone(),
+        server_pid: p.server_pid,
+        supervisor_pid,
+    };
+    if let Err(e) = journal.write(&dir) {
+        let _ = service::tear_down(&paths, &slot, None);
+        let _ = service::wipe_dir(&dir);
+        return Err(e);
+    }
+    let inbound = Inbound {
+        migration: p.migration,
+        source: peer.clone(),
+        service: p.service.clone(),
+        key: Some(key),
+        slot,
+        paths,
+        dir,
+        received: false,
+        restored_pid: None,
+        fault: p.fault,
+    };
+    Ok((
+        inbound,
+        PeerReply::Prepared {
+            seal_public: public,
+            address,
+        },
+    ))
+}
+
+/// What a target agent writes of an inbound migration (`<storage>/inbound/<id>/journal.json`),
+/// so that an agent started after it died can answer for a server restored meanwhile.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Journal {
+    pub(crate) migration: MigrationId,
+    pub(crate) source: Name,
+    pub(crate) service: ServiceSpec,
+    pub(crate) slot_name: String,
+    /// The PID the restored server will have (its PID at the source).
+    pub(crate) server_pid: i32,
+    /// The idle supervisor that restores it (its parent once restored).
+    pub(crate) supervisor_pid: i32,
+}
+
+impl Journal {
+    fn write(&self, dir: &std::path::Path) -> Result<()> {
+        crate::secure::write_private(&dir.join("journal.json"), &serde_json::to_vec(self)?)
+    }
+}
+
+/// The journals of inbound migrations whose server runs here, restored and parked, under
+/// the supervisor that restored it.
+pub(crate) fn adoptable(storage: &std::path::Path) -> Vec<Journal> {
+    let Ok(entries) = std::fs::read_dir(storage.join("inbound")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("journal.json")).ok()?;
+            let j: Journal = serde_json::from_slice(&bytes).ok()?;
+            // A supervisor still restoring answers once its restore is over: wait for it, so
+            // that a restore in progress is neither taken for nothing nor cut short.
+            if crate::sys::process_runs(j.supervisor_pid, "control") {
+                let socket = Paths::new(storage, &j.service.name).socket;
+                let _ = supervisor::ask(
+                    &socket,
+                    &SupervisorRequest::Ping,
+                    Duration::from_secs(2 * crate::criu::WORKER_LIMIT.as_secs() + 30),
+                );
+            }
+            let ours = crate::sys::parent_pid(j.server_pid) == Some(j.supervisor_pid);
+            if ours && crate::sys::process_runs(j.server_pid, "swrapper") {
+                return Some(j);
+            }
+            if ours {
+                // Half restored (criu died with the agent): it holds the PID the source
+                // needs to restore its own copy.
+                warn!(
+                    pid = j.server_pid,
+                    "killing a half-restored server an earlier agent left"
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(j.server_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            None
+        })
+        .collect()
+}
+
+/// Takes an adoptable migration over: its source may ask for the restore (answered with the
+/// running server) and the resume.
+pub(crate) fn adopt(agent: &Agent, j: Journal) -> Result<MigrationId> {
+    let slot = crate::slot::Slot::list(&agent.storage)?
+        .into_iter()
+        .find(|s| s.name == j.slot_name)
+        .with_context(|| format!("the slot {} is gone", j.slot_name))?;
+    let name = j.service.name.clone();
+    if !agent.claim(&name) {
+        bail!("service {name} is busy");
+    }
+    lock(&agent.inbound).insert(
+        j.migration,
+        Inbound {
+            migration: j.migration,
+            source: j.source,
+            paths: Paths::new(&agent.storage, &name),
+            dir: agent.storage.join("inbound").join(j.migration.to_string()),
+            service: j.service,
+            key: None,
+            slot,
+            received: true,
+            restored_pid: Some(j.server_pid),
+            fault: None,
+        },
+    );
+    Ok(j.migration)
+}
+
+/// What both agents bind into the migration's sealing key.
+pub(crate) fn seal_context(migration: MigrationId, source: &Name, target: &Name) -> Vec<u8> {
+    format!("quic-live-migrate image set v1|{migration}|{source}|{target}").into_bytes()
+}
+
+/// The inbound migration `migration` of `peer`, for a step.
+fn with_inbound<R>(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+    f: impl FnOnce(&mut Inbound) -> R,
+) -> Result<R, Rejected> {
+    let mut inbound = lock(&agent.inbound);
+    match inbound.get_mut(&migration) {
+        Some(i) if &i.source == peer => Ok(f(i)),
+        _ => Err(Rejected::Refused(Refusal::UnknownMigration(
+            migration.to_string(),
+        ))),
+    }
+}
+
+async fn receive(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+    recv: quinn::RecvStream,
+) -> Result<TransferFigures, Rejected> {
+    let (key, dest, already) = with_inbound(agent, peer, migration, |i| {
+        (i.key.clone(), i.dir.join("set"), i.received)
+    })?;
+    let Some(key) = key else {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "this agent restarted after the images arrived".into(),
+        )));
+    };
+    if already {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "the image set was already received".into(),
+        )));
+    }
+    let started = Instant::now();
+    let cfg = crate::image_stream::StreamConfig {
+        max_total_bytes: MAX_IMAGE_SET,
+        ..Default::default()
+    };
+    let stats = crate::image_stream::receive_image_set(recv, &key, &dest, &cfg)
+        .await
+        .map_err(|e| Rejected::Failed(anyhow!(e)))?;
+    with_inbound(agent, peer, migration, |i| i.received = true)?;
+    info!(
+        %peer, %migration,
+        bytes = stats.raw_bytes,
+        ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+        "image set received and verified"
+    );
+    Ok(TransferFigures {
+        raw_bytes: stats.raw_bytes,
+        compressed_bytes: stats.compressed_bytes,
+        sealed_bytes: stats.wire_bytes,
+        files: stats.files,
+        ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// Exits this agent at once, as if killed (the scenario's "target agent killed" cases).
+fn die(why: &str) -> ! {
+    warn!("FAULT INJECTION: the agent dies {why}");
+    let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}
+
+fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerReply, Rejected> {
+    let (received, dir, paths, slot, fault, name) = with_inbound(agent, peer, migration, |i| {
+        (
+            i.received,
+            i.dir.join("set"),
+            i.paths.clone(),
+            i.slot.clone(),
+            i.fault,
+            i.service.name.clone(),
+        )
+    })?;
+    if let Some(pid) = with_inbound(agent, peer, migration, |i| i.restored_pid)? {
+        // Restored before (by this agent's predecessor, which died before answering).
+        info!(%peer, %migration, pid, "already restored: answering again");
+        return Ok(PeerReply::Restored {
+            pid,
+            restore: admin_api::CriuTiming::default(),
+            placement_checked: true,
+        });
+    }
+    if !received {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "no image set was received for this migration".into(),
+        )));
+    }
+    if fault == Some(TargetFault::DieBeforeRestore) {
+        die("before the restore");
+    }
+    // The server's log, as it was at the dump: criu reopens it by path and checks its size.
+    let log = dir.join("files").join("server.log");
+    std::fs::copy(&log, &paths.log)
+        .with_context(|| format!("putting the server's log in place from {}", log.display()))?;
+    let criu_dir = dir.join("criu");
+    let hidden = if fault == Some(TargetFault::RestoreFails) {
+        warn!("FAULT INJECTION: the restore will fail (pstree.img hidden)");
+        std::fs::rename(
+            criu_dir.join("pstree.img"),
+            criu_dir.join("pstree.img.hidden"),
+        )
+        .context("hiding pstree.img")?;
+        true
+    } else {
+        false
+    };
+    if fault == Some(TargetFault::DieDuringRestore) {
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(2));
+            die("during the restore");
+        });
+    }
+    let restored =
+        crate::engine::restore_via_supervisor(&paths.socket, &slot.netns, &criu_dir, "restore.log");
+    if hidden {
+        let _ = std::fs::rename(
+            criu_dir.join("pstree.img.hidden"),
+            criu_dir.join("pstree.img"),
+        );
+    }
+    let (pid, timing) = restored.context("criu restore at the target")?;
+    with_inbound(agent, peer, migration, |i| i.restored_pid = Some(pid))?;
+    let placement = crate::engine::observe_placement(pid, &service::container_of(&name, &slot))?;
+    if !placement.is_right() {
+        return Err(Rejected::Failed(anyhow!(
+            "the restored server (PID {pid}) is not in the slot's network namespace"
+        )));
+    }
+    // The images hold the process's memory and keys; the process runs now.
+    if let Err(e) = service::wipe_dir(&dir) {
+        warn!("wiping the received images: {e:#}");
+    }
+    info!(%peer, %migration, pid, "restored");
+    Ok(PeerReply::Restored {
+        pid,
+        restore: timing,
+        placement_checked: true,
+    })
+}
+
+fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerReply, Rejected> {
+    let (pid, paths) = with_inbound(agent, peer, migration, |i| {
+        (i.restored_pid, i.paths.clone())
+    })?;
+    let Some(pid) = pid else {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "nothing was restored".into(),
+        )));
+    };
+    let admin = AdminDir::open(&paths.admin).context("opening the service's admin folder")?;
+    let resumed = crate::engine::ask_resume(&admin, pid, migration)?;
+    let inbound = lock(&agent.inbound)
+        .remove(&migration)
+        .ok_or_else(|| Rejected::Refused(Refusal::UnknownMigration(migration.to_string())))?;
+    let clients = u32::try_from(resumed.told).unwrap_or(u32::MAX);
+    let name = inbound.service.name.clone();
+    let service = Service {
+        name: name.clone(),
+        address: agent.service_address(inbound.slot.host_port),
+        paths: inbound.paths,
+        slot: inbound.slot,
+        server_pid: pid,
+        server_user: inbound.service.server_user,
+        migrations: 0,
+        clients: Some(clients),
+    };
+    lock(&agent.services).insert(name.clone(), service);
+    agent.release(&name);
+    agent.count_services();
+    agent
+        .metrics
+        .record_migration(&target_outcome(crate::metrics::MigrationResult::Completed));
+    info!(%peer, %migration, service = %name, pid, "resumed: the service runs here");
+    Ok(PeerReply::Resumed {
+        clients,
+        handshakes: resumed.handshakes,
+    })
+}

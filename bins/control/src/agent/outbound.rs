@@ -1,0 +1,704 @@
+//! The source's side of a cross-host move: the engine's phase loop (`engine::drive`, the same
+//! loop and policy as a move on one host) over work that talks to the target's agent.
+//!
+//! | phase        | here (source)                              | there (target agent)          |
+//! |--------------|--------------------------------------------|-------------------------------|
+//! | Preparing    | key agreement; dump worker; announce       | Prepare: slot, supervisor,    |
+//! |              | (clients told the target's address), park  | restore worker                |
+//! | Dumping      | criu dump into the private storage         |                               |
+//! | Transferring | reap; stream the image set, sealed         | Receive: verify, reassemble   |
+//! | Restoring    |                                            | Restore: criu, placement      |
+//! | Resuming     | probes: source silent, target answers QUIC | Resume: socket, `Resumed`     |
+//!
+//! Recoveries: before the dump the source unparks and sends its clients back (and the target
+//! is told to abort); after it, the target is told to abort first (so that no second copy
+//! runs), then the source's own image set is restored here and the clients come back.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use admin_api::{
+    AdminDir, Announced, MigrateRequest, MoveReport, MoveResult, Phases, PortProbe, TransferStats,
+};
+use agent_protocol::{
+    MoveFault, MoveSummary, Name, Outcome, PeerBody, PeerReply, PeerRequest, Prepare, Refusal,
+    ServiceSpec,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use migration_core::{Event, MigrationId, MigrationPolicy, Phase};
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use super::daemon::{Agent, lock, now_unix};
+use super::inbound::seal_context;
+use crate::criu_rpc::Worker;
+use crate::engine::{self, Work};
+use crate::state::Container;
+use crate::{criu, kdat, secure, sys};
+
+/// How long the server may take beyond the ack deadline to write `announce`.
+const ANNOUNCE_SLACK: Duration = Duration::from_secs(5);
+/// Limits of the requests to the target.
+const PREPARE_LIMIT: Duration = Duration::from_secs(15);
+const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
+const RESTORE_LIMIT: Duration = Duration::from_secs(2 * criu::WORKER_LIMIT.as_secs() + 40);
+const RESUME_LIMIT: Duration = Duration::from_secs(15);
+const ABORT_LIMIT: Duration = Duration::from_secs(15);
+/// How long a target whose agent stopped answering during the restore is waited for.
+const TARGET_RETURN_LIMIT: Duration = Duration::from_secs(10);
+const REAP_LIMIT: Duration = Duration::from_secs(5);
+
+/// A cross-host move to run.
+#[derive(Debug, Clone)]
+pub(crate) struct MoveSpec {
+    pub(crate) service: Name,
+    pub(crate) to: Name,
+    pub(crate) phases: Phases,
+    pub(crate) fault: Option<MoveFault>,
+    pub(crate) policy: MigrationPolicy,
+}
+
+/// The figures of a cross-host move beyond admin-api's `MoveReport`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct CrossHost {
+    pub(crate) source_host: String,
+    pub(crate) target_host: String,
+    /// (phase, host) of the failure.
+    pub(crate) failed: Option<(String, String)>,
+    pub(crate) raw_bytes: u64,
+    pub(crate) compressed_bytes: u64,
+    pub(crate) sealed_bytes: u64,
+    pub(crate) transfer_ms: Option<f64>,
+    pub(crate) send_ms: Option<f64>,
+    pub(crate) target_undo: Option<String>,
+    pub(crate) handshakes_after: Option<u64>,
+    pub(crate) handshakes_before: Option<u64>,
+}
+
+/// A move's full report.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct CrossReport {
+    pub(crate) cross_host: CrossHost,
+    pub(crate) report: MoveReport,
+}
+
+/// Runs one move of `spec.service` from this host; blocking (run it off the runtime).
+pub(crate) fn run(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, CrossReport)> {
+    if spec.to == agent.config.host {
+        bail!("{} is this host", spec.to);
+    }
+    if !agent.config.allow.contains(&spec.to) {
+        warn!(to = %spec.to, "REFUSED move: the target is not on this host's allowlist");
+        bail!("host {} is not on this host's allowlist", spec.to);
+    }
+    if !agent.claim(&spec.service) {
+        bail!("service {} is already moving", spec.service);
+    }
+    let result = run_claimed(agent, spec);
+    agent.release(&spec.service);
+    result
+}
+
+fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, CrossReport)> {
+    let (pid, container, admin_dir, server_user, source_addr) = {
+        let services = lock(&agent.services);
+        let s = services
+            .get(&spec.service)
+            .ok_or_else(|| anyhow!("no service {} on this host", spec.service))?;
+        (
+            s.server_pid,
+            s.container(),
+            s.paths.admin.clone(),
+            s.server_user.clone(),
+            s.address,
+        )
+    };
+    let id = engine::random_id()?;
+    let moves = agent.storage.join("moves");
+    secure::private_dir(&moves)?;
+    let images = moves.join(id.to_string());
+    secure::private_dir(&images)?;
+    let mut machine = migration_core::Migration::new(id, engine::now());
+    let mut work = Outbound {
+        agent: agent.clone(),
+        spec: spec.clone(),
+        id,
+        token: agent.token_for(id, &spec.to)?,
+        admin: AdminDir::open(&admin_dir)?,
+        pid,
+        src: container,
+        server_user,
+        images,
+        dump_dir: None,
+        dump_as: crate::sys::process_ids(pid)
+            .and_then(|(uid, gid)| (uid != 0).then_some(criu::DumpAs { uid, gid })),
+        dump_kdat: None,
+        dump_worker: None,
+        spent_dump_worker: None,
+        key: None,
+        prepared: false,
+        target_addr: None,
+        source_addr,
+        report: MoveReport::new(
+            id,
+            (agent.config.host.to_string(), spec.to.to_string()),
+            (source_addr, source_addr),
+            machine.report(),
+        ),
+        cross: CrossHost {
+            source_host: agent.config.host.to_string(),
+            target_host: spec.to.to_string(),
+            ..CrossHost::default()
+        },
+        started: Instant::now(),
+        completed_at_target: false,
+    };
+    info!(%id, service = %spec.service, to = %spec.to, "cross-host migration starts");
+    let driven = engine::drive(&mut machine, &spec.policy, &mut work, &engine::now, &|| {
+        false
+    })?;
+    work.report.recovery = driven.recovery;
+    work.report.failure = driven.failure;
+    Ok(work.finish(&machine))
+}
+
+struct Outbound {
+    agent: Arc<Agent>,
+    spec: MoveSpec,
+    id: MigrationId,
+    token: Vec<u8>,
+    admin: AdminDir,
+    pid: i32,
+    src: Container,
+    server_user: Option<String>,
+    images: PathBuf,
+    dump_dir: Option<PathBuf>,
+    dump_as: Option<criu::DumpAs>,
+    dump_kdat: Option<PathBuf>,
+    dump_worker: Option<Result<Worker, String>>,
+    spent_dump_worker: Option<Worker>,
+    key: Option<migration_crypto::Key>,
+    /// The target prepared (and must be told to abort on a failure).
+    prepared: bool,
+    target_addr: Option<SocketAddr>,
+    source_addr: SocketAddr,
+    report: MoveReport,
+    cross: CrossHost,
+    started: Instant,
+    completed_at_target: bool,
+}
+
+impl Outbound {
+    fn ask(&self, body: PeerBody, limit: Duration) -> Result<PeerReply> {
+        let token = if self.spec.fault == Some(MoveFault::ForgedToken) {
+            // A token of the right shape made with another key: the target must refuse it.
+            let other = migration_crypto::TokenKey::generate()?;
+            super::gate::issue(
+                &other,
+                self.id,
+                &self.agent.config.host,
+                &self.spec.to,
+                now_unix(),
+                Duration::from_secs(60),
+            )?
+            .into_bytes()
+        } else {
+            self.token.clone()
+        };
+        let request = PeerRequest { token, body };
+        let agent = self.agent.clone();
+        let to = self.spec.to.clone();
+        self.agent
+            .runtime
+            .block_on(async move { agent.ask(&to, &request, limit).await })
+    }
+
+    fn fail_at(&mut self, phase: &str, host: &str) {
+        self.cross.failed = Some((phase.to_owned(), host.to_owned()));
+    }
+
+    /// An answer that is not the expected one, as an error naming the host.
+    fn unexpected(&mut self, phase: &str, reply: PeerReply) -> anyhow::Error {
+        match reply {
+            PeerReply::Refused(Refusal::Failed {
+                phase: p,
+                host,
+                message,
+            }) => {
+                self.fail_at(&p, &host);
+                anyhow!("{p} failed at {host}: {message}")
+            }
+            PeerReply::Refused(r) => {
+                let to = self.spec.to.to_string();
+                self.fail_at(phase, &to);
+                anyhow!("{to} refused: {r}")
+            }
+            other => {
+                let to = self.spec.to.to_string();
+                self.fail_at(phase, &to);
+                anyhow!("{to} answered {other:?}")
+            }
+        }
+    }
+
+    /// Preparing: the target gets ready, then the server tells its clients and parks.
+    fn prepare(&mut self) -> Result<Event> {
+        let agreement = migration_crypto::KeyAgreement::generate()?;
+        let body = PeerBody::Prepare(Prepare {
+            migration: self.id,
+            service: ServiceSpec {
+                name: self.spec.service.clone(),
+                server_user: self.server_user.clone(),
+            },
+            seal_public: agreement.public_key(),
+            server_pid: self.pid,
+            phases: self.spec.phases,
+            fault: match self.spec.fault {
+                Some(MoveFault::Target(f)) => Some(f),
+                _ => None,
+            },
+        });
+        let reply = match self.ask(body, PREPARE_LIMIT) {
+            Ok(r) => r,
+            Err(e) => {
+                let to = self.spec.to.to_string();
+                self.fail_at("preparing", &to);
+                return Err(e);
+            }
+        };
+        let (public, address) = match reply {
+            PeerReply::Prepared {
+                seal_public,
+                address,
+            } => (seal_public, address),
+            other => return Err(self.unexpected("preparing", other)),
+        };
+        self.prepared = true;
+        self.key = Some(
+            agreement
+                .agree(
+                    &public,
+                    &seal_context(self.id, &self.agent.config.host, &self.spec.to),
+                )
+                .map_err(|e| anyhow!("key agreement with {}: {e}", self.spec.to))?,
+        );
+        self.target_addr = Some(address);
+        self.report.target_addr = address;
+        // The dump's criu worker starts before the clients are told.
+        let (uid, gid) = self.dump_as.map_or((0, 0), |u| (u.uid, u.gid));
+        self.dump_kdat = kdat::for_account(uid, gid);
+        self.dump_worker = Some(
+            criu::dump_worker(&self.src.netns, self.dump_as, self.dump_kdat.as_deref())
+                .map_err(|e| e.to_string()),
+        );
+        let removed = self.admin.clear()?;
+        if !removed.is_empty() {
+            warn!(
+                ?removed,
+                "removed admin files left over from an earlier run"
+            );
+        }
+        let deadline = self.spec.policy.ack_deadline;
+        self.report.phases = self.spec.phases;
+        self.admin.send_request(&MigrateRequest {
+            migration_id: self.id,
+            new_addr: address,
+            deadline_ms: u64::try_from(deadline.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            phases: self.spec.phases,
+            quiesce_deadline_ms: Some(250),
+        })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGTERM)
+            .context("signalling the server")?;
+        let announced: Announced = self.admin.wait_event(
+            Some(self.id),
+            deadline * self.spec.phases.rounds() + ANNOUNCE_SLACK,
+        )?;
+        info!(
+            acked = announced.outcome.acked.len(),
+            missing = announced.outcome.missing.len(),
+            ms = format_args!("{:.1}", announced.outcome.elapsed_ms),
+            "clients told"
+        );
+        self.cross.handshakes_before = Some(announced.handshakes);
+        let parked = announced.parked;
+        self.report.announce = Some(announced);
+        Ok(if parked {
+            Event::BeginQuiesce
+        } else {
+            Event::BeginDump
+        })
+    }
+
+    /// Dumping: the final dump into this host's private storage, the server's log with it.
+    fn dump(&mut self) -> Result<Event> {
+        let set = self.images.join("set");
+        let dir = set.join("criu");
+        secure::private_dir(&set)?;
+        secure::private_dir(&dir)?;
+        let args = criu::DumpArgs {
+            pid: self.pid,
+            netns: self.src.netns.clone(),
+            dir: dir.clone(),
+            parent: None,
+            user: self.dump_as,
+            kdat: self.dump_kdat.clone(),
+        };
+        let worker = self
+            .dump_worker
+            .take()
+            .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
+        let (timing, spent) = criu::dump_via_deferred(worker, &args).inspect_err(|_| {
+            let host = self.agent.config.host.to_string();
+            self.fail_at("dumping", &host);
+        })?;
+        self.spent_dump_worker = spent;
+        let bytes = sys::dir_size(&dir);
+        self.report.dump = Some(timing);
+        self.report.image_bytes = Some(bytes);
+        // The server's log travels with it: criu reopens it by path and checks its size.
+        let files = set.join("files");
+        secure::private_dir(&files)?;
+        let log = self.admin_log();
+        std::fs::copy(&log, files.join("server.log"))
+            .with_context(|| format!("copying {}", log.display()))?;
+        self.dump_dir = Some(dir);
+        Ok(Event::DumpDone {
+            image_bytes: Some(bytes),
+        })
+    }
+
+    fn admin_log(&self) -> PathBuf {
+        lock(&self.agent.services)
+            .get(&self.spec.service)
+            .map(|s| s.paths.log.clone())
+            .unwrap_or_default()
+    }
+
+    /// Transferring: the image set, sealed with the agreed key, to the target, which
+    /// verifies it before answering.
+    fn transfer(&mut self) -> Result<Event> {
+        sys::reap(self.pid, REAP_LIMIT)?;
+        let set = self.images.join("set");
+        let key = self.key.clone().context("no agreed key")?;
+        let request = PeerRequest {
+            token: self.token.clone(),
+            body: PeerBody::Receive { migration: self.id },
+        };
+        let cfg = crate::image_stream::StreamConfig {
+            corrupt_at: (self.spec.fault == Some(MoveFault::CorruptChunk)).then_some(4096),
+            ..Default::default()
+        };
+        let cut = self.spec.fault == Some(MoveFault::CutLinkDuringTransfer);
+        let agent = self.agent.clone();
+        let to = self.spec.to.clone();
+        let started = Instant::now();
+        let sent = self.agent.runtime.block_on(async move {
+            let conn = agent.connection(&to).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            super::daemon::write_frame(&mut send, &request).await?;
+            if cut {
+                // The link goes down in the middle of the stream.
+                let c = conn.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    warn!("FAULT INJECTION: the link to the target is cut during the transfer");
+                    c.close(quinn::VarInt::from_u32(9), b"link cut");
+                });
+            }
+            let send_stats = tokio::time::timeout(
+                TRANSFER_LIMIT,
+                crate::image_stream::send_image_set(&set, &key, send, &cfg),
+            )
+            .await
+            .map_err(|_| anyhow!("the transfer took longer than {TRANSFER_LIMIT:?}"))?
+            .map_err(|e| anyhow!(e))?;
+            let body = tokio::time::timeout(TRANSFER_LIMIT, super::daemon::read_body(&mut recv))
+                .await
+                .map_err(|_| anyhow!("no answer to the transfer"))??;
+            let reply: PeerReply = agent_protocol::decode(&body)?;
+            if cut {
+                agent.forget(&to).await;
+            }
+            anyhow::Ok((send_stats, reply))
+        });
+        let (send_stats, reply) = match sent {
+            Ok(x) => x,
+            Err(e) => {
+                let to = self.spec.to.to_string();
+                self.fail_at("transferring", &to);
+                let agent = self.agent.clone();
+                let to = self.spec.to.clone();
+                self.agent
+                    .runtime
+                    .block_on(async move { agent.forget(&to).await });
+                return Err(e.context("sending the image set"));
+            }
+        };
+        self.cross.send_ms = Some(send_stats.wall.as_secs_f64() * 1e3);
+        match reply {
+            PeerReply::Received(f) => {
+                self.cross.raw_bytes = f.raw_bytes;
+                self.cross.compressed_bytes = f.compressed_bytes;
+                self.cross.sealed_bytes = f.sealed_bytes;
+                self.cross.transfer_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                self.report.transfer = Some(TransferStats {
+                    bytes: f.raw_bytes,
+                    wire_bytes: f.sealed_bytes,
+                    files: f.files,
+                    ms: started.elapsed().as_secs_f64() * 1e3,
+                    compressed_bytes: Some(f.compressed_bytes),
+                    chunks: None,
+                    first_byte_ms: None,
+                });
+                Ok(Event::TransferDone)
+            }
+            other => Err(self.unexpected("transferring", other)),
+        }
+    }
+
+    /// Restoring: the target restores. When its agent does not answer (it died, or the link
+    /// went), the target may still have restored the server: its agent is asked again for a
+    /// while, since an agent started anew there answers for a server restored before (and
+    /// the move completes there); only then does the move roll back.
+    fn restore(&mut self) -> Result<Event> {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let reply = self.ask(PeerBody::Restore { migration: self.id }, RESTORE_LIMIT);
+            match reply {
+                Ok(PeerReply::Restored { pid, restore, .. }) => {
+                    info!(pid, "restored at the target");
+                    self.report.restore = Some(restore);
+                    return Ok(Event::RestoreDone);
+                }
+                Ok(other) => return Err(self.unexpected("restoring", other)),
+                Err(e)
+                    if *deadline.get_or_insert_with(|| Instant::now() + TARGET_RETURN_LIMIT)
+                        > Instant::now() =>
+                {
+                    warn!(
+                        "the target's agent did not answer the restore ({e:#}); asking again \
+                         until {TARGET_RETURN_LIMIT:?} have passed"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    let to = self.spec.to.to_string();
+                    self.fail_at("restoring", &to);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn resume(&mut self) -> Result<Event> {
+        match self.ask(PeerBody::Resume { migration: self.id }, RESUME_LIMIT) {
+            Ok(PeerReply::Resumed {
+                clients,
+                handshakes,
+            }) => {
+                info!(clients, handshakes, "the service runs at the target");
+                self.cross.handshakes_after = Some(handshakes);
+                self.completed_at_target = true;
+            }
+            Ok(other) => return Err(self.unexpected("resuming", other)),
+            Err(e) => {
+                let to = self.spec.to.to_string();
+                self.fail_at("resuming", &to);
+                return Err(e);
+            }
+        }
+        let target = self.target_addr.context("no target address")?;
+        let source = engine::probe(self.source_addr);
+        let answered = engine::probe(target);
+        self.report.source_probe = Some(source);
+        self.report.target_probe = Some(answered);
+        if source == PortProbe::Answered {
+            bail!(
+                "the source's address {} still answers QUIC",
+                self.source_addr
+            );
+        }
+        if answered != PortProbe::Answered {
+            bail!("the target's address {target} does not answer QUIC ({answered:?})");
+        }
+        Ok(Event::ResumeDone)
+    }
+
+    /// Tells the target to undo what it did (best effort; said in the report).
+    fn abort_target(&mut self) {
+        if !self.prepared {
+            return;
+        }
+        match self.ask(PeerBody::Abort { migration: self.id }, ABORT_LIMIT) {
+            Ok(PeerReply::Aborted { undone }) => {
+                info!("the target undid: {undone}");
+                self.cross.target_undo = Some(undone);
+            }
+            Ok(other) => {
+                warn!("the target answered {other:?} to the abort");
+                self.cross.target_undo = Some(format!("answered {other:?}"));
+            }
+            Err(e) => {
+                warn!("the target could not be told to abort: {e:#}");
+                self.cross.target_undo = Some(format!("not reached: {e:#}"));
+            }
+        }
+        self.prepared = false;
+    }
+
+    fn send_back(&mut self) -> Result<()> {
+        let aborted = engine::ask_abort(
+            &self.admin,
+            self.pid,
+            self.id,
+            self.source_addr,
+            self.spec.policy.ack_deadline,
+        )?;
+        self.report.aborted = Some(aborted);
+        Ok(())
+    }
+
+    fn finish(mut self, machine: &migration_core::Migration) -> (MoveSummary, CrossReport) {
+        drop(self.dump_worker.take());
+        drop(self.spent_dump_worker.take());
+        let completed = machine.phase() == Phase::Completed;
+        let rolled_back = machine
+            .failure()
+            .is_some_and(migration_core::FailureReason::rolled_back);
+        self.report.result = if completed {
+            MoveResult::Completed
+        } else if rolled_back {
+            MoveResult::RolledBack
+        } else {
+            MoveResult::Failed
+        };
+        if let Err(e) = super::service::wipe_dir(&self.images) {
+            warn!("wiping the image set: {e:#}");
+        }
+        self.report.images_dir = None;
+        self.report.wall_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.report.timeline = machine.report();
+        if completed {
+            // The service is the target's now: its slot, supervisor and folder here go.
+            let gone = lock(&self.agent.services).remove(&self.spec.service);
+            if let Some(s) = gone
+                && let Err(e) = super::service::tear_down(&s.paths, &s.slot, None)
+            {
+                warn!("removing the moved service's slot here: {e:#}");
+            }
+        } else if let Some(s) = lock(&self.agent.services).get_mut(&self.spec.service) {
+            // After a rollback by restore the PID is the same (criu restores it).
+            s.server_pid = self.pid;
+        }
+        if let Some(s) = lock(&self.agent.services).get_mut(&self.spec.service) {
+            s.clients = self
+                .report
+                .announce
+                .as_ref()
+                .map(|a| u32::try_from(a.outcome.acked.len()).unwrap_or(u32::MAX));
+        }
+        let summary = MoveSummary {
+            migration: self.id,
+            service: self.spec.service.clone(),
+            from: self.agent.config.host.clone(),
+            to: self.spec.to.clone(),
+            outcome: match self.report.result {
+                MoveResult::Completed => Outcome::Completed,
+                MoveResult::RolledBack => Outcome::RolledBack,
+                _ => Outcome::Failed,
+            },
+            failed: if completed {
+                None
+            } else {
+                self.cross.failed.clone()
+            },
+            freeze_ms: self
+                .report
+                .timeline
+                .freeze_time
+                .map(|d| d.as_secs_f64() * 1e3),
+            started_unix: now_unix(),
+        };
+        self.agent.record(summary.clone());
+        self.agent.count_services();
+        let announce = self.report.announce.as_ref();
+        self.agent
+            .metrics
+            .record_migration(&crate::metrics::MigrationOutcome {
+                result: match self.report.result {
+                    MoveResult::Completed => crate::metrics::MigrationResult::Completed,
+                    MoveResult::RolledBack => crate::metrics::MigrationResult::RolledBack,
+                    _ => crate::metrics::MigrationResult::Failed,
+                },
+                role: crate::metrics::Role::Source,
+                freeze: self.report.timeline.freeze_time,
+                transfer: self
+                    .cross
+                    .transfer_ms
+                    .map(|ms| Duration::from_secs_f64(ms / 1e3)),
+                bytes: crate::metrics::TransferBytes {
+                    raw: self.cross.raw_bytes,
+                    compressed: self.cross.compressed_bytes,
+                    sealed: self.cross.sealed_bytes,
+                },
+                clients_acked: announce.map_or(0, |a| a.outcome.acked.len() as u64),
+                clients_missing: announce.map_or(0, |a| a.outcome.missing.len() as u64),
+                rollback_phase: machine.failure().map(|f| f.phase),
+                client_downtimes: Vec::new(),
+            });
+        (
+            summary,
+            CrossReport {
+                cross_host: self.cross,
+                report: self.report,
+            },
+        )
+    }
+}
+
+impl Work for Outbound {
+    fn run(&mut self, phase: Phase, _step: &mut dyn FnMut(Event) -> Result<()>) -> Result<Event> {
+        match phase {
+            Phase::Preparing => self.prepare(),
+            Phase::Quiescing => Ok(Event::BeginDump),
+            Phase::Dumping => self.dump(),
+            Phase::Transferring => self.transfer(),
+            Phase::Restoring => self.restore(),
+            Phase::Resuming => self.resume(),
+            other => bail!("engine bug: no work for phase {other}"),
+        }
+    }
+
+    fn resume_source(&mut self) -> Result<()> {
+        self.abort_target();
+        self.send_back()
+    }
+
+    fn restore_on_source(&mut self) -> Result<()> {
+        // The target first: no second copy may run there once the source runs again.
+        self.abort_target();
+        let dir = self
+            .dump_dir
+            .clone()
+            .context("no image set to restore at the source")?;
+        sys::reap(self.pid, REAP_LIMIT)?;
+        let socket = lock(&self.agent.services)
+            .get(&self.spec.service)
+            .map(|s| s.paths.socket.clone())
+            .context("the service's supervisor is gone")?;
+        let (pid, timing) =
+            engine::restore_via_supervisor(&socket, &self.src.netns, &dir, "rollback-restore.log")
+                .context("restoring the server at the source again")?;
+        self.pid = pid;
+        self.report.rollback_restore = Some(timing);
+        let placement = engine::observe_placement(pid, &self.src)?;
+        if !placement.is_right() {
+            bail!("the server restored for the rollback is not in the source's slot");
+        }
+        self.send_back()
+    }
+}

@@ -1,0 +1,372 @@
+//! A service on this host: its slot (network namespace and host port), its private folder,
+//! its supervisor (the server's parent) and its server.
+//!
+//! ```text
+//!  <storage>/services/<name>/        0700 root (the same path on every host: a restored
+//!     admin/                         server reopens its admin folder and its log by path)
+//!     server.log                     the server's stdout and stderr
+//!     supervisor.sock, supervisor.log
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use admin_api::{AdminDir, Ready};
+use agent_protocol::{Name, ServiceStatus};
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use crate::slot::Slot;
+use crate::supervisor::{self, SupervisorReply, SupervisorRequest};
+use crate::{secure, sys};
+
+/// How long a new server may take to say it is ready.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+/// How long a supervisor may take to answer.
+const ASK_LIMIT: Duration = Duration::from_secs(5);
+/// The port services listen on inside their slot.
+pub(crate) const SERVICE_PORT: u16 = 4242;
+
+/// The files of one service.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    pub(crate) dir: PathBuf,
+    pub(crate) admin: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) supervisor_log: PathBuf,
+}
+
+impl Paths {
+    pub(crate) fn new(storage: &Path, name: &Name) -> Paths {
+        let dir = storage.join("services").join(name.as_str());
+        Paths {
+            admin: dir.join("admin"),
+            log: dir.join("server.log"),
+            socket: dir.join(supervisor::SOCKET),
+            supervisor_log: dir.join("supervisor.log"),
+            dir,
+        }
+    }
+}
+
+/// A service running here.
+#[derive(Debug)]
+pub(crate) struct Service {
+    pub(crate) name: Name,
+    pub(crate) paths: Paths,
+    pub(crate) slot: Slot,
+    pub(crate) address: SocketAddr,
+    pub(crate) server_pid: i32,
+    pub(crate) server_user: Option<String>,
+    pub(crate) migrations: u32,
+    pub(crate) clients: Option<u32>,
+}
+
+impl Service {
+    pub(crate) fn status(&self) -> ServiceStatus {
+        ServiceStatus {
+            name: self.name.clone(),
+            address: self.address,
+            pid: self.server_pid,
+            clients: self.clients,
+            migrations: self.migrations,
+        }
+    }
+
+    /// The slot as the engine's helpers know it.
+    pub(crate) fn container(&self) -> crate::state::Container {
+        container_of(&self.name, &self.slot)
+    }
+}
+
+pub(crate) fn container_of(name: &Name, slot: &Slot) -> crate::state::Container {
+    crate::state::Container {
+        name: format!("{name}@slot"),
+        netns: slot.netns.clone(),
+        host_port: slot.host_port,
+    }
+}
+
+/// What starts a service's server.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerSpec {
+    pub(crate) swrapper: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) user: Option<String>,
+    pub(crate) extra: Vec<String>,
+}
+
+/// Creates the service's folders (refusing an existing one), 0700; the admin folder is
+/// given to the server's account.
+pub(crate) fn make_folders(paths: &Paths, user: Option<&str>) -> Result<()> {
+    if paths.dir.exists() {
+        bail!(
+            "{} exists: a service of that name is (or was) here",
+            paths.dir.display()
+        );
+    }
+    secure::private_dir(&paths.dir)?;
+    secure::private_dir(&paths.admin)?;
+    if let Some(user) = user {
+        let u = nix::unistd::User::from_name(user)
+            .with_context(|| format!("looking up the account {user}"))?
+            .with_context(|| format!("no account {user} (cargo xtask setup creates qlm-server)"))?;
+        nix::unistd::chown(&paths.admin, Some(u.uid), Some(u.gid))
+            .with_context(|| format!("giving {} to {user}", paths.admin.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts `control supervise` for the service, as this agent's child (reaped by a thread);
+/// `server` None: an idle supervisor that waits for a restore.
+pub(crate) fn start_supervisor(
+    paths: &Paths,
+    slot: &Slot,
+    server: Option<&ServerSpec>,
+) -> Result<i32> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let log = secure::open_log(&paths.supervisor_log)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise")
+        .arg("--socket")
+        .arg(&paths.socket)
+        .arg("--netns")
+        .arg(&slot.netns)
+        .arg("--server-log")
+        .arg(&paths.log);
+    match server {
+        None => {
+            cmd.arg("--idle");
+        }
+        Some(s) => {
+            cmd.arg("--").arg(&s.swrapper).args([
+                "--listen",
+                &format!("0.0.0.0:{SERVICE_PORT}"),
+                "--admin-dir",
+            ]);
+            cmd.arg(&paths.admin)
+                .arg("--cert")
+                .arg(&s.cert)
+                .arg("--key")
+                .arg(&s.key)
+                .args([
+                    "--park-after-announce",
+                    "--log",
+                    "info",
+                    "--runtime",
+                    "current-thread",
+                ]);
+            if let Some(u) = &s.user {
+                cmd.args(["--user", u]);
+            }
+            cmd.args(&s.extra);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    {
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    let child = cmd.spawn().context("starting the supervisor")?;
+    let pid = i32::try_from(child.id()).context("PID out of range")?;
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    // The supervisor answers once its socket is bound.
+    let deadline = std::time::Instant::now() + ASK_LIMIT;
+    loop {
+        match supervisor::ask(&paths.socket, &SupervisorRequest::Ping, ASK_LIMIT) {
+            Ok(SupervisorReply::Pong { .. }) => break,
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(other) => bail!("the supervisor answered {other:?} to a ping"),
+            Err(e) => return Err(e).context("the supervisor did not come up"),
+        }
+    }
+    Ok(pid)
+}
+
+/// Starts a new service's server in `slot` and waits until it is ready.
+pub(crate) fn start(
+    name: &Name,
+    paths: Paths,
+    slot: Slot,
+    address: SocketAddr,
+    server: &ServerSpec,
+) -> Result<Service> {
+    make_folders(&paths, server.user.as_deref())?;
+    let supervisor_pid = start_supervisor(&paths, &slot, Some(server))?;
+    let admin = AdminDir::open(&paths.admin)?;
+    let ready: Ready = admin.wait_event(None, READY_LIMIT).with_context(|| {
+        format!(
+            "the server did not start; its log:\n{}",
+            sys::tail(&std::fs::read_to_string(&paths.log).unwrap_or_default(), 10)
+        )
+    })?;
+    let server_pid = i32::try_from(ready.pid).context("PID out of range")?;
+    if sys::parent_pid(server_pid) != Some(supervisor_pid) {
+        bail!("the server (PID {server_pid}) is not the supervisor's ({supervisor_pid}) child");
+    }
+    info!(service = %name, pid = server_pid, %address, "service started");
+    Ok(Service {
+        name: name.clone(),
+        paths,
+        slot,
+        address,
+        server_pid,
+        server_user: server.user.clone(),
+        migrations: 0,
+        clients: None,
+    })
+}
+
+/// Slot operations of one host never overlap (the last removal deletes podman's bridge and
+/// netavark's chains, which a creation at the same time would need).
+static SLOT_OPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// [`Slot::create`], one at a time.
+pub(crate) fn create_slot(spec: &crate::slot::SlotSpec) -> Result<Slot> {
+    let _one = SLOT_OPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Slot::create(spec)
+}
+
+/// [`Slot::remove`], one at a time.
+pub(crate) fn remove_slot(slot: &Slot) -> Result<()> {
+    let _one = SLOT_OPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    slot.remove()
+}
+
+/// What a killed agent left on this host (slots whose podman state went with it): removed.
+pub(crate) fn remove_orphans(storage: &Path) -> Result<usize> {
+    let _one = SLOT_OPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Slot::remove_orphans(storage)
+}
+
+/// Stops what runs of a service and removes its folder and slot (each step tried, the first
+/// failure returned).
+pub(crate) fn tear_down(paths: &Paths, slot: &Slot, server_pid: Option<i32>) -> Result<()> {
+    let mut first: Option<anyhow::Error> = None;
+    if let Some(pid) = server_pid
+        && pid > 0
+        && sys::process_runs(pid, "swrapper")
+    {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    match supervisor::ask(&paths.socket, &SupervisorRequest::Exit, ASK_LIMIT) {
+        Ok(_) => {}
+        Err(e) if paths.socket.exists() => warn!("stopping the supervisor: {e:#}"),
+        Err(_) => {}
+    }
+    if let Err(e) = remove_slot(slot) {
+        first.get_or_insert(e);
+    }
+    if let Err(e) = wipe_dir(&paths.dir) {
+        first.get_or_insert(e);
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Overwrites every regular file under `dir` with zeros, then removes it: image sets hold a
+/// process's memory and keys.
+pub(crate) fn wipe_dir(dir: &Path) -> Result<()> {
+    fn zero_all(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                zero_all(&e.path());
+            } else if t.is_file() {
+                zero_file(&e.path());
+            }
+        }
+    }
+    fn zero_file(path: &Path) {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+        else {
+            return;
+        };
+        let Ok(len) = f.metadata().map(|m| m.len()) else {
+            return;
+        };
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = usize::try_from(left.min(zeros.len() as u64)).unwrap_or(zeros.len());
+            if f.write_all(&zeros[..n]).is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+        let _ = f.sync_data();
+    }
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", dir.display())),
+        Ok(m) if !m.is_dir() => bail!("{} is not a folder", dir.display()),
+        Ok(_) => {}
+    }
+    zero_all(dir);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wipe_zeroes_then_removes_and_tolerates_absence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("set");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("pages-1.img"), vec![0xAB; 3 << 20]).unwrap();
+        std::fs::write(d.join("sub/x"), b"secret").unwrap();
+        // A link inside is not followed out of the folder.
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&outside, d.join("link")).unwrap();
+        wipe_dir(&d).unwrap();
+        assert!(!d.exists());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+        wipe_dir(&d).unwrap();
+        std::fs::write(tmp.path().join("file"), b"x").unwrap();
+        assert!(wipe_dir(&tmp.path().join("file")).is_err());
+    }
+
+    #[test]
+    fn paths_are_under_the_storage() {
+        let p = Paths::new(Path::new("/s"), &Name::new("edge").unwrap());
+        assert_eq!(p.dir, Path::new("/s/services/edge"));
+        assert_eq!(p.admin, Path::new("/s/services/edge/admin"));
+        assert_eq!(p.log, Path::new("/s/services/edge/server.log"));
+    }
+}
