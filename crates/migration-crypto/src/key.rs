@@ -373,9 +373,7 @@ fn write_secret_file(path: &Path, secret: &[u8]) -> Result<(), KeyFileError> {
                 not_followed(path, e)
             }
         })?;
-    let result = file
-        .write_all(secret)
-        .and_then(|()| file.sync_all());
+    let result = file.write_all(secret).and_then(|()| file.sync_all());
     if let Err(e) = result {
         drop(file);
         // Best effort: do not leave a truncated key behind.
