@@ -54,6 +54,8 @@ pub(crate) struct Agent {
     pub(crate) services: Mutex<BTreeMap<Name, Service>>,
     /// Services in the middle of a move (out or in): not startable, stoppable or movable.
     pub(crate) busy: Mutex<BTreeSet<Name>>,
+    /// Host ports handed out for slots not registered yet (moves prepared at once).
+    pub(crate) reserved_ports: Mutex<BTreeSet<u16>>,
     pub(crate) inbound: Mutex<HashMap<MigrationId, Inbound>>,
     pub(crate) recent: Mutex<VecDeque<MoveSummary>>,
     pub(crate) conns: tokio::sync::Mutex<HashMap<Name, quinn::Connection>>,
@@ -130,9 +132,17 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
     let storage = opts.storage.clone();
     let allow_faults = opts.allow_faults;
     runtime.block_on(async move {
-        let (server_cfg, client_cfg) = tls::configs(&config)?;
-        let mut endpoint = quinn::Endpoint::server(server_cfg, config.listen())
+        // A socket with large buffers, so that image transfers are not dropped in the kernel.
+        let (socket, granted) = crate::image_stream::bulk_socket(config.listen())
             .with_context(|| format!("binding the agent's endpoint on {}", config.listen()))?;
+        let (server_cfg, client_cfg) = tls::configs(&config, granted)?;
+        let mut endpoint = quinn::Endpoint::new(
+            crate::image_stream::bulk_endpoint_config(),
+            Some(server_cfg),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("starting the agent's endpoint on {}", config.listen()))?;
         endpoint.set_default_client_config(client_cfg);
         let gate = Gate::new(
             config.host.clone(),
@@ -149,6 +159,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             started: Instant::now(),
             services: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            reserved_ports: Mutex::new(BTreeSet::new()),
             inbound: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::new()),
             conns: tokio::sync::Mutex::new(HashMap::new()),
@@ -365,17 +376,47 @@ impl Agent {
         }
     }
 
-    /// A free host port for a new slot.
+    /// A free host port for a new slot, reserved until [`Agent::unreserve`] (called once the
+    /// slot is registered, or was not made): two moves prepared at once get two ports.
     pub(crate) fn free_port(&self) -> Result<u16> {
         let mut used: BTreeSet<u16> = lock(&self.services)
             .values()
             .map(|s| s.slot.host_port)
             .collect();
         used.extend(lock(&self.inbound).values().map(|i| i.slot.host_port));
+        let mut reserved = lock(&self.reserved_ports);
         let (first, last) = self.config.service_ports;
-        (first..=last)
-            .find(|p| !used.contains(p))
-            .ok_or_else(|| anyhow!("no free service port in {first}-{last}"))
+        let port = (first..=last)
+            .find(|p| !used.contains(p) && !reserved.contains(p))
+            .ok_or_else(|| anyhow!("no free service port in {first}-{last}"))?;
+        reserved.insert(port);
+        Ok(port)
+    }
+
+    /// Ends a reservation of [`Agent::free_port`].
+    pub(crate) fn unreserve(&self, port: u16) {
+        lock(&self.reserved_ports).remove(&port);
+    }
+
+    /// [`Agent::free_port`], or `wanted` when it is in range and not taken, reserved alike.
+    pub(crate) fn port_for(&self, wanted: u16) -> Result<u16> {
+        if wanted == 0 {
+            return self.free_port();
+        }
+        let (first, last) = self.config.service_ports;
+        if !(first..=last).contains(&wanted) {
+            bail!("port {wanted} is outside this host's service ports {first}-{last}");
+        }
+        let taken = lock(&self.services)
+            .values()
+            .any(|s| s.slot.host_port == wanted)
+            || lock(&self.inbound)
+                .values()
+                .any(|i| i.slot.host_port == wanted);
+        if taken || !lock(&self.reserved_ports).insert(wanted) {
+            bail!("port {wanted} is taken on this host");
+        }
+        Ok(wanted)
     }
 
     /// How many more services fit.

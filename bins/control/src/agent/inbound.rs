@@ -220,7 +220,9 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
     }
     match prepare_inner(agent, peer, &p) {
         Ok((inbound, reply)) => {
+            let port = inbound.slot.host_port;
             lock(&agent.inbound).insert(p.migration, inbound);
+            agent.unreserve(port);
             info!(%peer, migration = %p.migration, service = %name, "inbound migration prepared");
             Ok(reply)
         }
@@ -241,6 +243,19 @@ fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, Pe
         bail!("no free slot (max_services {})", agent.config.max_services);
     }
     let port = agent.free_port()?;
+    let prepared = prepare_with_port(agent, peer, p, port);
+    if prepared.is_err() {
+        agent.unreserve(port);
+    }
+    prepared
+}
+
+fn prepare_with_port(
+    agent: &Agent,
+    peer: &Name,
+    p: &Prepare,
+    port: u16,
+) -> Result<(Inbound, PeerReply)> {
     let agreement = migration_crypto::KeyAgreement::generate()?;
     let public = agreement.public_key();
     let key = agreement

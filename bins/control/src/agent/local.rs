@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::daemon::{Agent, lock};
 use super::outbound::{self, MoveSpec};
-use super::service::{self, Paths};
+use super::service::{self, Paths, Service};
 use crate::slot::SlotSpec;
 
 /// Sends `request` to the agent at `socket` and returns its answer (waits up to `limit`).
@@ -110,48 +110,48 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
         if agent.free_slots() == 0 {
             bail!("no free slot (max_services {})", agent.config.max_services);
         }
-        let port = if s.port == 0 {
-            agent.free_port()?
-        } else {
-            let (first, last) = agent.config.service_ports;
-            if !(first..=last).contains(&s.port) {
-                bail!(
-                    "port {} is outside this host's service ports {first}-{last}",
-                    s.port
-                );
-            }
-            s.port
-        };
-        let slot = service::create_slot(&SlotSpec {
-            service: s.name.to_string(),
-            host_addr: agent.host_v4()?,
-            host_port: port,
-            storage: agent.storage.clone(),
-        })?;
-        let paths = Paths::new(&agent.storage, &s.name);
-        let mut server = agent.server.clone();
-        server.user.clone_from(&s.server_user);
-        server.extra.clone_from(&s.server_args);
-        match service::start(
-            &s.name,
-            paths.clone(),
-            slot.clone(),
-            agent.service_address(port),
-            &server,
-        ) {
-            Ok(svc) => Ok(svc),
-            Err(e) => {
+        let port = agent.port_for(s.port)?;
+        let made = (|| {
+            let slot = service::create_slot(&SlotSpec {
+                service: s.name.to_string(),
+                host_addr: agent.host_v4()?,
+                host_port: port,
+                storage: agent.storage.clone(),
+            })?;
+            let paths = Paths::new(&agent.storage, &s.name);
+            let mut server = agent.server.clone();
+            server.user.clone_from(&s.server_user);
+            server.extra.clone_from(&s.server_args);
+            service::start(
+                &s.name,
+                paths.clone(),
+                slot.clone(),
+                agent.service_address(port),
+                &server,
+            )
+            .inspect_err(|_| {
                 let _ = service::tear_down(&paths, &slot, None);
+            })
+        })();
+        match made {
+            Ok(svc) => {
+                lock(&agent.services).insert(s.name.clone(), svc);
+                agent.unreserve(port);
+                Ok(())
+            }
+            Err(e) => {
+                agent.unreserve(port);
                 Err(e)
             }
         }
     })();
     agent.release(&s.name);
-    let svc = started?;
-    let status = svc.status();
-    lock(&agent.services).insert(s.name.clone(), svc);
+    started?;
     agent.count_services();
-    Ok(status)
+    lock(&agent.services)
+        .get(&s.name)
+        .map(Service::status)
+        .ok_or_else(|| anyhow!("service {} vanished", s.name))
 }
 
 fn stop(agent: &Agent, name: &Name) -> Result<()> {

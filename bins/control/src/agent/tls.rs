@@ -22,15 +22,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The agents' transport: windows wide enough for image transfers at a few hundred MB/s
-/// on a link with a millisecond of round trip.
-pub(crate) fn transport() -> Result<quinn::TransportConfig> {
+/// The agents' transport: windows (and MTU discovery) for image transfers at a few hundred
+/// MB/s, sized to the socket's granted receive buffer (`image_stream::tune_for_bulk`).
+pub(crate) fn transport(receive_buffer: usize) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(IDLE)?));
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
-    t.receive_window(quinn::VarInt::from_u32(32 << 20));
-    t.send_window(32 << 20);
+    crate::image_stream::tune_for_bulk(&mut t, receive_buffer);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Ok(t)
@@ -48,7 +46,10 @@ pub(crate) fn roots(config: &Config) -> Result<rustls::RootCertStore> {
 }
 
 /// Server and client configurations of an agent's endpoint.
-pub(crate) fn configs(config: &Config) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+pub(crate) fn configs(
+    config: &Config,
+    receive_buffer: usize,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let identity = wrapper_support::tls::Identity::load(&config.cert, &config.key)
         .context("loading the agent's certificate and key")?;
     let roots = Arc::new(roots(config)?);
@@ -64,7 +65,7 @@ pub(crate) fn configs(config: &Config) -> Result<(quinn::ServerConfig, quinn::Cl
     let server = quinn::crypto::rustls::QuicServerConfig::try_from(server)
         .map_err(|e| anyhow!("TLS unusable for QUIC: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(Arc::new(transport()?));
+    server.transport_config(Arc::new(transport(receive_buffer)?));
     // A peer must prove its address before the handshake costs the agent anything.
     server.retry_token_lifetime(Duration::from_secs(15));
 
@@ -76,7 +77,7 @@ pub(crate) fn configs(config: &Config) -> Result<(quinn::ServerConfig, quinn::Cl
     let client = quinn::crypto::rustls::QuicClientConfig::try_from(client)
         .map_err(|e| anyhow!("TLS unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client));
-    client.transport_config(Arc::new(transport()?));
+    client.transport_config(Arc::new(transport(receive_buffer)?));
     Ok((server, client))
 }
 
@@ -230,7 +231,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let (server_cfg, _) = configs(&ours[1]).unwrap();
+            let (server_cfg, _) = configs(&ours[1], 1 << 20).unwrap();
             let server =
                 quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = server.local_addr().unwrap();
@@ -252,7 +253,7 @@ mod tests {
                 })
             };
             // A member of the fleet.
-            let (_, client_cfg) = configs(&ours[0]).unwrap();
+            let (_, client_cfg) = configs(&ours[0], 1 << 20).unwrap();
             let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             client.set_default_client_config(client_cfg);
             let conn = client
@@ -268,7 +269,7 @@ mod tests {
                 .await;
             assert!(wrong.is_err());
             // Another fleet's certificate.
-            let (_, stranger_cfg) = configs(&theirs[0]).unwrap();
+            let (_, stranger_cfg) = configs(&theirs[0], 1 << 20).unwrap();
             let mut stranger = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             stranger.set_default_client_config(stranger_cfg);
             let refused = tokio::time::timeout(
