@@ -329,7 +329,7 @@ fn ci(root: &Path) -> Result<()> {
             limit.as_secs()
         );
         let res = limit::status(
-            Command::new(exe)
+            Command::new(&exe)
                 .args(["bench-migrate", "--quick"])
                 .current_dir(root),
             "bench-migrate",
@@ -347,10 +347,42 @@ fn ci(root: &Path) -> Result<()> {
             "xtask ci: bench-migrate --quick passed in {:.1} s",
             step_started.elapsed().as_secs_f64()
         );
+        let step_started = Instant::now();
+        let limit = step_limit(deadline, 20);
+        println!(
+            "xtask ci: the migration across hosts (cargo xtask e2e-multihost --quick, limit {} s)",
+            limit.as_secs()
+        );
+        let res = limit::status(
+            Command::new(&exe)
+                .args(["e2e-multihost", "--quick"])
+                .current_dir(root),
+            "e2e-multihost",
+            limit,
+        );
+        if res.is_err() {
+            // Killed at its limit: what it left (namespaces, holders and what runs in them).
+            let _ = limit::status(
+                Command::new(&exe)
+                    .args(["e2e-multihost", "--cleanup-only"])
+                    .current_dir(root),
+                "e2e-multihost --cleanup-only",
+                Duration::from_secs(120),
+            );
+        }
+        if !res.as_ref().is_ok_and(|s| s.success()) {
+            return Err(res
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("e2e-multihost --quick failed")));
+        }
+        println!(
+            "xtask ci: e2e-multihost --quick passed in {:.1} s",
+            step_started.elapsed().as_secs_f64()
+        );
     } else {
         println!(
-            "xtask ci: SKIPPED e2e-migrate and bench-migrate --quick: they need root (podman \
-             rootful, criu, netns)"
+            "xtask ci: SKIPPED e2e-migrate, bench-migrate --quick and e2e-multihost --quick: \
+             they need root (podman rootful, criu, netns)"
         );
     }
     println!(

@@ -186,6 +186,8 @@ pub struct ServiceSpec {
     /// The account the server runs as (its restored credentials are in the images; the
     /// target gives it its admin folder).
     pub server_user: Option<String>,
+    /// Moves the service made before this one.
+    pub moves: u32,
 }
 
 /// An answer from one agent to another.

@@ -20,6 +20,7 @@ fn requests() -> Vec<PeerRequest> {
             service: ServiceSpec {
                 name: name("edge-1"),
                 server_user: Some("qlm-server".into()),
+                moves: 2,
             },
             seal_public: [9; 32],
             server_pid: 77,

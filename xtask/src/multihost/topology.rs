@@ -413,6 +413,10 @@ impl Topology {
     pub(crate) fn client(&self) -> &Node {
         &self.client
     }
+    /// The spec it was built from.
+    pub(crate) fn spec_ref(&self) -> &Spec {
+        &self.spec
+    }
 
     /// Deletes every namespace it made (and with them every link). Processes still running
     /// in a namespace keep it alive without its name: end them first.

@@ -149,6 +149,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             config.allow.iter().cloned(),
             token_key.clone(),
             config.peer_rate,
+            Duration::from_secs(config.token_lifetime_s),
         );
         let agent = Arc::new(Agent {
             config,
@@ -387,8 +388,14 @@ impl Agent {
         let mut reserved = lock(&self.reserved_ports);
         let (first, last) = self.config.service_ports;
         let port = (first..=last)
-            .find(|p| !used.contains(p) && !reserved.contains(p))
-            .ok_or_else(|| anyhow!("no free service port in {first}-{last}"))?;
+            .find(|p| !used.contains(p) && !reserved.contains(p) && !service::port_resting(*p))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no free service port in {first}-{last} (ports freed less than {:?} ago \
+                     rest: their NAT entries may still catch clients)",
+                    service::PORT_QUARANTINE
+                )
+            })?;
         reserved.insert(port);
         Ok(port)
     }
@@ -415,6 +422,14 @@ impl Agent {
                 .any(|i| i.slot.host_port == wanted);
         if taken || !lock(&self.reserved_ports).insert(wanted) {
             bail!("port {wanted} is taken on this host");
+        }
+        if service::port_resting(wanted) {
+            self.unreserve(wanted);
+            bail!(
+                "port {wanted} was freed less than {:?} ago; it rests while the kernel's NAT \
+                 entries of its old slot may still catch clients",
+                service::PORT_QUARANTINE
+            );
         }
         Ok(wanted)
     }
@@ -584,6 +599,14 @@ async fn read_reply(recv: &mut quinn::RecvStream) -> Result<PeerReply> {
 async fn accept_peers(agent: Arc<Agent>) {
     while let Some(incoming) = agent.endpoint.accept().await {
         let agent = agent.clone();
+        if !incoming.remote_address_validated() {
+            // A stateless Retry first: a peer proves it receives at its address before the
+            // handshake costs anything.
+            if let Err(e) = incoming.retry() {
+                tracing::debug!("retry refused: {e}");
+            }
+            continue;
+        }
         tokio::spawn(async move {
             let from = incoming.remote_address();
             let conn = match incoming.await {

@@ -25,6 +25,7 @@ pub(crate) struct Gate {
     verifier: TokenVerifier,
     rate: (u32, u32),
     limiters: HashMap<Name, RateLimiter>,
+    max_lifetime_s: u64,
 }
 
 impl Gate {
@@ -33,6 +34,7 @@ impl Gate {
         allow: impl IntoIterator<Item = Name>,
         key: TokenKey,
         rate: (u32, u32),
+        max_lifetime: Duration,
     ) -> Gate {
         Gate {
             host,
@@ -40,6 +42,7 @@ impl Gate {
             verifier: TokenVerifier::new(key, REPLAY_CAPACITY, LEEWAY),
             rate,
             limiters: HashMap::new(),
+            max_lifetime_s: max_lifetime.as_secs(),
         }
     }
 
@@ -77,7 +80,9 @@ impl Gate {
                 self.verifier.verify(token, source, target, now_unix),
                 Some(p.migration),
             ),
-            PeerBody::Status => (self.verifier.verify(token, source, target, now_unix), None),
+            // A status request changes nothing: a replay does no harm, and keeping it out of
+            // the replay cache keeps frequent status calls from filling it.
+            PeerBody::Status => (self.verifier.check(token, source, target, now_unix), None),
             PeerBody::Receive { migration }
             | PeerBody::Restore { migration }
             | PeerBody::Resume { migration }
@@ -92,6 +97,11 @@ impl Gate {
             }
         };
         let claims = claims.map_err(|e| Refusal::Token(refusal_of(&e)))?;
+        // A token valid for longer than this fleet issues them would sit in the replay cache
+        // for as long: refused, so that no peer can fill the cache for good.
+        if claims.expires_at.saturating_sub(claims.issued_at) > self.max_lifetime_s {
+            return Err(Refusal::Token(TokenRefusal::Malformed));
+        }
         if let Some(m) = migration
             && claims.migration_id != *m.as_bytes()
         {
@@ -151,7 +161,13 @@ mod tests {
     }
 
     fn gate() -> Gate {
-        Gate::new(name("b"), [name("a"), name("c")], key(), (10, 3))
+        Gate::new(
+            name("b"),
+            [name("a"), name("c")],
+            key(),
+            (10, 3),
+            Duration::from_secs(120),
+        )
     }
 
     fn prepare(m: MigrationId, token: Vec<u8>) -> PeerRequest {
@@ -162,6 +178,7 @@ mod tests {
                 service: ServiceSpec {
                     name: name("s"),
                     server_user: None,
+                    moves: 0,
                 },
                 seal_public: [0; 32],
                 server_pid: 1,
@@ -262,6 +279,36 @@ mod tests {
                 "case {i}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_fleet_issues_is_refused_and_status_spends_nothing() {
+        let mut g = gate();
+        let m = MigrationId::from_bytes([5; 16]);
+        let long = issue(
+            &key(),
+            m,
+            &name("a"),
+            &name("b"),
+            NOW,
+            Duration::from_secs(86_400),
+        )
+        .unwrap()
+        .into_bytes();
+        assert_eq!(
+            g.admit(&name("a"), &prepare(m, long), NOW, Duration::ZERO)
+                .unwrap_err(),
+            Refusal::Token(TokenRefusal::Malformed)
+        );
+        let t = token(m, "a", "b", NOW);
+        let status = PeerRequest {
+            token: t,
+            body: PeerBody::Status,
+        };
+        g.admit(&name("a"), &status, NOW, Duration::from_secs(1))
+            .unwrap();
+        g.admit(&name("a"), &status, NOW, Duration::from_secs(2))
+            .unwrap();
     }
 
     #[test]

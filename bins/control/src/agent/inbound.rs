@@ -596,12 +596,17 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
         paths: inbound.paths,
         slot: inbound.slot,
         server_pid: pid,
+        migrations: inbound.service.moves.saturating_add(1),
         server_user: inbound.service.server_user,
-        migrations: 0,
         clients: Some(clients),
     };
+    let journal_dir = agent.storage.join("inbound").join(migration.to_string());
     lock(&agent.services).insert(name.clone(), service);
     agent.release(&name);
+    // The migration is over here: its journal must not make a later agent adopt the server.
+    if let Err(e) = service::wipe_dir(&journal_dir) {
+        warn!("removing the inbound journal: {e:#}");
+    }
     agent.count_services();
     agent
         .metrics

@@ -159,10 +159,16 @@ fn stop(agent: &Agent, name: &Name) -> Result<()> {
         bail!("service {name} is moving; stop it afterwards");
     }
     let svc = lock(&agent.services).remove(name);
-    agent.release(name);
-    let svc = svc.ok_or_else(|| anyhow!("no service {name} on this host"))?;
+    let Some(svc) = svc else {
+        agent.release(name);
+        bail!("no service {name} on this host");
+    };
     agent.count_services();
-    service::tear_down(&svc.paths, &svc.slot, Some(svc.server_pid))?;
+    // The name stays claimed until its folder and slot are gone: a new service of the same
+    // name would use the same paths.
+    let torn = service::tear_down(&svc.paths, &svc.slot, Some(svc.server_pid));
+    agent.release(name);
+    torn?;
     info!(service = %name, "stopped");
     Ok(())
 }

@@ -102,7 +102,7 @@ pub(crate) fn run(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, C
 }
 
 fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, CrossReport)> {
-    let (pid, container, admin_dir, server_user, source_addr) = {
+    let (pid, container, admin_dir, server_user, source_addr, moves_before) = {
         let services = lock(&agent.services);
         let s = services
             .get(&spec.service)
@@ -113,6 +113,7 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
             s.paths.admin.clone(),
             s.server_user.clone(),
             s.address,
+            s.migrations,
         )
     };
     let id = engine::random_id()?;
@@ -130,6 +131,7 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
         pid,
         src: container,
         server_user,
+        moves: moves_before,
         images,
         dump_dir: None,
         dump_as: crate::sys::process_ids(pid)
@@ -173,6 +175,8 @@ struct Outbound {
     pid: i32,
     src: Container,
     server_user: Option<String>,
+    /// Moves the service made before this one.
+    moves: u32,
     images: PathBuf,
     dump_dir: Option<PathBuf>,
     dump_as: Option<criu::DumpAs>,
@@ -251,6 +255,7 @@ impl Outbound {
             service: ServiceSpec {
                 name: self.spec.service.clone(),
                 server_user: self.server_user.clone(),
+                moves: self.moves,
             },
             seal_public: agreement.public_key(),
             server_pid: self.pid,
@@ -260,6 +265,9 @@ impl Outbound {
                 _ => None,
             },
         });
+        // From here on the target may hold something of this migration (even when its answer
+        // is lost): a failure tells it to abort, which is harmless if it has nothing.
+        self.prepared = true;
         let reply = match self.ask(body, PREPARE_LIMIT) {
             Ok(r) => r,
             Err(e) => {
@@ -275,7 +283,6 @@ impl Outbound {
             } => (seal_public, address),
             other => return Err(self.unexpected("preparing", other)),
         };
-        self.prepared = true;
         self.key = Some(
             agreement
                 .agree(
@@ -565,7 +572,9 @@ impl Outbound {
     fn finish(mut self, machine: &migration_core::Migration) -> (MoveSummary, CrossReport) {
         drop(self.dump_worker.take());
         drop(self.spent_dump_worker.take());
-        let completed = machine.phase() == Phase::Completed;
+        // The target resumed the service (its answer came) even if a check after it failed:
+        // the service is the target's, whatever the result says.
+        let completed = machine.phase() == Phase::Completed || self.completed_at_target;
         let rolled_back = machine
             .failure()
             .is_some_and(migration_core::FailureReason::rolled_back);

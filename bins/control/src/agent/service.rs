@@ -249,12 +249,36 @@ pub(crate) fn create_slot(spec: &crate::slot::SlotSpec) -> Result<Slot> {
     Slot::create(spec)
 }
 
-/// [`Slot::remove`], one at a time.
+/// [`Slot::remove`], one at a time. The slot's host port is not handed out again for
+/// [`PORT_QUARANTINE`].
 pub(crate) fn remove_slot(slot: &Slot) -> Result<()> {
     let _one = SLOT_OPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    FREED_PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(slot.host_port, std::time::Instant::now());
     slot.remove()
+}
+
+/// How long a freed host port is not given to another slot. The kernel's connection tracking
+/// keeps the old slot's NAT entry of every client flow for up to its UDP stream timeout (120 s
+/// by default); a client of a service that comes back to this host on the same port would
+/// have its datagrams sent to the old slot's (gone) address. This kernel has no conntrack
+/// netlink interface to delete those entries, so the port rests instead.
+pub(crate) const PORT_QUARANTINE: Duration = Duration::from_secs(180);
+
+static FREED_PORTS: std::sync::Mutex<std::collections::BTreeMap<u16, std::time::Instant>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Whether `port` was freed less than [`PORT_QUARANTINE`] ago.
+pub(crate) fn port_resting(port: u16) -> bool {
+    let mut freed = FREED_PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    freed.retain(|_, at| at.elapsed() < PORT_QUARANTINE);
+    freed.contains_key(&port)
 }
 
 /// What a killed agent left on this host (slots whose podman state went with it): removed.
@@ -269,9 +293,13 @@ pub(crate) fn remove_orphans(storage: &Path) -> Result<usize> {
 /// failure returned).
 pub(crate) fn tear_down(paths: &Paths, slot: &Slot, server_pid: Option<i32>) -> Result<()> {
     let mut first: Option<anyhow::Error> = None;
+    // Only this service's server: a swrapper whose parent is this service's supervisor (a PID
+    // recorded earlier may be another process's by now, or, with one pid namespace for
+    // several simulated hosts, another host's restored copy).
     if let Some(pid) = server_pid
         && pid > 0
         && sys::process_runs(pid, "swrapper")
+        && supervised_here(pid, paths)
     {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
@@ -287,6 +315,18 @@ pub(crate) fn tear_down(paths: &Paths, slot: &Slot, server_pid: Option<i32>) -> 
         first.get_or_insert(e);
     }
     first.map_or(Ok(()), Err)
+}
+
+/// Whether `pid`'s parent is the supervisor of the service at `paths`.
+fn supervised_here(pid: i32, paths: &Paths) -> bool {
+    let Some(parent) = sys::parent_pid(pid) else {
+        return false;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{parent}/cmdline")) else {
+        return false;
+    };
+    let socket = paths.socket.as_os_str().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|arg| arg == socket)
 }
 
 /// Overwrites every regular file under `dir` with zeros, then removes it: image sets hold a
