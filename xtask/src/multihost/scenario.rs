@@ -614,6 +614,11 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
                 "fault {fault}: expected the service up at {a} (or at {to} after its restore), got {case:?}"
             );
         }
+        // The target kept nothing of a move that rolled back: no migration in flight, no
+        // slot taken (its free slots are what its services leave).
+        if case.outcome == "rolled back" {
+            check_target_clean(paths, world.host(to)?, to)?;
+        }
         summary.failures.push(case);
     }
 
@@ -1115,6 +1120,33 @@ fn read_move(report: &Path, from: &str, to: &str) -> Result<Moved> {
         failed,
         figures,
     })
+}
+
+/// `host`'s agent holds no migration in flight and no slot beyond its services'.
+fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
+    let out = run_ok(
+        host.cmd(&paths.bin.join("control"))
+            .args(["--log", "error", "status", "--fleet", "--json"]),
+        "control status --fleet",
+    )?;
+    let fleet: agent_protocol::FleetStatus =
+        serde_json::from_str(&out).context("control status --fleet --json")?;
+    let me = fleet
+        .hosts
+        .first()
+        .with_context(|| format!("{name}'s agent did not describe itself"))?;
+    // fleet-init's default: 8 services per host.
+    let expected_free = 8u32.saturating_sub(u32::try_from(me.services.len()).unwrap_or(u32::MAX));
+    if me.migrations_in_flight != 0 || me.free_slots != expected_free {
+        bail!(
+            "{name} kept something of a rolled-back move: {} migrations in flight, {} free slots \
+             with {} services (expected {expected_free})",
+            me.migrations_in_flight,
+            me.free_slots,
+            me.services.len()
+        );
+    }
+    Ok(())
 }
 
 /// Which host runs `service`, from `host`'s agent's view of the fleet.
