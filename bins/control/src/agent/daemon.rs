@@ -199,6 +199,11 @@ fn clean_after_an_earlier_agent(storage: &Path) -> Vec<super::inbound::Journal> 
                 continue;
             }
             let socket = e.path().join(crate::supervisor::SOCKET);
+            // Its server goes too (a supervisor that exits leaves its child running).
+            let killed = service::kill_servers_of(&socket);
+            if killed > 0 {
+                warn!(folder = %e.path().display(), killed, "ended servers an earlier agent left");
+            }
             if socket.exists() {
                 let _ = crate::supervisor::ask(
                     &socket,

@@ -208,8 +208,12 @@ impl Outbound {
                 Duration::from_secs(60),
             )?
             .into_bytes()
-        } else {
+        } else if matches!(body, PeerBody::Prepare(_)) {
             self.token.clone()
+        } else {
+            // A fresh token for each later request of the migration (the target checks it
+            // names this migration): a long transfer or restore never outlives its token.
+            self.agent.token_for(self.id, &self.spec.to)?
         };
         let request = PeerRequest { token, body };
         let agent = self.agent.clone();
@@ -291,6 +295,15 @@ impl Outbound {
                 )
                 .map_err(|e| anyhow!("key agreement with {}: {e}", self.spec.to))?,
         );
+        // The clients will be sent there: it must be the target host's own address.
+        let expected = self.agent.config.peers.get(&self.spec.to).map(|a| a.ip());
+        if expected != Some(address.ip()) {
+            let to = self.spec.to.to_string();
+            self.fail_at("preparing", &to);
+            bail!(
+                "{to} offered {address} for the service, which is not its address ({expected:?})"
+            );
+        }
         self.target_addr = Some(address);
         self.report.target_addr = address;
         // The dump's criu worker starts before the clients are told.
@@ -392,7 +405,7 @@ impl Outbound {
         let set = self.images.join("set");
         let key = self.key.clone().context("no agreed key")?;
         let request = PeerRequest {
-            token: self.token.clone(),
+            token: self.agent.token_for(self.id, &self.spec.to)?,
             body: PeerBody::Receive { migration: self.id },
         };
         let cfg = crate::image_stream::StreamConfig {

@@ -317,6 +317,27 @@ pub(crate) fn tear_down(paths: &Paths, slot: &Slot, server_pid: Option<i32>) -> 
     first.map_or(Ok(()), Err)
 }
 
+/// Ends (SIGKILL) every `swrapper` whose parent is the supervisor answering at `socket`
+/// (found by its command line); returns how many.
+pub(crate) fn kill_servers_of(socket: &Path) -> usize {
+    let want = socket.as_os_str().as_encoded_bytes();
+    let is_supervisor = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == want))
+    };
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if sys::process_runs(pid, "swrapper") && sys::parent_pid(pid).is_some_and(is_supervisor) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Whether `pid`'s parent is the supervisor of the service at `paths`.
 fn supervised_here(pid: i32, paths: &Paths) -> bool {
     let Some(parent) = sys::parent_pid(pid) else {
