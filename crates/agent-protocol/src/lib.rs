@@ -145,6 +145,13 @@ pub enum PeerBody {
     },
     /// The host's services and free capacity (placement).
     Status,
+    /// A benchmark after a completed move: the rest of this stream is the same image set
+    /// copied plainly (no compression, no sealing; QUIC's own encryption only), received into
+    /// scratch storage, timed and wiped; answered with [`PeerReply::Received`].
+    PlainCopy {
+        /// The migration whose image set it is.
+        migration: MigrationId,
+    },
 }
 
 /// A fault the target agent injects when it runs with faults allowed (tests and the
@@ -443,6 +450,9 @@ pub struct MigrateService {
     pub phases: Phases,
     /// A fault to inject (tests and the scenario's failure cases).
     pub fault: Option<MoveFault>,
+    /// After a completed move, copy the same image set plainly to the target and report how
+    /// long it took (the sealed transfer's baseline over the same link).
+    pub plain_copy_after: bool,
 }
 
 /// A fault in a cross-host move.

@@ -32,6 +32,7 @@ fn requests() -> Vec<PeerRequest> {
         PeerBody::Resume { migration: id(4) },
         PeerBody::Abort { migration: id(5) },
         PeerBody::Status,
+        PeerBody::PlainCopy { migration: id(6) },
     ];
     bodies
         .into_iter()
@@ -128,6 +129,7 @@ fn local_messages_round_trip() {
             to: name("c"),
             phases: Phases::One,
             fault: Some(MoveFault::Target(TargetFault::DieDuringRestore)),
+            plain_copy_after: true,
         }),
         LocalRequest::Drain(Drain {
             targets: None,

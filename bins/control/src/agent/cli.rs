@@ -159,6 +159,11 @@ pub(crate) struct CrossMoveArgs {
     /// Write the move's JSON report here.
     #[arg(long, requires = "to")]
     cross_report: Option<PathBuf>,
+    /// After a completed move, copy the same image set plainly (no compression, no sealing)
+    /// to the target over the same link and report its time: the sealed transfer's baseline
+    /// (benchmarks; outside the freeze).
+    #[arg(long, hide = true, requires = "to")]
+    plain_copy_after: bool,
 }
 
 fn parse_fault(s: &str) -> Result<MoveFault, String> {
@@ -281,6 +286,7 @@ pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
             to: to.clone(),
             phases,
             fault: a.fault,
+            plain_copy_after: a.plain_copy_after,
         }),
         Duration::from_secs(600),
     )?;

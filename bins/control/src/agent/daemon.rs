@@ -731,6 +731,7 @@ pub(crate) fn kind_of(body: &PeerBody) -> &'static str {
         PeerBody::Resume { .. } => "resume",
         PeerBody::Abort { .. } => "abort",
         PeerBody::Status => "status",
+        PeerBody::PlainCopy { .. } => "plain_copy",
         _ => "unknown",
     }
 }

@@ -86,7 +86,8 @@ impl Gate {
             PeerBody::Receive { migration }
             | PeerBody::Restore { migration }
             | PeerBody::Resume { migration }
-            | PeerBody::Abort { migration } => (
+            | PeerBody::Abort { migration }
+            | PeerBody::PlainCopy { migration } => (
                 self.verifier.check(token, source, target, now_unix),
                 Some(*migration),
             ),

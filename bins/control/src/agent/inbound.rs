@@ -90,6 +90,17 @@ pub(crate) async fn handle(
     let kind = kind_of(&request.body);
     let reply = match request.body {
         PeerBody::Status => PeerReply::Status(agent.host_status()),
+        // A benchmark's baseline: only between agents that run for tests and benchmarks.
+        PeerBody::PlainCopy { .. } if !agent.allow_faults => refuse(
+            &agent,
+            &peer,
+            kind,
+            Refusal::Malformed("plain copies are for benchmark agents (--allow-faults)".into()),
+        ),
+        PeerBody::PlainCopy { migration } => match plain_copy(&agent, migration, recv).await {
+            Ok(figures) => PeerReply::Received(figures),
+            Err(e) => failed(&agent, "plain copy", &e),
+        },
         PeerBody::Prepare(p) => {
             let a = agent.clone();
             let from = peer.clone();
@@ -486,6 +497,31 @@ async fn receive(
         sealed_bytes: stats.wire_bytes,
         files: stats.files,
         ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// [`PeerBody::PlainCopy`]: the bytes into scratch storage, timed, wiped.
+async fn plain_copy(
+    agent: &Agent,
+    migration: MigrationId,
+    recv: quinn::RecvStream,
+) -> Result<TransferFigures> {
+    let scratch = agent.storage.join("bench");
+    crate::secure::private_dir(&scratch)?;
+    let dest = scratch.join(migration.to_string());
+    let started = Instant::now();
+    let got = crate::image_stream::measure::plain_receive(recv, &dest, MAX_IMAGE_SET).await;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    if let Err(e) = service::wipe_dir(&dest) {
+        warn!("wiping the plain copy: {e:#}");
+    }
+    let stats = got.map_err(|e| anyhow!(e))?;
+    Ok(TransferFigures {
+        raw_bytes: stats.raw_bytes,
+        compressed_bytes: stats.raw_bytes,
+        sealed_bytes: stats.wire_bytes,
+        files: stats.files,
+        ms,
     })
 }
 

@@ -192,6 +192,7 @@ fn migrate(agent: &Arc<Agent>, m: &MigrateService) -> Result<LocalReply> {
             phases: m.phases,
             fault: m.fault,
             policy: policy(),
+            plain_copy_after: m.plain_copy_after,
         },
     )?;
     Ok(LocalReply::Moved {
@@ -253,6 +254,7 @@ async fn drain(agent: Arc<Agent>, d: Drain) -> Result<Vec<MoveSummary>> {
                 phases,
                 fault: None,
                 policy: policy(),
+                plain_copy_after: false,
             };
             let a = agent.clone();
             let moved = tokio::task::spawn_blocking(move || outbound::run(&a, &spec)).await;

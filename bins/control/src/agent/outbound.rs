@@ -58,6 +58,8 @@ pub(crate) struct MoveSpec {
     pub(crate) phases: Phases,
     pub(crate) fault: Option<MoveFault>,
     pub(crate) policy: MigrationPolicy,
+    /// After a completed move, copy the image set plainly to the target, for comparison.
+    pub(crate) plain_copy_after: bool,
 }
 
 /// The figures of a cross-host move beyond admin-api's `MoveReport`.
@@ -73,6 +75,9 @@ pub(crate) struct CrossHost {
     pub(crate) transfer_ms: Option<f64>,
     pub(crate) send_ms: Option<f64>,
     pub(crate) target_undo: Option<String>,
+    /// The same image set copied plainly over the same link after the move (`plain_copy_after`).
+    pub(crate) plain_copy_ms: Option<f64>,
+    pub(crate) plain_copy_bytes: Option<u64>,
     pub(crate) handshakes_after: Option<u64>,
     pub(crate) handshakes_before: Option<u64>,
 }
@@ -163,6 +168,12 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
     })?;
     work.report.recovery = driven.recovery;
     work.report.failure = driven.failure;
+    if spec.plain_copy_after && machine.phase() == Phase::Completed {
+        // Outside the freeze: the service runs at the target already.
+        if let Err(e) = work.plain_copy() {
+            warn!("the plain copy for comparison failed: {e:#}");
+        }
+    }
     Ok(work.finish(&machine))
 }
 
@@ -546,6 +557,39 @@ impl Outbound {
             bail!("the target's address {target} does not answer QUIC ({answered:?})");
         }
         Ok(Event::ResumeDone)
+    }
+
+    /// The benchmark's baseline: the same image set, plainly, over the same link.
+    fn plain_copy(&mut self) -> Result<()> {
+        let set = self.images.join("set");
+        let request = PeerRequest {
+            token: self.agent.token_for(self.id, &self.spec.to)?,
+            body: PeerBody::PlainCopy { migration: self.id },
+        };
+        let agent = self.agent.clone();
+        let to = self.spec.to.clone();
+        let (reply, ms) = self.agent.runtime.block_on(async move {
+            let conn = agent.connection(&to).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            super::daemon::write_frame(&mut send, &request).await?;
+            let started = Instant::now();
+            crate::image_stream::measure::plain_send(&set, send)
+                .await
+                .map_err(|e| anyhow!(e))?;
+            let body = tokio::time::timeout(TRANSFER_LIMIT, super::daemon::read_body(&mut recv))
+                .await
+                .map_err(|_| anyhow!("no answer to the plain copy"))??;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            anyhow::Ok((agent_protocol::decode::<PeerReply>(&body)?, ms))
+        })?;
+        match reply {
+            PeerReply::Received(f) => {
+                self.cross.plain_copy_ms = Some(ms);
+                self.cross.plain_copy_bytes = Some(f.raw_bytes);
+                Ok(())
+            }
+            other => bail!("the target answered {other:?} to the plain copy"),
+        }
     }
 
     /// Tells the target to undo what it did (best effort; said in the report).
