@@ -2,7 +2,7 @@
 //! the diagnostics that explain a failure.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use admin_api::{AdminDir, Ready};
@@ -331,43 +331,16 @@ fn start_supervisor(
     argv: &[std::ffi::OsString],
     pid_namespace: bool,
 ) -> Result<i32> {
-    use std::os::unix::process::CommandExt as _;
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let log = crate::secure::open_log(&state_dir.join("supervisor.log"))?;
-    let socket = state_dir.join(supervisor::SOCKET);
-    let mut cmd = Command::new(exe);
-    cmd.arg("supervise")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--netns")
-        .arg(netns)
-        .arg("--server-log")
-        .arg(server_log);
-    if pid_namespace {
-        cmd.arg("--pid-namespace");
-    }
-    cmd.arg("--")
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
-    }
-    let child = cmd.spawn().context("starting the supervisor")?;
-    let pid = i32::try_from(child.id()).context("PID out of range")?;
-    // While this control runs (`control run`), the supervisor is its child: a thread reaps
-    // it should it end first. After this control exits, init adopts it.
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
-    Ok(pid)
+    supervisor::spawn(
+        &state_dir.join(supervisor::SOCKET),
+        netns,
+        server_log,
+        &state_dir.join("supervisor.log"),
+        supervisor::Start::Server {
+            argv,
+            pid_namespace,
+        },
+    )
 }
 
 /// Removes the deployment, even after a failed step.

@@ -208,6 +208,73 @@ pub(crate) struct ServerCommand {
     pub(crate) idle: bool,
 }
 
+/// What a spawned supervisor starts.
+#[derive(Debug)]
+pub(crate) enum Start<'a> {
+    /// This server command (as its own session leader; in its own pid namespace if asked).
+    Server {
+        argv: &'a [OsString],
+        pid_namespace: bool,
+    },
+    /// Nothing: it waits for a restore (`supervise --idle`).
+    Idle,
+}
+
+/// Starts `control supervise` (this executable) in its own session, answering at `socket`,
+/// its log in `log`, as this process's child: a thread reaps it should it end while this
+/// process runs; after that, init adopts it. Returns its PID.
+pub(crate) fn spawn(
+    socket: &Path,
+    netns: &Path,
+    server_log: &Path,
+    log: &Path,
+    start: Start<'_>,
+) -> Result<i32> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let log = crate::secure::open_log(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--netns")
+        .arg(netns)
+        .arg("--server-log")
+        .arg(server_log);
+    match start {
+        Start::Idle => {
+            cmd.arg("--idle");
+        }
+        Start::Server {
+            argv,
+            pid_namespace,
+        } => {
+            if pid_namespace {
+                cmd.arg("--pid-namespace");
+            }
+            cmd.arg("--").args(argv);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd.spawn().context("starting the supervisor")?;
+    let pid = i32::try_from(child.id()).context("PID out of range")?;
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
 /// Runs the supervisor until asked to exit or terminated: starts the server, reaps every
 /// child as soon as it exits, answers requests on `socket`.
 pub(crate) fn serve(socket: &Path, server: &ServerCommand) -> Result<()> {

@@ -8,9 +8,10 @@
 //!     supervisor.sock, supervisor.log
 //! ```
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use admin_api::{AdminDir, Ready};
@@ -123,6 +124,31 @@ pub(crate) fn make_folders(paths: &Paths, user: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// The demo server's command line for a service.
+fn server_argv(s: &ServerSpec, admin: &Path) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        s.swrapper.clone().into(),
+        "--listen".into(),
+        format!("0.0.0.0:{SERVICE_PORT}").into(),
+        "--admin-dir".into(),
+        admin.into(),
+        "--cert".into(),
+        s.cert.clone().into(),
+        "--key".into(),
+        s.key.clone().into(),
+        "--park-after-announce".into(),
+        "--log".into(),
+        "info".into(),
+        "--runtime".into(),
+        "current-thread".into(),
+    ];
+    if let Some(u) = &s.user {
+        argv.extend(["--user".into(), u.into()]);
+    }
+    argv.extend(s.extra.iter().map(OsString::from));
+    argv
+}
+
 /// Starts `control supervise` for the service, as this agent's child (reaped by a thread);
 /// `server` None: an idle supervisor that waits for a restore.
 pub(crate) fn start_supervisor(
@@ -130,64 +156,23 @@ pub(crate) fn start_supervisor(
     slot: &Slot,
     server: Option<&ServerSpec>,
 ) -> Result<i32> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let log = secure::open_log(&paths.supervisor_log)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("supervise")
-        .arg("--socket")
-        .arg(&paths.socket)
-        .arg("--netns")
-        .arg(&slot.netns)
-        .arg("--server-log")
-        .arg(&paths.log);
-    match server {
-        None => {
-            cmd.arg("--idle");
-        }
-        Some(s) => {
-            cmd.arg("--").arg(&s.swrapper).args([
-                "--listen",
-                &format!("0.0.0.0:{SERVICE_PORT}"),
-                "--admin-dir",
-            ]);
-            cmd.arg(&paths.admin)
-                .arg("--cert")
-                .arg(&s.cert)
-                .arg("--key")
-                .arg(&s.key)
-                .args([
-                    "--park-after-announce",
-                    "--log",
-                    "info",
-                    "--runtime",
-                    "current-thread",
-                ]);
-            if let Some(u) = &s.user {
-                cmd.args(["--user", u]);
-            }
-            cmd.args(&s.extra);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    {
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: setsid is async-signal-safe and touches no memory of this process.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::unistd::setsid()
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
-    }
-    let child = cmd.spawn().context("starting the supervisor")?;
-    let pid = i32::try_from(child.id()).context("PID out of range")?;
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
+    let argv: Vec<OsString> = server
+        .map(|s| server_argv(s, &paths.admin))
+        .unwrap_or_default();
+    let start = match server {
+        None => supervisor::Start::Idle,
+        Some(_) => supervisor::Start::Server {
+            argv: &argv,
+            pid_namespace: false,
+        },
+    };
+    let pid = supervisor::spawn(
+        &paths.socket,
+        &slot.netns,
+        &paths.log,
+        &paths.supervisor_log,
+        start,
+    )?;
     // The supervisor answers once its socket is bound.
     let deadline = std::time::Instant::now() + ASK_LIMIT;
     loop {
