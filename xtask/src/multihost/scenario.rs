@@ -326,8 +326,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             print_logs(&paths);
         }
         world.tear_down();
-        // The fleet's keys go with the run.
-        let _ = std::fs::remove_dir_all(&paths.fleet);
+        // The fleet's keys go with the run: zeroed, then removed.
+        wipe(&paths.fleet);
     }
     let summary = result?;
     println!(
@@ -338,6 +338,24 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         write_benchmarks(root, &summary)?;
     }
     Ok(())
+}
+
+/// Overwrites every regular file under `dir` with zeros, then removes the folder.
+fn wipe(dir: &Path) {
+    fn zero(dir: &Path) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                zero(&e.path());
+            } else if t.is_file()
+                && let Ok(len) = e.metadata().map(|m| m.len())
+            {
+                let _ = std::fs::write(e.path(), vec![0u8; usize::try_from(len).unwrap_or(0)]);
+            }
+        }
+    }
+    zero(dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn print_logs(paths: &Paths) {
@@ -477,7 +495,7 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
             world.host(from)?,
             to,
             "solo",
-            None,
+            &[],
             &paths.out.join(format!("solo-{i}.json")),
         )?;
         if r.outcome != "completed" {
@@ -556,7 +574,7 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
     let mut move_ids = Vec::new();
     for (i, (from, to)) in route.iter().enumerate() {
         let report = paths.out.join(format!("move-{i}.json"));
-        let r = migrate(paths, world.host(from)?, to, SERVICE, None, &report)?;
+        let r = migrate(paths, world.host(from)?, to, SERVICE, &[], &report)?;
         if r.outcome != "completed" {
             bail!("move {from} -> {to}: {}", r.outcome);
         }
@@ -588,7 +606,14 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
         let r = if dies {
             migrate_while_restarting(paths, world, &a, to, fault, &report)?
         } else {
-            migrate(paths, world.host(&a)?, to, SERVICE, Some(fault), &report)?
+            migrate(
+                paths,
+                world.host(&a)?,
+                to,
+                SERVICE,
+                &["--fault", fault],
+                &report,
+            )?
         };
         let case = FailureCase {
             fault: fault.to_owned(),
@@ -744,21 +769,14 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
         &["--ballast-mib", &mib.to_string()],
     )?;
     let big_report = paths.out.join("big.json");
-    let mut cmd = world.host(&from.0)?.cmd(&paths.bin.join("control"));
-    cmd.args([
-        "--log", "warn", "migrate", "--phases", "two", "--to", &from.1,
-    ])
-    .args(["--service", "big", "--plain-copy-after", "--cross-report"])
-    .arg(&big_report);
-    let out = cmd.output().context("running control migrate --to (big)")?;
-    if !big_report.exists() {
-        bail!(
-            "no report from the big move: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let r = read_move(&big_report, &from.0, &from.1)?;
+    let r = migrate(
+        paths,
+        world.host(&from.0)?,
+        &from.1,
+        "big",
+        &["--plain-copy-after"],
+        &big_report,
+    )?;
     let plain: serde_json::Value = serde_json::from_slice(&std::fs::read(&big_report)?)?;
     let plain_ms = plain["cross_host"]["plain_copy_ms"].as_f64();
     if r.outcome != "completed" {
@@ -833,20 +851,7 @@ fn migrate_while_restarting(
     fault: &str,
     report: &Path,
 ) -> Result<Moved> {
-    let mut child = world
-        .host(from)?
-        .cmd(&paths.bin.join("control"))
-        .args([
-            "--log",
-            "warn",
-            "migrate",
-            "--phases",
-            "two",
-            "--to",
-            to,
-            "--service",
-            SERVICE,
-        ])
+    let mut child = migrate_cmd(paths, world.host(from)?, to, SERVICE)
         .args(["--fault", fault])
         .arg("--cross-report")
         .arg(report)
@@ -1060,32 +1065,29 @@ struct Moved {
     figures: MoveFigures,
 }
 
+/// `control migrate --phases two --to TO --service SERVICE` on `host`.
+fn migrate_cmd(paths: &Paths, host: &Host, to: &str, service: &str) -> Command {
+    let mut cmd = host.cmd(&paths.bin.join("control"));
+    cmd.args(["--log", "warn", "migrate", "--phases", "two", "--to", to])
+        .args(["--service", service]);
+    cmd
+}
+
+/// A move with `extra` arguments (`--fault F`, `--plain-copy-after`), and its report.
 fn migrate(
     paths: &Paths,
     host: &Host,
     to: &str,
     service: &str,
-    fault: Option<&str>,
+    extra: &[&str],
     report: &Path,
 ) -> Result<Moved> {
-    let mut cmd = host.cmd(&paths.bin.join("control"));
-    cmd.args([
-        "--log",
-        "warn",
-        "migrate",
-        "--phases",
-        "two",
-        "--to",
-        to,
-        "--service",
-        service,
-    ])
-    .arg("--cross-report")
-    .arg(report);
-    if let Some(f) = fault {
-        cmd.args(["--fault", f]);
-    }
-    let out = cmd.output().context("running control migrate --to")?;
+    let out = migrate_cmd(paths, host, to, service)
+        .args(extra)
+        .arg("--cross-report")
+        .arg(report)
+        .output()
+        .context("running control migrate --to")?;
     if !report.exists() {
         bail!(
             "no report from control migrate --to {to}: {}{}",
