@@ -467,6 +467,9 @@ pub enum MoveFault {
     ForgedToken,
     /// A fault at the target.
     Target(TargetFault),
+    /// The source's agent dies right after the dump (the server is dumped, its image set is
+    /// in the source's storage): the agent started after it must finish or undo the move.
+    SourceDiesAfterDump,
 }
 
 /// [`LocalRequest::Drain`].

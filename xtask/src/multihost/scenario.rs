@@ -592,12 +592,14 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
     }
 
     // Every failure case of a cross-host move, the service at a and its clients on it.
-    let cases: [(&str, &String); 6] = [
+    let cases: [(&str, &String); 7] = [
         ("cut-link", &b),
         ("corrupt-chunk", &b),
         ("forged-token", &b),
         ("restore-fails", &b),
         ("target-dies-before-restore", &b),
+        ("source-dies-after-dump", &b),
+        // Last: it ends with the service at c.
         ("target-dies-during-restore", &c),
     ];
     for (fault, to) in cases {
@@ -605,6 +607,8 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
         let dies = fault.starts_with("target-dies");
         let r = if dies {
             migrate_while_restarting(paths, world, &a, to, fault, &report)?
+        } else if fault.starts_with("source-dies") {
+            migrate_source_dies(paths, world, &a, to, fault)?
         } else {
             migrate(
                 paths,
@@ -716,6 +720,22 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
     for i in 0..3 {
         start_service(paths, world.host(&drained)?, &format!("d{i}"), &[])?;
     }
+    // Its agent is killed and started again: the new one takes the running services over
+    // (same servers, same PIDs) instead of ending them.
+    let before = services_of(paths, world.host(&drained)?)?;
+    {
+        let host = world.host_mut(&drained)?;
+        if let Some(mut agent) = host.agent.take() {
+            agent.kill()?;
+            agent.wait()?;
+        }
+        start_agent(paths, host)?;
+    }
+    let after = services_of(paths, world.host(&drained)?)?;
+    if before != after || before.len() != 3 {
+        bail!("{drained}'s restarted agent did not take its services over: {before:?} -> {after:?}");
+    }
+    println!("e2e-multihost: {drained}'s agent killed and restarted: it took over {after:?}");
     let out = run_ok(
         world.host(&drained)?.cmd(&paths.bin.join("control")).args([
             "--log",
@@ -883,6 +903,91 @@ fn migrate_while_restarting(
         bail!("fault {fault}: the target's agent did not die");
     }
     read_move(report, from, to)
+}
+
+/// A move whose source agent dies after the dump (fault injection): the agent is started
+/// again, as a host's service manager would, and finishes the move from its journal (here:
+/// rolls it back, restoring the service from its own image set). The command line's answer
+/// is lost with the agent; the move's outcome is read from the new agent's status.
+fn migrate_source_dies(
+    paths: &Paths,
+    world: &mut World,
+    from: &str,
+    to: &str,
+    fault: &str,
+) -> Result<Moved> {
+    let mut child = migrate_cmd(paths, world.host(from)?, to, SERVICE)
+        .args(["--fault", fault])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let start = Instant::now();
+    loop {
+        let host = world.host_mut(from)?;
+        if let Some(agent) = &mut host.agent
+            && let Ok(Some(_)) = agent.try_wait()
+        {
+            host.agent = None;
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("fault {fault}: the source's agent did not die within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The command line loses its agent and says so.
+    let cli = child.wait()?;
+    if cli.success() {
+        bail!("fault {fault}: `control migrate` succeeded although its agent died");
+    }
+    start_agent(paths, world.host_mut(from)?)?;
+    let host = world.host(from)?;
+    loop {
+        let out = run_ok(
+            host.cmd(&paths.bin.join("control"))
+                .args(["--log", "error", "status", "--fleet", "--json"]),
+            "control status --fleet",
+        )?;
+        let fleet: agent_protocol::FleetStatus =
+            serde_json::from_str(&out).context("control status --fleet --json")?;
+        // The new agent's first migration is the one it took over.
+        let done = fleet
+            .hosts
+            .first()
+            .and_then(|me| me.recent.iter().find(|m| m.service.as_str() == SERVICE))
+            .cloned();
+        if let Some(m) = done {
+            println!(
+                "e2e-multihost: fault {fault}: the restarted agent took the move over after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(Moved {
+                id: m.migration.to_string(),
+                outcome: m.outcome.to_string(),
+                failed: m.failed.clone(),
+                figures: MoveFigures {
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    freeze_ms: None,
+                    phases_ms: BTreeMap::new(),
+                    raw_bytes: 0,
+                    compressed_bytes: 0,
+                    sealed_bytes: 0,
+                    transfer_ms: None,
+                    downtime: None,
+                },
+            });
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            bail!(
+                "fault {fault}: the restarted agent did not finish the move within 180 s (log {})",
+                host.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn fmt_ms(v: Option<f64>) -> String {
@@ -1168,6 +1273,23 @@ fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The services `host`'s agent runs, with their servers' PIDs.
+fn services_of(paths: &Paths, host: &Host) -> Result<Vec<(String, i32)>> {
+    let out = run_ok(
+        host.cmd(&paths.bin.join("control"))
+            .args(["--log", "error", "status", "--fleet", "--json"]),
+        "control status --fleet",
+    )?;
+    let fleet: agent_protocol::FleetStatus =
+        serde_json::from_str(&out).context("control status --fleet --json")?;
+    let me = fleet.hosts.first().context("the agent did not describe itself")?;
+    Ok(me
+        .services
+        .iter()
+        .map(|s| (s.name.to_string(), s.pid))
+        .collect())
 }
 
 /// Which host runs `service`, from `host`'s agent's view of the fleet.

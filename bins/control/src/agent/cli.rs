@@ -153,7 +153,7 @@ pub(crate) struct CrossMoveArgs {
     socket: AgentSocket,
     /// Fault injection (needs agents started with --allow-faults): cut-link,
     /// corrupt-chunk, forged-token, target-dies-before-restore, target-dies-during-restore,
-    /// restore-fails.
+    /// restore-fails, source-dies-after-dump.
     #[arg(long, hide = true, requires = "to", value_parser = parse_fault)]
     fault: Option<MoveFault>,
     /// Write the move's JSON report here.
@@ -174,6 +174,7 @@ fn parse_fault(s: &str) -> Result<MoveFault, String> {
         "target-dies-before-restore" => MoveFault::Target(TargetFault::DieBeforeRestore),
         "target-dies-during-restore" => MoveFault::Target(TargetFault::DieDuringRestore),
         "restore-fails" => MoveFault::Target(TargetFault::RestoreFails),
+        "source-dies-after-dump" => MoveFault::SourceDiesAfterDump,
         other => return Err(format!("unknown fault {other:?}")),
     })
 }

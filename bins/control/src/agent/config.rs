@@ -72,6 +72,14 @@ pub(crate) struct Config {
     pub(crate) peer_rate: (u32, u32),
     /// How long a token is valid, seconds.
     pub(crate) token_lifetime_s: u64,
+    /// How long an inbound migration may go without a request from its source before this
+    /// agent gives it up (its source's agent died and did not come back), seconds.
+    #[serde(default = "default_inbound_stale_s")]
+    pub(crate) inbound_stale_s: u64,
+}
+
+fn default_inbound_stale_s() -> u64 {
+    120
 }
 
 impl Config {
@@ -109,6 +117,9 @@ impl Config {
         }
         if self.token_lifetime_s == 0 || self.token_lifetime_s > 3600 {
             bail!("token_lifetime_s must be 1..=3600");
+        }
+        if !(5..=86_400).contains(&self.inbound_stale_s) {
+            bail!("inbound_stale_s must be 5..=86400");
         }
         Ok(())
     }
@@ -259,10 +270,86 @@ pub(crate) fn fleet_init(args: &FleetInit) -> Result<()> {
             metrics: SocketAddr::from(([127, 0, 0, 1], args.metrics_port)),
             peer_rate: (50, 100),
             token_lifetime_s: 120,
+            inbound_stale_s: default_inbound_stale_s(),
         };
         config.check()?;
         let json = serde_json::to_string_pretty(&config)?;
         write_public(&dir.join("agent.json"), &json)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> serde_json::Value {
+        serde_json::json!({
+            "host": "a",
+            "address": "10.0.0.1",
+            "agent_port": 7000,
+            "peers": { "b": "10.0.0.2:7000" },
+            "allow": ["b"],
+            "ca": "/f/ca.pem",
+            "cert": "/f/cert.pem",
+            "key": "/f/key.pem",
+            "token_key": "/f/token.key",
+            "service_cert": "/f/sc.pem",
+            "service_key": "/f/sk.pem",
+            "service_ports": [4300, 4399],
+            "max_services": 8,
+            "metrics": "127.0.0.1:9464",
+            "peer_rate": [50, 100],
+            "token_lifetime_s": 120
+        })
+    }
+
+    fn load(v: &serde_json::Value) -> Result<Config> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("agent.json");
+        std::fs::write(&path, serde_json::to_vec(v)?)?;
+        Config::load(&path)
+    }
+
+    #[test]
+    fn the_stale_limit_defaults_and_is_bounded() {
+        let c = load(&sample()).unwrap();
+        assert_eq!(c.inbound_stale_s, 120);
+        let mut v = sample();
+        v["inbound_stale_s"] = 30.into();
+        assert_eq!(load(&v).unwrap().inbound_stale_s, 30);
+        for bad in [0u64, 4, 86_401] {
+            v["inbound_stale_s"] = bad.into();
+            let e = format!("{:#}", load(&v).unwrap_err());
+            assert!(e.contains("inbound_stale_s must be 5..=86400"), "{bad}: {e}");
+        }
+        v["inbound_stale_s"] = "soon".into();
+        let e = format!("{:#}", load(&v).unwrap_err());
+        assert!(e.contains("is not an agent configuration"), "{e}");
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_the_reason() {
+        let cases: [(&str, serde_json::Value, &str); 5] = [
+            ("peers", serde_json::json!({ "a": "10.0.0.1:7000" }), "lists itself as a peer"),
+            ("allow", serde_json::json!(["z"]), "allowed host z is not among the peers"),
+            ("service_ports", serde_json::json!([4399, 4300]), "not a range of ports"),
+            ("max_services", serde_json::json!(0), "max_services is 0"),
+            ("token_lifetime_s", serde_json::json!(7200), "token_lifetime_s must be"),
+        ];
+        for (field, value, want) in cases {
+            let mut v = sample();
+            v[field] = value;
+            let e = format!("{:#}", load(&v).unwrap_err());
+            assert!(e.contains(want), "{field}: {e}");
+        }
+        let mut v = sample();
+        v["surprise"] = 1.into();
+        assert!(load(&v).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("agent.json");
+        std::fs::write(&garbage, b"\xff\xfe not json").unwrap();
+        assert!(Config::load(&garbage).is_err());
+        assert!(Config::load(&dir.path().join("absent.json")).is_err());
+    }
 }

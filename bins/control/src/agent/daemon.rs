@@ -62,6 +62,8 @@ pub(crate) struct Agent {
     pub(crate) server: ServerSpec,
     /// Faults asked for by peers are injected (tests and the scenario only).
     pub(crate) allow_faults: bool,
+    /// A drain of this host runs: no service may arrive or start here meanwhile.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) metrics: crate::metrics::Metrics,
 }
@@ -123,7 +125,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
     };
     let token_key = migration_crypto::load_token_key_file(&config.token_key)
         .context("loading the fleet's token key")?;
-    let adopted = clean_after_an_earlier_agent(&opts.storage);
+    let kept = clean_after_an_earlier_agent(&opts.storage);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -166,10 +168,11 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             conns: tokio::sync::Mutex::new(HashMap::new()),
             server,
             allow_faults,
+            draining: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             metrics: crate::metrics::Metrics::new(),
         });
-        for journal in adopted {
+        for journal in kept.inbound {
             match super::inbound::adopt(&agent, journal) {
                 Ok(migration) => {
                     info!(%migration, "adopted a restored server waiting for its resume")
@@ -177,27 +180,84 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
                 Err(e) => warn!("adopting an inbound migration: {e:#}"),
             }
         }
+        {
+            let mut services = lock(&agent.services);
+            for svc in kept.services {
+                services.insert(svc.name.clone(), svc);
+            }
+        }
+        agent.count_services();
+        if !kept.moves.is_empty() {
+            for (_, svc) in &kept.moves {
+                agent.claim(&svc.name);
+            }
+            let a = agent.clone();
+            tokio::task::spawn_blocking(move || super::recovery::recover_all(&a, kept.moves));
+        }
         serve(agent).await
     })
 }
 
-/// What an earlier agent of this host left (it was killed, or stopped half-way): its
-/// services' supervisors are told to exit, what runs in their slots is removed with the
-/// slots, and the folders (service state, image sets) are wiped. A new agent starts empty.
-fn clean_after_an_earlier_agent(storage: &Path) -> Vec<super::inbound::Journal> {
-    // An inbound migration whose server was restored here and waits (parked) for its
-    // resume is kept: its source may still ask for it (the target's agent died between the
-    // restore and its answer). Everything else of the earlier agent goes.
-    let adopted = super::inbound::adoptable(storage);
+/// What an agent started after another died on this host takes over.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    /// Inbound migrations whose server was restored here and waits for its resume.
+    pub(crate) inbound: Vec<super::inbound::Journal>,
+    /// Services whose server still runs under its supervisor.
+    pub(crate) services: Vec<Service>,
+    /// Moves out of this host that were in flight: finished or undone by
+    /// [`super::recovery::recover`] once the agent runs.
+    pub(crate) moves: Vec<(super::outbound::MoveJournal, Service)>,
+}
+
+/// What an earlier agent of this host left (it was killed, or stopped half-way): the services
+/// whose server still runs under its supervisor are taken over (their record says what they
+/// are), and so are the moves that were in flight (their journal) and the inbound migrations
+/// whose server was restored here. Everything else goes: supervisors told to exit, what runs
+/// in their slots removed with the slots, folders (service state, image sets) wiped.
+fn clean_after_an_earlier_agent(storage: &Path) -> Kept {
+    let mut kept = Kept {
+        inbound: super::inbound::adoptable(storage),
+        ..Kept::default()
+    };
+    let slots = match crate::slot::Slot::list(storage) {
+        Ok(slots) => slots,
+        Err(e) => {
+            warn!("listing leftover slots: {e:#}");
+            Vec::new()
+        }
+    };
+    let journals = super::outbound::MoveJournal::list(storage);
     let services = storage.join("services");
     if let Ok(entries) = std::fs::read_dir(&services) {
         for e in entries.flatten() {
-            if adopted
-                .iter()
-                .any(|j| j.service.name.as_str() == e.file_name().to_string_lossy())
-            {
+            let folder = e.file_name().to_string_lossy().into_owned();
+            if kept.inbound.iter().any(|j| j.service.name.as_str() == folder) {
                 continue;
             }
+            let journal = journals
+                .iter()
+                .find(|j| j.service.as_str() == folder)
+                .cloned();
+            let taken = service::load_record(&e.path())
+                .and_then(|r| Service::from_record(storage, r, &slots))
+                .and_then(|svc| match journal {
+                    // A move out was in flight: its server runs (parked) or was dumped.
+                    Some(j) if svc.server_runs() || j.dumped => {
+                        info!(service = %svc.name, migration = %j.migration,
+                              "taking over a move an earlier agent left");
+                        kept.moves.push((j, svc));
+                        Ok(())
+                    }
+                    _ if svc.server_runs() => {
+                        info!(service = %svc.name, pid = svc.server_pid,
+                              "taking over a service an earlier agent left");
+                        kept.services.push(svc);
+                        Ok(())
+                    }
+                    _ => Err(service::NotAdoptable::ServerGone(svc.server_pid)),
+                });
+            let Err(why) = taken else { continue };
             let socket = e.path().join(crate::supervisor::SOCKET);
             // Its server goes too (a supervisor that exits leaves its child running).
             let killed = service::kill_servers_of(&socket);
@@ -211,30 +271,29 @@ fn clean_after_an_earlier_agent(storage: &Path) -> Vec<super::inbound::Journal> 
                     Duration::from_secs(2),
                 );
             }
-            warn!(folder = %e.path().display(), "removing what an earlier agent left");
+            warn!(folder = %e.path().display(), "removing what an earlier agent left ({why})");
             if let Err(err) = service::wipe_dir(&e.path()) {
                 warn!("{err:#}");
             }
         }
     }
-    match crate::slot::Slot::list(storage) {
-        Ok(slots) => {
-            for slot in slots {
-                if adopted.iter().any(|j| j.slot_name == slot.name) {
-                    continue;
-                }
-                warn!(slot = %slot.name, "removing a slot an earlier agent left");
-                if let Err(e) = service::remove_slot(&slot) {
-                    warn!("{e:#}");
-                }
-            }
+    for slot in &slots {
+        let in_use = kept.inbound.iter().any(|j| j.slot_name == slot.name)
+            || kept.services.iter().any(|s| s.slot.name == slot.name)
+            || kept.moves.iter().any(|(_, s)| s.slot.name == slot.name);
+        if in_use {
+            continue;
         }
-        Err(e) => warn!("listing leftover slots: {e:#}"),
+        warn!(slot = %slot.name, "removing a slot an earlier agent left");
+        if let Err(e) = service::remove_slot(slot) {
+            warn!("{e:#}");
+        }
     }
     let inbound = storage.join("inbound");
     if let Ok(entries) = std::fs::read_dir(&inbound) {
         for e in entries.flatten() {
-            if adopted
+            if kept
+                .inbound
                 .iter()
                 .any(|j| j.migration.to_string() == e.file_name().to_string_lossy())
             {
@@ -245,14 +304,29 @@ fn clean_after_an_earlier_agent(storage: &Path) -> Vec<super::inbound::Journal> 
             }
         }
     }
-    if adopted.is_empty() {
+    if let Ok(entries) = std::fs::read_dir(storage.join("moves")) {
+        for e in entries.flatten() {
+            if kept
+                .moves
+                .iter()
+                .any(|(j, _)| j.migration.to_string() == e.file_name().to_string_lossy())
+            {
+                continue;
+            }
+            warn!(folder = %e.path().display(), "wiping a move an earlier agent left");
+            if let Err(err) = service::wipe_dir(&e.path()) {
+                warn!("{err:#}");
+            }
+        }
+    }
+    if kept.inbound.is_empty() && kept.services.is_empty() && kept.moves.is_empty() {
         match service::remove_orphans(storage) {
             Ok(0) => {}
             Ok(n) => warn!(n, "removed orphaned slot processes of an earlier agent"),
             Err(e) => warn!("removing orphaned slots: {e:#}"),
         }
     }
-    adopted
+    kept
 }
 
 fn private_mount_namespace(storage: &Path) -> Result<()> {
@@ -333,6 +407,18 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
             let _ = http_stopped.await;
         },
     ));
+    // Inbound migrations whose source went quiet for good are given up.
+    let sweeper_agent = agent.clone();
+    let sweeper = tokio::spawn(async move {
+        let stale = Duration::from_secs(sweeper_agent.config.inbound_stale_s);
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let a = sweeper_agent.clone();
+            let _ = tokio::task::spawn_blocking(move || super::inbound::give_up_stale(&a, stale))
+                .await;
+        }
+    });
     let peers = tokio::spawn(accept_peers(agent.clone()));
     let local = tokio::spawn(accept_local(agent.clone(), listener));
     tokio::select! {
@@ -341,6 +427,7 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
     }
     peers.abort();
     local.abort();
+    sweeper.abort();
     let _ = stop_http.send(());
     let _ = http.await;
     agent
@@ -475,6 +562,11 @@ impl Agent {
         while r.len() > RECENT {
             r.pop_front();
         }
+    }
+
+    /// Whether a drain of this host runs.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Marks `name` busy; false when it already is.

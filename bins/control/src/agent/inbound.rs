@@ -49,6 +49,12 @@ pub(crate) struct Inbound {
     pub(crate) received: bool,
     pub(crate) restored_pid: Option<i32>,
     pub(crate) fault: Option<TargetFault>,
+    /// The source's last request (a migration left alone too long is given up).
+    pub(crate) touched: Instant,
+    /// A step (receive, restore) runs: an abort waits for its end.
+    pub(crate) step_running: bool,
+    /// An abort came while a step ran: the migration is given up when the step ends.
+    pub(crate) abandoned: bool,
 }
 
 impl Inbound {
@@ -110,7 +116,9 @@ pub(crate) async fn handle(
                 Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
             }
         }
-        PeerBody::Receive { migration } => match receive(&agent, &peer, migration, recv).await {
+        PeerBody::Receive { migration } => match stepped_receive(&agent, &peer, migration, recv)
+            .await
+        {
             Ok(figures) => PeerReply::Received(figures),
             Err(Rejected::Refused(r)) => refuse(&agent, &peer, kind, r),
             Err(Rejected::Failed(e)) => {
@@ -121,7 +129,13 @@ pub(crate) async fn handle(
         PeerBody::Restore { migration } => {
             let a = agent.clone();
             let from = peer.clone();
-            match tokio::task::spawn_blocking(move || restore(&a, &from, migration)).await {
+            let stepped = move || {
+                begin_step(&a, &from, migration)?;
+                let restored = restore(&a, &from, migration);
+                end_step(&a, migration);
+                restored
+            };
+            match tokio::task::spawn_blocking(stepped).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(Rejected::Refused(r))) => refuse(&agent, &peer, kind, r),
                 Ok(Err(Rejected::Failed(e))) => {
@@ -145,29 +159,45 @@ pub(crate) async fn handle(
             }
         }
         PeerBody::Abort { migration } => {
+            enum Taken {
+                Unknown,
+                /// A step runs: it gives the migration up when it ends.
+                Later,
+                Now(Box<Inbound>),
+            }
             let taken = {
                 let mut inbound = lock(&agent.inbound);
-                match inbound.get(&migration) {
-                    Some(i) if i.source == peer => inbound.remove(&migration),
-                    _ => None,
+                match inbound.get_mut(&migration) {
+                    Some(i) if i.source == peer && i.step_running => {
+                        i.abandoned = true;
+                        Taken::Later
+                    }
+                    Some(i) if i.source == peer => inbound
+                        .remove(&migration)
+                        .map_or(Taken::Unknown, |i| Taken::Now(Box::new(i))),
+                    _ => Taken::Unknown,
                 }
             };
             match taken {
-                None => refuse(
+                Taken::Unknown => refuse(
                     &agent,
                     &peer,
                     kind,
                     Refusal::UnknownMigration(migration.to_string()),
                 ),
-                Some(i) => {
-                    let name = i.service.name.clone();
-                    let undone = tokio::task::spawn_blocking(move || i.give_up())
+                Taken::Later => {
+                    info!(%peer, %migration, "abort: given up when its running step ends");
+                    PeerReply::Aborted {
+                        undone: "a step was running: everything of the migration is undone \
+                                 when it ends"
+                            .to_owned(),
+                    }
+                }
+                Taken::Now(i) => {
+                    let a = agent.clone();
+                    let undone = tokio::task::spawn_blocking(move || give_up(&a, *i))
                         .await
                         .unwrap_or_else(|e| format!("giving up panicked: {e}"));
-                    agent.release(&name);
-                    agent.metrics.record_migration(&target_outcome(
-                        crate::metrics::MigrationResult::RolledBack,
-                    ));
                     info!(%peer, %migration, "inbound migration given up: {undone}");
                     PeerReply::Aborted { undone }
                 }
@@ -181,6 +211,73 @@ pub(crate) async fn handle(
         ),
     };
     Some(reply)
+}
+
+/// Gives `i` up (taken out of the agent's inbound migrations by the caller): undone here,
+/// its service name free again, counted as rolled back.
+fn give_up(agent: &Agent, i: Inbound) -> String {
+    let name = i.service.name.clone();
+    let undone = i.give_up();
+    agent.release(&name);
+    agent
+        .metrics
+        .record_migration(&target_outcome(crate::metrics::MigrationResult::RolledBack));
+    undone
+}
+
+/// Gives up every inbound migration whose source has not asked anything for `stale` (and
+/// whose step, if one runs, ended): its source's agent died and did not come back for it.
+pub(crate) fn give_up_stale(agent: &Agent, stale: Duration) {
+    let gone: Vec<Inbound> = {
+        let mut inbound = lock(&agent.inbound);
+        let ids: Vec<MigrationId> = inbound
+            .values()
+            .filter(|i| !i.step_running && i.touched.elapsed() > stale)
+            .map(|i| i.migration)
+            .collect();
+        ids.iter().filter_map(|id| inbound.remove(id)).collect()
+    };
+    for i in gone {
+        let (migration, source) = (i.migration, i.source.clone());
+        let undone = give_up(agent, i);
+        warn!(%migration, %source, "no request from the source for {stale:?}: given up ({undone})");
+    }
+}
+
+/// Marks a step of `migration` as running (an abort then waits for its end).
+fn begin_step(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<(), Rejected> {
+    with_inbound(agent, peer, migration, |i| {
+        if i.step_running {
+            return Err(Rejected::Refused(Refusal::Busy(
+                "another step of this migration runs".into(),
+            )));
+        }
+        i.step_running = true;
+        Ok(())
+    })?
+}
+
+/// Ends a step of [`begin_step`]; gives the migration up when an abort came meanwhile.
+fn end_step(agent: &Agent, migration: MigrationId) {
+    let abandoned = {
+        let mut inbound = lock(&agent.inbound);
+        match inbound.get_mut(&migration) {
+            Some(i) => {
+                i.step_running = false;
+                i.touched = Instant::now();
+                if i.abandoned {
+                    inbound.remove(&migration)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        }
+    };
+    if let Some(i) = abandoned {
+        let undone = give_up(agent, i);
+        info!(%migration, "inbound migration given up after its step: {undone}");
+    }
 }
 
 /// A migration as the target counts it (the figures are the source's to record).
@@ -216,6 +313,12 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
         return Err(Refusal::Malformed(
             "fault injection asked of an agent that does not allow it".into(),
         ));
+    }
+    if agent.is_draining() {
+        return Err(Refusal::Busy(format!(
+            "host {} is being drained",
+            agent.config.host
+        )));
     }
     let here = lock(&agent.services).contains_key(&name);
     if here || !agent.claim(&name) {
@@ -335,6 +438,9 @@ fn prepare_with_port(
         received: false,
         restored_pid: None,
         fault: p.fault,
+        touched: Instant::now(),
+        step_running: false,
+        abandoned: false,
     };
     Ok((
         inbound,
@@ -431,6 +537,9 @@ pub(crate) fn adopt(agent: &Agent, j: Journal) -> Result<MigrationId> {
             received: true,
             restored_pid: Some(j.server_pid),
             fault: None,
+            touched: Instant::now(),
+            step_running: false,
+            abandoned: false,
         },
     );
     Ok(j.migration)
@@ -450,11 +559,28 @@ fn with_inbound<R>(
 ) -> Result<R, Rejected> {
     let mut inbound = lock(&agent.inbound);
     match inbound.get_mut(&migration) {
-        Some(i) if &i.source == peer => Ok(f(i)),
+        Some(i) if &i.source == peer => {
+            i.touched = Instant::now();
+            Ok(f(i))
+        }
         _ => Err(Rejected::Refused(Refusal::UnknownMigration(
             migration.to_string(),
         ))),
     }
+}
+
+/// [`receive`] as a step: an abort meanwhile takes effect when it ends.
+async fn stepped_receive(
+    agent: &Arc<Agent>,
+    peer: &Name,
+    migration: MigrationId,
+    recv: quinn::RecvStream,
+) -> Result<TransferFigures, Rejected> {
+    begin_step(agent, peer, migration)?;
+    let received = receive(agent, peer, migration, recv).await;
+    let a = agent.clone();
+    let _ = tokio::task::spawn_blocking(move || end_step(&a, migration)).await;
+    received
 }
 
 async fn receive(
@@ -637,6 +763,10 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
         clients: Some(clients),
     };
     let journal_dir = agent.storage.join("inbound").join(migration.to_string());
+    // Recorded before the journal goes: an agent started after this one died takes it over.
+    if let Err(e) = service.save() {
+        warn!(service = %name, "recording the service: {e:#}");
+    }
     lock(&agent.services).insert(name.clone(), service);
     agent.release(&name);
     // The migration is over here: its journal must not make a later agent adopt the server.

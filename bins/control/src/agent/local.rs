@@ -102,6 +102,9 @@ async fn peer_status(agent: &Arc<Agent>, peer: &Name) -> Result<HostStatus> {
 }
 
 fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatus> {
+    if agent.is_draining() {
+        bail!("this host is being drained: start {} elsewhere", s.name);
+    }
     let here = lock(&agent.services).contains_key(&s.name);
     if here || !agent.claim(&s.name) {
         bail!("a service {} is already here", s.name);
@@ -129,6 +132,12 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
                 agent.service_address(port),
                 &server,
             )
+            .and_then(|svc| {
+                // Recorded before it counts as this host's: an agent started after this one
+                // died takes it over.
+                svc.save()?;
+                Ok(svc)
+            })
             .inspect_err(|_| {
                 let _ = service::tear_down(&paths, &slot, None);
             })
@@ -207,6 +216,18 @@ async fn drain(agent: Arc<Agent>, d: Drain) -> Result<Vec<MoveSummary>> {
     if d.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    use std::sync::atomic::Ordering;
+    if agent.draining.swap(true, Ordering::SeqCst) {
+        bail!("a drain of this host runs already");
+    }
+    // Over however the drain ends (an error, or its task dropped).
+    struct Drained(Arc<Agent>);
+    impl Drop for Drained {
+        fn drop(&mut self) {
+            self.0.draining.store(false, Ordering::SeqCst);
+        }
+    }
+    let _drained = Drained(agent.clone());
     let names: Vec<Name> = lock(&agent.services).keys().cloned().collect();
     let targets: Vec<Name> = match &d.targets {
         Some(t) => t.clone(),

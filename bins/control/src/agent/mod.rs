@@ -10,5 +10,6 @@ pub(crate) mod gate;
 pub(crate) mod inbound;
 pub(crate) mod local;
 pub(crate) mod outbound;
+pub(crate) mod recovery;
 pub(crate) mod service;
 pub(crate) mod tls;

@@ -89,6 +89,48 @@ pub(crate) struct CrossReport {
     pub(crate) report: MoveReport,
 }
 
+/// What a source agent writes of a move in flight (`<storage>/moves/<id>/journal.json`, beside
+/// the image set), so that an agent started after it died finishes or undoes the move
+/// ([`recover`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct MoveJournal {
+    pub(crate) migration: MigrationId,
+    pub(crate) service: Name,
+    pub(crate) to: Name,
+    /// Where the clients come back to on a rollback.
+    pub(crate) source_addr: SocketAddr,
+    pub(crate) server_pid: i32,
+    /// The server was dumped: it runs no more, its image set is in `set/criu`.
+    pub(crate) dumped: bool,
+    /// The resume was asked of the target: the service may run there.
+    pub(crate) resume_asked: bool,
+}
+
+/// The journal's file name in the move's folder.
+const JOURNAL: &str = "journal.json";
+
+impl MoveJournal {
+    fn write(&self, move_dir: &std::path::Path) -> Result<()> {
+        secure::write_private(&move_dir.join(JOURNAL), &serde_json::to_vec(self)?)
+    }
+
+    /// The journals under `<storage>/moves` (unreadable ones are skipped: their folders are
+    /// wiped by the start-up cleanup).
+    pub(crate) fn list(storage: &std::path::Path) -> Vec<MoveJournal> {
+        let Ok(entries) = std::fs::read_dir(storage.join("moves")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let bytes = std::fs::read(e.path().join(JOURNAL)).ok()?;
+                let j: MoveJournal = serde_json::from_slice(&bytes).ok()?;
+                (j.migration.to_string() == e.file_name().to_string_lossy()).then_some(j)
+            })
+            .collect()
+    }
+}
+
 /// Runs one move of `spec.service` from this host; blocking (run it off the runtime).
 pub(crate) fn run(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, CrossReport)> {
     if spec.to == agent.config.host {
@@ -161,6 +203,15 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
         },
         started: Instant::now(),
         completed_at_target: false,
+        journal: MoveJournal {
+            migration: id,
+            service: spec.service.clone(),
+            to: spec.to.clone(),
+            source_addr,
+            server_pid: pid,
+            dumped: false,
+            resume_asked: false,
+        },
     };
     info!(%id, service = %spec.service, to = %spec.to, "cross-host migration starts");
     let driven = engine::drive(&mut machine, &spec.policy, &mut work, &engine::now, &|| {
@@ -203,6 +254,7 @@ struct Outbound {
     cross: CrossHost,
     started: Instant,
     completed_at_target: bool,
+    journal: MoveJournal,
 }
 
 impl Outbound {
@@ -281,7 +333,9 @@ impl Outbound {
             },
         });
         // From here on the target may hold something of this migration (even when its answer
-        // is lost): a failure tells it to abort, which is harmless if it has nothing.
+        // is lost): a failure tells it to abort, which is harmless if it has nothing. So may
+        // an agent started here after this one died: the journal tells it.
+        self.journal.write(&self.images)?;
         self.prepared = true;
         let reply = match self.ask(body, PREPARE_LIMIT) {
             Ok(r) => r,
@@ -397,6 +451,13 @@ impl Outbound {
         std::fs::copy(&log, files.join("server.log"))
             .with_context(|| format!("copying {}", log.display()))?;
         self.dump_dir = Some(dir);
+        self.journal.dumped = true;
+        self.journal.write(&self.images)?;
+        if self.spec.fault == Some(MoveFault::SourceDiesAfterDump) {
+            warn!("FAULT INJECTION: the source's agent dies after the dump");
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGKILL);
+            std::process::abort();
+        }
         Ok(Event::DumpDone {
             image_bytes: Some(bytes),
         })
@@ -526,6 +587,8 @@ impl Outbound {
     }
 
     fn resume(&mut self) -> Result<Event> {
+        self.journal.resume_asked = true;
+        self.journal.write(&self.images)?;
         match self.ask(PeerBody::Resume { migration: self.id }, RESUME_LIMIT) {
             Ok(PeerReply::Resumed {
                 clients,
@@ -659,6 +722,9 @@ impl Outbound {
         } else if let Some(s) = lock(&self.agent.services).get_mut(&self.spec.service) {
             // After a rollback by restore the PID is the same (criu restores it).
             s.server_pid = self.pid;
+            if let Err(e) = s.save() {
+                warn!("recording the service: {e:#}");
+            }
         }
         if let Some(s) = lock(&self.agent.services).get_mut(&self.spec.service) {
             s.clients = self
@@ -766,5 +832,38 @@ impl Work for Outbound {
             bail!("the server restored for the rollback is not in the source's slot");
         }
         self.send_back()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_journals_in_their_own_folder_are_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(MoveJournal::list(tmp.path()).is_empty());
+        let moves = tmp.path().join("moves");
+        let id = MigrationId::from_bytes([7; 16]);
+        let j = MoveJournal {
+            migration: id,
+            service: Name::new("edge").unwrap(),
+            to: Name::new("b").unwrap(),
+            source_addr: "10.0.0.1:4300".parse().unwrap(),
+            server_pid: 99,
+            dumped: true,
+            resume_asked: false,
+        };
+        std::fs::create_dir_all(moves.join(id.to_string())).unwrap();
+        j.write(&moves.join(id.to_string())).unwrap();
+        // Garbage, a journal in another migration's folder, a folder without a journal.
+        let garbage = moves.join(MigrationId::from_bytes([1; 16]).to_string());
+        std::fs::create_dir_all(&garbage).unwrap();
+        std::fs::write(garbage.join(JOURNAL), b"\x00\x01{").unwrap();
+        let misplaced = moves.join(MigrationId::from_bytes([2; 16]).to_string());
+        std::fs::create_dir_all(&misplaced).unwrap();
+        j.write(&misplaced).unwrap();
+        std::fs::create_dir_all(moves.join("empty")).unwrap();
+        assert_eq!(MoveJournal::list(tmp.path()), vec![j]);
     }
 }

@@ -6,6 +6,8 @@
 //!     admin/                         server reopens its admin folder and its log by path)
 //!     server.log                     the server's stdout and stderr
 //!     supervisor.sock, supervisor.log
+//!     service.json                   its record: a restarted agent adopts the service when
+//!                                    the recorded server still runs under its supervisor
 //! ```
 
 use std::ffi::OsString;
@@ -55,6 +57,21 @@ impl Paths {
     }
 }
 
+/// What `<storage>/services/<name>/service.json` records of a service, so that an agent
+/// started after this one died takes over the services that still run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Record {
+    pub(crate) name: Name,
+    pub(crate) slot_name: String,
+    pub(crate) address: SocketAddr,
+    pub(crate) server_pid: i32,
+    pub(crate) server_user: Option<String>,
+    pub(crate) migrations: u32,
+}
+
+/// The record's file name in the service's folder.
+const RECORD: &str = "service.json";
+
 /// A service running here.
 #[derive(Debug)]
 pub(crate) struct Service {
@@ -82,6 +99,85 @@ impl Service {
     /// The slot as the engine's helpers know it.
     pub(crate) fn container(&self) -> crate::state::Container {
         container_of(&self.name, &self.slot)
+    }
+
+    pub(crate) fn record(&self) -> Record {
+        Record {
+            name: self.name.clone(),
+            slot_name: self.slot.name.clone(),
+            address: self.address,
+            server_pid: self.server_pid,
+            server_user: self.server_user.clone(),
+            migrations: self.migrations,
+        }
+    }
+
+    /// Writes the service's record (after a start, an arrival, a rollback that changed it).
+    pub(crate) fn save(&self) -> Result<()> {
+        secure::write_private(&self.paths.dir.join(RECORD), &serde_json::to_vec(&self.record())?)
+    }
+}
+
+/// Why a service's folder cannot be taken over.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum NotAdoptable {
+    #[error("no readable record: {0}")]
+    NoRecord(String),
+    #[error("the record names {found}, its folder is {folder}")]
+    WrongFolder { folder: String, found: String },
+    #[error("its server (PID {0}) does not run under the service's supervisor")]
+    ServerGone(i32),
+    #[error("its slot {0} is gone")]
+    SlotGone(String),
+}
+
+/// The record in the service folder `dir` (its name must be the folder's).
+pub(crate) fn load_record(dir: &Path) -> Result<Record, NotAdoptable> {
+    let bytes =
+        std::fs::read(dir.join(RECORD)).map_err(|e| NotAdoptable::NoRecord(e.to_string()))?;
+    let r: Record =
+        serde_json::from_slice(&bytes).map_err(|e| NotAdoptable::NoRecord(e.to_string()))?;
+    let folder = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if r.name.as_str() != folder {
+        return Err(NotAdoptable::WrongFolder {
+            folder,
+            found: r.name.to_string(),
+        });
+    }
+    Ok(r)
+}
+
+impl Service {
+    /// The service `r` records, in its slot among `slots`.
+    pub(crate) fn from_record(
+        storage: &Path,
+        r: Record,
+        slots: &[Slot],
+    ) -> Result<Service, NotAdoptable> {
+        let slot = slots
+            .iter()
+            .find(|s| s.name == r.slot_name)
+            .cloned()
+            .ok_or_else(|| NotAdoptable::SlotGone(r.slot_name.clone()))?;
+        Ok(Service {
+            paths: Paths::new(storage, &r.name),
+            name: r.name,
+            slot,
+            address: r.address,
+            server_pid: r.server_pid,
+            server_user: r.server_user,
+            migrations: r.migrations,
+            clients: None,
+        })
+    }
+
+    /// Whether its server runs, under the service's supervisor.
+    pub(crate) fn server_runs(&self) -> bool {
+        sys::process_runs(self.server_pid, "swrapper")
+            && supervised_here(self.server_pid, &self.paths)
     }
 }
 
@@ -324,7 +420,7 @@ pub(crate) fn kill_servers_of(socket: &Path) -> usize {
 }
 
 /// Whether `pid`'s parent is the supervisor of the service at `paths`.
-fn supervised_here(pid: i32, paths: &Paths) -> bool {
+pub(crate) fn supervised_here(pid: i32, paths: &Paths) -> bool {
     let Some(parent) = sys::parent_pid(pid) else {
         return false;
     };
@@ -406,6 +502,42 @@ mod tests {
         wipe_dir(&d).unwrap();
         std::fs::write(tmp.path().join("file"), b"x").unwrap();
         assert!(wipe_dir(&tmp.path().join("file")).is_err());
+    }
+
+    #[test]
+    fn records_are_read_back_and_bad_ones_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("services").join("edge");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(load_record(&dir), Err(NotAdoptable::NoRecord(_))));
+        std::fs::write(dir.join(RECORD), b"{\"name\": 7").unwrap();
+        assert!(matches!(load_record(&dir), Err(NotAdoptable::NoRecord(_))));
+        let record = Record {
+            name: Name::new("edge").unwrap(),
+            slot_name: "qlm-mh-edge".into(),
+            address: "10.0.0.1:4300".parse().unwrap(),
+            server_pid: 4242,
+            server_user: Some("qlm-server".into()),
+            migrations: 3,
+        };
+        std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(load_record(&dir).unwrap(), record);
+        // A record copied into another service's folder is not that service.
+        let other = tmp.path().join("services").join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::copy(dir.join(RECORD), other.join(RECORD)).unwrap();
+        assert_eq!(
+            load_record(&other),
+            Err(NotAdoptable::WrongFolder {
+                folder: "other".into(),
+                found: "edge".into()
+            })
+        );
+        // Without its slot there is nothing to take over.
+        assert_eq!(
+            Service::from_record(tmp.path(), record, &[]).unwrap_err(),
+            NotAdoptable::SlotGone("qlm-mh-edge".into())
+        );
     }
 
     #[test]
