@@ -506,10 +506,27 @@ pub enum LocalReply {
     Error(String),
 }
 
+/// Largest [`LocalReply`] (the agent to the command line of its own host, over a socket only
+/// root can open): a move's whole report grows with its clients (about 90 bytes each), so it
+/// gets more room than a peer's message.
+pub const MAX_LOCAL_REPLY: usize = 16 * 1024 * 1024;
+
 /// Appends the frame of `msg` to `out`.
 pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     wire_frame::encode(&(VERSION, msg), MAX_MESSAGE, out)?;
     Ok(())
+}
+
+/// The frame of a [`LocalReply`] (bounded by [`MAX_LOCAL_REPLY`]).
+pub fn local_reply_frame(reply: &LocalReply) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::new();
+    wire_frame::encode(&(VERSION, reply), MAX_LOCAL_REPLY, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a [`LocalReply`]'s frame body (bounded by [`MAX_LOCAL_REPLY`]).
+pub fn decode_local_reply(body: &[u8]) -> Result<LocalReply, ProtocolError> {
+    decode_bounded(body, MAX_LOCAL_REPLY)
 }
 
 /// The frame of `msg`.
@@ -521,10 +538,17 @@ pub fn to_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 
 /// Decodes a frame's body (without its length prefix).
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
-    if body.len() > MAX_MESSAGE {
+    decode_bounded(body, MAX_MESSAGE)
+}
+
+fn decode_bounded<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    max: usize,
+) -> Result<T, ProtocolError> {
+    if body.len() > max {
         return Err(wire_frame::FrameError::TooLarge {
             len: body.len() as u64,
-            max: MAX_MESSAGE,
+            max,
         }
         .into());
     }

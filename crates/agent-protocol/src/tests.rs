@@ -257,3 +257,22 @@ proptest! {
         let _ = decode::<LocalRequest>(&body);
     }
 }
+
+#[test]
+fn a_local_reply_may_exceed_a_peer_message_but_stays_bounded() {
+    let big = LocalReply::Error("x".repeat(MAX_MESSAGE + 10));
+    assert!(to_frame(&big).is_err(), "a peer message is bounded by MAX_MESSAGE");
+    let frame = local_reply_frame(&big).unwrap();
+    assert_eq!(decode_local_reply(&frame[4..]).unwrap(), big);
+    // Peers' decoding keeps its own bound.
+    assert!(decode::<LocalReply>(&frame[4..]).is_err());
+    let too_big = LocalReply::Error("x".repeat(MAX_LOCAL_REPLY));
+    assert!(local_reply_frame(&too_big).is_err());
+    let body = vec![0u8; MAX_LOCAL_REPLY + 1];
+    assert!(matches!(
+        decode_local_reply(&body),
+        Err(ProtocolError::Frame(_))
+    ));
+    // Garbage of a plausible size is a typed error too.
+    assert!(decode_local_reply(&[0xff; 64]).is_err());
+}

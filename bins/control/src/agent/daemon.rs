@@ -875,11 +875,15 @@ async fn accept_local(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
                 Ok(request) => super::local::handle(agent, request).await,
                 Err(e) => LocalReply::Error(format!("{e:#}")),
             };
-            match agent_protocol::to_frame(&reply) {
-                Ok(frame) => {
-                    let _ = stream.write_all(&frame).await;
-                }
-                Err(e) => warn!("local answer too large: {e}"),
+            let frame = agent_protocol::local_reply_frame(&reply).or_else(|e| {
+                warn!("local answer not sent: {e}");
+                // The command line learns why instead of finding the socket closed.
+                agent_protocol::local_reply_frame(&LocalReply::Error(format!(
+                    "the agent's answer could not be sent: {e}"
+                )))
+            });
+            if let Ok(frame) = frame {
+                let _ = stream.write_all(&frame).await;
             }
         });
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_protocol::{
-    Drain, HostStatus, LocalReply, LocalRequest, MAX_MESSAGE, MigrateService, MoveSummary, Name,
+    Drain, HostStatus, LocalReply, LocalRequest, MAX_LOCAL_REPLY, MigrateService, MoveSummary, Name,
     Outcome, PeerBody, PeerReply, PeerRequest, StartService,
 };
 use anyhow::{Context, Result, anyhow, bail};
@@ -40,12 +40,12 @@ pub(crate) fn request(
         .read_exact(&mut len)
         .context("reading the agent's answer")?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
-        bail!("the agent's answer of {len} bytes is above the maximum");
+    if len > MAX_LOCAL_REPLY {
+        bail!("the agent's answer of {len} bytes is above the maximum of {MAX_LOCAL_REPLY}");
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body)?;
-    Ok(agent_protocol::decode(&body)?)
+    Ok(agent_protocol::decode_local_reply(&body)?)
 }
 
 /// Handles one request of the command line.
