@@ -272,3 +272,67 @@ mod tests {
         assert!(!udp_port_free(s.local_addr().unwrap().port()));
     }
 }
+
+/// The resident memory of `pid` (`VmRSS`), bytes; None when it cannot be read.
+pub(crate) fn resident_bytes(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Room to keep beside an image set in an agent's storage.
+pub(crate) const STORAGE_MARGIN: u64 = 64 << 20;
+
+/// Fails when the file system of `dir` has less than `need` bytes (plus
+/// [`STORAGE_MARGIN`]) free for `what`.
+pub(crate) fn check_room(dir: &Path, need: u64, what: &str) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    if free < need.saturating_add(STORAGE_MARGIN) {
+        bail!(
+            "{} has {} MiB free; {what} needs about {} MiB (and {} MiB to spare)",
+            dir.display(),
+            free >> 20,
+            need.div_ceil(1 << 20),
+            STORAGE_MARGIN >> 20
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod room_tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_parsed_and_bad_lines_are_none() {
+        assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t    5120 kB\n"), Some(5120 * 1024));
+        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS:\t99999999999999999999 kB\n"), None);
+        assert_eq!(parse_vm_rss("VmSize:\t1 kB\n"), None);
+        assert!(resident_bytes(std::process::id() as i32).is_some_and(|b| b > 0));
+        assert_eq!(resident_bytes(-1), None);
+    }
+
+    #[test]
+    fn room_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        check_room(dir.path(), 1 << 20, "a tiny set").unwrap();
+        let e = check_room(dir.path(), u64::MAX / 2, "an absurd set").unwrap_err();
+        assert!(format!("{e:#}").contains("an absurd set needs about"), "{e:#}");
+        assert!(check_room(&dir.path().join("absent"), 1, "x").is_err());
+    }
+}

@@ -209,6 +209,7 @@ fn prepare(m: MigrationId) -> PeerBody {
         server_pid: 1,
         phases: admin_api::Phases::One,
         fault: None,
+        image_estimate: 0,
     })
 }
 

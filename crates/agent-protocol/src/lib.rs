@@ -183,6 +183,9 @@ pub struct Prepare {
     pub phases: Phases,
     /// A fault to inject (refused unless the target allows faults).
     pub fault: Option<TargetFault>,
+    /// About how many bytes the image set will take (the server's resident memory): a
+    /// target without that much free storage refuses at once instead of failing mid-transfer.
+    pub image_estimate: u64,
 }
 
 /// What a host needs to know to run a service it receives.

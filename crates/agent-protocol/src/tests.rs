@@ -26,6 +26,7 @@ fn requests() -> Vec<PeerRequest> {
             server_pid: 77,
             phases: Phases::Two,
             fault: Some(TargetFault::RestoreFails),
+            image_estimate: 5 << 20,
         }),
         PeerBody::Receive { migration: id(2) },
         PeerBody::Restore { migration: id(3) },

@@ -185,6 +185,7 @@ mod tests {
                 server_pid: 1,
                 phases: admin_api::Phases::One,
                 fault: None,
+                image_estimate: 0,
             }),
         }
     }

@@ -356,6 +356,13 @@ fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, Pe
     if agent.free_slots() == 0 {
         bail!("no free slot (max_services {})", agent.config.max_services);
     }
+    // The image set arrives into this host's storage.
+    crate::secure::private_dir(&agent.storage.join("inbound"))?;
+    crate::sys::check_room(
+        &agent.storage.join("inbound"),
+        p.image_estimate,
+        "the image set",
+    )?;
     let port = agent.free_port()?;
     let prepared = prepare_with_port(agent, peer, p, port);
     if prepared.is_err() {

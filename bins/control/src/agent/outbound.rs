@@ -316,6 +316,12 @@ impl Outbound {
 
     /// Preparing: the target gets ready, then the server tells its clients and parks.
     fn prepare(&mut self) -> Result<Event> {
+        // The dump lands in this host's storage first: refuse now rather than mid-dump.
+        let image_estimate = sys::resident_bytes(self.pid).unwrap_or(0);
+        sys::check_room(&self.images, image_estimate, "the server's dump").inspect_err(|_| {
+            let here = self.agent.config.host.to_string();
+            self.fail_at("preparing", &here);
+        })?;
         let agreement = migration_crypto::KeyAgreement::generate()?;
         let body = PeerBody::Prepare(Prepare {
             migration: self.id,
@@ -331,6 +337,7 @@ impl Outbound {
                 Some(MoveFault::Target(f)) => Some(f),
                 _ => None,
             },
+            image_estimate,
         });
         // From here on the target may hold something of this migration (even when its answer
         // is lost): a failure tells it to abort, which is harmless if it has nothing. So may
