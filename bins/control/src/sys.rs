@@ -318,7 +318,10 @@ mod room_tests {
 
     #[test]
     fn vm_rss_is_parsed_and_bad_lines_are_none() {
-        assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t    5120 kB\n"), Some(5120 * 1024));
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t    5120 kB\n"),
+            Some(5120 * 1024)
+        );
         assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\tlots kB\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\t99999999999999999999 kB\n"), None);
@@ -332,7 +335,10 @@ mod room_tests {
         let dir = tempfile::tempdir().unwrap();
         check_room(dir.path(), 1 << 20, "a tiny set").unwrap();
         let e = check_room(dir.path(), u64::MAX / 2, "an absurd set").unwrap_err();
-        assert!(format!("{e:#}").contains("an absurd set needs about"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("an absurd set needs about"),
+            "{e:#}"
+        );
         assert!(check_room(&dir.path().join("absent"), 1, "x").is_err());
     }
 }

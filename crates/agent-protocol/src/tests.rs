@@ -262,7 +262,10 @@ proptest! {
 #[test]
 fn a_local_reply_may_exceed_a_peer_message_but_stays_bounded() {
     let big = LocalReply::Error("x".repeat(MAX_MESSAGE + 10));
-    assert!(to_frame(&big).is_err(), "a peer message is bounded by MAX_MESSAGE");
+    assert!(
+        to_frame(&big).is_err(),
+        "a peer message is bounded by MAX_MESSAGE"
+    );
     let frame = local_reply_frame(&big).unwrap();
     assert_eq!(decode_local_reply(&frame[4..]).unwrap(), big);
     // Peers' decoding keeps its own bound.

@@ -438,6 +438,8 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
     // The fleet: CA, certificates, token key, one configuration per host.
     let mut init = Command::new(paths.bin.join("control"));
     init.arg("fleet-init").arg("--out").arg(&paths.fleet);
+    // Short, so that the source-dies case sees a target give up a move left alone.
+    init.args(["--inbound-stale-s", &INBOUND_STALE_S.to_string()]);
     for h in &hosts {
         init.arg("--host").arg(format!("{}={}", h.name, h.addr));
     }
@@ -733,7 +735,9 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
     }
     let after = services_of(paths, world.host(&drained)?)?;
     if before != after || before.len() != 3 {
-        bail!("{drained}'s restarted agent did not take its services over: {before:?} -> {after:?}");
+        bail!(
+            "{drained}'s restarted agent did not take its services over: {before:?} -> {after:?}"
+        );
     }
     println!("e2e-multihost: {drained}'s agent killed and restarted: it took over {after:?}");
     let out = run_ok(
@@ -905,10 +909,14 @@ fn migrate_while_restarting(
     read_move(report, from, to)
 }
 
-/// A move whose source agent dies after the dump (fault injection): the agent is started
-/// again, as a host's service manager would, and finishes the move from its journal (here:
-/// rolls it back, restoring the service from its own image set). The command line's answer
-/// is lost with the agent; the move's outcome is read from the new agent's status.
+/// How long a target keeps a move whose source went quiet, in the scenario.
+const INBOUND_STALE_S: u64 = 5;
+
+/// A move whose source agent dies after the dump (fault injection): the target, left alone,
+/// gives its half up after [`INBOUND_STALE_S`]; then the source's agent is started again, as
+/// a host's service manager would, and finishes the move from its journal (here: rolls it
+/// back, restoring the service from its own image set). The command line's answer is lost
+/// with the agent; the move's outcome is read from the new agent's status.
 fn migrate_source_dies(
     paths: &Paths,
     world: &mut World,
@@ -942,6 +950,22 @@ fn migrate_source_dies(
     if cli.success() {
         bail!("fault {fault}: `control migrate` succeeded although its agent died");
     }
+    // The target, left alone, gives its half up by itself (agent.json's inbound_stale_s)...
+    let alone = Instant::now();
+    loop {
+        match check_target_clean(paths, world.host(to)?, to) {
+            Ok(()) => break,
+            Err(e) if alone.elapsed() > Duration::from_secs(INBOUND_STALE_S + 20) => {
+                bail!("fault {fault}: the target kept the abandoned move: {e:#}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    println!(
+        "e2e-multihost: fault {fault}: {to} gave the abandoned move up after {:.1} s",
+        alone.elapsed().as_secs_f64()
+    );
+    // ...and the source's agent, started again, takes the move over from its journal.
     start_agent(paths, world.host_mut(from)?)?;
     let host = world.host(from)?;
     loop {
@@ -1284,7 +1308,10 @@ fn services_of(paths: &Paths, host: &Host) -> Result<Vec<(String, i32)>> {
     )?;
     let fleet: agent_protocol::FleetStatus =
         serde_json::from_str(&out).context("control status --fleet --json")?;
-    let me = fleet.hosts.first().context("the agent did not describe itself")?;
+    let me = fleet
+        .hosts
+        .first()
+        .context("the agent did not describe itself")?;
     Ok(me
         .services
         .iter()

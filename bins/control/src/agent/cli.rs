@@ -57,6 +57,10 @@ pub(crate) struct FleetInitArgs {
     /// Local TCP port of each agent's metrics and health endpoint.
     #[arg(long, default_value_t = 9464)]
     metrics_port: u16,
+    /// Seconds a target waits for the next request of a move whose source went quiet (its
+    /// agent died) before it gives its half of the move up.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(5..=86_400))]
+    inbound_stale_s: u64,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -220,6 +224,7 @@ pub(crate) fn fleet_init(a: &FleetInitArgs) -> Result<()> {
         service_ports: a.service_ports,
         max_services: a.max_services,
         metrics_port: a.metrics_port,
+        inbound_stale_s: a.inbound_stale_s,
     })?;
     println!(
         "fleet written to {}: ca.pem (clients trust it), and per host <host>/agent.json for \

@@ -159,6 +159,7 @@ pub(crate) struct FleetInit {
     pub(crate) service_ports: (u16, u16),
     pub(crate) max_services: u32,
     pub(crate) metrics_port: u16,
+    pub(crate) inbound_stale_s: u64,
 }
 
 fn pem_key(key: &rcgen::KeyPair) -> String {
@@ -270,7 +271,7 @@ pub(crate) fn fleet_init(args: &FleetInit) -> Result<()> {
             metrics: SocketAddr::from(([127, 0, 0, 1], args.metrics_port)),
             peer_rate: (50, 100),
             token_lifetime_s: 120,
-            inbound_stale_s: default_inbound_stale_s(),
+            inbound_stale_s: args.inbound_stale_s,
         };
         config.check()?;
         let json = serde_json::to_string_pretty(&config)?;
@@ -321,7 +322,10 @@ mod tests {
         for bad in [0u64, 4, 86_401] {
             v["inbound_stale_s"] = bad.into();
             let e = format!("{:#}", load(&v).unwrap_err());
-            assert!(e.contains("inbound_stale_s must be 5..=86400"), "{bad}: {e}");
+            assert!(
+                e.contains("inbound_stale_s must be 5..=86400"),
+                "{bad}: {e}"
+            );
         }
         v["inbound_stale_s"] = "soon".into();
         let e = format!("{:#}", load(&v).unwrap_err());
@@ -331,11 +335,27 @@ mod tests {
     #[test]
     fn bad_configurations_are_refused_with_the_reason() {
         let cases: [(&str, serde_json::Value, &str); 5] = [
-            ("peers", serde_json::json!({ "a": "10.0.0.1:7000" }), "lists itself as a peer"),
-            ("allow", serde_json::json!(["z"]), "allowed host z is not among the peers"),
-            ("service_ports", serde_json::json!([4399, 4300]), "not a range of ports"),
+            (
+                "peers",
+                serde_json::json!({ "a": "10.0.0.1:7000" }),
+                "lists itself as a peer",
+            ),
+            (
+                "allow",
+                serde_json::json!(["z"]),
+                "allowed host z is not among the peers",
+            ),
+            (
+                "service_ports",
+                serde_json::json!([4399, 4300]),
+                "not a range of ports",
+            ),
             ("max_services", serde_json::json!(0), "max_services is 0"),
-            ("token_lifetime_s", serde_json::json!(7200), "token_lifetime_s must be"),
+            (
+                "token_lifetime_s",
+                serde_json::json!(7200),
+                "token_lifetime_s must be",
+            ),
         ];
         for (field, value, want) in cases {
             let mut v = sample();

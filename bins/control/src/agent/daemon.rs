@@ -232,7 +232,11 @@ fn clean_after_an_earlier_agent(storage: &Path) -> Kept {
     if let Ok(entries) = std::fs::read_dir(&services) {
         for e in entries.flatten() {
             let folder = e.file_name().to_string_lossy().into_owned();
-            if kept.inbound.iter().any(|j| j.service.name.as_str() == folder) {
+            if kept
+                .inbound
+                .iter()
+                .any(|j| j.service.name.as_str() == folder)
+            {
                 continue;
             }
             let journal = journals
@@ -415,8 +419,8 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
         loop {
             tick.tick().await;
             let a = sweeper_agent.clone();
-            let _ = tokio::task::spawn_blocking(move || super::inbound::give_up_stale(&a, stale))
-                .await;
+            let _ =
+                tokio::task::spawn_blocking(move || super::inbound::give_up_stale(&a, stale)).await;
         }
     });
     let peers = tokio::spawn(accept_peers(agent.clone()));

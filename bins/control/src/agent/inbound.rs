@@ -116,16 +116,16 @@ pub(crate) async fn handle(
                 Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
             }
         }
-        PeerBody::Receive { migration } => match stepped_receive(&agent, &peer, migration, recv)
-            .await
-        {
-            Ok(figures) => PeerReply::Received(figures),
-            Err(Rejected::Refused(r)) => refuse(&agent, &peer, kind, r),
-            Err(Rejected::Failed(e)) => {
-                warn!(%peer, %migration, "receiving the image set failed: {e:#}");
-                failed(&agent, "transferring", &e)
+        PeerBody::Receive { migration } => {
+            match stepped_receive(&agent, &peer, migration, recv).await {
+                Ok(figures) => PeerReply::Received(figures),
+                Err(Rejected::Refused(r)) => refuse(&agent, &peer, kind, r),
+                Err(Rejected::Failed(e)) => {
+                    warn!(%peer, %migration, "receiving the image set failed: {e:#}");
+                    failed(&agent, "transferring", &e)
+                }
             }
-        },
+        }
         PeerBody::Restore { migration } => {
             let a = agent.clone();
             let from = peer.clone();

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_protocol::{
-    Drain, HostStatus, LocalReply, LocalRequest, MAX_LOCAL_REPLY, MigrateService, MoveSummary, Name,
-    Outcome, PeerBody, PeerReply, PeerRequest, StartService,
+    Drain, HostStatus, LocalReply, LocalRequest, MAX_LOCAL_REPLY, MigrateService, MoveSummary,
+    Name, Outcome, PeerBody, PeerReply, PeerRequest, StartService,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use migration_core::{MigrationId, MigrationPolicy};

@@ -108,7 +108,13 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
         }
     }
     // The target first: no second copy may run there once this one runs again.
-    match ask(agent, j, PeerBody::Abort { migration: j.migration }) {
+    match ask(
+        agent,
+        j,
+        PeerBody::Abort {
+            migration: j.migration,
+        },
+    ) {
         Ok(PeerReply::Aborted { undone }) => info!(to = %j.to, "the target undid: {undone}"),
         Ok(other) => info!(to = %j.to, "the target answered the abort: {other:?}"),
         Err(e) => warn!(to = %j.to, "the target could not be told to abort: {e:#}"),
@@ -116,7 +122,10 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
     let policy = MigrationPolicy::default();
     if !svc.server_runs() {
         if !j.dumped {
-            bail!("the server (PID {}) is gone and was not dumped", j.server_pid);
+            bail!(
+                "the server (PID {}) is gone and was not dumped",
+                j.server_pid
+            );
         }
         svc.server_pid = restore_here(j, &svc, &move_dir)?;
     }
@@ -139,7 +148,11 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
     svc.save()?;
     lock(&agent.services).insert(svc.name.clone(), svc);
     service::wipe_dir(&move_dir)?;
-    let phase = if j.dumped { Phase::Dumping } else { Phase::Preparing };
+    let phase = if j.dumped {
+        Phase::Dumping
+    } else {
+        Phase::Preparing
+    };
     finish(
         agent,
         j,
@@ -151,11 +164,7 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
 
 /// Restores the dumped server from the move's image set, under the service's supervisor (a
 /// new idle one when the old one is gone); its PID.
-fn restore_here(
-    j: &MoveJournal,
-    svc: &Service,
-    move_dir: &std::path::Path,
-) -> Result<i32> {
+fn restore_here(j: &MoveJournal, svc: &Service, move_dir: &std::path::Path) -> Result<i32> {
     let set = move_dir.join("set");
     sys::reap(j.server_pid, REAP_LIMIT)?;
     let alive = matches!(

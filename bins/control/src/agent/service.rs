@@ -114,7 +114,10 @@ impl Service {
 
     /// Writes the service's record (after a start, an arrival, a rollback that changed it).
     pub(crate) fn save(&self) -> Result<()> {
-        secure::write_private(&self.paths.dir.join(RECORD), &serde_json::to_vec(&self.record())?)
+        secure::write_private(
+            &self.paths.dir.join(RECORD),
+            &serde_json::to_vec(&self.record())?,
+        )
     }
 }
 
