@@ -194,6 +194,11 @@ impl Slot {
 
     /// The slots this host's podman knows (containers named `qlm-mh-*`), e.g. those an agent
     /// finds after it restarted in the same mount namespace.
+    /// The agent's storage the slot's podman state is under.
+    pub(crate) fn storage(&self) -> &Path {
+        &self.storage
+    }
+
     pub(crate) fn list(storage: &Path) -> Result<Vec<Slot>> {
         let host = HostPodman::prepare(storage)?;
         host.slots()?

@@ -125,6 +125,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
     };
     let token_key = migration_crypto::load_token_key_file(&config.token_key)
         .context("loading the fleet's token key")?;
+    service::load_freed_ports(&opts.storage);
     let kept = clean_after_an_earlier_agent(&opts.storage);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -339,11 +339,68 @@ pub(crate) fn remove_slot(slot: &Slot) -> Result<()> {
     let _one = SLOT_OPS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    FREED_PORTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(slot.host_port, std::time::Instant::now());
+    {
+        let mut freed = FREED_PORTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        freed.insert(slot.host_port, std::time::Instant::now());
+        save_freed_ports(slot.storage(), &freed);
+    }
     slot.remove()
+}
+
+/// The file that keeps the resting ports across agents (a restarted agent must not hand out
+/// a port its predecessor freed a minute ago): `{port: unix seconds freed}`.
+const FREED_PORTS_FILE: &str = "freed-ports.json";
+
+fn save_freed_ports(storage: &Path, freed: &std::collections::BTreeMap<u16, std::time::Instant>) {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let by_time: std::collections::BTreeMap<u16, u64> = freed
+        .iter()
+        .map(|(p, at)| (*p, now_unix.saturating_sub(at.elapsed().as_secs())))
+        .collect();
+    let written = serde_json::to_vec(&by_time)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| secure::write_private(&storage.join(FREED_PORTS_FILE), &bytes));
+    if let Err(e) = written {
+        warn!("recording the resting ports: {e:#}");
+    }
+}
+
+/// Loads the ports an earlier agent freed less than [`PORT_QUARANTINE`] ago (a missing or
+/// unreadable file: none; said in the log).
+pub(crate) fn load_freed_ports(storage: &Path) {
+    let bytes = match std::fs::read(storage.join(FREED_PORTS_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            warn!("reading the resting ports: {e}");
+            return;
+        }
+    };
+    let by_time: std::collections::BTreeMap<u16, u64> = match serde_json::from_slice(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("the resting ports' file is not readable ({e}); ignored");
+            return;
+        }
+    };
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut freed = FREED_PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (port, at) in by_time {
+        let ago = Duration::from_secs(now_unix.saturating_sub(at));
+        if ago < PORT_QUARANTINE
+            && let Some(instant) = std::time::Instant::now().checked_sub(ago)
+        {
+            freed.insert(port, instant);
+        }
+    }
 }
 
 /// How long a freed host port is not given to another slot. The kernel's connection tracking
@@ -541,6 +598,36 @@ mod tests {
             Service::from_record(tmp.path(), record, &[]).unwrap_err(),
             NotAdoptable::SlotGone("qlm-mh-edge".into())
         );
+    }
+
+    #[test]
+    fn resting_ports_outlive_their_agent_and_bad_files_are_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        load_freed_ports(tmp.path());
+        std::fs::write(tmp.path().join(FREED_PORTS_FILE), b"{\"61001\": \"x\"").unwrap();
+        load_freed_ports(tmp.path());
+        assert!(!port_resting(61001));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let old = now - PORT_QUARANTINE.as_secs() - 5;
+        let file = format!(
+            "{{\"61001\": {now}, \"61002\": {old}, \"61003\": {}}}",
+            now + 99
+        );
+        std::fs::write(tmp.path().join(FREED_PORTS_FILE), file).unwrap();
+        load_freed_ports(tmp.path());
+        assert!(port_resting(61001));
+        assert!(!port_resting(61002), "freed long ago");
+        // A time in the future counts as now: resting.
+        assert!(port_resting(61003));
+        let freed = FREED_PORTS.lock().unwrap().clone();
+        save_freed_ports(tmp.path(), &freed);
+        let back: std::collections::BTreeMap<u16, u64> =
+            serde_json::from_slice(&std::fs::read(tmp.path().join(FREED_PORTS_FILE)).unwrap())
+                .unwrap();
+        assert!(back.contains_key(&61001) && !back.contains_key(&61002));
     }
 
     #[test]

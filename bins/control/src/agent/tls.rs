@@ -127,6 +127,7 @@ mod tests {
             service_ports: (4300, 4310),
             max_services: 4,
             metrics_port: 0,
+            inbound_stale_s: 120,
         })
         .unwrap();
         hosts
@@ -167,6 +168,7 @@ mod tests {
             service_ports: (4300, 4310),
             max_services: 4,
             metrics_port: 0,
+            inbound_stale_s: 120,
         });
         assert!(again.unwrap_err().to_string().contains("exists"));
     }
@@ -183,6 +185,7 @@ mod tests {
             service_ports: (4300, 4310),
             max_services: 4,
             metrics_port: 0,
+            inbound_stale_s: 120,
         });
         assert!(one.unwrap_err().to_string().contains("at least two"));
         let configs = fleet(
