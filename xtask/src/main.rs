@@ -126,8 +126,8 @@ enum Cmd {
     ShimCost(shim_cost::Options),
     /// Installs what the end-to-end migration needs: podman, runc, CRIU >= 4.2 (as root).
     ///
-    /// On Debian-like systems, as root: podman, runc, netavark, iptables, iproute2, nsenter,
-    /// busybox-static and CRIU >= 4.2 (from Debian sid with its own glibc, in
+    /// On Debian-like systems, as root: podman, runc, netavark, iptables, nftables, iproute2,
+    /// nsenter, busybox-static and CRIU >= 4.2 (from Debian sid with its own glibc, in
     /// /opt/quic-live-migrate/criu behind the wrapper /usr/local/sbin/criu; the mirror is read
     /// from the system's apt sources). Skips what is present, then verifies each part and runs
     /// a podman smoke container from a locally imported busybox image (no registry).

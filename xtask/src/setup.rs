@@ -44,12 +44,15 @@ const MIN_CRIU: Version = Version {
 /// The throwaway image of the smoke run.
 const SMOKE_IMAGE: &str = "localhost/qlm-smoke:latest";
 /// Installed from the system's own release. netavark and iptables give rootful podman its
-/// bridge network and port maps (they are only recommended/suggested by podman).
+/// bridge network and port maps (they are only recommended/suggested by podman); nftables
+/// (`nft`) and iptables (`iptables-nft`, the hold's NFQUEUE rule) make udp-shim-front's stable
+/// service address.
 const SYSTEM_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "netavark",
     "iptables",
+    "nftables",
     "iproute2",
     "util-linux",
     "busybox-static",
@@ -63,6 +66,7 @@ const REQUIRED_TOOLS: &[&str] = &["apt-get", "apt-cache", "dpkg", "dpkg-deb", "d
 const REQUIREMENTS: &str = "\
 `cargo xtask setup` must run as root on a Debian-like system (apt-get, dpkg) to install:
   - podman and runc (podman's default runtime crun fails on these hosts), netavark, iptables
+  - nftables (nft: the front address's stateless NAT, udp-shim-front)
   - CRIU >= 4.2 (it needs glibc >= 2.38 libraries; on older releases it is fetched from Debian
     sid into /opt/quic-live-migrate/criu and run through the wrapper /usr/local/sbin/criu)
   - iproute2 (ip netns), util-linux (nsenter), busybox-static (a static shell for images)
