@@ -80,6 +80,11 @@ impl Netns {
         Ok(Self { file })
     }
 
+    /// The namespace's file (`None`: the caller's).
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(_, p)| p.as_path())
+    }
+
     /// How to name the namespace in messages.
     pub(crate) fn shown(&self) -> String {
         match &self.file {

@@ -207,6 +207,14 @@ pub enum FrontError {
         /// What happened.
         what: &'static str,
     },
+    /// A detached front cannot be taken over: its rules are gone or changed.
+    #[error("front {name} cannot be taken over: {why}")]
+    Gone {
+        /// The front.
+        name: String,
+        /// What was found instead.
+        why: String,
+    },
 }
 
 /// What this front made, so that teardown removes exactly that.
@@ -494,6 +502,113 @@ impl Front {
                 cmd::run(tools, Tool::Iptables, &["-t", "raw", "-X", &chain], None)?;
             }
             Ok(())
+        })
+    }
+}
+
+/// What a detached front is: its rules stay in the kernel without a process, and
+/// [`Front::attach`] takes them over again (e.g. one command line installs a front, another
+/// moves the server behind it, a third removes it). Plain data: the caller stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontRecord {
+    /// The front's name.
+    pub name: String,
+    /// The front address.
+    pub front: SocketAddrV4,
+    /// The backend the NAT points at.
+    pub backend: SocketAddrV4,
+    /// The namespace of the rules (`None`: the caller's).
+    pub netns: Option<PathBuf>,
+    /// Whether iptables-nft's `ip raw` table was there before the front (it is removed with
+    /// the front otherwise).
+    pub raw_table_was_there: bool,
+}
+
+impl Front {
+    /// Lets the front's rules live on without this process: the holder stops (its queue and
+    /// the socket that reserved the front port are released: nothing keeps another process
+    /// from binding the port meanwhile, though the NAT takes every datagram to it first), and
+    /// nothing is removed when the returned record is dropped. A hold in progress is
+    /// released first.
+    pub fn detach(mut self) -> Result<FrontRecord, FrontError> {
+        if self.holding {
+            self.release()?;
+        }
+        if let Some(mut holder) = self.holder.take() {
+            holder.stop()?;
+        }
+        let record = FrontRecord {
+            name: self.name.clone(),
+            front: self.front,
+            backend: self.backend,
+            netns: self.netns.path().map(Path::to_path_buf),
+            raw_table_was_there: self.made.raw_table_was_there,
+        };
+        // Nothing is torn down on drop now.
+        self.made = Made::default();
+        Ok(record)
+    }
+
+    /// Takes a detached front over: its table must still be there, pointing at the
+    /// recorded backend's front (anything else is [`FrontError::Gone`]); a holder starts
+    /// (the front port reserved again, a queue bound). From here on it is a [`Front`] like
+    /// one [`Front::create`] made: dropped, it removes everything; [`Front::detach`] again
+    /// to keep it.
+    pub fn attach(
+        record: FrontRecord,
+        hold_limits: HoldLimits,
+        tools: Tools,
+    ) -> Result<Self, FrontError> {
+        if let Some(why) = rules::name_problem(&record.name) {
+            return Err(FrontError::InvalidName {
+                name: record.name,
+                why,
+            });
+        }
+        let netns = Netns::open(record.netns.as_deref())?;
+        let table = rules::table(&record.name);
+        let found = netns.run(|| {
+            let tables = cmd::run(&tools, Tool::Nft, &["list", "tables"], None)?;
+            if !rules::front_tables(&tables).contains(&table) {
+                return Ok(None);
+            }
+            let set = cmd::run(
+                &tools,
+                Tool::Nft,
+                &["list", "set", "ip", &table, "front"],
+                None,
+            )?;
+            Ok(rules::front_of(&set))
+        })?;
+        if found != Some(record.front) {
+            return Err(FrontError::Gone {
+                name: record.name,
+                why: match found {
+                    None => "its table is not there".to_owned(),
+                    Some(other) => format!("its table serves {other}, not {}", record.front),
+                },
+            });
+        }
+        let holder = Holder::start(
+            Netns::open(record.netns.as_deref())?,
+            record.front,
+            hold_limits,
+            first_queue(&record.name),
+        )?;
+        Ok(Self {
+            name: record.name,
+            front: record.front,
+            backend: record.backend,
+            netns,
+            tools,
+            holder: Some(holder),
+            made: Made {
+                table: true,
+                chain: true,
+                jump: true,
+                raw_table_was_there: record.raw_table_was_there,
+            },
+            holding: false,
         })
     }
 }

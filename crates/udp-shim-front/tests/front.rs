@@ -672,6 +672,69 @@ fn refusals_are_typed_and_leave_nothing() {
 }
 
 #[test]
+fn a_detached_front_serves_without_a_process_and_is_taken_over() {
+    if !ready() {
+        return;
+    }
+    let topo = Topo::create();
+    let _a = Echo::start(&topo.path("a"), "A");
+    let b = Echo::start(&topo.path("b"), "B");
+    let record = Front::create(topo.spec("detach"))
+        .unwrap()
+        .detach()
+        .unwrap();
+    assert_eq!(record.backend, BACKEND_A);
+    assert_ne!(topo.leftovers(), "", "a detached front's rules stay");
+    let c = client(&topo);
+    round_trip(&c, 0, "A");
+    // Taken over by another owner: hold, switch, release as usual.
+    let mut front = Front::attach(
+        record.clone(),
+        udp_shim_front::HoldLimits::default(),
+        topo.spec("detach").tools,
+    )
+    .unwrap();
+    front.hold().unwrap();
+    front.switch(BACKEND_B).unwrap();
+    for i in 1..=5 {
+        c.send_to(&numbered(i, 100), FRONT).unwrap();
+    }
+    assert!(silent(&c, Duration::from_millis(100)));
+    let stats = front.release().unwrap();
+    assert_eq!((stats.held, stats.delivered), (5, 5), "{stats:?}");
+    for _ in 1..=5 {
+        assert!(reply(&c).is_some_and(|r| r.starts_with(b"B:")));
+    }
+    let at_b: Vec<u32> = b.payloads().iter().map(|p| number(p)).collect();
+    assert_eq!(at_b, (1..=5).collect::<Vec<_>>());
+    // Detached again, it remembers the new backend.
+    let record = front.detach().unwrap();
+    assert_eq!(record.backend, BACKEND_B);
+    round_trip(&c, 6, "B");
+    // A record whose front is another address is refused, and so is one whose rules went.
+    let mut wrong = record.clone();
+    wrong.front = std::net::SocketAddrV4::new(*FRONT.ip(), FRONT.port() + 1);
+    let tools = topo.spec("detach").tools;
+    assert!(matches!(
+        Front::attach(wrong, udp_shim_front::HoldLimits::default(), tools.clone()),
+        Err(FrontError::Gone { .. })
+    ));
+    Front::attach(
+        record.clone(),
+        udp_shim_front::HoldLimits::default(),
+        tools.clone(),
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    assert_eq!(topo.leftovers(), "");
+    assert!(matches!(
+        Front::attach(record, udp_shim_front::HoldLimits::default(), tools),
+        Err(FrontError::Gone { .. })
+    ));
+}
+
+#[test]
 fn dropping_a_holding_front_leaves_nothing() {
     if !ready() {
         return;
