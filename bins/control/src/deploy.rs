@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::state::{Container, Side, State};
+use crate::state::{FrontState, Container, Side, State};
 use crate::supervisor::{self, SupervisorRequest};
 use crate::{images, podman, sys};
 
@@ -33,6 +33,15 @@ impl Settings {
     fn image_tag(&self) -> String {
         format!("localhost/{}-server:latest", self.name)
     }
+
+    /// The name of the deployment's front (`up --front`): `d` and a hash of the deployment's
+    /// name, within the 18 characters of `[a-z0-9-]` a front's name may have.
+    pub(crate) fn front_name(&self) -> String {
+        let hash = self.name.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!("d{hash:08x}")
+    }
 }
 
 /// What `up` starts.
@@ -54,6 +63,10 @@ pub(crate) struct UpOptions {
     pub(crate) server_runtime: String,
     /// The server runs as PID 1 of its own pid namespace (post-copy needs it).
     pub(crate) pid_namespace: bool,
+    /// A stable service address: clients use it for the service's whole life, a NAT behind
+    /// it points at the container the server runs in (switched, with the datagrams held,
+    /// during each move).
+    pub(crate) front: Option<std::net::SocketAddrV4>,
 }
 
 /// The `--server-user` that keeps the server root: needed in its own pid namespace, where
@@ -304,6 +317,10 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
             sys::parent_pid(pid)
         );
     }
+    let front = match opts.front {
+        None => None,
+        Some(addr) => Some(make_front(settings, addr, &a, &b)?),
+    };
     let state = State {
         version: State::new_version(),
         image: tag,
@@ -318,9 +335,52 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         images_dir: settings.images_dir.clone(),
         migrations: 0,
         pid_namespace: opts.pid_namespace,
+        front,
     };
     state.save(state_dir)?;
     Ok(state)
+}
+
+/// Installs the deployment's front at `addr`, pointing at A, and leaves its rules in place
+/// (detached) for the moves.
+fn make_front(
+    settings: &Settings,
+    addr: std::net::SocketAddrV4,
+    a: &Container,
+    b: &Container,
+) -> Result<FrontState> {
+    let backend = |c: &Container| -> Result<std::net::SocketAddrV4> {
+        Ok(std::net::SocketAddrV4::new(
+            podman::ipv4(&c.name)?,
+            podman::CONTAINER_PORT,
+        ))
+    };
+    let (backend_a, backend_b) = (backend(a)?, backend(b)?);
+    let spec = udp_shim_front::FrontSpec::new(settings.front_name(), addr, backend_a);
+    let record = udp_shim_front::Front::create(spec)
+        .and_then(udp_shim_front::Front::detach)
+        .with_context(|| format!("setting up the front address {addr}"))?;
+    info!(front = %addr, backend = %backend_a, name = %record.name, "front address up");
+    Ok(FrontState {
+        name: record.name,
+        front: addr,
+        a: backend_a,
+        b: backend_b,
+        raw_table_was_there: record.raw_table_was_there,
+    })
+}
+
+/// Removes the deployment's front rules (none: nothing to do; without nftables installed
+/// there can be none).
+fn remove_front(settings: &Settings) -> Result<()> {
+    match udp_shim_front::Front::remove_leftovers(
+        &settings.front_name(),
+        None,
+        &udp_shim_front::Tools::default(),
+    ) {
+        Ok(()) | Err(udp_shim_front::FrontError::ToolMissing { .. }) => Ok(()),
+        Err(e) => Err(e).context("removing the front address's rules"),
+    }
 }
 
 /// Starts `control supervise` in its own session; it starts the server as its child.
@@ -376,6 +436,9 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+    if let Err(e) = remove_front(settings) {
+        problems.push(format!("{e:#}"));
     }
     for side in [Side::A, Side::B] {
         let name = state

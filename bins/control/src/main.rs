@@ -218,6 +218,27 @@ struct UpArgs {
     /// a /proc for it.
     #[arg(long, env = "QLM_PID_NAMESPACE")]
     pid_namespace: bool,
+    /// A stable service address, IPv4:PORT of this host (not loopback: clients reach it from
+    /// other hosts or namespaces): clients use it for the service's whole life while a NAT
+    /// behind it (nftables) points at the container the server runs in; each move switches it
+    /// at the freeze and holds the datagrams that arrive meanwhile until the restored server
+    /// runs, so that even clients without cwrapper keep their connection. Needs nftables and
+    /// iptables-nft, and IPv4 forwarding on.
+    #[arg(long, env = "QLM_FRONT", value_parser = parse_front)]
+    front: Option<std::net::SocketAddrV4>,
+}
+
+fn parse_front(s: &str) -> Result<std::net::SocketAddrV4, String> {
+    let addr: std::net::SocketAddrV4 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not IPV4:PORT (e.g. 10.235.0.1:5300): {e}"))?;
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!(
+            "{addr}: a front address is a host address clients reach from outside (not \
+             loopback, not 0.0.0.0) with a port"
+        ));
+    }
+    Ok(addr)
 }
 
 #[derive(Debug, Args, Clone)]
@@ -518,6 +539,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         dirty_mib_per_s: a.dirty_mib_per_s,
         server_runtime: a.server_runtime.clone(),
         pid_namespace: a.pid_namespace,
+        front: a.front,
     })
 }
 

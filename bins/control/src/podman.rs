@@ -140,6 +140,18 @@ pub(crate) fn netns(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The container's address on podman's network (where a front sends its datagrams).
+pub(crate) fn ipv4(name: &str) -> Result<std::net::Ipv4Addr> {
+    let out = run(
+        &format!("inspect container {name}"),
+        podman().args(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", name]),
+    )?;
+    let text = out.stdout();
+    text.trim()
+        .parse()
+        .with_context(|| format!("container {name} has no IPv4 address (`{text}`)"))
+}
+
 /// Whether the container exists and runs.
 pub(crate) fn is_running(name: &str) -> bool {
     run_unchecked(

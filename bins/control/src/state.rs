@@ -75,6 +75,45 @@ pub(crate) struct State {
     /// state files written before it existed.
     #[serde(default)]
     pub(crate) pid_namespace: bool,
+    /// The stable service address, when the deployment has one (`up --front`).
+    #[serde(default)]
+    pub(crate) front: Option<FrontState>,
+}
+
+/// A deployment's front: one address for the clients, NAT to the container the server runs
+/// in (`udp-shim-front`; its rules stay in the kernel between commands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FrontState {
+    /// The front's name (its nftables table is `qlm_front_<name>`).
+    pub(crate) name: String,
+    /// The address clients use.
+    pub(crate) front: std::net::SocketAddrV4,
+    /// Where the server listens in A and in B.
+    pub(crate) a: std::net::SocketAddrV4,
+    pub(crate) b: std::net::SocketAddrV4,
+    /// Whether iptables-nft's raw table predates the front.
+    pub(crate) raw_table_was_there: bool,
+}
+
+impl FrontState {
+    pub(crate) fn backend(&self, side: Side) -> std::net::SocketAddrV4 {
+        match side {
+            Side::A => self.a,
+            Side::B => self.b,
+        }
+    }
+
+    /// The record to take the front over with, pointing at `side`.
+    pub(crate) fn record(&self, side: Side) -> udp_shim_front::FrontRecord {
+        udp_shim_front::FrontRecord {
+            name: self.name.clone(),
+            front: self.front,
+            backend: self.backend(side),
+            netns: None,
+            raw_table_was_there: self.raw_table_was_there,
+        }
+    }
 }
 
 impl State {
