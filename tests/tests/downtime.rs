@@ -154,6 +154,17 @@ async fn the_swrapper_binary_writes_what_its_clients_report() {
         let [c0, c1, late] = &clients[..] else {
             unreachable!()
         };
+        // Registered (welcomed) before the move, so that each is told.
+        for c in &clients {
+            let mut rx = c.events();
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                rx.wait_for(|s| matches!(s.control, cwrapper::ControlStatus::Open { .. })),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
 
         // A move in place (the process stays; its socket is renewed).
         admin
