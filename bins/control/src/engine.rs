@@ -19,6 +19,10 @@
 //! | Resuming     | the process is observed in the target's namespace; resume request +    |
 //! |              | SIGUSR2, wait `resumed`; the source's address answers nothing, the     |
 //! |              | target's answers QUIC                                                  |
+//!
+//! Once the result is known (and the images and the journal are gone), the clients' downtime
+//! reports are collected from the server's `downtime.json` for up to [`DOWNTIME_WAIT`] and go
+//! into the report's timeline (`client_downtime`, median, max).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,7 +34,8 @@ use admin_api::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use migration_core::{
-    Event, MigrationId, MigrationPolicy, Phase, PreDumpDecision, PreDumpPolicy, Recovery, Timestamp,
+    Event, MigrationId, MigrationPolicy, Phase, PreDumpDecision, PreDumpPolicy, Recovery,
+    SessionId, Timestamp,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -97,6 +102,10 @@ const RESTORE_LIMIT: Duration = Duration::from_secs(2 * criu::WORKER_LIMIT.as_se
 const REAP_LIMIT: Duration = Duration::from_secs(5);
 /// How long a probe of an address waits for a QUIC answer.
 const PROBE_WAIT: Duration = Duration::from_millis(300);
+/// How long the clients' downtime reports are awaited after a move's result is known: each
+/// client reports at its first reply after the move (cwrapper: its first echo, or the
+/// transport's pause 1 s after `Resumed` when its application reports nothing).
+pub(crate) const DOWNTIME_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) fn now() -> Timestamp {
     let micros = SystemTime::now()
@@ -224,9 +233,55 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         state.migrations += 1;
     }
     state.save(state_dir)?;
-    let report = engine.finish(&machine);
+    let admin = engine.admin.clone();
+    let mut report = engine.finish(&machine);
     journal::remove(state_dir)?;
+    // The move is over (images gone, journal removed); the clients report their pause a
+    // little after it. Bounded, and skipped when nobody was told the outcome.
+    let expected = clients_told(&report);
+    if expected > 0 {
+        for d in collect_downtimes(&admin, id, expected) {
+            machine.report_downtime(SessionId(d.session), d.downtime());
+        }
+        report.timeline = machine.report();
+    }
     Ok(report)
+}
+
+/// How many clients were told the move's outcome, so may report their downtime: those told
+/// `Resumed` after a completed move, those that acknowledged `MigrateAborted` after a
+/// rollback.
+pub(crate) fn clients_told(report: &MoveReport) -> usize {
+    match report.result {
+        MoveResult::Completed => report.resumed.as_ref().map_or(0, |r| r.told),
+        _ => report.aborted.as_ref().map_or(0, |a| a.outcome.acked.len()),
+    }
+}
+
+/// The downtimes the clients of migration `id` report, awaited until `expected` came or
+/// [`DOWNTIME_WAIT`] passed (a client that reports nothing, an old one, is not an error).
+pub(crate) fn collect_downtimes(
+    admin: &AdminDir,
+    id: MigrationId,
+    expected: usize,
+) -> Vec<admin_api::ReportedDowntime> {
+    let started = Instant::now();
+    match admin.wait_downtimes(id, expected, DOWNTIME_WAIT) {
+        Ok(got) => {
+            info!(
+                %id,
+                reported = got.len(),
+                expected,
+                ms = format_args!("{:.0}", started.elapsed().as_secs_f64() * 1e3),
+                "client downtimes collected"
+            );
+            got
+        }
+        Err(e) => {
+            warn!(%id, "reading the clients' downtimes: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// The work of each phase and of the recoveries: what the loop in [`drive`] runs. The engine
@@ -1203,6 +1258,89 @@ mod tests {
         assert_eq!(r.unwrap().recovery, Some(Recovery::Abort));
         assert_eq!(m.phase(), Phase::Failed);
         assert_eq!(s.ran.last().unwrap(), "restoring");
+    }
+
+    fn report_with(result: MoveResult, told: usize, abort_acks: usize) -> MoveReport {
+        let id = MigrationId::from_bytes([5; 16]);
+        let addr: SocketAddr = "127.0.0.1:5242".parse().unwrap();
+        let mut r = MoveReport::new(
+            id,
+            ("a".into(), "b".into()),
+            (addr, addr),
+            migration_core::Migration::new(id, Timestamp::from_micros(0)).report(),
+        );
+        r.result = result;
+        r.resumed = Some(Resumed {
+            addr,
+            told,
+            handshakes: 1,
+        });
+        let client = |n: usize| admin_api::ClientRef {
+            session: n as u64,
+            client_id: format!("c{n}"),
+        };
+        r.aborted = Some(Aborted {
+            outcome: admin_api::AnnounceOutcome {
+                address: addr,
+                acked: (0..abort_acks).map(client).collect(),
+                missing: vec![client(99)],
+                elapsed_ms: 1.0,
+            },
+            handshakes: 1,
+        });
+        r
+    }
+
+    #[test]
+    fn the_clients_told_the_outcome_are_the_ones_awaited() {
+        assert_eq!(clients_told(&report_with(MoveResult::Completed, 3, 1)), 3);
+        assert_eq!(clients_told(&report_with(MoveResult::RolledBack, 3, 2)), 2);
+        let mut r = report_with(MoveResult::Failed, 3, 2);
+        r.aborted = None;
+        assert_eq!(clients_told(&r), 0);
+    }
+
+    #[test]
+    fn downtimes_are_collected_for_the_migration_and_fed_to_the_timeline() {
+        use admin_api::{DowntimeLog, MigrationDowntimeReports, ReportedDowntime};
+        let t = tempfile::tempdir().unwrap();
+        let admin = AdminDir::open(t.path()).unwrap();
+        let id = MigrationId::from_bytes([6; 16]);
+        let reported = |session: u64, ms: u64| ReportedDowntime {
+            session,
+            client_id: format!("c{session}"),
+            downtime_us: ms * 1000,
+        };
+        admin
+            .post_downtimes(&DowntimeLog {
+                migrations: vec![
+                    // An earlier move's: not this one's.
+                    MigrationDowntimeReports {
+                        migration_id: MigrationId::from_bytes([1; 16]),
+                        reports: vec![reported(1, 500)],
+                    },
+                    MigrationDowntimeReports {
+                        migration_id: id,
+                        reports: vec![reported(1, 30), reported(2, 50)],
+                    },
+                ],
+            })
+            .unwrap();
+        let started = Instant::now();
+        let got = collect_downtimes(&admin, id, 2);
+        assert!(started.elapsed() < DOWNTIME_WAIT, "returned once both came");
+        let mut m = migration_core::Migration::new(id, Timestamp::from_micros(0));
+        for d in &got {
+            m.report_downtime(SessionId(d.session), d.downtime());
+        }
+        let r = m.report();
+        assert_eq!(r.sessions_reporting(), 2);
+        assert_eq!(r.client_downtime_median, Some(Duration::from_millis(40)));
+        assert_eq!(r.client_downtime_max, Some(Duration::from_millis(50)));
+        // A third client never reports: what came by the bound.
+        let started = Instant::now();
+        assert_eq!(collect_downtimes(&admin, id, 3).len(), 2);
+        assert!(started.elapsed() >= DOWNTIME_WAIT);
     }
 
     #[test]

@@ -387,8 +387,8 @@ mod tests {
             clients_acked: 2,
             clients_missing: 0,
             rollback_phase: None,
-            client_downtimes: vec![Duration::from_millis(35), Duration::from_millis(41)],
         });
+        metrics.record_client_downtimes(&[Duration::from_millis(35), Duration::from_millis(41)]);
         metrics.record_migration(&MigrationOutcome {
             result: MigrationResult::RolledBack,
             role: Role::Source,
@@ -398,8 +398,8 @@ mod tests {
             clients_acked: 1,
             clients_missing: 1,
             rollback_phase: Some(Phase::Transferring),
-            client_downtimes: vec![Duration::from_millis(120)],
         });
+        metrics.record_client_downtimes(&[Duration::from_millis(120)]);
         metrics.record_request("move", RequestOutcome::Ok);
         metrics.record_request("move", RequestOutcome::Refused(Refusal::BadToken));
 

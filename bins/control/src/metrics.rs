@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!   agent code ── record_migration(&MigrationOutcome) ─┐
-//!              ── record_request(name, outcome) ───────┤   Metrics (Clone: one Arc,
-//!              ── set_services(n) ─────────────────────┘   shared by every task)
+//!              ── record_client_downtimes(&[pause]) ───┤   Metrics (Clone: one Arc,
+//!              ── record_request(name, outcome) ───────┤   shared by every task)
+//!              ── set_services(n) ─────────────────────┘
 //!                                                               │ encode()
 //!   http::serve ── GET /metrics ◄── OpenMetrics text ◄──────────┘
 //! ```
@@ -18,7 +19,7 @@
 //! | `qlm_agent_migrations_total` | counter | `result` (completed, rolled_back, failed), `role` (source, target) |
 //! | `qlm_agent_freeze_seconds` | histogram | |
 //! | `qlm_agent_transfer_seconds` | histogram | |
-//! | `qlm_agent_client_downtime_seconds` | histogram (one observation per client per move) | |
+//! | `qlm_agent_client_downtime_seconds` | histogram (one observation per client per move, as the client reported it; by the agent where the server runs afterwards) | |
 //! | `qlm_agent_transfer_bytes_total` | counter | `kind` (raw, compressed, sealed) |
 //! | `qlm_agent_clients_acked_total`, `qlm_agent_clients_missing_total` | counter | |
 //! | `qlm_agent_rollbacks_total` | counter | `phase` (preparing .. resuming) |
@@ -186,9 +187,10 @@ pub(crate) struct TransferBytes {
 /// One migration as this agent saw it. Every figure is optional: record what this side knows
 /// (`None`, zero or empty records nothing for that metric).
 ///
-/// Record the shared figures (freeze, transfer, client downtimes, bytes, clients) on one side
-/// only, the one that has them all (the source, which holds the timeline), so that a sum over
-/// the fleet counts a move once; `migrations_total` is counted on both sides, by `role`.
+/// Record the shared figures (freeze, transfer, bytes, clients) on one side only, the one that
+/// has them all (the source, which holds the timeline), so that a sum over the fleet counts a
+/// move once; `migrations_total` is counted on both sides, by `role`. The clients' downtimes
+/// come later and elsewhere ([`Metrics::record_client_downtimes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct MigrationOutcome {
     /// How it ended.
@@ -207,8 +209,6 @@ pub(crate) struct MigrationOutcome {
     pub(crate) clients_missing: u64,
     /// The phase that failed and was rolled back from, if any.
     pub(crate) rollback_phase: Option<Phase>,
-    /// Each client's pause (last echo before to first echo after), one entry per client.
-    pub(crate) client_downtimes: Vec<Duration>,
 }
 
 /// The agent's metrics. Cheap to clone (one `Arc`); share it with every task.
@@ -365,9 +365,6 @@ impl Metrics {
         if let Some(d) = m.transfer {
             i.transfer.observe(d.as_secs_f64());
         }
-        for d in &m.client_downtimes {
-            i.client_downtime.observe(d.as_secs_f64());
-        }
         for (kind, n) in [
             (Kind::Raw, m.bytes.raw),
             (Kind::Compressed, m.bytes.compressed),
@@ -387,6 +384,16 @@ impl Metrics {
                     phase: PhaseLabel(phase),
                 })
                 .inc();
+        }
+    }
+
+    /// Records the pauses the clients reported for one move, one observation per client.
+    /// They arrive after the move (each client reports at its first reply after it), at the
+    /// host where the server runs then: the target's agent records them after a completed
+    /// move, the source's after a rollback, so a move's are counted once over the fleet.
+    pub(crate) fn record_client_downtimes(&self, downtimes: &[Duration]) {
+        for d in downtimes {
+            self.inner.client_downtime.observe(d.as_secs_f64());
         }
     }
 
@@ -642,7 +649,6 @@ mod tests {
             clients_acked: 3,
             clients_missing: 0,
             rollback_phase: None,
-            client_downtimes: vec![ms(32), ms(40), ms(250)],
         }
     }
 
@@ -795,6 +801,7 @@ mod tests {
     fn a_migration_counts_in_every_figure() {
         let m = Metrics::new();
         m.record_migration(&completed());
+        m.record_client_downtimes(&[ms(32), ms(40), ms(250)]);
         m.record_migration(&MigrationOutcome {
             result: MigrationResult::RolledBack,
             role: Role::Source,
@@ -804,8 +811,8 @@ mod tests {
             clients_acked: 1,
             clients_missing: 2,
             rollback_phase: Some(Phase::Dumping),
-            client_downtimes: vec![ms(5)],
         });
+        m.record_client_downtimes(&[ms(5)]);
         let s = samples(&m.encode());
         let v = |name: &str, labels: &[(&str, &str)]| {
             value(&s, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}"))

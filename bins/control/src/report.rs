@@ -82,6 +82,16 @@ pub(crate) fn move_summary(r: &MoveReport) -> String {
             "  after the move: the source's address {s:?}, the target's {t:?}"
         );
     }
+    let t = &r.timeline;
+    if let (Some(median), Some(max)) = (t.client_downtime_median, t.client_downtime_max) {
+        let _ = writeln!(
+            out,
+            "  downtime reported by {} clients: median {:.1} ms, max {:.1} ms",
+            t.sessions_reporting(),
+            median.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3,
+        );
+    }
     out
 }
 
@@ -287,6 +297,30 @@ mod tests {
 
     fn id(n: u8) -> MigrationId {
         MigrationId::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn the_move_summary_gives_the_downtime_the_clients_reported() {
+        let mut r = completed(1);
+        assert!(!move_summary(&r).contains("downtime"), "none reported");
+        let mut m = Migration::new(id(1), Timestamp::from_micros(0));
+        m.report_downtime(
+            migration_core::SessionId(1),
+            std::time::Duration::from_millis(30),
+        );
+        m.report_downtime(
+            migration_core::SessionId(2),
+            std::time::Duration::from_millis(41),
+        );
+        let t = m.report();
+        r.timeline.client_downtime = t.client_downtime;
+        r.timeline.client_downtime_median = t.client_downtime_median;
+        r.timeline.client_downtime_max = t.client_downtime_max;
+        let text = move_summary(&r);
+        assert!(
+            text.contains("downtime reported by 2 clients: median 35.5 ms, max 41.0 ms"),
+            "{text}"
+        );
     }
 
     /// A completed move A -> B as the engine reports it, every observation right.

@@ -14,7 +14,9 @@
 //!    Quiesce(id):       publish the hold (status.quiesce); the app answers with
 //!                       confirm_quiesced() ──► Quiesced; Resumed or MigrateAborted release it
 //!  app ──events()──► watch::Receiver<ClientStatus> (migration seen, resumed, failed moves,
-//!                    quiesce hold, control state)
+//!                    quiesce hold, downtimes reported, control state)
+//!  app ──report_downtime(id, pause)──► Downtime (once per migration, version 2 servers)
+//!    no report within ClientOptions::auto_downtime after Resumed: the shim's pause instead
 //! ```
 //!
 //! **Confirmation.** The shim never ends a move's overlap on a datagram's source address (a
@@ -48,6 +50,19 @@
 //! ignores all this keeps working: the server reports it missing from the quiesce round and
 //! moves anyway (what it sends during the freeze is then lost and retried, as in one phase).
 //!
+//! **Downtime reports.** Once a move is over for the client (`Resumed`, or the swap back of an
+//! abort), the application reports the pause it observed, from its last reply before the move
+//! to its first reply after it: [`MigratingClient::report_downtime`], once per migration. The
+//! server records it for the orchestrator's metrics and report. An application that reports
+//! nothing within [`ClientOptions::auto_downtime`] (default 1 s) of `Resumed` has the
+//! transport's pause reported for it: the shim's last datagram from the old address to the
+//! move's confirmation ([`udp_shim_client::SwappableUdp::last_move_gap`]). The first report
+//! wins (the protocol takes one per migration): the application's when it comes within the
+//! grace, which is the seed's definition of downtime; a later one is refused
+//! ([`DowntimeError::Refused`]). An aborted move has no transport pause (the server never
+//! left its address): only the application can report it. A server of protocol version 1
+//! gets no report.
+//!
 //! The control stream is opened and `Hello` written before [`MigratingClient::connect`]
 //! returns, so it is stream 0 and the server takes it as the control stream whatever streams
 //! the application opens afterwards.
@@ -56,23 +71,24 @@
 //! and control task, and follows moves on its own (the demo binary's `--connections N`;
 //! [`summary`] turns their reports into one per process).
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_protocol::{
-    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, Role,
-    SUPPORTED_VERSIONS,
+    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, DowntimeRefused,
+    MigrationId, ObservedDowntime, Role, SUPPORTED_VERSIONS,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use udp_shim_client::{Confirmation, MoveOutcome, SwappableUdp};
 use wrapper_support::control::ControlReader;
 use wrapper_support::{ControlStreamError, TlsError};
 
 pub use quinn;
-pub use udp_shim_client::{MoveError, OverlapLimits, ShimStats};
+pub use udp_shim_client::{MoveError, MoveGap, OverlapLimits, ShimStats};
 
 pub mod summary;
 
@@ -98,6 +114,10 @@ pub struct ClientOptions {
     /// Caps on a move's overlap (duplicate sends to the new address until the server confirms
     /// it runs there): default 10 s and 16 MiB, see [`OverlapLimits`].
     pub overlap_limits: OverlapLimits,
+    /// How long after `Resumed` the application has to report its downtime
+    /// ([`MigratingClient::report_downtime`]) before the transport's pause is reported for it
+    /// (default 1 s; `None`: never). See the crate doc.
+    pub auto_downtime: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -119,6 +139,7 @@ impl ClientOptions {
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             overlap_limits: OverlapLimits::default(),
+            auto_downtime: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -162,6 +183,49 @@ pub enum ClientError {
     /// Encoding a control message failed.
     #[error("control message: {0}")]
     Encode(#[from] control_protocol::EncodeError),
+}
+
+/// Why [`MigratingClient::report_downtime`] reported nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DowntimeError {
+    /// The migration id is not 32 hex digits.
+    #[error("migration id: {0}")]
+    MigrationId(#[from] migration_core::ParseMigrationIdError),
+    /// The pause is above the protocol's bound (an hour).
+    #[error(transparent)]
+    TooLong(#[from] control_protocol::DowntimeTooLong),
+    /// The protocol refused it: the migration is not over for this client, its downtime was
+    /// reported already (perhaps the transport's, after the grace), or the server speaks
+    /// version 1.
+    #[error(transparent)]
+    Refused(#[from] DowntimeRefused),
+    /// The control stream is closed.
+    #[error("the control stream is closed")]
+    ControlClosed,
+}
+
+/// Who measured a reported downtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DowntimeSource {
+    /// The application ([`MigratingClient::report_downtime`]): its last reply before the move
+    /// to its first reply after it.
+    Application,
+    /// The socket: the last datagram from the old address to the move's confirmation, sent
+    /// because the application reported nothing in time.
+    Transport,
+}
+
+/// A downtime this client reported to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DowntimeReport {
+    /// The migration (hex).
+    pub migration_id: String,
+    /// The pause reported (whole microseconds).
+    pub downtime: Duration,
+    /// Who measured it.
+    pub source: DowntimeSource,
 }
 
 /// One migration as the client saw it.
@@ -271,6 +335,8 @@ pub struct ClientStatus {
     pub quiesce: Quiesce,
     /// How the last hold ended, if one did.
     pub last_release: Option<Release>,
+    /// Downtimes reported to the server, in order (one per migration at most).
+    pub downtime_reports: Vec<DowntimeReport>,
     /// The control stream.
     pub control: ControlStatus,
 }
@@ -287,6 +353,11 @@ impl ClientStatus {
 #[derive(Debug)]
 enum Request {
     Quiesced,
+    Downtime {
+        migration_id: MigrationId,
+        downtime: ObservedDowntime,
+        reply: oneshot::Sender<Result<(), DowntimeError>>,
+    },
     Bye(String),
 }
 
@@ -336,6 +407,7 @@ impl MigratingClient {
             failed_moves: Vec::new(),
             quiesce: Quiesce::Off,
             last_release: None,
+            downtime_reports: Vec::new(),
             control: ControlStatus::Connecting,
         });
         let (requests, rx) = mpsc::unbounded_channel();
@@ -348,6 +420,8 @@ impl MigratingClient {
             requests: rx,
             quiesce_id: None,
             pending_move: None,
+            auto_downtime: opts.auto_downtime,
+            auto_reports: VecDeque::new(),
         }));
         info!(server = %opts.server, id = connection.stable_id(), "connected");
         Ok(Self {
@@ -454,6 +528,32 @@ impl MigratingClient {
         }
     }
 
+    /// Reports the pause the application observed across migration `migration_id` (hex, as in
+    /// [`MigrationSeen::id`]): its last reply before the move to its first reply after it.
+    /// Once per migration, once the move is over for this client (after `Resumed`, or after
+    /// the swap back of an abort); see the crate doc for the transport's report that stands
+    /// in when the application does not report within [`ClientOptions::auto_downtime`].
+    ///
+    /// # Errors
+    /// [`DowntimeError`]: nothing was sent.
+    pub async fn report_downtime(
+        &self,
+        migration_id: &str,
+        downtime: Duration,
+    ) -> Result<(), DowntimeError> {
+        let migration_id: MigrationId = migration_id.parse()?;
+        let downtime = ObservedDowntime::new(downtime)?;
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Downtime {
+                migration_id,
+                downtime,
+                reply,
+            })
+            .map_err(|_| DowntimeError::ControlClosed)?;
+        answer.await.map_err(|_| DowntimeError::ControlClosed)?
+    }
+
     /// Sends Bye on the control stream, closes the connection and waits for the endpoint to
     /// finish (bounded).
     pub async fn close(self, reason: &str) {
@@ -474,9 +574,27 @@ struct ControlTask {
     requests: mpsc::UnboundedReceiver<Request>,
     /// The migration whose quiesce request awaits the application's confirmation.
     quiesce_id: Option<control_protocol::MigrationId>,
-    /// The move whose overlap awaits the server's `Resumed`: the migration and its address.
-    pending_move: Option<(control_protocol::MigrationId, SocketAddr)>,
+    /// The move whose overlap awaits the server's `Resumed`: the migration, its address and
+    /// when the peer was swapped.
+    pending_move: Option<(MigrationId, SocketAddr, Instant)>,
+    /// The grace the application has to report a downtime before the transport's is sent.
+    auto_downtime: Option<Duration>,
+    /// Resumed moves whose downtime the application has not reported yet, oldest first.
+    auto_reports: VecDeque<AutoReport>,
 }
+
+/// A completed move whose transport pause is reported at `due` unless the application
+/// reports first.
+#[derive(Debug, Clone, Copy)]
+struct AutoReport {
+    migration_id: MigrationId,
+    addr: SocketAddr,
+    swapped_at: Instant,
+    due: Instant,
+}
+
+/// At most this many moves wait for their downtime report (the protocol remembers 8).
+const AUTO_REPORTS: usize = 8;
 
 async fn control_task(mut t: ControlTask) {
     let mut out = Vec::new();
@@ -485,9 +603,14 @@ async fn control_task(mut t: ControlTask) {
         out.clear();
         // Without traffic nothing else enforces the overlap's time cap.
         let cap_deadline = t.shim.overlap_deadline();
+        let auto_due = t.auto_reports.front().map(|a| a.due);
         let step = tokio::select! {
             () = sleep_until_opt(cap_deadline), if cap_deadline.is_some() => {
                 t.shim.check_overlap();
+                Ok(())
+            }
+            () = sleep_until_opt(auto_due), if auto_due.is_some() => {
+                on_auto_report_due(&mut t, &mut out);
                 Ok(())
             }
             Ok(()) = outcomes.changed() => {
@@ -506,6 +629,11 @@ async fn control_task(mut t: ControlTask) {
             },
             req = t.requests.recv() => match req {
                 Some(Request::Quiesced) => on_quiesced(&mut t, &mut out),
+                Some(Request::Downtime { migration_id, downtime, reply }) => {
+                    let r = report(&mut t, migration_id, downtime, DowntimeSource::Application, &mut out);
+                    let _ = reply.send(r.map_err(DowntimeError::from));
+                    Ok(())
+                }
                 Some(Request::Bye(reason)) => {
                     let _ = t.control.bye(ByeReason::truncating(&reason), &mut out);
                     let _ = t.send.write_all(&out).await;
@@ -550,7 +678,7 @@ fn on_move_outcome(t: &mut ControlTask, outcome: MoveOutcome) {
         return;
     };
     let migration_id = match t.pending_move {
-        Some((id, addr)) if addr == error.new_peer() => {
+        Some((id, addr, _)) if addr == error.new_peer() => {
             t.pending_move = None;
             Some(id.to_string())
         }
@@ -574,6 +702,52 @@ fn confirm(t: &ControlTask, addr: SocketAddr) {
         }
         Ok(other) => debug!(%addr, ?other, "nothing to confirm"),
         Err(e) => warn!(%addr, "move not confirmed: {e}"),
+    }
+}
+
+/// Sends a downtime report (the application's, or the transport's in its place) and
+/// publishes it; the first report of a migration wins.
+fn report(
+    t: &mut ControlTask,
+    migration_id: MigrationId,
+    downtime: ObservedDowntime,
+    source: DowntimeSource,
+    out: &mut Vec<u8>,
+) -> Result<(), DowntimeRefused> {
+    t.control.report_downtime(migration_id, downtime, out)?;
+    t.auto_reports.retain(|a| a.migration_id != migration_id);
+    info!(id = %migration_id, %downtime, ?source, "downtime reported");
+    t.status.send_modify(|s| {
+        s.downtime_reports.push(DowntimeReport {
+            migration_id: migration_id.to_string(),
+            downtime: downtime.as_duration(),
+            source,
+        });
+    });
+    Ok(())
+}
+
+/// The application did not report the oldest resumed move's downtime in time: the transport's
+/// pause is reported instead, if the shim confirmed that move.
+fn on_auto_report_due(t: &mut ControlTask, out: &mut Vec<u8>) {
+    let Some(a) = t.auto_reports.pop_front() else {
+        return;
+    };
+    let gap = t
+        .shim
+        .last_move_gap()
+        .filter(|g| g.peer == a.addr && g.confirmed_at >= a.swapped_at);
+    let Some(gap) = gap else {
+        debug!(id = %a.migration_id, "no transport pause for this move: no downtime reported");
+        return;
+    };
+    match ObservedDowntime::new(gap.gap) {
+        Ok(d) => {
+            if let Err(e) = report(t, a.migration_id, d, DowntimeSource::Transport, out) {
+                debug!(id = %a.migration_id, "transport downtime not reported: {e}");
+            }
+        }
+        Err(e) => debug!(id = %a.migration_id, "transport downtime not reported: {e}"),
     }
 }
 
@@ -647,7 +821,7 @@ fn on_server_message(
             let at = Instant::now();
             // Swap, then publish: whoever sees the migration also sees the new peer.
             swap(t, new_addr);
-            t.pending_move = Some((migration_id, new_addr));
+            t.pending_move = Some((migration_id, new_addr, at));
             t.status.send_modify(|s| {
                 let id = migration_id.to_string();
                 let quiesced = holds_for(s, &id);
@@ -710,11 +884,22 @@ fn on_server_message(
         }
         ClientEvent::Resumed { migration_id } => {
             info!(id = %migration_id, "server resumed");
-            if let Some((id, addr)) = t.pending_move
+            if let Some((id, addr, swapped_at)) = t.pending_move
                 && id == migration_id
             {
                 t.pending_move = None;
                 confirm(t, addr);
+                if let Some(grace) = t.auto_downtime {
+                    if t.auto_reports.len() == AUTO_REPORTS {
+                        t.auto_reports.pop_front();
+                    }
+                    t.auto_reports.push_back(AutoReport {
+                        migration_id,
+                        addr,
+                        swapped_at,
+                        due: Instant::now() + grace,
+                    });
+                }
             }
             t.quiesce_id = None;
             // Published at once: a held application sends its next request on this change.

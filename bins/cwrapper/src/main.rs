@@ -13,7 +13,7 @@ use cwrapper::{ClientError, ClientOptions, ControlStatus, MigratingClient};
 use demo_echo::EchoChecker;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::{Instrument, error_span, info, warn};
+use tracing::{Instrument, debug, error_span, info, warn};
 
 /// Most connections one process holds (`--connections`): each takes a UDP socket (a file
 /// descriptor) and an echo loop, and the demo server holds 1024 sessions by default.
@@ -25,8 +25,9 @@ const MAX_CONNECTIONS: u32 = 1000;
 /// Each echo is one request on a fresh stream, with a deadline. When the server announces a
 /// migration, the deadline tightens to --migrated-io-timeout-ms so that recovery is observed
 /// promptly, and the client reports the downtime: from the last successful echo before the
-/// migration to the first one after, as a human line and as a JSON line on stdout. Every reply
-/// is checked: sequence in order, no gap, no duplicate, and the server's per-connection counter
+/// migration to the first one after, as a human line and as a JSON line on stdout, and to the
+/// server on the control stream (Downtime, which the orchestrator's report and metrics
+/// collect; a server of protocol version 1 gets none). Every reply is checked: sequence in order, no gap, no duplicate, and the server's per-connection counter
 /// advancing by exactly one (so a server that lost its state is detected).
 ///
 /// Two-phase migrations (the server sends Quiesce before Migrate): the client sends no new
@@ -456,6 +457,8 @@ async fn drive(
     // The migration whose downtime is being measured: (index in report.migrations, the
     // number of `Resumed` seen before it).
     let mut window: Option<(usize, u64)> = None;
+    // A migration whose window just closed, with its downtime (ms), to report to the server.
+    let mut measured: Option<(String, f64)> = None;
     let mut events = client.events();
     let deadline = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
     let error = loop {
@@ -562,6 +565,7 @@ async fn drive(
                         m.completed = true;
                         m.peer_after = shim.last_received_from();
                         let d = m.downtime_ms.unwrap_or(gap);
+                        measured = Some((m.id.clone(), d));
                         match who.index {
                             None => {
                                 println!(
@@ -587,6 +591,14 @@ async fn drive(
                     }
                 }
                 last_ok = Some(now);
+                // The server records each connection's pause for the orchestrator.
+                if let Some((id, ms)) = measured.take() {
+                    let pause = Duration::from_secs_f64(ms.max(0.0) / 1e3);
+                    match client.report_downtime(&id, pause).await {
+                        Ok(()) => debug!(%id, ms, "downtime reported to the server"),
+                        Err(e) => info!(%id, ms, "downtime not reported: {e}"),
+                    }
+                }
                 None
             }
             Ok(Err(e)) => Some(format!("echo failed: {e:#}")),

@@ -15,6 +15,8 @@
 //!  MigrationHandle: announce / quiesce / abort / resumed ──► ServerControl round
 //!                   ──► waits for the round's report (RoundReport ──► AnnounceReport);
 //!                   rebind / park / unpark the socket.
+//!  DowntimeReported events ──► the downtime log (last 8 migrations) ──► downtime_reports(id),
+//!                   downtime_changes() (the binary writes it to the admin directory)
 //! ```
 //!
 //! Every protocol decision (Hello and version negotiation, the session limit, the hello
@@ -38,7 +40,7 @@
 //! Repeated messages are counted, not logged (one line per session and kind); refused
 //! connections are logged at the 1st, 2nd, 4th, 8th, ... refusal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,13 +48,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 pub use admin_api::Phases;
+use admin_api::{DowntimeLog, MigrationDowntimeReports, ReportedDowntime};
 use control_protocol::{
     ClientId, CloseCode, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl,
     ServerError as ControlError, ServerEvent, ServerOutput,
 };
 use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use udp_shim_server::MigratableUdp;
 use wrapper_support::{Identity, MonotonicClock, TlsError};
@@ -64,6 +67,14 @@ const RETIRE_WAIT: Duration = Duration::from_secs(1);
 
 /// Largest chunk read from a control stream at once.
 const READ_CHUNK: usize = 4096;
+
+/// How many migrations' downtime reports the server keeps (as many as a session may report).
+const DOWNTIME_MIGRATIONS: usize = 8;
+
+/// Most downtime reports kept per migration. Each session reports once per migration it was
+/// told about, so this is only reached with thousands of clients; beyond it reports are
+/// dropped (and counted in the log).
+const MAX_DOWNTIME_REPORTS: usize = 4096;
 
 /// Application close code of a connection refused because every slot is taken.
 pub const CONN_FULL: quinn::VarInt = quinn::VarInt::from_u32(1);
@@ -227,6 +238,11 @@ struct Core {
     setups: BTreeMap<SessionId, oneshot::Sender<Setup>>,
     /// `announce` / `abort` / `quiesce` callers waiting for their round's report.
     waiters: Vec<(RoundKind, oneshot::Sender<RoundReport>)>,
+    /// The clients' downtime reports of the last [`DOWNTIME_MIGRATIONS`] migrations, oldest
+    /// first.
+    downtimes: VecDeque<MigrationDowntimeReports>,
+    /// Bumped at each downtime report.
+    downtime_changes: watch::Sender<u64>,
 }
 
 impl Core {
@@ -312,8 +328,50 @@ impl Core {
             ServerEvent::ClientBye { session, reason } => {
                 info!(?session, reason = reason.as_str(), "client said bye");
             }
+            ServerEvent::DowntimeReported {
+                session,
+                client_id,
+                migration_id,
+                downtime,
+            } => {
+                info!(?session, client = client_id.as_str(), id = %migration_id, %downtime, "client reported its downtime");
+                self.record_downtime(
+                    migration_id,
+                    ReportedDowntime {
+                        session: session.0,
+                        client_id: client_id.as_str().to_owned(),
+                        downtime_us: downtime.as_micros(),
+                    },
+                );
+            }
             other => debug!(?other, "control event"),
         }
+    }
+
+    fn record_downtime(&mut self, id: MigrationId, report: ReportedDowntime) {
+        let i = match self.downtimes.iter().position(|m| m.migration_id == id) {
+            Some(i) => i,
+            None => {
+                if self.downtimes.len() == DOWNTIME_MIGRATIONS {
+                    self.downtimes.pop_front();
+                }
+                self.downtimes.push_back(MigrationDowntimeReports {
+                    migration_id: id,
+                    reports: Vec::new(),
+                });
+                self.downtimes.len() - 1
+            }
+        };
+        let Some(m) = self.downtimes.get_mut(i) else {
+            return;
+        };
+        if m.reports.len() >= MAX_DOWNTIME_REPORTS {
+            debug!(%id, "downtime report dropped: {MAX_DOWNTIME_REPORTS} kept already");
+            return;
+        }
+        m.reports.push(report);
+        self.downtime_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -423,6 +481,8 @@ impl MigratableServer {
                 streams: BTreeMap::new(),
                 setups: BTreeMap::new(),
                 waiters: Vec::new(),
+                downtimes: VecDeque::new(),
+                downtime_changes: watch::Sender::new(0),
             }),
             timer: timer.clone(),
             handshakes: AtomicU64::new(0),
@@ -509,6 +569,54 @@ impl MigrationHandle {
     /// abort).
     pub fn active_migration(&self) -> Option<MigrationId> {
         self.shared.core().control.active_migration()
+    }
+
+    /// The downtimes the clients reported for migration `id` so far (in the order they came;
+    /// the last 8 migrations are kept).
+    pub fn downtime_reports(&self, id: MigrationId) -> Vec<ReportedDowntime> {
+        self.shared
+            .core()
+            .downtimes
+            .iter()
+            .find(|m| m.migration_id == id)
+            .map(|m| m.reports.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every kept migration's downtime reports, oldest first: what the binary writes to the
+    /// admin directory (`downtime.json`).
+    pub fn downtime_log(&self) -> DowntimeLog {
+        DowntimeLog {
+            migrations: self.shared.core().downtimes.iter().cloned().collect(),
+        }
+    }
+
+    /// Changes at each downtime report.
+    pub fn downtime_changes(&self) -> watch::Receiver<u64> {
+        self.shared.core().downtime_changes.subscribe()
+    }
+
+    /// Waits up to `limit` until at least `expected` clients reported their downtime for
+    /// migration `id`; returns the reports there are then.
+    pub async fn wait_downtime_reports(
+        &self,
+        id: MigrationId,
+        expected: usize,
+        limit: Duration,
+    ) -> Vec<ReportedDowntime> {
+        let mut changes = self.downtime_changes();
+        let enough = async {
+            loop {
+                if self.downtime_reports(id).len() >= expected {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, enough).await;
+        self.downtime_reports(id)
     }
 
     /// Starts a round in the `ServerControl` and waits for its report.

@@ -40,6 +40,10 @@ mod privileges;
 ///            quiesced clients.
 ///   SIGINT   close every connection and exit.
 ///
+/// After a move (or its abort) each client reports the pause it observed (control-protocol's
+/// Downtime); the server keeps the reports of its last 8 migrations and writes them to the
+/// admin dir's downtime.json, never while a migration is under way.
+///
 /// With --user (started as root): the certificate, the key and the admin directory are opened
 /// first, the admin directory is handed to the user (chown, mode 0700; its parent must be
 /// root's and closed to others, mode 0700), then the server drops to the user for good:
@@ -72,7 +76,10 @@ struct Args {
     /// ({"migration_id": ...}) on SIGUSR2, `abort.json` ({"migration_id": ..., "fallback_addr":
     /// "127.0.0.1:5242", "deadline_ms": 2000}) on SIGUSR1. Events written back, each in an
     /// envelope {"migration_id": ..., "result": {"Ok": ...} | {"Err": "..."}}: `ready.json` at
-    /// start, `announce.json`, `resumed.json`, `aborted.json`. Created 0600.
+    /// start, `announce.json`, `resumed.json`, `aborted.json`. The clients' downtime reports
+    /// in `downtime.json` ({"migrations": [{"migration_id": ..., "reports": [{"session": 1,
+    /// "client_id": "...", "downtime_us": 31000}]}]}), rewritten as they come, not consumed.
+    /// Created 0600.
     #[arg(long, env = "SWRAPPER_ADMIN_DIR")]
     admin_dir: Option<PathBuf>,
     /// How long to wait for the clients' acks after announcing.
@@ -249,13 +256,31 @@ async fn run(args: Args, identity: Identity, admin_dir: Option<AdminDir>) -> Res
     let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("SIGUSR2 handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut downtimes = handle.downtime_changes();
+    // When the downtime record is written next (reports come in bursts: one per client).
+    let mut downtimes_due: Option<tokio::time::Instant> = None;
     loop {
+        // Never written while a migration is under way: the process may be frozen at any
+        // moment after its announce, and a file being written then would be in its image set.
+        // Written here, in the loop that runs the migration steps, so no write is in flight
+        // when a step starts.
+        let write_downtimes = downtimes_due.filter(|_| admin.current.is_none());
         tokio::select! {
             conn = server.accept() => match conn {
                 // Echo and bulk requests (see demo-echo).
                 Some(app) => { tokio::spawn(swrapper::serve_echo(app)); }
                 None => break,
             },
+            Ok(()) = downtimes.changed(), if admin.dir.is_some() => {
+                downtimes.borrow_and_update();
+                downtimes_due.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + DOWNTIME_WRITE_DELAY
+                });
+            }
+            () = sleep_until_opt(write_downtimes), if write_downtimes.is_some() => {
+                downtimes_due = None;
+                admin.post_downtimes(&handle);
+            }
             _ = term.recv() => on_announce(&args, &mut admin, &handle).await,
             _ = usr2.recv() => on_resume(&mut admin, &handle).await,
             _ = usr1.recv() => on_abort(&args, &mut admin, &handle).await,
@@ -267,6 +292,16 @@ async fn run(args: Args, identity: Identity, admin_dir: Option<AdminDir>) -> Res
         }
     }
     Ok(())
+}
+
+/// How long a first downtime report waits for the others before the record is written (each
+/// client reports at its first reply after the move: they come together).
+const DOWNTIME_WRITE_DELAY: Duration = Duration::from_millis(20);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 /// The server's side of the admin directory, and the migration it is in.
@@ -286,6 +321,16 @@ impl Admin {
             result,
         }) {
             error!("cannot write the {} event: {e}", E::KIND);
+        }
+    }
+
+    /// Writes the clients' downtime reports (`downtime.json`) for control to collect.
+    fn post_downtimes(&self, handle: &MigrationHandle) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        if let Err(e) = dir.post_downtimes(&handle.downtime_log()) {
+            error!("cannot write the downtime record: {e}");
         }
     }
 

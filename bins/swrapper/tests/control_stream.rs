@@ -165,7 +165,7 @@ async fn garbage_after_a_good_hello_closes_the_stream_and_the_session_stays() {
                 break m;
             }
         };
-        assert!(matches!(welcome, Message::Welcome { version: 1, .. }));
+        assert!(matches!(welcome, Message::Welcome { version: 2, .. }));
         assert_eq!(handle.sessions().len(), 1);
         send.write_all(&[0, 0, 0, 3, 0, 1, 0]).await.unwrap(); // kind 0: reserved
         let code = loop {

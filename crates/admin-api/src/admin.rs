@@ -5,6 +5,13 @@
 //! its migration, and a reader that expects migration X refuses an event about migration Y
 //! ([`AdminError::Stale`]) instead of taking it for the answer.
 //!
+//! One file is a record rather than an answer: `downtime.json` ([`DowntimeLog`]), the
+//! downtimes the server's clients reported for its last few migrations, by migration id. The
+//! server rewrites it (atomically, as every file) as reports arrive, outside its migrations;
+//! control reads it without consuming it ([`AdminDir::downtimes`], [`AdminDir::wait_downtimes`])
+//! and picks the migration it asks about, so a leftover can never be mistaken for an answer
+//! and [`AdminDir::clear`] leaves it.
+//!
 //! Every file operation is made relative to a descriptor of the directory, opened once
 //! (`openat`, `renameat`, `unlinkat`; files are opened with `O_NOFOLLOW`): a server that
 //! opened its admin directory and then dropped its privileges keeps using it although it
@@ -344,6 +351,58 @@ impl ServerEvent for Aborted {
     const KIND: &'static str = "aborted";
 }
 
+/// One client's downtime report, as the server received it (control-protocol's `Downtime`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedDowntime {
+    /// The server's session number.
+    pub session: u64,
+    /// What the client called itself.
+    pub client_id: String,
+    /// The pause it observed (its last reply before the move to its first reply after it),
+    /// in microseconds.
+    pub downtime_us: u64,
+}
+
+impl ReportedDowntime {
+    /// The pause as a duration.
+    pub fn downtime(&self) -> Duration {
+        Duration::from_micros(self.downtime_us)
+    }
+}
+
+/// The downtime reports of one migration, in the order they arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationDowntimeReports {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// One report per client at most.
+    pub reports: Vec<ReportedDowntime>,
+}
+
+/// `downtime.json`: the server's record of its clients' downtime reports for its last few
+/// migrations (oldest first). Rewritten by the server, never consumed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DowntimeLog {
+    /// By migration, oldest first.
+    pub migrations: Vec<MigrationDowntimeReports>,
+}
+
+impl DowntimeLog {
+    /// Its file name in the admin directory.
+    pub const FILE: &'static str = "downtime.json";
+
+    /// The reports of `id` (none when the log does not name it).
+    pub fn reports(&self, id: MigrationId) -> &[ReportedDowntime] {
+        self.migrations
+            .iter()
+            .find(|m| m.migration_id == id)
+            .map_or(&[], |m| &m.reports)
+    }
+}
+
 /// What an event file holds: the migration it answers and the outcome.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -480,8 +539,18 @@ impl AdminDir {
         renameat(self.fd.as_fd(), tmp.as_str(), self.fd.as_fd(), name).map_err(|e| io(errno_io(e)))
     }
 
+    /// Reads `name` and leaves it; `None` when it does not exist.
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, AdminError> {
+        self.load(name, false)
+    }
+
     /// Reads and removes `name`; `None` when it does not exist.
     fn take(&self, name: &str) -> Result<Option<Vec<u8>>, AdminError> {
+        self.load(name, true)
+    }
+
+    /// Reads `name`, removing it first when `consume`; `None` when it does not exist.
+    fn load(&self, name: &str, consume: bool) -> Result<Option<Vec<u8>>, AdminError> {
         use std::io::Read as _;
         let path = self.dir.join(name);
         let io = |source| AdminError::Io {
@@ -498,14 +567,18 @@ impl AdminDir {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => return Ok(None),
             Err(e) => {
-                // Whatever it is, it is consumed.
-                let _ = self.unlink(name);
+                if consume {
+                    // Whatever it is, it is consumed.
+                    let _ = self.unlink(name);
+                }
                 return Err(io(errno_io(e)));
             }
         };
         let f = std::fs::File::from(fd);
-        // Removed first: whatever it holds, it is consumed.
-        self.unlink(name)?;
+        if consume {
+            // Removed first: whatever it holds, it is consumed.
+            self.unlink(name)?;
+        }
         let meta = f.metadata().map_err(io)?;
         if !meta.is_file() {
             return Err(io(std::io::Error::other("not a regular file")));
@@ -624,8 +697,53 @@ impl AdminDir {
         }
     }
 
+    /// Writes the server's downtime record (`downtime.json`), replacing the previous one.
+    ///
+    /// # Errors
+    /// [`AdminError::Io`].
+    pub fn post_downtimes(&self, log: &DowntimeLog) -> Result<(), AdminError> {
+        self.write(DowntimeLog::FILE, log)
+    }
+
+    /// The downtimes the clients reported for migration `id`, as the server recorded them so
+    /// far (read, not consumed); empty when there is no record or it does not name `id`.
+    ///
+    /// # Errors
+    /// [`AdminError::Io`], [`AdminError::TooLarge`], [`AdminError::Malformed`].
+    pub fn downtimes(&self, id: MigrationId) -> Result<Vec<ReportedDowntime>, AdminError> {
+        let Some(bytes) = self.read(DowntimeLog::FILE)? else {
+            return Ok(Vec::new());
+        };
+        let log: DowntimeLog = self.parse(DowntimeLog::FILE, "downtime record", &bytes)?;
+        Ok(log.reports(id).to_vec())
+    }
+
+    /// Waits up to `limit` until at least `expected` clients reported their downtime for
+    /// migration `id`, and returns the reports there are then (fewer when the limit passed:
+    /// a client that reports nothing is not an error). Clients report a little after the move
+    /// (their first reply after it), so call it once the move's result is known.
+    ///
+    /// # Errors
+    /// Those of [`AdminDir::downtimes`].
+    pub fn wait_downtimes(
+        &self,
+        id: MigrationId,
+        expected: usize,
+        limit: Duration,
+    ) -> Result<Vec<ReportedDowntime>, AdminError> {
+        let start = Instant::now();
+        loop {
+            let got = self.downtimes(id)?;
+            if got.len() >= expected || start.elapsed() >= limit {
+                return Ok(got);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Removes every request and event file left over (from an interrupted run, or written by
-    /// something else); returns the names of those removed.
+    /// something else); returns the names of those removed. The downtime record stays: it is
+    /// read by migration id, and a reader of an earlier move may still be collecting from it.
     ///
     /// # Errors
     /// [`AdminError::Io`].
@@ -891,6 +1009,89 @@ mod tests {
             .wait_event::<Aborted>(Some(id(1)), Duration::from_millis(20))
             .unwrap_err();
         assert!(err.to_string().contains("aborted.json"), "{err}");
+    }
+
+    fn reported(session: u64, us: u64) -> ReportedDowntime {
+        ReportedDowntime {
+            session,
+            client_id: format!("c{session}"),
+            downtime_us: us,
+        }
+    }
+
+    #[test]
+    fn the_downtime_record_is_read_by_migration_and_not_consumed() {
+        let (t, a) = dir();
+        assert!(a.downtimes(id(1)).unwrap().is_empty(), "no record yet");
+        let log = DowntimeLog {
+            migrations: vec![
+                MigrationDowntimeReports {
+                    migration_id: id(1),
+                    reports: vec![reported(1, 30_000), reported(2, 41_500)],
+                },
+                MigrationDowntimeReports {
+                    migration_id: id(2),
+                    reports: vec![reported(1, 7)],
+                },
+            ],
+        };
+        a.post_downtimes(&log).unwrap();
+        let mode = std::fs::metadata(t.path().join(DowntimeLog::FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            a.downtimes(id(1)).unwrap(),
+            vec![reported(1, 30_000), reported(2, 41_500)]
+        );
+        assert_eq!(a.downtimes(id(1)).unwrap().len(), 2, "read twice");
+        assert_eq!(
+            a.downtimes(id(2)).unwrap()[0].downtime(),
+            Duration::from_micros(7)
+        );
+        assert!(a.downtimes(id(3)).unwrap().is_empty());
+        // clear() leaves it: it answers no request.
+        a.clear().unwrap();
+        assert_eq!(a.downtimes(id(2)).unwrap().len(), 1);
+        // Garbage is a typed error, and stays (the server rewrites it).
+        std::fs::write(t.path().join(DowntimeLog::FILE), b"{").unwrap();
+        assert!(matches!(
+            a.downtimes(id(1)),
+            Err(AdminError::Malformed { .. })
+        ));
+        assert!(t.path().join(DowntimeLog::FILE).exists());
+    }
+
+    #[test]
+    fn waiting_for_downtimes_returns_what_came_by_the_limit() {
+        let (_t, a) = dir();
+        // Nothing: the limit passes, not an error.
+        let start = Instant::now();
+        assert!(
+            a.wait_downtimes(id(1), 2, Duration::from_millis(50))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        // The reports arrive while control waits.
+        let writer = a.clone();
+        let t = std::thread::spawn(move || {
+            for n in 1..=2 {
+                std::thread::sleep(Duration::from_millis(20));
+                writer
+                    .post_downtimes(&DowntimeLog {
+                        migrations: vec![MigrationDowntimeReports {
+                            migration_id: id(1),
+                            reports: (1..=n).map(|s| reported(s, 10)).collect(),
+                        }],
+                    })
+                    .unwrap();
+            }
+        });
+        let got = a.wait_downtimes(id(1), 2, Duration::from_secs(5)).unwrap();
+        t.join().unwrap();
+        assert_eq!(got.len(), 2);
     }
 
     #[test]

@@ -8,10 +8,16 @@
 //!                               Idle ◄──────Resumed──────────  Swapped
 //!  any migration step ──MigrateAborted──► SwappingBack ──swapped()──► Idle
 //!  any state ──Bye──► Closed
+//!  a finished migration (Resumed, or aborted and swapped back), version 2 sessions:
+//!    report_downtime(id, pause) ──► Downtime{id, pause}, once per migration
 //! ```
 //!
 //! A repeated message for a step already taken is answered again (the `Ack` or `Quiesced` is
 //! re-sent) but reported as [`ClientEvent::Repeated`], so the wrapper never swaps twice.
+//!
+//! [`ClientControl::report_downtime`] is the application's word, not the server's: a refusal
+//! ([`DowntimeRefused`]) sends nothing and leaves the session as it was, so the wrapper never
+//! closes the stream over it.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -20,9 +26,10 @@ use std::net::SocketAddr;
 use crate::close::CloseCode;
 use crate::codec::{EncodeError, encode};
 use crate::message::{Message, MessageKind};
-use crate::types::{ByeReason, ClientId, MigrationId, Token, VersionRange};
+use crate::types::{ByeReason, ClientId, MigrationId, ObservedDowntime, Token, VersionRange};
 
-/// How many finished migrations are remembered to recognise a late repeat.
+/// How many finished migrations are remembered to recognise a late repeat (and to report
+/// their downtime).
 const REMEMBERED: usize = 8;
 
 /// Where the client stands; named in [`ClientError`]s.
@@ -147,6 +154,39 @@ pub enum ClientError {
     Encode(#[from] EncodeError),
 }
 
+/// Why [`ClientControl::report_downtime`] sent nothing. None of these is a reason to close
+/// the control stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DowntimeRefused {
+    /// The server chose a version without `Downtime` (a version 1 server would close the
+    /// stream over it).
+    #[error("the session's control protocol version ({version:?}) has no downtime report")]
+    NotNegotiated {
+        /// The version the server chose (`None` before its `Welcome`).
+        version: Option<u16>,
+    },
+    /// The migration is not over for this client (still under way), never happened, or is
+    /// too old to be remembered.
+    #[error("migration {migration_id} is not a finished migration of this session")]
+    NotFinished {
+        /// The migration named.
+        migration_id: MigrationId,
+    },
+    /// This migration's downtime was reported already (at most once per migration).
+    #[error("the downtime of migration {migration_id} was reported already")]
+    AlreadyReported {
+        /// The migration named.
+        migration_id: MigrationId,
+    },
+    /// The control stream is closed.
+    #[error("the control stream is closed")]
+    Closed,
+    /// The report could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
 impl ClientError {
     /// The QUIC application error code to close the control stream with.
     pub fn close_code(&self) -> CloseCode {
@@ -173,6 +213,15 @@ enum Outcome {
     Aborted,
 }
 
+/// A migration that is over for this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Finished {
+    id: MigrationId,
+    outcome: Outcome,
+    /// Its downtime was reported.
+    reported: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitingWelcome,
@@ -190,7 +239,7 @@ pub struct ClientControl {
     phase: Phase,
     session: Option<(u16, u64)>,
     current: Option<(MigrationId, Step)>,
-    finished: VecDeque<(MigrationId, Outcome)>,
+    finished: VecDeque<Finished>,
 }
 
 impl ClientControl {
@@ -238,10 +287,7 @@ impl ClientControl {
     }
 
     fn outcome(&self, id: MigrationId) -> Option<Outcome> {
-        self.finished
-            .iter()
-            .find(|(f, _)| *f == id)
-            .map(|(_, outcome)| *outcome)
+        self.finished.iter().find(|f| f.id == id).map(|f| f.outcome)
     }
 
     fn finish(&mut self, id: MigrationId, outcome: Outcome) {
@@ -249,7 +295,11 @@ impl ClientControl {
         if self.finished.len() == REMEMBERED {
             self.finished.pop_front();
         }
-        self.finished.push_back((id, outcome));
+        self.finished.push_back(Finished {
+            id,
+            outcome,
+            reported: false,
+        });
     }
 
     fn unexpected(&self, msg: &Message) -> ClientError {
@@ -393,7 +443,8 @@ impl ClientControl {
             Message::Hello { .. }
             | Message::Welcome { .. }
             | Message::Ack { .. }
-            | Message::Quiesced { .. } => Err(self.unexpected(&msg)),
+            | Message::Quiesced { .. }
+            | Message::Downtime { .. } => Err(self.unexpected(&msg)),
         }
     }
 
@@ -461,6 +512,47 @@ impl ClientControl {
         Ok(())
     }
 
+    /// The pause this client observed across `migration_id` (its last reply before the move
+    /// to its first reply after it): appends `Downtime` to `out`. Allowed once per migration,
+    /// once it is over for this client (`Resumed`, or the swap back of an abort confirmed with
+    /// [`ClientControl::swapped`]), in a session whose server chose version 2 or later.
+    ///
+    /// # Errors
+    /// [`DowntimeRefused`]; nothing is sent and nothing changes.
+    pub fn report_downtime(
+        &mut self,
+        migration_id: MigrationId,
+        downtime: ObservedDowntime,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DowntimeRefused> {
+        match self.phase {
+            Phase::Closed => return Err(DowntimeRefused::Closed),
+            Phase::AwaitingWelcome => {
+                return Err(DowntimeRefused::NotNegotiated { version: None });
+            }
+            Phase::Ready => {}
+        }
+        let version = self.session.map(|(v, _)| v);
+        if version.is_none_or(|v| v < MessageKind::Downtime.since()) {
+            return Err(DowntimeRefused::NotNegotiated { version });
+        }
+        let Some(f) = self.finished.iter_mut().find(|f| f.id == migration_id) else {
+            return Err(DowntimeRefused::NotFinished { migration_id });
+        };
+        if f.reported {
+            return Err(DowntimeRefused::AlreadyReported { migration_id });
+        }
+        encode(
+            &Message::Downtime {
+                migration_id,
+                downtime,
+            },
+            out,
+        )?;
+        f.reported = true;
+        Ok(())
+    }
+
     /// Closes the session from the client's side: appends `Bye` to `out`.
     pub fn bye(&mut self, reason: ByeReason, out: &mut Vec<u8>) -> Result<(), ClientError> {
         encode(&Message::Bye { reason }, out)?;
@@ -497,13 +589,18 @@ mod tests {
     }
 
     fn welcomed(out: &mut Vec<u8>) -> ClientControl {
+        welcomed_with(out, 1)
+    }
+
+    /// A session whose server chose `version`.
+    fn welcomed_with(out: &mut Vec<u8>, version: u16) -> ClientControl {
         let mut c =
             ClientControl::new(ClientId::new("car").unwrap(), SUPPORTED_VERSIONS, out).unwrap();
         assert!(matches!(&sent(out)[..], [Message::Hello { .. }]));
         let ev = c
             .on_message(
                 Message::Welcome {
-                    version: 1,
+                    version,
                     session_id: 42,
                 },
                 out,
@@ -512,13 +609,140 @@ mod tests {
         assert_eq!(
             ev,
             ClientEvent::Welcomed {
-                version: 1,
+                version,
                 session_id: 42
             }
         );
-        assert_eq!(c.session(), Some((1, 42)));
+        assert_eq!(c.session(), Some((version, 42)));
         assert_eq!(c.state(), ClientState::Idle);
         c
+    }
+
+    fn pause(ms: u64) -> ObservedDowntime {
+        ObservedDowntime::new(std::time::Duration::from_millis(ms)).unwrap()
+    }
+
+    #[test]
+    fn downtime_once_a_migration_is_resumed_and_only_once() {
+        let mut out = Vec::new();
+        let mut c = welcomed_with(&mut out, 2);
+        // Nothing happened yet.
+        assert!(matches!(
+            c.report_downtime(ID, pause(5), &mut out),
+            Err(DowntimeRefused::NotFinished { migration_id: ID })
+        ));
+        c.on_message(migrate(ID), &mut out).unwrap();
+        c.swapped(ID, &mut out).unwrap();
+        sent(&mut out);
+        // Still under way: the server has not said Resumed.
+        assert!(matches!(
+            c.report_downtime(ID, pause(5), &mut out),
+            Err(DowntimeRefused::NotFinished { .. })
+        ));
+        assert!(out.is_empty());
+        c.on_message(Message::Resumed { migration_id: ID }, &mut out)
+            .unwrap();
+        c.report_downtime(ID, pause(42), &mut out).unwrap();
+        assert_eq!(
+            sent(&mut out),
+            [Message::Downtime {
+                migration_id: ID,
+                downtime: pause(42)
+            }]
+        );
+        assert!(matches!(
+            c.report_downtime(ID, pause(43), &mut out),
+            Err(DowntimeRefused::AlreadyReported { migration_id: ID })
+        ));
+        // Another migration, never seen.
+        assert!(matches!(
+            c.report_downtime(OTHER, pause(1), &mut out),
+            Err(DowntimeRefused::NotFinished {
+                migration_id: OTHER
+            })
+        ));
+        assert!(out.is_empty(), "a refusal sends nothing");
+        assert_eq!(c.state(), ClientState::Idle, "and changes nothing");
+    }
+
+    #[test]
+    fn downtime_of_an_aborted_migration_after_the_swap_back() {
+        let mut out = Vec::new();
+        let mut c = welcomed_with(&mut out, 2);
+        c.on_message(migrate(ID), &mut out).unwrap();
+        c.swapped(ID, &mut out).unwrap();
+        c.on_message(
+            Message::MigrateAborted {
+                migration_id: ID,
+                fallback_addr: addr(1),
+            },
+            &mut out,
+        )
+        .unwrap();
+        sent(&mut out);
+        assert!(matches!(
+            c.report_downtime(ID, pause(5), &mut out),
+            Err(DowntimeRefused::NotFinished { .. })
+        ));
+        c.swapped(ID, &mut out).unwrap();
+        sent(&mut out);
+        c.report_downtime(ID, pause(7), &mut out).unwrap();
+        assert!(matches!(&sent(&mut out)[..], [Message::Downtime { .. }]));
+        // A migration that ended because the next one started counts as resumed.
+        c.on_message(migrate(OTHER), &mut out).unwrap();
+        c.swapped(OTHER, &mut out).unwrap();
+        let third = MigrationId::from_bytes([3; 16]);
+        c.on_message(migrate(third), &mut out).unwrap();
+        sent(&mut out);
+        c.report_downtime(OTHER, pause(9), &mut out).unwrap();
+        assert!(matches!(&sent(&mut out)[..], [Message::Downtime { .. }]));
+    }
+
+    #[test]
+    fn downtime_needs_a_version_2_session() {
+        let mut out = Vec::new();
+        let mut c =
+            ClientControl::new(ClientId::new("c").unwrap(), SUPPORTED_VERSIONS, &mut out).unwrap();
+        sent(&mut out);
+        assert!(matches!(
+            c.report_downtime(ID, pause(1), &mut out),
+            Err(DowntimeRefused::NotNegotiated { version: None })
+        ));
+        // A version 1 server: the report would close its stream, so it is never sent.
+        let mut c = welcomed_with(&mut out, 1);
+        c.on_message(migrate(ID), &mut out).unwrap();
+        c.swapped(ID, &mut out).unwrap();
+        c.on_message(Message::Resumed { migration_id: ID }, &mut out)
+            .unwrap();
+        sent(&mut out);
+        assert!(matches!(
+            c.report_downtime(ID, pause(1), &mut out),
+            Err(DowntimeRefused::NotNegotiated { version: Some(1) })
+        ));
+        assert!(out.is_empty());
+        // Closed.
+        let mut c = welcomed_with(&mut out, 2);
+        c.bye(ByeReason::new("done").unwrap(), &mut out).unwrap();
+        sent(&mut out);
+        assert!(matches!(
+            c.report_downtime(ID, pause(1), &mut out),
+            Err(DowntimeRefused::Closed)
+        ));
+        // A server never sends one.
+        let mut c = welcomed_with(&mut out, 2);
+        assert!(matches!(
+            c.on_message(
+                Message::Downtime {
+                    migration_id: ID,
+                    downtime: pause(1)
+                },
+                &mut out
+            ),
+            Err(ClientError::Unexpected {
+                kind: MessageKind::Downtime,
+                ..
+            })
+        ));
     }
 
     fn migrate(id: MigrationId) -> Message {
@@ -918,7 +1142,7 @@ mod tests {
         /// the client sends is something a server decoder accepts.
         #[test]
         fn random_sequences_keep_the_output_valid(
-            steps in proptest::collection::vec((arb_server_msg(), 0u8..3), 0..40)
+            steps in proptest::collection::vec((arb_server_msg(), 0u8..4), 0..40)
         ) {
             let mut out = Vec::new();
             let mut c = ClientControl::new(ClientId::new("p").unwrap(), SUPPORTED_VERSIONS, &mut out)
@@ -934,6 +1158,12 @@ mod tests {
                     match confirm {
                         1 => { let _ = c.quiesced(id, &mut out); }
                         2 => { let _ = c.swapped(id, &mut out); }
+                        3 => {
+                            let before = out.len();
+                            if c.report_downtime(id, pause(1), &mut out).is_err() {
+                                prop_assert_eq!(out.len(), before, "a refusal sends nothing");
+                            }
+                        }
                         _ => {}
                     }
                 }

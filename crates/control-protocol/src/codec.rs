@@ -7,6 +7,12 @@
 //!  +-------------+--------------+-----------+------------------------------+
 //!   (wire_frame)              \______________ frame body ________________/
 //! ```
+//!
+//! The header's version is the one that introduced the frame's kind
+//! ([`MessageKind::since`]): every version 1 kind is written with version 1, so a version 1
+//! peer reads everything a session it negotiated carries, byte for byte as before; only
+//! `Downtime` is written with version 2, and a client sends it only to a server that chose
+//! version 2 in its `Welcome`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
@@ -17,14 +23,21 @@ use wire_frame::{self as frame, FrameDecoder, FrameError};
 use crate::close::CloseCode;
 use crate::message::{Message, MessageKind};
 use crate::types::{
-    ByeReason, ClientId, InvalidVersionRange, LengthError, MigrationId, Role, Token, VersionRange,
+    ByeReason, ClientId, DowntimeTooLong, InvalidVersionRange, LengthError, MigrationId,
+    ObservedDowntime, Role, Token, VersionRange,
 };
 
-/// The protocol version this crate writes in every frame header.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks. Version 2 added `Downtime` (client to
+/// server) and nothing else; every other message is the same in both versions. A frame's
+/// header carries the version that introduced its kind, not this one (see the module doc).
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// The versions this crate decodes (and offers in its `Hello`).
-pub const SUPPORTED_VERSIONS: VersionRange = VersionRange::single(PROTOCOL_VERSION);
+/// The versions this crate decodes (and offers in its `Hello`): 1 and 2.
+pub const SUPPORTED_VERSIONS: VersionRange = match VersionRange::new(1, PROTOCOL_VERSION) {
+    Ok(r) => r,
+    // Unreachable: PROTOCOL_VERSION is at least 1.
+    Err(_) => VersionRange::single(PROTOCOL_VERSION),
+};
 
 /// Largest frame body on the control stream. The largest message (a `Migrate` with a full
 /// token) is under 600 bytes; the rest is headroom for later versions.
@@ -101,6 +114,9 @@ pub enum DecodeError {
     /// A `Hello` offers an empty version range.
     #[error("hello offers an invalid version range: {0}")]
     InvalidVersionRange(#[source] InvalidVersionRange),
+    /// A `Downtime` above the protocol's bound (an hour).
+    #[error("downtime report: {0}")]
+    DowntimeTooLong(#[from] DowntimeTooLong),
 }
 
 impl DecodeError {
@@ -118,7 +134,8 @@ impl DecodeError {
             | DecodeError::Malformed { .. }
             | DecodeError::TrailingBytes { .. }
             | DecodeError::TooLong(_)
-            | DecodeError::InvalidVersionRange(_) => CloseCode::ProtocolViolation,
+            | DecodeError::InvalidVersionRange(_)
+            | DecodeError::DowntimeTooLong(_) => CloseCode::ProtocolViolation,
         }
     }
 }
@@ -223,6 +240,13 @@ struct AbortWire {
 }
 
 #[derive(Serialize, Deserialize)]
+struct DowntimeWire {
+    migration_id: [u8; 16],
+    /// Checked against [`crate::MAX_DOWNTIME_US`] when decoded.
+    downtime_us: u64,
+}
+
+#[derive(Serialize, Deserialize)]
 struct ByeWire<'a> {
     reason: &'a str,
 }
@@ -234,7 +258,7 @@ fn put<T: Serialize>(payload: &T, body: Vec<u8>) -> Result<Vec<u8>, EncodeError>
 /// Appends one frame holding `msg` to `out`. On error `out` is left as it was.
 pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let mut body = Vec::with_capacity(64);
-    body.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    body.extend_from_slice(&msg.kind().since().to_be_bytes());
     body.push(msg.kind().as_u8());
     let id = |m: &MigrationId| *m.as_bytes();
     let body = match msg {
@@ -301,6 +325,16 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
             },
             body,
         )?,
+        Message::Downtime {
+            migration_id,
+            downtime,
+        } => put(
+            &DowntimeWire {
+                migration_id: id(migration_id),
+                downtime_us: downtime.as_micros(),
+            },
+            body,
+        )?,
         Message::Bye { reason } => put(
             &ByeWire {
                 reason: reason.as_str(),
@@ -336,7 +370,10 @@ fn decode_body(role: Role, body: &[u8]) -> Result<Message, DecodeError> {
             supported: SUPPORTED_VERSIONS,
         });
     }
-    let kind = MessageKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
+    let kind = MessageKind::from_u8(kind_byte)
+        // A kind newer than the frame's version is unknown in that version.
+        .filter(|k| k.since() <= version)
+        .ok_or(DecodeError::UnknownKind(kind_byte))?;
     if !kind.sent_by(role.peer()) {
         return Err(DecodeError::WrongDirection { kind });
     }
@@ -386,6 +423,13 @@ fn decode_body(role: Role, body: &[u8]) -> Result<Message, DecodeError> {
             Message::MigrateAborted {
                 migration_id: MigrationId::from_bytes(w.migration_id),
                 fallback_addr: w.fallback_addr.into(),
+            }
+        }
+        MessageKind::Downtime => {
+            let w: DowntimeWire = take(kind, payload)?;
+            Message::Downtime {
+                migration_id: MigrationId::from_bytes(w.migration_id),
+                downtime: ObservedDowntime::from_micros(w.downtime_us)?,
             }
         }
         MessageKind::Bye => {
@@ -469,7 +513,7 @@ impl ControlDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Field, MAX_BYE_REASON, MAX_CLIENT_ID, MAX_TOKEN};
+    use crate::types::{Field, MAX_BYE_REASON, MAX_CLIENT_ID, MAX_DOWNTIME_US, MAX_TOKEN};
     use proptest::prelude::*;
 
     fn id(n: u8) -> MigrationId {
@@ -552,6 +596,136 @@ mod tests {
         expected.extend_from_slice(&[1, 2, 0xde, 0xad]); // Some, len 2, bytes
         assert_eq!(wire, expected);
         assert_eq!(decode_one(Role::Client, &wire), migrate());
+    }
+
+    fn downtime(us: u64) -> Message {
+        Message::Downtime {
+            migration_id: MigrationId::from_bytes(*b"0123456789abcdef"),
+            downtime: ObservedDowntime::from_micros(us).unwrap(),
+        }
+    }
+
+    #[test]
+    fn golden_downtime_is_a_version_2_frame() {
+        let wire = enc(&downtime(123_456));
+        let mut expected = vec![0, 0, 0, 22, 0, 2, 10]; // length, version 2, kind Downtime
+        expected.extend_from_slice(b"0123456789abcdef"); // migration_id
+        expected.extend_from_slice(&[0xc0, 0xc4, 0x07]); // 123456 us, varint
+        assert_eq!(wire, expected);
+        assert_eq!(decode_one(Role::Server, &wire), downtime(123_456));
+    }
+
+    #[test]
+    fn version_1_messages_keep_their_version_1_header() {
+        // What a version 1 peer reads: every kind but Downtime is written as before.
+        for m in [
+            migrate(),
+            Message::Ack {
+                migration_id: id(1),
+            },
+            Message::Bye {
+                reason: ByeReason::new("x").unwrap(),
+            },
+        ] {
+            assert_eq!(&enc(&m)[4..6], &[0, 1], "{m:?}");
+        }
+    }
+
+    #[test]
+    fn downtime_in_a_version_1_frame_is_an_unknown_kind() {
+        let mut p = vec![7; 16];
+        p.push(5);
+        let e = decode_err(Role::Server, &raw(1, 10, &p));
+        assert!(matches!(e, DecodeError::UnknownKind(10)), "{e:?}");
+        assert_eq!(e.close_code(), CloseCode::ProtocolViolation);
+        // The same payload in a version 2 frame is fine.
+        assert!(matches!(
+            decode_one(Role::Server, &raw(2, 10, &p)),
+            Message::Downtime { downtime, .. } if downtime.as_micros() == 5
+        ));
+    }
+
+    #[test]
+    fn downtime_bad_input() {
+        // Above the bound: refused as malformed, the stream is closed.
+        let mut p = vec![7; 16];
+        p.extend_from_slice(&postcard::to_stdvec(&(MAX_DOWNTIME_US + 1)).unwrap());
+        let e = decode_err(Role::Server, &raw(2, 10, &p));
+        assert!(
+            matches!(e, DecodeError::DowntimeTooLong(DowntimeTooLong { micros }) if micros == MAX_DOWNTIME_US + 1),
+            "{e:?}"
+        );
+        assert_eq!(e.close_code(), CloseCode::ProtocolViolation);
+        // The bound itself is fine.
+        let mut p = vec![7; 16];
+        p.extend_from_slice(&postcard::to_stdvec(&MAX_DOWNTIME_US).unwrap());
+        decode_one(Role::Server, &raw(2, 10, &p));
+        // u64::MAX, and a varint longer than a u64 holds.
+        let mut p = vec![7; 16];
+        p.extend_from_slice(&postcard::to_stdvec(&u64::MAX).unwrap());
+        assert!(matches!(
+            decode_err(Role::Server, &raw(2, 10, &p)),
+            DecodeError::DowntimeTooLong(_)
+        ));
+        let mut p = vec![7; 16];
+        p.extend_from_slice(&[0xff; 11]);
+        assert!(matches!(
+            decode_err(Role::Server, &raw(2, 10, &p)),
+            DecodeError::Malformed {
+                kind: MessageKind::Downtime,
+                ..
+            }
+        ));
+        // Truncated: the id cut short, the value missing.
+        for p in [&[7u8; 9][..], &[7u8; 16][..]] {
+            let e = decode_err(Role::Server, &raw(2, 10, p));
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::Malformed {
+                        kind: MessageKind::Downtime,
+                        source: postcard::Error::DeserializeUnexpectedEnd
+                    }
+                ),
+                "{e:?}"
+            );
+        }
+        // A frame cut off by the end of the stream.
+        let wire = enc(&downtime(1));
+        assert!(matches!(
+            decode_err(Role::Server, &wire[..wire.len() - 1]),
+            DecodeError::Frame(_)
+        ));
+        // Trailing bytes.
+        let mut p = vec![7; 16];
+        p.extend_from_slice(&[1, 0]);
+        assert!(matches!(
+            decode_err(Role::Server, &raw(2, 10, &p)),
+            DecodeError::TrailingBytes {
+                kind: MessageKind::Downtime,
+                count: 1
+            }
+        ));
+        // Garbage: a payload of the wrong shape.
+        assert!(matches!(
+            decode_err(Role::Server, &raw(2, 10, b"garbage")),
+            DecodeError::Malformed {
+                kind: MessageKind::Downtime,
+                ..
+            }
+        ));
+        // Wrong direction: only a client sends it.
+        let e = decode_err(Role::Client, &enc(&downtime(1)));
+        assert!(
+            matches!(
+                e,
+                DecodeError::WrongDirection {
+                    kind: MessageKind::Downtime
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.close_code(), CloseCode::UnexpectedMessage);
     }
 
     #[test]
@@ -642,7 +816,7 @@ mod tests {
 
     #[test]
     fn unsupported_version() {
-        for v in [0, 2, u16::MAX] {
+        for v in [0, 3, u16::MAX] {
             let e = decode_err(Role::Server, &raw(v, 4, &[0; 16]));
             assert!(
                 matches!(e, DecodeError::UnsupportedVersion { got, supported } if got == v && supported == SUPPORTED_VERSIONS),
@@ -654,7 +828,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        for k in [0, 10, 255] {
+        for k in [0, 11, 255] {
             let e = decode_err(Role::Server, &raw(1, k, &[]));
             assert!(
                 matches!(e, DecodeError::UnknownKind(got) if got == k),
@@ -918,6 +1092,14 @@ mod tests {
             arb_str(MAX_BYE_REASON).prop_map(|r| Message::Bye {
                 reason: ByeReason::new(r).unwrap()
             }),
+            (
+                arb_id(),
+                prop_oneof![0..=MAX_DOWNTIME_US, Just(MAX_DOWNTIME_US)]
+            )
+                .prop_map(|(migration_id, us)| Message::Downtime {
+                    migration_id,
+                    downtime: ObservedDowntime::from_micros(us).unwrap(),
+                }),
         ]
     }
 
@@ -978,10 +1160,11 @@ mod tests {
         /// Valid header, random kind and payload: reaches the payload decoders.
         #[test]
         fn arbitrary_payloads_never_panic(
-            kind in 1u8..=9,
+            kind in 1u8..=10,
+            version in 1u16..=PROTOCOL_VERSION,
             payload in proptest::collection::vec(any::<u8>(), 0..600),
         ) {
-            let wire = raw(PROTOCOL_VERSION, kind, &payload);
+            let wire = raw(version, kind, &payload);
             for role in [Role::Client, Role::Server] {
                 let mut d = ControlDecoder::new(role);
                 d.push(&wire);
@@ -989,6 +1172,7 @@ mod tests {
                     Ok(Some(m)) => {
                         prop_assert_eq!(m.kind().as_u8(), kind);
                         prop_assert!(m.kind().sent_by(role.peer()));
+                        prop_assert!(m.kind().since() <= version);
                     }
                     Ok(None) => prop_assert!(false, "a whole frame was pushed"),
                     Err(_) => {}

@@ -8,11 +8,13 @@
 //!                                                              └─► Err(DecodeError)
 //!                                                                   └─close_code()─► reset/stop
 //!  client:  Message ──ClientControl::on_message()──► ClientEvent  (+ answers in `out`)
+//!           app's pause ──ClientControl::report_downtime()──► Downtime in `out` (version 2)
 //!  server:  bytes + now ──ServerControl::on_bytes()──► (a ControlDecoder per session)
 //!           operator + now ──announce / abort / resumed / quiesce──┐
 //!           timer ──handle_timeout(now)   poll_timeout() ◄────────┤
 //!           poll_output() ──► Transmit{session, bytes} | Close{session, CloseCode}
-//!                            | Finish{session} | Event(ServerEvent: registered, round reports)
+//!                            | Finish{session} | Event(ServerEvent: registered, round reports,
+//!                                                        DowntimeReported)
 //! ```
 //!
 //! The control stream is the first bidirectional stream of every QUIC connection between the
@@ -20,7 +22,8 @@
 //! checkpointed and restored elsewhere). On it the server announces a migration (`Migrate`,
 //! optionally preceded by `Quiesce`), the client swaps its real UDP peer and acknowledges
 //! (`Ack`), and the server says `Resumed` once it runs again, or `MigrateAborted` to send the
-//! client back. See [`Message`] for the sequences.
+//! client back; afterwards the client reports the pause it observed (`Downtime`, version 2).
+//! See [`Message`] for the sequences.
 //!
 //! Each message is one [`wire_frame`] frame whose body is
 //! `version: u16 BE | kind: u8 | postcard payload`. This crate only turns messages into bytes
@@ -44,7 +47,7 @@ mod message;
 mod server;
 mod types;
 
-pub use client::{ClientControl, ClientError, ClientEvent, ClientState};
+pub use client::{ClientControl, ClientError, ClientEvent, ClientState, DowntimeRefused};
 pub use close::{CloseCode, UnknownCloseCode};
 pub use codec::{
     ControlDecoder, DecodeError, EncodeError, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
@@ -56,6 +59,7 @@ pub use server::{
     ServerEvent, ServerOutput, SessionView,
 };
 pub use types::{
-    ByeReason, ClientId, Field, InvalidVersionRange, LengthError, MAX_BYE_REASON, MAX_CLIENT_ID,
-    MAX_TOKEN, MigrationId, Role, Token, VersionRange,
+    ByeReason, ClientId, DowntimeTooLong, Field, InvalidVersionRange, LengthError, MAX_BYE_REASON,
+    MAX_CLIENT_ID, MAX_DOWNTIME_US, MAX_TOKEN, MigrationId, ObservedDowntime, Role, Token,
+    VersionRange,
 };

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::types::{ByeReason, ClientId, MigrationId, Role, Token, VersionRange};
+use crate::types::{ByeReason, ClientId, MigrationId, ObservedDowntime, Role, Token, VersionRange};
 
 /// One control message. Which side may send it is given by [`MessageKind::sent_by`].
 ///
@@ -21,7 +21,14 @@ use crate::types::{ByeReason, ClientId, MigrationId, Role, Token, VersionRange};
 ///  or, when the move fails after Migrate:
 ///    |   ◄──────  MigrateAborted{id, fallback} |
 ///    | (swap back) Ack{id}          ──────►   |
+///  then, version 2 sessions, once per migration:
+///    | (first reply after the move)            |
+///    | Downtime{id, downtime}       ──────►   |  recorded for the orchestrator
 /// ```
+///
+/// `Downtime` is the only version 2 message: a client sends it only when the `Welcome` chose
+/// version 2 (a version 1 server would close the stream over a kind it does not know), and
+/// only for a migration that is over for it (`Resumed`, or the swap back acknowledged).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Message {
@@ -80,6 +87,15 @@ pub enum Message {
         /// Where the server is reachable again.
         fallback_addr: SocketAddr,
     },
+    /// Client → server (version 2): the pause this client observed for this migration, from
+    /// its last reply before the move to its first reply after it. At most once per migration,
+    /// after `Resumed` or after acknowledging `MigrateAborted`.
+    Downtime {
+        /// The migration measured.
+        migration_id: MigrationId,
+        /// The pause, at most an hour.
+        downtime: ObservedDowntime,
+    },
     /// Either direction: the sender is closing the control stream.
     Bye {
         /// Why, for logs.
@@ -99,6 +115,7 @@ impl Message {
             Message::Quiesced { .. } => MessageKind::Quiesced,
             Message::Resumed { .. } => MessageKind::Resumed,
             Message::MigrateAborted { .. } => MessageKind::MigrateAborted,
+            Message::Downtime { .. } => MessageKind::Downtime,
             Message::Bye { .. } => MessageKind::Bye,
         }
     }
@@ -111,7 +128,8 @@ impl Message {
             | Message::Quiesce { migration_id, .. }
             | Message::Quiesced { migration_id }
             | Message::Resumed { migration_id }
-            | Message::MigrateAborted { migration_id, .. } => Some(*migration_id),
+            | Message::MigrateAborted { migration_id, .. }
+            | Message::Downtime { migration_id, .. } => Some(*migration_id),
             Message::Hello { .. } | Message::Welcome { .. } | Message::Bye { .. } => None,
         }
     }
@@ -140,11 +158,13 @@ pub enum MessageKind {
     MigrateAborted = 8,
     /// [`Message::Bye`].
     Bye = 9,
+    /// [`Message::Downtime`] (version 2).
+    Downtime = 10,
 }
 
 impl MessageKind {
     /// Every kind, in kind-byte order.
-    pub const ALL: [MessageKind; 9] = [
+    pub const ALL: [MessageKind; 10] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::Migrate,
@@ -154,6 +174,7 @@ impl MessageKind {
         MessageKind::Resumed,
         MessageKind::MigrateAborted,
         MessageKind::Bye,
+        MessageKind::Downtime,
     ];
 
     /// The kind with this byte, `None` for an unknown byte.
@@ -166,12 +187,31 @@ impl MessageKind {
         self as u8
     }
 
+    /// The protocol version that introduced this kind: its frames carry that version in their
+    /// header, and a frame of an older version with this kind byte is an unknown kind (as it
+    /// is to a peer of that version).
+    pub const fn since(self) -> u16 {
+        match self {
+            MessageKind::Downtime => 2,
+            MessageKind::Hello
+            | MessageKind::Welcome
+            | MessageKind::Migrate
+            | MessageKind::Ack
+            | MessageKind::Quiesce
+            | MessageKind::Quiesced
+            | MessageKind::Resumed
+            | MessageKind::MigrateAborted
+            | MessageKind::Bye => 1,
+        }
+    }
+
     /// Whether `role` may send messages of this kind.
     pub const fn sent_by(self, role: Role) -> bool {
         match self {
-            MessageKind::Hello | MessageKind::Ack | MessageKind::Quiesced => {
-                matches!(role, Role::Client)
-            }
+            MessageKind::Hello
+            | MessageKind::Ack
+            | MessageKind::Quiesced
+            | MessageKind::Downtime => matches!(role, Role::Client),
             MessageKind::Welcome
             | MessageKind::Migrate
             | MessageKind::Quiesce
@@ -198,7 +238,16 @@ mod tests {
             assert_eq!(MessageKind::from_u8(k.as_u8()), Some(k));
         }
         assert_eq!(MessageKind::from_u8(0), None);
-        assert_eq!(MessageKind::from_u8(10), None);
+        assert_eq!(MessageKind::from_u8(11), None);
+    }
+
+    #[test]
+    fn only_downtime_is_version_2() {
+        for k in MessageKind::ALL {
+            let want = if k == MessageKind::Downtime { 2 } else { 1 };
+            assert_eq!(k.since(), want, "{k}");
+            assert!(crate::SUPPORTED_VERSIONS.contains(k.since()), "{k}");
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //!  idle ──announce(id)──────────────────────────────────────────────────────┴► Announce round
 //!       ──► (AnnounceComplete) ──resumed()──► Resumed to every told session ──► idle
 //!  any point of a migration ──abort(fallback)──► Abort round ──► (AbortComplete) ──► idle
+//!  afterwards, each told session ──Downtime{id}──► (DowntimeReported), once per migration
 //! ```
 //!
 //! Decisions worth knowing:
@@ -74,6 +75,14 @@
 //!   session, per kind and per migration; the rest only increment counters
 //!   ([`ServerControl::repeats`], [`SessionView::repeats`]). Nothing is answered. A client
 //!   therefore cannot grow the server's log, output queue or memory by repeating itself.
+//! - **Downtime reports come after the outcome, once.** A session may report the pause it
+//!   observed (`Downtime`, version 2) for a migration whose outcome is decided and that it
+//!   was told about: from `resumed` for the sessions sent `Resumed`, from `abort` for the
+//!   sessions sent `MigrateAborted`. The first report of each (session, migration) becomes a
+//!   [`ServerEvent::DowntimeReported`]; a repeat, a report for the migration still under way
+//!   ([`Ignored::NotFinished`]) or for one the session was not told about or that is too old
+//!   ([`Ignored::WrongMigration`]; the last 8 are remembered per session) is ignored like a
+//!   stray ack, never a close. A value above an hour does not decode: that closes the stream.
 //! - Time is a [`Timestamp`] passed in; a deadline has passed when `now >= deadline`, as in
 //!   [`SessionRegistry`].
 
@@ -89,7 +98,10 @@ use migration_core::{
 use crate::close::CloseCode;
 use crate::codec::{ControlDecoder, DecodeError, EncodeError, SUPPORTED_VERSIONS, encode};
 use crate::message::{Message, MessageKind};
-use crate::types::{ByeReason, ClientId, Role, VersionRange};
+use crate::types::{ByeReason, ClientId, ObservedDowntime, Role, VersionRange};
+
+/// How many finished migrations each session may still report a downtime for.
+const REPORTABLE: usize = 8;
 
 /// How a [`ServerControl`] is set up.
 #[derive(Debug, Clone)]
@@ -195,6 +207,8 @@ pub enum Ignored {
     Registry(RegistryError),
     /// The session already said `Bye`.
     AfterBye,
+    /// A downtime report for the migration under way, whose outcome is not decided yet.
+    NotFinished,
 }
 
 /// Why a control stream was closed by the server.
@@ -300,6 +314,18 @@ pub enum ServerEvent {
         /// Why.
         why: Ignored,
     },
+    /// A client reported the pause it observed across a finished migration (first report of
+    /// this session and migration; repeats are only counted).
+    DowntimeReported {
+        /// The session.
+        session: SessionId,
+        /// The client's name for itself.
+        client_id: ClientId,
+        /// The migration.
+        migration_id: MigrationId,
+        /// Its pause: last reply before the move to first reply after it.
+        downtime: ObservedDowntime,
+    },
     /// The quiesce round is over.
     QuiesceComplete(RoundReport),
     /// The announce round is over.
@@ -403,11 +429,25 @@ struct Conn {
     told: Option<MessageKind>,
     /// An ack naming the current migration arrived (whether the registry took it or not).
     migrate_acked: bool,
+    /// Finished migrations this session was told about, and whether it reported their
+    /// downtime; the last [`REPORTABLE`].
+    reportable: VecDeque<(MigrationId, bool)>,
 }
 
 impl Conn {
     fn client_id(&self) -> Option<&ClientId> {
         self.hello.as_ref().map(|(c, _)| c)
+    }
+
+    /// This session may report its downtime for `id` from now on.
+    fn may_report(&mut self, id: MigrationId) {
+        if self.reportable.iter().any(|(m, _)| *m == id) {
+            return;
+        }
+        if self.reportable.len() == REPORTABLE {
+            self.reportable.pop_front();
+        }
+        self.reportable.push_back((id, false));
     }
 }
 
@@ -622,6 +662,7 @@ impl ServerControl {
                 repeats: 0,
                 told: None,
                 migrate_acked: false,
+                reportable: VecDeque::new(),
             },
         );
         self.hello_deadlines.insert((deadline, session));
@@ -817,6 +858,13 @@ impl ServerControl {
             (Phase::Open, Message::Quiesced { migration_id }) => {
                 self.on_quiesced(session, migration_id);
             }
+            (
+                Phase::Open,
+                Message::Downtime {
+                    migration_id,
+                    downtime,
+                },
+            ) => self.on_downtime(session, migration_id, downtime),
             (Phase::Open, _) => {
                 // The decoder refuses server-to-client kinds; nothing else is left, but a new
                 // kind must not be silently accepted.
@@ -1033,6 +1081,39 @@ impl ServerControl {
             self.answered(session, kind, id);
         } else {
             self.ignore(session, kind, Ignored::NotAsked);
+        }
+    }
+
+    fn on_downtime(&mut self, session: SessionId, id: MigrationId, downtime: ObservedDowntime) {
+        let kind = MessageKind::Downtime;
+        let Some(c) = self.conns.get_mut(&session) else {
+            return;
+        };
+        match c.reportable.iter_mut().find(|(m, _)| *m == id) {
+            Some((_, true)) => {
+                self.note(session, kind, ServerEvent::Repeated { session, kind });
+            }
+            Some((_, reported)) => {
+                *reported = true;
+                let Some(client_id) = c.client_id().cloned() else {
+                    return;
+                };
+                self.push_event(ServerEvent::DowntimeReported {
+                    session,
+                    client_id,
+                    migration_id: id,
+                    downtime,
+                });
+            }
+            None => {
+                let active = self.migration.map(|m| m.id);
+                let why = if active == Some(id) {
+                    Ignored::NotFinished
+                } else {
+                    Ignored::WrongMigration { active, got: id }
+                };
+                self.ignore(session, kind, why);
+            }
         }
     }
 
@@ -1295,7 +1376,14 @@ impl ServerControl {
             step: Step::Aborting,
             ..m
         });
-        self.start_round(RoundKind::Abort, m.id, deadline, now, targets, &msg)
+        let told = self.start_round(RoundKind::Abort, m.id, deadline, now, targets, &msg)?;
+        // The outcome is decided: whoever hears it may report its pause.
+        for s in &told {
+            if let Some(c) = self.conns.get_mut(s) {
+                c.may_report(m.id);
+            }
+        }
+        Ok(told)
     }
 
     /// The server runs at its new address: `Resumed` to every reachable session that was told
@@ -1331,6 +1419,9 @@ impl ServerControl {
             if hears {
                 self.transmit(s, &msg)?;
                 told += 1;
+                if let Some(c) = self.conns.get_mut(&s) {
+                    c.may_report(m.id);
+                }
             }
             // Every session's connection moved with the process, told or not.
             let _ = self.registry.resumed(s, now);

@@ -9,6 +9,10 @@ pub const MAX_CLIENT_ID: usize = 128;
 pub const MAX_TOKEN: usize = 512;
 /// Longest [`ByeReason`], in bytes of UTF-8.
 pub const MAX_BYE_REASON: usize = 256;
+/// Longest [`ObservedDowntime`] a client may report: one hour, in microseconds. A pause that
+/// long is not a move any more (the QUIC connection's idle timeout is far shorter), so a
+/// larger value can only be a bug or garbage.
+pub const MAX_DOWNTIME_US: u64 = 3_600_000_000;
 
 /// Which end of the control stream a value belongs to.
 ///
@@ -104,6 +108,51 @@ impl VersionRange {
 impl fmt::Display for VersionRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}..={}", self.min, self.max)
+    }
+}
+
+/// The pause a client observed across one migration (its last reply before the move to its
+/// first reply after it), in whole microseconds, at most [`MAX_DOWNTIME_US`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObservedDowntime(u64);
+
+/// A downtime above [`MAX_DOWNTIME_US`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a downtime of {micros} us exceeds the maximum of {max} us", max = MAX_DOWNTIME_US)]
+pub struct DowntimeTooLong {
+    /// The value given, in microseconds (saturated at `u64::MAX`).
+    pub micros: u64,
+}
+
+impl ObservedDowntime {
+    /// Refuses a value above [`MAX_DOWNTIME_US`].
+    pub const fn from_micros(micros: u64) -> Result<Self, DowntimeTooLong> {
+        if micros > MAX_DOWNTIME_US {
+            Err(DowntimeTooLong { micros })
+        } else {
+            Ok(Self(micros))
+        }
+    }
+
+    /// `d` truncated to whole microseconds; refused above [`MAX_DOWNTIME_US`].
+    pub fn new(d: std::time::Duration) -> Result<Self, DowntimeTooLong> {
+        Self::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    /// The value in microseconds.
+    pub const fn as_micros(self) -> u64 {
+        self.0
+    }
+
+    /// The value as a duration.
+    pub const fn as_duration(self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.0)
+    }
+}
+
+impl fmt::Display for ObservedDowntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.3} ms", self.0 as f64 / 1e3)
     }
 }
 
@@ -276,6 +325,36 @@ mod tests {
                 .field,
             Field::ByeReason
         );
+    }
+
+    #[test]
+    fn downtime_is_bounded_to_an_hour() {
+        use std::time::Duration;
+        assert_eq!(
+            ObservedDowntime::from_micros(MAX_DOWNTIME_US).map(ObservedDowntime::as_micros),
+            Ok(MAX_DOWNTIME_US)
+        );
+        assert_eq!(
+            ObservedDowntime::from_micros(MAX_DOWNTIME_US + 1),
+            Err(DowntimeTooLong {
+                micros: MAX_DOWNTIME_US + 1
+            })
+        );
+        assert_eq!(
+            ObservedDowntime::new(Duration::from_secs(3601)),
+            Err(DowntimeTooLong {
+                micros: 3_601_000_000
+            })
+        );
+        assert_eq!(
+            ObservedDowntime::new(Duration::MAX),
+            Err(DowntimeTooLong { micros: u64::MAX })
+        );
+        // Truncated to whole microseconds.
+        let d = ObservedDowntime::new(Duration::from_nanos(42_999)).unwrap();
+        assert_eq!(d.as_micros(), 42);
+        assert_eq!(d.as_duration(), Duration::from_micros(42));
+        assert_eq!(d.to_string(), "0.042 ms");
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use control_protocol::{
     ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, ControlDecoder,
-    Ignored, Message, MessageKind, Refusal, Role, RoundKind, RoundReport, SUPPORTED_VERSIONS,
-    ServerConfig, ServerControl, ServerError, ServerEvent, ServerOutput, VersionRange, encode,
+    DowntimeRefused, Ignored, MAX_DOWNTIME_US, Message, MessageKind, ObservedDowntime, Refusal,
+    Role, RoundKind, RoundReport, SUPPORTED_VERSIONS, ServerConfig, ServerControl, ServerError,
+    ServerEvent, ServerOutput, VersionRange, encode,
 };
 use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
 use proptest::prelude::*;
@@ -56,8 +57,12 @@ struct World {
 
 impl World {
     fn new(max_sessions: usize) -> Self {
+        Self::with_config(ServerConfig::new(max_sessions, HELLO))
+    }
+
+    fn with_config(config: ServerConfig) -> Self {
         Self {
-            server: ServerControl::new(ServerConfig::new(max_sessions, HELLO)),
+            server: ServerControl::new(config),
             now: ms(0),
             clients: BTreeMap::new(),
             events: Vec::new(),
@@ -187,6 +192,80 @@ impl World {
         self.drain();
         told
     }
+
+    /// The client reports a pause of `ms` for `id` into its outbox (not delivered until
+    /// `flush`).
+    fn report_downtime(
+        &mut self,
+        s: SessionId,
+        id: MigrationId,
+        ms: u64,
+    ) -> Result<(), DowntimeRefused> {
+        let c = self.clients.get_mut(&s).unwrap();
+        c.control.report_downtime(id, pause(ms), &mut c.outbox)
+    }
+
+    /// A whole move: announce, every client acks, resumed, every client sees it.
+    fn move_once(&mut self, id: MigrationId) {
+        let told = self.announce(id);
+        for &x in &told {
+            self.handle(x);
+            self.flush(x);
+        }
+        self.server.resumed(self.now).unwrap();
+        self.drain();
+        for x in told {
+            self.handle(x);
+        }
+    }
+
+    /// The downtime reports among the events so far: (session, client, migration, ms).
+    fn downtimes(&self) -> Vec<(SessionId, String, MigrationId, u64)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::DowntimeReported {
+                    session,
+                    client_id,
+                    migration_id,
+                    downtime,
+                } => Some((
+                    *session,
+                    client_id.as_str().to_owned(),
+                    *migration_id,
+                    downtime.as_micros() / 1000,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The ignored downtime reports among the events so far.
+    fn ignored_downtimes(&self) -> Vec<(SessionId, Ignored)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                ServerEvent::Ignored {
+                    session,
+                    kind: MessageKind::Downtime,
+                    why,
+                } => Some((*session, why.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn pause(ms: u64) -> ObservedDowntime {
+    ObservedDowntime::new(Duration::from_millis(ms)).unwrap()
+}
+
+/// A `Downtime` frame as any client could write it, whatever its state machine allows.
+fn downtime_frame(id: MigrationId, ms: u64) -> Vec<u8> {
+    frame(&Message::Downtime {
+        migration_id: id,
+        downtime: pause(ms),
+    })
 }
 
 fn ids(list: &[(SessionId, ClientId)]) -> Vec<SessionId> {
@@ -199,7 +278,7 @@ fn three() -> (World, [SessionId; 3]) {
     for x in s {
         assert!(matches!(
             w.clients[&x].events[..],
-            [ClientEvent::Welcomed { version: 1, session_id }] if session_id == x.0
+            [ClientEvent::Welcomed { version: 2, session_id }] if session_id == x.0
         ));
     }
     w.take_events();
@@ -835,7 +914,7 @@ fn version_negotiation() {
             supported: VersionRange::new(min, max).unwrap(),
         })
     };
-    w.server.on_bytes(s, &hello(2, 5), w.now);
+    w.server.on_bytes(s, &hello(3, 5), w.now);
     w.drain();
     assert_eq!(w.closed.get(&s), Some(&CloseCode::UnsupportedVersion));
     assert!(w.events.iter().any(|e| matches!(
@@ -849,8 +928,219 @@ fn version_negotiation() {
     w.server.on_bytes(s, &hello(1, 3), w.now);
     assert!(w.server.poll_output().is_some_and(|o| matches!(
         o,
+        ServerOutput::Transmit { bytes, .. } if bytes == frame(&Message::Welcome { version: 2, session_id: s.0 })
+    )));
+    // A version 1 client (the Hello of the crate before `Downtime`) gets version 1.
+    w.drain();
+    let s = w.server.on_connect(w.now).unwrap();
+    w.server.on_bytes(s, &hello(1, 1), w.now);
+    assert!(w.server.poll_output().is_some_and(|o| matches!(
+        o,
         ServerOutput::Transmit { bytes, .. } if bytes == frame(&Message::Welcome { version: 1, session_id: s.0 })
     )));
+}
+
+#[test]
+fn every_client_reports_its_downtime_once_the_move_is_resumed() {
+    let (mut w, s) = three();
+    w.move_once(M1);
+    w.take_events();
+    for (i, &x) in s.iter().enumerate() {
+        w.report_downtime(x, M1, 30 + i as u64).unwrap();
+        w.flush(x);
+    }
+    assert_eq!(
+        w.downtimes(),
+        vec![
+            (s[0], "a".to_owned(), M1, 30),
+            (s[1], "b".to_owned(), M1, 31),
+            (s[2], "c".to_owned(), M1, 32),
+        ]
+    );
+    // Each client's state machine refuses a second report itself ...
+    assert!(matches!(
+        w.report_downtime(s[0], M1, 99),
+        Err(DowntimeRefused::AlreadyReported { .. })
+    ));
+    // ... and a client that sends one anyway is counted, reported once, never closed.
+    w.take_events();
+    let repeats = w.server.repeats();
+    for _ in 0..1000 {
+        w.server.on_bytes(s[0], &downtime_frame(M1, 99), w.now);
+    }
+    w.drain();
+    assert!(w.downtimes().is_empty(), "a repeat is not a second report");
+    assert!(matches!(
+        &w.events[..],
+        [ServerEvent::Repeated { session, kind: MessageKind::Downtime }] if *session == s[0]
+    ));
+    assert_eq!(w.server.repeats(), repeats + 999);
+    assert!(w.closed.is_empty());
+}
+
+#[test]
+fn a_report_before_the_outcome_or_for_another_migration_is_ignored() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    w.take_events();
+    // The move is under way: not finished, whatever the client says.
+    w.server.on_bytes(s[0], &downtime_frame(M1, 5), w.now);
+    // A migration that never happened.
+    w.server.on_bytes(s[1], &downtime_frame(M2, 5), w.now);
+    w.drain();
+    assert_eq!(
+        w.ignored_downtimes(),
+        vec![
+            (s[0], Ignored::NotFinished),
+            (
+                s[1],
+                Ignored::WrongMigration {
+                    active: Some(M1),
+                    got: M2
+                }
+            )
+        ]
+    );
+    assert!(w.downtimes().is_empty());
+    assert!(w.closed.is_empty(), "never a reason to close");
+    // The early report did not use up the session's report.
+    w.server.resumed(w.now).unwrap();
+    w.drain();
+    for x in s {
+        w.handle(x);
+    }
+    w.report_downtime(s[0], M1, 12).unwrap();
+    w.flush(s[0]);
+    assert_eq!(w.downtimes(), vec![(s[0], "a".to_owned(), M1, 12)]);
+    // A client that connected after the move was never told about it.
+    w.take_events();
+    let late = w.connect("late");
+    w.server.on_bytes(late, &downtime_frame(M1, 5), w.now);
+    w.drain();
+    assert_eq!(
+        w.ignored_downtimes(),
+        vec![(
+            late,
+            Ignored::WrongMigration {
+                active: None,
+                got: M1
+            }
+        )]
+    );
+    assert!(w.closed.is_empty());
+}
+
+#[test]
+fn clients_report_their_downtime_after_an_abort() {
+    let (mut w, s) = three();
+    w.announce(M1);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    w.server.abort(addr(1), DEADLINE, w.now).unwrap();
+    w.drain();
+    // a swaps back and reports before the others have acked: the outcome is decided.
+    w.handle(s[0]);
+    w.report_downtime(s[0], M1, 21).unwrap();
+    w.flush(s[0]);
+    assert!(w.report(RoundKind::Abort).is_none(), "b and c still owe");
+    for x in [s[1], s[2]] {
+        w.handle(x);
+        w.report_downtime(x, M1, 22).unwrap();
+        w.flush(x);
+    }
+    assert!(w.report(RoundKind::Abort).unwrap().complete());
+    assert_eq!(
+        w.downtimes(),
+        vec![
+            (s[0], "a".to_owned(), M1, 21),
+            (s[1], "b".to_owned(), M1, 22),
+            (s[2], "c".to_owned(), M1, 22),
+        ]
+    );
+}
+
+#[test]
+fn only_the_last_eight_migrations_can_be_reported() {
+    let mut w = World::new(4);
+    let a = w.connect("a");
+    for n in 0..9u8 {
+        w.move_once(MigrationId::from_bytes([n + 10; 16]));
+    }
+    w.take_events();
+    // The first move is forgotten by the server; the last one is not.
+    w.server.on_bytes(
+        a,
+        &downtime_frame(MigrationId::from_bytes([10; 16]), 1),
+        w.now,
+    );
+    w.report_downtime(a, MigrationId::from_bytes([18; 16]), 2)
+        .unwrap();
+    w.flush(a);
+    assert!(matches!(
+        &w.ignored_downtimes()[..],
+        [(_, Ignored::WrongMigration { active: None, .. })]
+    ));
+    assert_eq!(w.downtimes().len(), 1);
+}
+
+#[test]
+fn a_downtime_above_an_hour_closes_only_that_stream() {
+    let (mut w, s) = three();
+    w.move_once(M1);
+    let mut body = vec![0, 2, MessageKind::Downtime.as_u8()];
+    body.extend_from_slice(M1.as_bytes());
+    body.extend_from_slice(&postcard_u64(MAX_DOWNTIME_US + 1));
+    let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    w.server.on_bytes(s[0], &bytes, w.now);
+    w.drain();
+    assert_eq!(
+        w.closed.iter().collect::<Vec<_>>(),
+        [(&s[0], &CloseCode::ProtocolViolation)]
+    );
+    for x in [s[1], s[2]] {
+        w.report_downtime(x, M1, 3).unwrap();
+        w.flush(x);
+    }
+    assert_eq!(w.downtimes().len(), 2);
+}
+
+/// `v` as a postcard varint.
+fn postcard_u64(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+#[test]
+fn a_version_1_server_never_gets_a_downtime_report() {
+    let mut config = ServerConfig::new(4, HELLO);
+    config.supported = VersionRange::single(1);
+    let mut w = World::with_config(config);
+    let a = w.connect("a");
+    assert!(matches!(
+        w.clients[&a].events[..],
+        [ClientEvent::Welcomed { version: 1, .. }]
+    ));
+    w.move_once(M1);
+    assert!(matches!(
+        w.report_downtime(a, M1, 3),
+        Err(DowntimeRefused::NotNegotiated { version: Some(1) })
+    ));
+    assert!(w.clients[&a].outbox.is_empty());
 }
 
 #[test]
@@ -1013,6 +1303,7 @@ fn announce_with_nobody_to_tell_completes_at_once() {
 #[derive(Debug, Clone)]
 enum Op {
     Bytes(usize, Vec<u8>),
+    Report(usize, bool),
     Finish(usize),
     Disconnect(usize),
     Announce,
@@ -1025,6 +1316,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0usize..3, proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(s, b)| Op::Bytes(s, b)),
+        1 => (0usize..3, any::<bool>()).prop_map(|(s, m1)| Op::Report(s, m1)),
         1 => (0usize..3).prop_map(Op::Finish),
         1 => (0usize..3).prop_map(Op::Disconnect),
         1 => Just(Op::Announce),
@@ -1063,6 +1355,10 @@ proptest! {
         for op in ops {
             match op {
                 Op::Bytes(i, b) => server.on_bytes(sessions[i], &b, now),
+                Op::Report(i, m1) => {
+                    let id = if m1 { M1 } else { M2 };
+                    server.on_bytes(sessions[i], &downtime_frame(id, 7), now);
+                }
                 Op::Finish(i) => server.on_stream_finished(sessions[i], now),
                 Op::Disconnect(i) => server.on_disconnect(sessions[i], now),
                 Op::Announce => { let _ = server.announce(M1, addr(9), DEADLINE, now); }

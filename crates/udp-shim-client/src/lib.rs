@@ -52,6 +52,15 @@
 //!   `new`. The time cap is enforced on the next send or receive, or when the wrapper calls
 //!   [`SwappableUdp::check_overlap`] (at [`SwappableUdp::overlap_deadline`]).
 //!
+//! **The transport's pause** ([`SwappableUdp::last_move_gap`]). A confirmed move also gives
+//! the pause as the socket saw it: from the last datagram the previous peer delivered during
+//! the overlap (or the overlap's start, when it delivered none) to the confirmation. It is
+//! what a client that measures nothing itself can report as its downtime (cwrapper does, when
+//! the application reports nothing); it is not authenticated (a datagram spoofed from the
+//! previous address would lengthen it), so it is a figure for metrics, never a decision.
+//! Only datagrams during an overlap are timed, so the receive path costs nothing more
+//! outside a move.
+//!
 //! Why a spoofed datagram cannot end the overlap: the only inputs that end it are the
 //! wrapper's `confirm_peer` (driven by data quinn authenticated), an explicit `set_peer`, or
 //! the cap. Garbage, a replayed or forged packet from `new` is delivered to quinn, which drops
@@ -228,6 +237,21 @@ pub enum MoveOutcome {
     Abandoned(MoveError),
 }
 
+/// The transport's pause across a confirmed move ([`SwappableUdp::last_move_gap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MoveGap {
+    /// The peer moved to.
+    pub peer: SocketAddr,
+    /// The peer moved from.
+    pub previous: SocketAddr,
+    /// The last datagram from `previous` during the overlap (its start if none came) to the
+    /// confirmation.
+    pub gap: Duration,
+    /// When the move was confirmed.
+    pub confirmed_at: Instant,
+}
+
 /// What [`SwappableUdp::confirm_peer`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -339,6 +363,13 @@ pub struct SwappableUdp {
     outcome: watch::Sender<MoveOutcome>,
     /// The source of the last datagram delivered to quinn.
     last_from: RwLock<Option<SocketAddr>>,
+    /// What the overlap times count from.
+    epoch: Instant,
+    /// During an overlap: the last datagram from the previous peer, in nanoseconds since
+    /// `epoch` (0: none yet).
+    previous_rx_ns: AtomicU64,
+    /// The last confirmed move's pause.
+    last_gap: RwLock<Option<MoveGap>>,
 }
 
 /// The real peer, and during a move the overlap with the peer it replaces.
@@ -470,6 +501,9 @@ impl SwappableUdp {
             overlap_capped: AtomicU64::new(0),
             outcome: watch::Sender::new(MoveOutcome::Idle),
             last_from: RwLock::new(None),
+            epoch: Instant::now(),
+            previous_rx_ns: AtomicU64::new(0),
+            last_gap: RwLock::new(None),
         })
     }
 
@@ -559,6 +593,7 @@ impl SwappableUdp {
             peers.current = peer;
             if canonical(settled) != canonical(peer) {
                 peers.overlap = Some(Overlap::new(settled, now));
+                self.previous_rx_ns.store(0, Ordering::Relaxed);
             } else if ending.is_some() {
                 self.outcome.send_replace(MoveOutcome::Reverted { peer });
             }
@@ -602,6 +637,20 @@ impl SwappableUdp {
     /// Ends the overlap: the current peer is confirmed.
     fn confirm(&self, peers: &mut Peers) {
         if let Some(o) = peers.overlap.take() {
+            let now = Instant::now();
+            let last_previous = match self.previous_rx_ns.load(Ordering::Relaxed) {
+                0 => o.started,
+                ns => (self.epoch + Duration::from_nanos(ns)).max(o.started),
+            };
+            *self
+                .last_gap
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Some(MoveGap {
+                peer: peers.current,
+                previous: o.previous,
+                gap: now.saturating_duration_since(last_previous),
+                confirmed_at: now,
+            });
             self.confirmations.fetch_add(1, Ordering::Relaxed);
             self.outcome.send_replace(MoveOutcome::Confirmed {
                 peer: peers.current,
@@ -638,6 +687,24 @@ impl SwappableUdp {
         error
     }
 
+    /// The pause of the last confirmed move as the socket saw it: the last datagram from the
+    /// previous peer during the overlap (the overlap's start if none came) to the
+    /// confirmation. `None` before the first confirmed move. Not authenticated: a figure to
+    /// report, not to decide on (see the [crate docs](crate)).
+    pub fn last_move_gap(&self) -> Option<MoveGap> {
+        *self.last_gap.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes a datagram from the previous peer during an overlap.
+    fn note_previous_rx(&self) {
+        let ns = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_nanos();
+        // At least 1: 0 means "none".
+        let ns = u64::try_from(ns).unwrap_or(u64::MAX).max(1);
+        self.previous_rx_ns.store(ns, Ordering::Relaxed);
+    }
+
     /// The address the last datagram handed to quinn came from: the server's real address as
     /// the client last heard it (`None` before the first one).
     pub fn last_received_from(&self) -> Option<SocketAddr> {
@@ -672,14 +739,21 @@ impl SwappableUdp {
         };
         let is_previous = canonical(from) == canonical(overlap.previous);
         if !is_current {
+            if is_previous {
+                self.note_previous_rx();
+            }
             return is_previous;
         }
         let mut peers = self.peers_mut();
         // Re-read under the write lock: a set_peer or a cap may have raced.
         if canonical(peers.current) != canonical(from) {
-            return peers
+            let previous = peers
                 .overlap
                 .is_some_and(|o| canonical(o.previous) == canonical(from));
+            if previous {
+                self.note_previous_rx();
+            }
+            return previous;
         }
         let limits = peers.limits;
         let Some(overlap) = peers.overlap.as_mut() else {
@@ -1176,6 +1250,45 @@ mod tests {
             stats.dropped_foreign, 2,
             "the stranger and the late old datagram"
         );
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_move_gives_the_pause_from_the_previous_peers_last_datagram() {
+        let old = loopback_socket();
+        let new = loopback_socket();
+        let shim = SwappableUdp::new(loopback_socket(), old.local_addr().unwrap()).unwrap();
+        let new_addr = new.local_addr().unwrap();
+        assert_eq!(shim.last_move_gap(), None);
+        shim.set_peer(new_addr).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // The old server's last word before its freeze.
+        old.send_to(b"last from old", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        let last_old = Instant::now();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        new.send_to(b"first from new", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        assert_eq!(shim.last_move_gap(), None, "not before the confirmation");
+        shim.confirm_peer(new_addr).unwrap();
+        let g = shim.last_move_gap().unwrap();
+        assert_eq!((g.peer, g.previous), (new_addr, old.local_addr().unwrap()));
+        // From the old peer's last datagram (not the overlap's start) to the confirmation.
+        assert!(g.gap >= Duration::from_millis(60), "{g:?}");
+        assert!(
+            g.gap <= last_old.elapsed() + Duration::from_millis(5),
+            "{g:?}"
+        );
+        // A move whose previous peer said nothing during the overlap counts from its start.
+        let started = Instant::now();
+        shim.set_peer(old.local_addr().unwrap()).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        old.send_to(b"back", shim.local_addr()).unwrap();
+        recv_one(&shim).await;
+        shim.confirm_peer(old.local_addr().unwrap()).unwrap();
+        let g2 = shim.last_move_gap().unwrap();
+        assert_eq!(g2.peer, old.local_addr().unwrap());
+        assert!(g2.gap >= Duration::from_millis(20), "{g2:?}");
+        assert!(g2.gap <= started.elapsed(), "{g2:?}");
     }
 
     #[tokio::test]

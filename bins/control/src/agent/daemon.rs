@@ -651,6 +651,35 @@ impl Agent {
     }
 }
 
+/// After a move's result is known, off its path: collects the downtimes the `expected`
+/// clients of migration `id` report to the server (its admin folder, on this host) for up to
+/// [`crate::engine::DOWNTIME_WAIT`], and observes each in the client downtime histogram. Called
+/// by the agent where the server runs afterwards: the target's after a completed move, the
+/// source's after a rollback.
+pub(crate) fn record_downtimes_later(
+    metrics: crate::metrics::Metrics,
+    admin: admin_api::AdminDir,
+    id: MigrationId,
+    expected: usize,
+) {
+    if expected == 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("downtimes".to_owned())
+        .spawn(move || {
+            let got = crate::engine::collect_downtimes(&admin, id, expected);
+            let pauses: Vec<Duration> = got
+                .iter()
+                .map(admin_api::ReportedDowntime::downtime)
+                .collect();
+            metrics.record_client_downtimes(&pauses);
+        });
+    if let Err(e) = spawned {
+        warn!(%id, "no thread to collect the clients' downtimes: {e}");
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicked holder leaves plain data behind; going on is better than stopping the agent.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -909,4 +938,62 @@ async fn read_local(stream: &mut tokio::net::UnixStream) -> Result<LocalRequest>
     tokio::time::timeout(REQUEST_READ_LIMIT, read)
         .await
         .map_err(|_| anyhow!("no request in time"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::parse::{samples, value};
+    use admin_api::{AdminDir, DowntimeLog, MigrationDowntimeReports, ReportedDowntime};
+
+    #[test]
+    fn the_reported_downtimes_reach_the_histogram_in_the_background() {
+        let t = tempfile::tempdir().unwrap();
+        let admin = AdminDir::open(t.path()).unwrap();
+        let id = MigrationId::from_bytes([4; 16]);
+        let metrics = crate::metrics::Metrics::new();
+        let count = |m: &crate::metrics::Metrics| {
+            value(
+                &samples(&m.encode()),
+                "qlm_agent_client_downtime_seconds_count",
+                &[],
+            )
+        };
+        // Nobody was told: nothing to wait for.
+        record_downtimes_later(metrics.clone(), admin.clone(), id, 0);
+        record_downtimes_later(metrics.clone(), admin.clone(), id, 2);
+        // The clients report while the collector waits (it returns at once afterwards).
+        admin
+            .post_downtimes(&DowntimeLog {
+                migrations: vec![MigrationDowntimeReports {
+                    migration_id: id,
+                    reports: [(1, 30_000), (2, 250_000)]
+                        .map(|(session, downtime_us)| ReportedDowntime {
+                            session,
+                            client_id: format!("c{session}"),
+                            downtime_us,
+                        })
+                        .to_vec(),
+                }],
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count(&metrics) != Some(2.0) {
+            assert!(Instant::now() < deadline, "{}", metrics.encode());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let s = samples(&metrics.encode());
+        let bucket = |le| {
+            value(
+                &s,
+                "qlm_agent_client_downtime_seconds_bucket",
+                &[("le", le)],
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            (bucket("0.03"), bucket("0.2"), bucket("0.3")),
+            (1.0, 1.0, 2.0)
+        );
+    }
 }

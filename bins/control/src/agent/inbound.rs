@@ -9,6 +9,7 @@
 //!  Restore  ──► the server's log into place, criu restore by the supervisor, placement
 //!               observed, images wiped                   ──► Restored { pid, timing }
 //!  Resume   ──► resume request + SIGUSR2, the service is this host's ──► Resumed
+//!               (then, off the move's path: the clients' downtime reports into the metrics)
 //!  Abort    ──► kill what was restored, supervisor, slot, folders, images ──► Aborted
 //! ```
 
@@ -291,7 +292,6 @@ fn target_outcome(result: crate::metrics::MigrationResult) -> crate::metrics::Mi
         clients_acked: 0,
         clients_missing: 0,
         rollback_phase: None,
-        client_downtimes: Vec::new(),
     }
 }
 
@@ -784,6 +784,8 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     agent
         .metrics
         .record_migration(&target_outcome(crate::metrics::MigrationResult::Completed));
+    // The server runs here now: its clients' downtime reports come to this host.
+    super::daemon::record_downtimes_later(agent.metrics.clone(), admin, migration, resumed.told);
     info!(%peer, %migration, service = %name, pid, "resumed: the service runs here");
     Ok(PeerReply::Resumed {
         clients,

@@ -13,6 +13,10 @@
 //! Recoveries: before the dump the source unparks and sends its clients back (and the target
 //! is told to abort); after it, the target is told to abort first (so that no second copy
 //! runs), then the source's own image set is restored here and the clients come back.
+//!
+//! The clients' downtime reports go to the agent where the server runs afterwards: the
+//! target's after a completed move, this one after a rollback (in the background, once the
+//! result is known). They do not reach this move's report: it is returned before they come.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -787,8 +791,17 @@ impl Outbound {
                 clients_acked: announce.map_or(0, |a| a.outcome.acked.len() as u64),
                 clients_missing: announce.map_or(0, |a| a.outcome.missing.len() as u64),
                 rollback_phase: machine.failure().map(|f| f.phase),
-                client_downtimes: Vec::new(),
             });
+        if !completed {
+            // Rolled back: the server runs here again, and its clients report here (after a
+            // completed move the target's agent collects them).
+            super::daemon::record_downtimes_later(
+                self.agent.metrics.clone(),
+                self.admin.clone(),
+                self.id,
+                crate::engine::clients_told(&self.report),
+            );
+        }
         (
             summary,
             CrossReport {
