@@ -59,7 +59,7 @@ pub(crate) fn clean_up_after_a_kill(root: &Path) {
     if !paths.bin.join("control").exists() {
         return;
     }
-    for name in NAMES {
+    for name in NAMES.iter().chain(&[crate::front_e2e::NAME]) {
         println!("e2e: cleaning up after the stop: control down --name {name}");
         let res = crate::limit::status(
             paths.control(name).arg("down"),
@@ -94,6 +94,14 @@ pub(crate) struct Options {
     /// Skip the interrupt scenario (control killed at each phase boundary, then recovered).
     #[arg(long)]
     no_interrupt: bool,
+    /// Skip the stable-address scenario (`control up --front`: a client in its own network
+    /// namespace, the server moved behind one front address, with and without holding).
+    #[arg(long)]
+    no_front: bool,
+    /// Moves in the stable-address scenario (alternately with and without holding).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    front_moves: u32,
     /// Fail when the client pauses longer than this for any migration (completed or rolled
     /// back), or when a figure is missing. The default is generous (about ten times a typical
     /// pause here, for a shared and noisy machine) yet below the ~1.5 s a dumped server used
@@ -221,6 +229,8 @@ struct E2eReport {
     elapsed_s: f64,
     max_pause_ms: u64,
     scenarios: Vec<ScenarioResult>,
+    /// The stable-address scenario.
+    front: Option<crate::front_e2e::FrontSummary>,
     failures: Vec<String>,
 }
 
@@ -327,11 +337,51 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         }
     }
 
+    let mut front = None;
+    if failures.is_empty() && !opts.no_front {
+        println!(
+            "\ne2e: stable-address scenario: a client in its own namespace, the server moved \
+             {} times behind one front address (control up --front), alternately holding the \
+             datagrams of the freeze and not",
+            opts.front_moves
+        );
+        let control = || paths.control(crate::front_e2e::NAME);
+        match crate::front_e2e::run_scenario(
+            &control,
+            &paths.bin,
+            &paths.state,
+            out_dir,
+            opts.front_moves,
+        ) {
+            Ok(s) => {
+                for (i, m) in s.moves.iter().enumerate() {
+                    println!(
+                        "e2e: front move {}: {} hold, freeze {} ms, client pause {} ms",
+                        i + 1,
+                        if m.hold { "with" } else { "without" },
+                        m.freeze_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                        m.pause_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                    );
+                }
+                front = Some(s);
+            }
+            Err(e) => {
+                println!("\ne2e: the stable-address scenario FAILED: {e:#}");
+                let _ = crate::limit::status(
+                    paths.control(crate::front_e2e::NAME).arg("logs"),
+                    "control logs",
+                    HOUSEKEEPING_LIMIT,
+                );
+                failures.push(format!("stable-address scenario: {e:#}"));
+            }
+        }
+    }
     let combined = E2eReport {
         machine: crate::bench::machine(),
         elapsed_s: started.elapsed().as_secs_f64(),
         max_pause_ms: opts.max_pause_ms,
         scenarios: results,
+        front,
         failures,
     };
     let report_path = out_dir.join("e2e-report.json");
@@ -481,6 +531,46 @@ fn render(combined: &E2eReport) -> String {
         for p in &sc.problems {
             let _ = writeln!(s, "- PROBLEM: {p}");
         }
+    }
+    if let Some(front) = &combined.front {
+        let _ = writeln!(
+            s,
+            "Scenario: stable service address (`control up --front`): a client (cwrapper) in \
+             its own network namespace keeps one connection to one front address while the \
+             server moves behind it, alternately with and without holding the datagrams that \
+             arrive during the freeze\n"
+        );
+        let _ = writeln!(s, "| # | hold | freeze ms | client pause ms |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (i, m) in front.moves.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                i + 1,
+                if m.hold { "yes" } else { "no" },
+                f(m.freeze_ms),
+                f(m.pause_ms)
+            );
+        }
+        let over = |hold: bool| {
+            crate::front_e2e::median(
+                front
+                    .moves
+                    .iter()
+                    .filter(|m| m.hold == hold)
+                    .filter_map(|m| Some(m.pause_ms? - m.freeze_ms?))
+                    .collect(),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "\nMedian recovery overhead (client pause minus freeze): {} ms with holding, {} ms \
+             without. Client: {} handshake, {} echoes.\n",
+            f(over(true)),
+            f(over(false)),
+            front.client_handshakes,
+            front.echoes
+        );
     }
     s
 }
@@ -677,6 +767,24 @@ mod tests {
                 )),
                 problems: vec![],
             }],
+            front: Some(crate::front_e2e::FrontSummary {
+                moves: vec![
+                    crate::front_e2e::FrontMove {
+                        hold: true,
+                        freeze_ms: Some(70.0),
+                        pause_ms: Some(75.5),
+                        handshakes: Some(1),
+                    },
+                    crate::front_e2e::FrontMove {
+                        hold: false,
+                        freeze_ms: Some(60.0),
+                        pause_ms: Some(170.0),
+                        handshakes: Some(1),
+                    },
+                ],
+                client_handshakes: 1,
+                echoes: 10,
+            }),
             failures: vec![],
         };
         let s = render(&combined);
@@ -687,5 +795,7 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("client pause 100.9 ms"), "{s}");
+        assert!(s.contains("| 2 | no | 60.0 | 170.0 |"), "{s}");
+        assert!(s.contains("5.5 ms with holding, 110.0 ms without"), "{s}");
     }
 }

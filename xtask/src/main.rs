@@ -8,6 +8,7 @@
 mod bench;
 mod bench_migrate;
 mod e2e;
+mod front_e2e;
 mod limit;
 mod multihost;
 mod setup;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::state::{FrontState, Container, Side, State};
+use crate::state::{Container, FrontState, Side, State};
 use crate::supervisor::{self, SupervisorRequest};
 use crate::{images, podman, sys};
 

@@ -85,6 +85,8 @@ pub(crate) struct Options {
     pub(crate) memory: Memory,
     /// Keep the image set after a completed move.
     pub(crate) keep_images: bool,
+    /// Behind a front: hold the datagrams that arrive during the freeze (else only switch).
+    pub(crate) front_hold: bool,
     /// Fault injection.
     pub(crate) fault: Option<Fault>,
 }
@@ -184,13 +186,23 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         supervisor: state_dir.join(supervisor::SOCKET),
         id,
         report: {
-            let mut r = MoveReport::new(
-                id,
-                (src.name.clone(), dst.name.clone()),
-                (
+            // The addresses the probes check. Behind a front, the containers' own: the
+            // front's stateless NAT leaves the backend's replies untracked, which the host
+            // ports' port maps (conntrack) then cannot translate back.
+            let (source_addr, target_addr) = match &state.front {
+                Some(f) => (
+                    SocketAddr::V4(f.backend(state.side)),
+                    SocketAddr::V4(f.backend(state.side.other())),
+                ),
+                None => (
                     SocketAddr::from(([127, 0, 0, 1], src.host_port)),
                     SocketAddr::from(([127, 0, 0, 1], dst.host_port)),
                 ),
+            };
+            let mut r = MoveReport::new(
+                id,
+                (src.name.clone(), dst.name.clone()),
+                (source_addr, target_addr),
                 machine.report(),
             );
             r.images_dir = Some(images.clone());
@@ -214,6 +226,10 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
         page_flow: None,
         restored_at: None,
         source_pid: state.server_pid,
+        front: match &state.front {
+            Some(f) => Some(crate::front::MovingFront::attach(f, state.side)?),
+            None => None,
+        },
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
     engine.journal(Phase::Idle)?;
@@ -429,6 +445,8 @@ struct Engine<'a> {
     /// The server's PID at the source (post-copy: the frozen source stays until every page
     /// arrived, and runs again when the transfer fails).
     source_pid: i32,
+    /// The deployment's front (`up --front`), taken over for this move.
+    front: Option<crate::front::MovingFront>,
 }
 
 impl Engine<'_> {
@@ -475,7 +493,11 @@ impl Engine<'_> {
         self.report.phases = phases;
         self.admin.send_request(&MigrateRequest {
             migration_id: self.id,
-            new_addr: self.report.target_addr,
+            // Behind a front the clients' address stays: their shim swaps to the same one.
+            new_addr: self
+                .front
+                .as_ref()
+                .map_or(self.report.target_addr, |f| SocketAddr::V4(f.address())),
             deadline_ms: u64::try_from(deadline.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
@@ -614,6 +636,7 @@ impl Engine<'_> {
             .dump_worker
             .take()
             .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
+        self.front_freeze()?;
         let (timing, spent) = criu::dump_via_deferred(worker, &args)?;
         self.spent_dump_worker = spent;
         interrupt::fault(Point::Dumped);
@@ -721,6 +744,10 @@ impl Engine<'_> {
         }
         let resumed = ask_resume(&self.admin, self.pid, self.id)?;
         self.report.resumed = Some(resumed);
+        // After the server's new socket exists (its rebind): the held datagrams reach it.
+        if let Some(f) = &mut self.front {
+            f.settle_at(self.sides.1)?;
+        }
         let source = probe(self.report.source_addr);
         let target = probe(self.report.target_addr);
         self.report.source_probe = Some(source);
@@ -767,8 +794,25 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Behind a front: datagrams are held from the freeze on and go to the target.
+    fn front_freeze(&mut self) -> Result<()> {
+        let to = self.sides.1;
+        let hold = self.opts.front_hold;
+        if let Some(f) = &mut self.front {
+            f.freeze_to(to, hold)?;
+        }
+        Ok(())
+    }
+
     /// The server serves from the source again and sends its clients back there.
     fn send_back(&mut self) -> Result<()> {
+        // Behind a front: it points at the source again, and what it held goes there.
+        let from = self.sides.0;
+        if let Some(f) = &mut self.front
+            && let Err(e) = f.settle_at(from)
+        {
+            warn!("pointing the front back at the source: {e:#}");
+        }
         let aborted = ask_abort(
             &self.admin,
             self.pid,
@@ -837,6 +881,7 @@ impl Engine<'_> {
         }
         // No kill points here: recovering a post-copy move whose control was killed is not
         // handled yet (see ARCHITECTURE.md).
+        self.front_freeze()?;
         let started = postcopy::start(self.pid, &self.src.netns, &dir, self.dump_as)?;
         self.page_flow = Some(started.flow);
         let bytes = sys::dir_size(&dir);

@@ -7,6 +7,7 @@ mod criu_real_tests;
 mod criu_rpc;
 mod deploy;
 mod engine;
+mod front;
 mod http;
 mod image_stream;
 mod images;
@@ -284,6 +285,11 @@ struct MigrateArgs {
     /// Keep the image set after a successful migration.
     #[arg(long)]
     keep_images: bool,
+    /// Behind a front (`up --front`): switch it at the freeze without holding the datagrams
+    /// that arrive meanwhile (they are lost, as without a front; for measuring what the hold
+    /// buys).
+    #[arg(long)]
+    front_no_hold: bool,
     /// Fault injection for testing the rollback: make the restore in the target fail (its
     /// pstree image is hidden from it), so the server must be restored in the source again.
     #[arg(long)]
@@ -561,6 +567,7 @@ fn engine_options(a: &MigrateArgs) -> engine::Options {
         transfer: a.transfer,
         memory: a.memory,
         keep_images: a.keep_images,
+        front_hold: !a.front_no_hold,
         fault: if a.fail_dump {
             Some(Fault::Dump)
         } else if a.fail_restore {

@@ -143,6 +143,13 @@ pub(crate) fn recover(
         report.recovery = Some(Recovery::Abort);
     }
     report.images_dir = images::dispose(&journal.images, journal.keep_images);
+    // Behind a front: it points where the server runs now and holds nothing (the killed
+    // control may have switched it, or left a hold).
+    if let Some(front) = &state.front
+        && let Err(e) = crate::front::MovingFront::attach(front, state.side)
+    {
+        warn!("setting the front after the recovery: {e:#}");
+    }
     report.wall_ms = started.elapsed().as_secs_f64() * 1e3;
     state.save(state_dir)?;
     journal::remove(state_dir)?;

@@ -201,7 +201,37 @@ mod tests {
             images_dir: dir.join("images"),
             migrations: 0,
             pid_namespace: false,
+            front: None,
         }
+    }
+
+    #[test]
+    fn a_front_round_trips_and_names_each_sides_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sample(dir.path());
+        let front = FrontState {
+            name: "d12345678".into(),
+            front: "10.235.0.1:5300".parse().unwrap(),
+            a: "10.88.0.2:4242".parse().unwrap(),
+            b: "10.88.0.3:4242".parse().unwrap(),
+            raw_table_was_there: false,
+        };
+        assert_eq!(front.backend(Side::B), front.b);
+        let r = front.record(Side::B);
+        assert_eq!((r.front, r.backend, r.netns), (front.front, front.b, None));
+        s.front = Some(front);
+        s.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), s);
+        // A state written before fronts existed has none.
+        let mut v = serde_json::to_value(sample(dir.path())).unwrap();
+        v.as_object_mut().unwrap().remove("front");
+        std::fs::write(dir.path().join("state.json"), v.to_string()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap().front, None);
+        // A damaged front is refused with the rest of the state.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v["front"]["front"] = "not an address".into();
+        std::fs::write(dir.path().join("state.json"), v.to_string()).unwrap();
+        assert!(State::load(dir.path()).is_err());
     }
 
     #[test]

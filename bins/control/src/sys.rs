@@ -299,7 +299,7 @@ pub(crate) const STORAGE_MARGIN: u64 = 64 << 20;
 pub(crate) fn check_room(dir: &Path, need: u64, what: &str) -> Result<()> {
     let st = nix::sys::statvfs::statvfs(dir)
         .with_context(|| format!("reading the free space of {}", dir.display()))?;
-    let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     if free < need.saturating_add(STORAGE_MARGIN) {
         bail!(
             "{} has {} MiB free; {what} needs about {} MiB (and {} MiB to spare)",

@@ -100,6 +100,11 @@ fn bad_flags_are_refused_by_the_parser() {
         &["migrate", "--transfer", "carrier-pigeon"],
         &["migrate", "--quiesce-deadline-ms", "0"],
         &["run", "--moves", "-1"],
+        &["up", "--front", "127.0.0.1:5300"],
+        &["up", "--front", "0.0.0.0:5300"],
+        &["up", "--front", "10.0.0.1"],
+        &["up", "--front", "10.0.0.1:0"],
+        &["up", "--front", "[::1]:5300"],
         &[
             "fleet-init",
             "--out",

@@ -530,13 +530,10 @@ impl Front {
     /// from binding the port meanwhile, though the NAT takes every datagram to it first), and
     /// nothing is removed when the returned record is dropped. A hold in progress is
     /// released first.
+    ///
+    /// A failure (of the release or of stopping the holder) is returned, but the rules stay
+    /// all the same: a detach never removes the front.
     pub fn detach(mut self) -> Result<FrontRecord, FrontError> {
-        if self.holding {
-            self.release()?;
-        }
-        if let Some(mut holder) = self.holder.take() {
-            holder.stop()?;
-        }
         let record = FrontRecord {
             name: self.name.clone(),
             front: self.front,
@@ -544,9 +541,21 @@ impl Front {
             netns: self.netns.path().map(Path::to_path_buf),
             raw_table_was_there: self.made.raw_table_was_there,
         };
-        // Nothing is torn down on drop now.
+        let mut first = None;
+        if self.holding
+            && let Err(e) = self.release()
+        {
+            first = Some(e);
+        }
+        // Nothing is torn down on drop from here on, whatever fails.
         self.made = Made::default();
-        Ok(record)
+        self.holding = false;
+        if let Some(mut holder) = self.holder.take()
+            && let Err(e) = holder.stop()
+        {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(record), Err)
     }
 
     /// Takes a detached front over: its table must still be there, pointing at the
@@ -589,6 +598,12 @@ impl Front {
                 },
             });
         }
+        // A hold its last owner did not end (it died) is ended: a detached front holds
+        // nothing.
+        let chain = rules::chain(&record.name);
+        netns.run(|| {
+            cmd::run(&tools, Tool::Iptables, &["-t", "raw", "-F", &chain], None).map(drop)
+        })?;
         let holder = Holder::start(
             Netns::open(record.netns.as_deref())?,
             record.front,

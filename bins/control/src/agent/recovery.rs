@@ -225,6 +225,5 @@ fn finish(agent: &Agent, j: &MoveJournal, outcome: Outcome, failed: Option<(Stri
             } else {
                 Phase::Preparing
             }),
-            client_downtimes: Vec::new(),
         });
 }

@@ -1,0 +1,313 @@
+//! e2e-migrate's stable-address scenario (`control up --front`): clients in a network
+//! namespace of their own reach the service at one front address for its whole life; the
+//! server moves A -> B -> A ... behind it with CRIU, the front switched at each freeze, with
+//! the datagrams held (and, for comparison, without holding).
+//!
+//! ```text
+//!  netns qlm-e2e-fc (10.235.0.2) ──veth──► host 10.235.0.1:5300 (front, nftables NAT)
+//!                                                │ ──► container A 10.88.x.y:4242
+//!                                                └──► container B (after a move)
+//! ```
+//!
+//! Checked: every move completes; the client keeps its one connection (one handshake on its
+//! side and on the server's), its view of the server stays the front address, every echo it
+//! sent came back verified; afterwards `control down` leaves no front rules. Printed: the
+//! client's pause against the freeze, with and without holding.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+const NETNS: &str = "qlm-e2e-fc";
+const HOST_IF: &str = "qlmfc0";
+const CLIENT_IF: &str = "qlmfc1";
+const HOST_IP: &str = "10.235.0.1";
+const CLIENT_IP: &str = "10.235.0.2";
+const FRONT: &str = "10.235.0.1:5300";
+/// The deployment's name (`control --name`).
+pub(crate) const NAME: &str = "qlm-e2e-front";
+
+/// One move's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct FrontMove {
+    pub(crate) hold: bool,
+    pub(crate) freeze_ms: Option<f64>,
+    pub(crate) pause_ms: Option<f64>,
+    pub(crate) handshakes: Option<u64>,
+}
+
+/// The scenario's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct FrontSummary {
+    pub(crate) moves: Vec<FrontMove>,
+    pub(crate) client_handshakes: u64,
+    pub(crate) echoes: u64,
+}
+
+/// The client's namespace and its link; removed when dropped.
+struct ClientSite;
+
+impl ClientSite {
+    fn create() -> Result<Self> {
+        remove_site();
+        let site = ClientSite;
+        for args in [
+            vec!["netns", "add", NETNS],
+            vec![
+                "link", "add", HOST_IF, "type", "veth", "peer", "name", CLIENT_IF,
+            ],
+            vec!["link", "set", CLIENT_IF, "netns", NETNS],
+            vec!["addr", "add", &format!("{HOST_IP}/24"), "dev", HOST_IF],
+            vec!["link", "set", HOST_IF, "up"],
+            vec![
+                "-n",
+                NETNS,
+                "addr",
+                "add",
+                &format!("{CLIENT_IP}/24"),
+                "dev",
+                CLIENT_IF,
+            ],
+            vec!["-n", NETNS, "link", "set", CLIENT_IF, "up"],
+            vec!["-n", NETNS, "link", "set", "lo", "up"],
+            vec!["-n", NETNS, "route", "add", "default", "via", HOST_IP],
+        ] {
+            run("ip", &args)?;
+        }
+        // Replies to the client leave through its link; a strict reverse-path filter on it
+        // would drop the datagrams whose source the front rewrote.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{HOST_IF}/rp_filter"), "0");
+        Ok(site)
+    }
+}
+
+impl Drop for ClientSite {
+    fn drop(&mut self) {
+        remove_site();
+    }
+}
+
+fn remove_site() {
+    // Removing the namespace removes its end of the link, and with it the host's end.
+    let _ = Command::new("ip")
+        .args(["netns", "del", NETNS])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["link", "del", HOST_IF])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("starting {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether the front's table is in the host's nftables.
+fn front_rules_left() -> Result<bool> {
+    Ok(run("nft", &["list", "tables"])?.contains("qlm_front_"))
+}
+
+/// Runs the scenario with `control` (a command builder for this deployment's name).
+pub(crate) fn run_scenario(
+    control: &dyn Fn() -> Command,
+    bin: &Path,
+    state: &Path,
+    out_dir: &Path,
+    moves: u32,
+) -> Result<FrontSummary> {
+    let _site = ClientSite::create()?;
+    let up = control()
+        .args([
+            "up",
+            "--front",
+            FRONT,
+            "--src-port",
+            "5244",
+            "--dst-port",
+            "5245",
+        ])
+        .status()
+        .context("control up --front")?;
+    if !up.success() {
+        bail!("control up --front {FRONT} failed ({up})");
+    }
+    let result = with_deployment(control, bin, state, out_dir, moves);
+    let down = control().arg("down").status();
+    let left = front_rules_left();
+    let summary = result?;
+    if !down.as_ref().is_ok_and(|s| s.success()) {
+        bail!("control down failed: {down:?}");
+    }
+    if left? {
+        bail!("control down left the front's nftables table behind");
+    }
+    Ok(summary)
+}
+
+fn with_deployment(
+    control: &dyn Fn() -> Command,
+    bin: &Path,
+    state: &Path,
+    out_dir: &Path,
+    moves: u32,
+) -> Result<FrontSummary> {
+    let client_json = out_dir.join("front-client.json");
+    let _ = std::fs::remove_file(&client_json);
+    let mut client = Client(
+        Command::new("ip")
+            .args(["netns", "exec", NETNS])
+            .arg(bin.join("cwrapper"))
+            .args(["--target", FRONT, "--stay-connected", "--interval-ms", "5"])
+            .arg("--ca")
+            .arg(state.join("server-cert.pem"))
+            .arg("--json")
+            .arg(&client_json)
+            .args(["--client-id", "front-car", "--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting cwrapper in the client's namespace")?,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut figures = Vec::new();
+    for n in 0..moves {
+        // Alternately with and without holding, so that both see the same machine.
+        let hold = n % 2 == 0;
+        let report = out_dir.join(format!("front-move-{}.json", n + 1));
+        let mut cmd = control();
+        cmd.args(["migrate", "--phases", "two", "--report"])
+            .arg(&report);
+        if !hold {
+            cmd.arg("--front-no-hold");
+        }
+        let status = cmd.status().context("control migrate")?;
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
+        )?;
+        if !status.success() || v["result"].as_str() != Some("completed") {
+            bail!(
+                "move {} behind the front: {status}, result {}",
+                n + 1,
+                v["result"]
+            );
+        }
+        figures.push(FrontMove {
+            hold,
+            freeze_ms: v["timeline"]["freeze_time_us"].as_f64().map(|us| us / 1e3),
+            pause_ms: None,
+            handshakes: v["announce"]["handshakes"].as_u64(),
+        });
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let report = client.stop(&client_json)?;
+    let client_handshakes = report["handshakes"].as_u64().unwrap_or(0);
+    let seen = report["migrations"].as_array().cloned().unwrap_or_default();
+    if report["verified"].as_bool() != Some(true) {
+        bail!(
+            "the client behind the front is not verified: {}",
+            report["error"]
+        );
+    }
+    if client_handshakes != 1 || report["connections"].as_u64() != Some(1) {
+        bail!(
+            "the client behind the front made {client_handshakes} handshakes on {} connections",
+            report["connections"]
+        );
+    }
+    if report["target"].as_str() != Some(FRONT) {
+        bail!(
+            "the client's server was {} (not the front)",
+            report["target"]
+        );
+    }
+    if seen.len() != figures.len() {
+        bail!("the client saw {} moves of {}", seen.len(), figures.len());
+    }
+    for (m, f) in seen.iter().zip(figures.iter_mut()) {
+        if m["completed"].as_bool() != Some(true) || m["peer_after"].as_str() != Some(FRONT) {
+            bail!("a move behind the front, as the client saw it: {m}");
+        }
+        f.pause_ms = m["downtime_ms"].as_f64();
+    }
+    if let Some(h) = figures
+        .iter()
+        .find_map(|f| f.handshakes.filter(|h| *h != 1))
+    {
+        bail!("the server counted {h} handshakes (one client, one connection)");
+    }
+    Ok(FrontSummary {
+        moves: figures,
+        client_handshakes,
+        echoes: report["echoes"].as_u64().unwrap_or(0),
+    })
+}
+
+/// The client process; killed if still running when dropped.
+struct Client(Child);
+
+impl Client {
+    /// Stops it (SIGINT: it writes its report) and reads its report.
+    fn stop(&mut self, json: &PathBuf) -> Result<serde_json::Value> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let started = Instant::now();
+        while self.0.try_wait()?.is_none() {
+            if started.elapsed() > Duration::from_secs(10) {
+                let _ = self.0.kill();
+                bail!("the client did not stop within 10 s after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serde_json::from_slice(
+            &std::fs::read(json).with_context(|| format!("reading {}", json.display()))?,
+        )
+        .context("the client's report")
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The median of `v` (None when empty).
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(super::median(vec![]), None);
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(super::median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+}
