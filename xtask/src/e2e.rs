@@ -59,7 +59,10 @@ pub(crate) fn clean_up_after_a_kill(root: &Path) {
     if !paths.bin.join("control").exists() {
         return;
     }
-    for name in NAMES.iter().chain(&[crate::front_e2e::NAME]) {
+    for name in NAMES
+        .iter()
+        .chain(&[crate::front_e2e::NAME, crate::front_e2e::PLAIN_NAME])
+    {
         println!("e2e: cleaning up after the stop: control down --name {name}");
         let res = crate::limit::status(
             paths.control(name).arg("down"),
@@ -231,6 +234,8 @@ struct E2eReport {
     scenarios: Vec<ScenarioResult>,
     /// The stable-address scenario.
     front: Option<crate::front_e2e::FrontSummary>,
+    /// The unmodified server and client behind a front.
+    plain: Option<crate::front_e2e::FrontSummary>,
     failures: Vec<String>,
 }
 
@@ -250,6 +255,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             "cwrapper",
             "-p",
             "control",
+            "-p",
+            "plain-quic",
         ])
         .current_dir(root)
         .status()
@@ -376,12 +383,52 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             }
         }
     }
+    let mut plain = None;
+    if failures.is_empty() && !opts.no_front {
+        println!(
+            "\ne2e: unmodified server and client: plain-echo-server (plain quinn) started by \
+             control up --front ... -- COMMAND, plain-echo-client (no shim) in its own \
+             namespace, {} moves, alternately holding and not",
+            opts.front_moves
+        );
+        let control = || paths.control(crate::front_e2e::PLAIN_NAME);
+        match crate::front_e2e::run_plain_scenario(
+            &control,
+            &paths.bin,
+            &paths.state,
+            out_dir,
+            opts.front_moves,
+        ) {
+            Ok(s) => {
+                for (i, m) in s.moves.iter().enumerate() {
+                    println!(
+                        "e2e: unmodified move {}: {} hold, freeze {} ms, client pause {} ms",
+                        i + 1,
+                        if m.hold { "with" } else { "without" },
+                        m.freeze_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                        m.pause_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                    );
+                }
+                plain = Some(s);
+            }
+            Err(e) => {
+                println!("\ne2e: the unmodified-server scenario FAILED: {e:#}");
+                let _ = crate::limit::status(
+                    paths.control(crate::front_e2e::PLAIN_NAME).arg("logs"),
+                    "control logs",
+                    HOUSEKEEPING_LIMIT,
+                );
+                failures.push(format!("unmodified-server scenario: {e:#}"));
+            }
+        }
+    }
     let combined = E2eReport {
         machine: crate::bench::machine(),
         elapsed_s: started.elapsed().as_secs_f64(),
         max_pause_ms: opts.max_pause_ms,
         scenarios: results,
         front,
+        plain,
         failures,
     };
     let report_path = out_dir.join("e2e-report.json");
@@ -480,6 +527,42 @@ fn check(sc: &Scenario<'_>, report: Option<&RunReport>) -> Vec<String> {
     problems
 }
 
+fn render_front(s: &mut String, title: &str, front: &crate::front_e2e::FrontSummary) {
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.1}"));
+    let _ = writeln!(s, "{title}\n");
+    let _ = writeln!(s, "| # | hold | freeze ms | client pause ms |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (i, m) in front.moves.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            i + 1,
+            if m.hold { "yes" } else { "no" },
+            f(m.freeze_ms),
+            f(m.pause_ms)
+        );
+    }
+    let over = |hold: bool| {
+        crate::front_e2e::median(
+            front
+                .moves
+                .iter()
+                .filter(|m| m.hold == hold)
+                .filter_map(|m| Some(m.pause_ms? - m.freeze_ms?))
+                .collect(),
+        )
+    };
+    let _ = writeln!(
+        s,
+        "\nMedian recovery overhead (client pause minus freeze): {} ms with holding, {} ms \
+         without. Client: {} handshake, {} echoes.\n",
+        f(over(true)),
+        f(over(false)),
+        front.client_handshakes,
+        front.echoes
+    );
+}
+
 fn render(combined: &E2eReport) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "End-to-end migration (`cargo xtask e2e-migrate`)\n");
@@ -533,43 +616,22 @@ fn render(combined: &E2eReport) -> String {
         }
     }
     if let Some(front) = &combined.front {
-        let _ = writeln!(
-            s,
+        render_front(
+            &mut s,
             "Scenario: stable service address (`control up --front`): a client (cwrapper) in \
              its own network namespace keeps one connection to one front address while the \
              server moves behind it, alternately with and without holding the datagrams that \
-             arrive during the freeze\n"
+             arrive during the freeze",
+            front,
         );
-        let _ = writeln!(s, "| # | hold | freeze ms | client pause ms |");
-        let _ = writeln!(s, "|---|---|---|---|");
-        for (i, m) in front.moves.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} |",
-                i + 1,
-                if m.hold { "yes" } else { "no" },
-                f(m.freeze_ms),
-                f(m.pause_ms)
-            );
-        }
-        let over = |hold: bool| {
-            crate::front_e2e::median(
-                front
-                    .moves
-                    .iter()
-                    .filter(|m| m.hold == hold)
-                    .filter_map(|m| Some(m.pause_ms? - m.freeze_ms?))
-                    .collect(),
-            )
-        };
-        let _ = writeln!(
-            s,
-            "\nMedian recovery overhead (client pause minus freeze): {} ms with holding, {} ms \
-             without. Client: {} handshake, {} echoes.\n",
-            f(over(true)),
-            f(over(false)),
-            front.client_handshakes,
-            front.echoes
+    }
+    if let Some(plain) = &combined.plain {
+        render_front(
+            &mut s,
+            "Scenario: unmodified server and client behind a front (`control up --front ... -- \
+             plain-echo-server`, plain quinn on both sides, no shim, no control stream): \
+             echoes every 5 ms over one connection, alternately with and without holding",
+            plain,
         );
     }
     s
@@ -785,6 +847,7 @@ mod tests {
                 client_handshakes: 1,
                 echoes: 10,
             }),
+            plain: None,
             failures: vec![],
         };
         let s = render(&combined);

@@ -256,6 +256,156 @@ fn with_deployment(
     })
 }
 
+/// The deployment's name of the unmodified server's part.
+pub(crate) const PLAIN_NAME: &str = "qlm-e2e-plain";
+const PLAIN_FRONT: &str = "10.235.0.1:5301";
+
+/// The unmodified part: `plain-echo-server` (plain quinn, knows nothing of moves) started by
+/// `control up --front ... -- COMMAND`, and `plain-echo-client` (plain quinn, no shim) in the
+/// client's namespace; the server moved `moves` times, alternately holding and not.
+pub(crate) fn run_plain_scenario(
+    control: &dyn Fn() -> Command,
+    bin: &Path,
+    state: &Path,
+    out_dir: &Path,
+    moves: u32,
+) -> Result<FrontSummary> {
+    let _site = ClientSite::create()?;
+    let up = control()
+        .args([
+            "up",
+            "--front",
+            PLAIN_FRONT,
+            "--src-port",
+            "5246",
+            "--dst-port",
+            "5247",
+            "--",
+        ])
+        .arg(bin.join("plain-echo-server"))
+        .args(["--listen", "0.0.0.0:4242"])
+        .status()
+        .context("control up -- plain-echo-server")?;
+    if !up.success() {
+        bail!("control up --front {PLAIN_FRONT} -- plain-echo-server failed ({up})");
+    }
+    let result = with_plain_deployment(control, bin, state, out_dir, moves);
+    let down = control().arg("down").status();
+    let left = front_rules_left();
+    let summary = result?;
+    if !down.as_ref().is_ok_and(|s| s.success()) {
+        bail!("control down failed: {down:?}");
+    }
+    if left? {
+        bail!("control down left the front's nftables table behind");
+    }
+    Ok(summary)
+}
+
+fn with_plain_deployment(
+    control: &dyn Fn() -> Command,
+    bin: &Path,
+    state: &Path,
+    out_dir: &Path,
+    moves: u32,
+) -> Result<FrontSummary> {
+    let client_json = out_dir.join("plain-client.json");
+    let _ = std::fs::remove_file(&client_json);
+    let spawned = Instant::now();
+    let mut client = Client(
+        Command::new("ip")
+            .args(["netns", "exec", NETNS])
+            .arg(bin.join("plain-echo-client"))
+            .args([
+                "--target",
+                PLAIN_FRONT,
+                "--interval-ms",
+                "5",
+                "--gap-ms",
+                "20",
+            ])
+            .arg("--json")
+            .arg(&client_json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting plain-echo-client in the client's namespace")?,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut figures = Vec::new();
+    let mut windows = Vec::new();
+    for n in 0..moves {
+        let hold = n % 2 == 0;
+        let report = out_dir.join(format!("plain-move-{}.json", n + 1));
+        let mut cmd = control();
+        cmd.args(["migrate", "--report"]).arg(&report);
+        if !hold {
+            cmd.arg("--front-no-hold");
+        }
+        let from = spawned.elapsed();
+        let status = cmd.status().context("control migrate")?;
+        let to = spawned.elapsed();
+        let v: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
+        )?;
+        if !status.success() || v["result"].as_str() != Some("completed") {
+            bail!(
+                "move {} of the unmodified server: {status}, result {}",
+                n + 1,
+                v["result"]
+            );
+        }
+        figures.push(FrontMove {
+            hold,
+            freeze_ms: v["timeline"]["freeze_time_us"].as_f64().map(|us| us / 1e3),
+            pause_ms: None,
+            handshakes: None,
+        });
+        windows.push((from, to));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let report = client.stop(&client_json)?;
+    if let Some(e) = report["error"].as_str() {
+        bail!("the unmodified client failed: {e}");
+    }
+    if report["connections"].as_u64() != Some(1) || report["corrupted"].as_u64() != Some(0) {
+        bail!("the unmodified client: {report}");
+    }
+    // Each move's pause: the longest gap between echoes that began during it (the client's
+    // clock starts a little after its spawn: a generous slack).
+    let gaps: Vec<(f64, f64)> = report["gaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| Some((g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
+        .collect();
+    for (f, (from, to)) in figures.iter_mut().zip(&windows) {
+        let (lo, hi) = (
+            from.as_secs_f64() * 1e3 - 1500.0,
+            to.as_secs_f64() * 1e3 + 500.0,
+        );
+        f.pause_ms = gaps
+            .iter()
+            .filter(|(at, _)| (lo..hi).contains(at))
+            .map(|(_, len)| *len)
+            .reduce(f64::max);
+    }
+    // The server's side: one handshake in all (its log has a line per accepted connection).
+    let log = std::fs::read_to_string(state.join("server.log")).context("the server's log")?;
+    let accepted = log.lines().filter(|l| l.starts_with("accepted ")).count() as u64;
+    if accepted != 1 {
+        bail!("the unmodified server accepted {accepted} connections (one client, one connection)");
+    }
+    for f in &mut figures {
+        f.handshakes = Some(accepted);
+    }
+    Ok(FrontSummary {
+        moves: figures,
+        client_handshakes: 1,
+        echoes: report["echoes"].as_u64().unwrap_or(0),
+    })
+}
+
 /// The client process; killed if still running when dropped.
 struct Client(Child);
 

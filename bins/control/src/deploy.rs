@@ -67,6 +67,8 @@ pub(crate) struct UpOptions {
     /// it points at the container the server runs in (switched, with the datagrams held,
     /// during each move).
     pub(crate) front: Option<std::net::SocketAddrV4>,
+    /// A server of the user's instead of swrapper (needs `front`): its command line.
+    pub(crate) server_command: Vec<std::ffi::OsString>,
 }
 
 /// The `--server-user` that keeps the server root: needed in its own pid namespace, where
@@ -137,6 +139,9 @@ pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
         }
     }
     images::check_dir(&settings.images_dir)?;
+    if !opts.server_command.is_empty() {
+        check_server_command(opts)?;
+    }
     let swrapper = opts.bin_dir.join("swrapper");
     if !swrapper.is_file() {
         bail!(
@@ -173,6 +178,51 @@ pub(crate) fn check_up(settings: &Settings, opts: &UpOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a server of the user's (`up -- COMMAND`) must come with.
+fn check_server_command(opts: &UpOptions) -> Result<()> {
+    if opts.front.is_none() {
+        bail!(
+            "a server of your own (`-- COMMAND`) knows nothing of the moves, so its clients \
+             cannot be told the new address: give it a stable one with --front IPV4:PORT"
+        );
+    }
+    if opts.ballast_mib > 0 || opts.dirty_mib_per_s > 0 || opts.pid_namespace {
+        bail!(
+            "--ballast-mib, --dirty-mib-per-s and --pid-namespace are the demo server's; they \
+             do not apply to `-- COMMAND`"
+        );
+    }
+    let program = Path::new(&opts.server_command[0]);
+    let found = if program.components().count() > 1 {
+        program.is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+    };
+    if !found {
+        bail!(
+            "the server command {} is not an executable file (nor found in PATH)",
+            program.display()
+        );
+    }
+    Ok(())
+}
+
+/// The comm name (`/proc/PID/comm`) of the server a command line starts: its program's file
+/// name, cut to the kernel's 15 bytes.
+pub(crate) fn comm_of(argv0: &std::ffi::OsStr) -> String {
+    let name = Path::new(argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.chars()
+        .scan(0usize, |len, c| {
+            *len += c.len_utf8();
+            (*len <= 15).then_some(c)
+        })
+        .collect()
 }
 
 /// Brings the deployment up (after [`check_up`], and with the state folder prepared and
@@ -282,6 +332,9 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
     if opts.server_user != ROOT_SERVER {
         argv.extend(["--user".into(), opts.server_user.clone().into()]);
     }
+    if !opts.server_command.is_empty() {
+        return up_command(settings, opts, tag, a, b, (cert, admin, server_log));
+    }
     let supervisor_pid =
         start_supervisor(state_dir, &a.netns, &server_log, &argv, opts.pid_namespace)?;
     let admin_dir = AdminDir::open(&admin)?;
@@ -336,6 +389,93 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         migrations: 0,
         pid_namespace: opts.pid_namespace,
         front,
+        server_command: None,
+    };
+    state.save(state_dir)?;
+    Ok(state)
+}
+
+/// `up -- COMMAND`: the user's server in A, as `--server-user`, ready once it answers QUIC
+/// on its port; behind the front.
+fn up_command(
+    settings: &Settings,
+    opts: &UpOptions,
+    tag: String,
+    a: Container,
+    b: Container,
+    (cert, admin, server_log): (PathBuf, PathBuf, PathBuf),
+) -> Result<State> {
+    let state_dir = &settings.state_dir;
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if opts.server_user != ROOT_SERVER {
+        let user = nix::unistd::User::from_name(&opts.server_user)?
+            .with_context(|| format!("no account {}", opts.server_user))?;
+        argv.extend(
+            [
+                "setpriv".to_owned(),
+                format!("--reuid={}", user.uid),
+                format!("--regid={}", user.gid),
+                "--init-groups".to_owned(),
+                "--no-new-privs".to_owned(),
+                "--".to_owned(),
+            ]
+            .map(Into::into),
+        );
+    }
+    argv.extend(opts.server_command.iter().cloned());
+    let supervisor_pid = start_supervisor(state_dir, &a.netns, &server_log, &argv, false)?;
+    let backend = std::net::SocketAddr::new(
+        std::net::IpAddr::V4(podman::ipv4(&a.name)?),
+        podman::CONTAINER_PORT,
+    );
+    let comm = comm_of(&opts.server_command[0]);
+    let started = Instant::now();
+    let pid = loop {
+        let child = sys::children(supervisor_pid)
+            .into_iter()
+            .find(|p| sys::process_runs(*p, &comm));
+        if let Some(pid) = child
+            && crate::engine::probe(backend) == admin_api::PortProbe::Answered
+        {
+            break pid;
+        }
+        if started.elapsed() > READY_LIMIT {
+            bail!(
+                "the server did not answer QUIC at {backend} (port {} of container A) within \
+                 {READY_LIMIT:?}; its log ({}):\n{}",
+                podman::CONTAINER_PORT,
+                server_log.display(),
+                sys::tail(
+                    &std::fs::read_to_string(&server_log).unwrap_or_default(),
+                    10
+                )
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let addr = opts.front.context("a server command needs --front")?;
+    let front = make_front(settings, addr, &a, &b)?;
+    let state = State {
+        version: State::new_version(),
+        image: tag,
+        a,
+        b,
+        server_pid: pid,
+        supervisor_pid,
+        side: Side::A,
+        cert,
+        admin_dir: admin,
+        server_log,
+        images_dir: settings.images_dir.clone(),
+        migrations: 0,
+        pid_namespace: false,
+        front: Some(front),
+        server_command: Some(
+            opts.server_command
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        ),
     };
     state.save(state_dir)?;
     Ok(state)
@@ -417,7 +557,7 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
         None
     };
     if let Some(s) = &state {
-        if sys::process_runs(s.server_pid, "swrapper") {
+        if sys::process_runs(s.server_pid, &s.server_comm()) {
             info!(pid = s.server_pid, "stopping the server");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(s.server_pid),
@@ -570,7 +710,7 @@ pub(crate) fn status(settings: &Settings) -> Result<()> {
     let s = Status {
         server: ServerStatus {
             pid: state.server_pid,
-            running: sys::process_runs(state.server_pid, "swrapper"),
+            running: sys::process_runs(state.server_pid, &state.server_comm()),
             side: state.side.to_string(),
             container: &here.name,
             in_its_container,

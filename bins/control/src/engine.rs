@@ -141,7 +141,7 @@ pub(crate) fn preflight(state_dir: &Path, state: &State, opts: &Options) -> Resu
             src.name
         );
     }
-    if !sys::process_runs(state.server_pid, "swrapper") {
+    if !sys::process_runs(state.server_pid, &state.server_comm()) {
         bail!(
             "the server (PID {}) is not running; see {} (or `control down` and `control up`)",
             state.server_pid,
@@ -230,6 +230,8 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
             Some(f) => Some(crate::front::MovingFront::attach(f, state.side)?),
             None => None,
         },
+        plain: state.plain_server(),
+        comm: state.server_comm(),
     };
     info!(%id, from = %engine.src.name, to = %engine.dst.name, "migration starts");
     engine.journal(Phase::Idle)?;
@@ -447,6 +449,10 @@ struct Engine<'a> {
     source_pid: i32,
     /// The deployment's front (`up --front`), taken over for this move.
     front: Option<crate::front::MovingFront>,
+    /// The server is the user's (`up -- COMMAND`): no announce, no resume or abort request.
+    plain: bool,
+    /// The server's comm name.
+    comm: String,
 }
 
 impl Engine<'_> {
@@ -473,8 +479,16 @@ impl Engine<'_> {
             .map_err(anyhow::Error::from)
     }
 
-    /// Preparing: the server tells every client and waits for the acks, then parks.
+    /// Preparing: the server tells every client and waits for the acks, then parks. A server
+    /// of the user's is not told anything: its clients keep the front address.
     fn announce(&mut self) -> Result<Event> {
+        if self.plain {
+            let root_kdat = kdat::for_account(0, 0);
+            self.report.dirty_tracking =
+                criu::dirty_tracking_supported(root_kdat.as_deref()).unwrap_or(false);
+            self.start_workers();
+            return Ok(Event::BeginDump);
+        }
         let removed = self.admin.clear()?;
         if !removed.is_empty() {
             warn!(
@@ -742,9 +756,12 @@ impl Engine<'_> {
                 self.dst.name
             );
         }
-        let resumed = ask_resume(&self.admin, self.pid, self.id)?;
-        self.report.resumed = Some(resumed);
-        // After the server's new socket exists (its rebind): the held datagrams reach it.
+        if !self.plain {
+            let resumed = ask_resume(&self.admin, self.pid, self.id)?;
+            self.report.resumed = Some(resumed);
+        }
+        // After the server's new socket exists (its rebind; a server of the user's runs on
+        // the socket criu restored): the held datagrams reach it.
         if let Some(f) = &mut self.front {
             f.settle_at(self.sides.1)?;
         }
@@ -812,6 +829,10 @@ impl Engine<'_> {
             && let Err(e) = f.settle_at(from)
         {
             warn!("pointing the front back at the source: {e:#}");
+        }
+        if self.plain {
+            // Its clients never left the front.
+            return Ok(());
         }
         let aborted = ask_abort(
             &self.admin,
@@ -897,12 +918,12 @@ impl Engine<'_> {
     /// frozen source go on; it must run again where it was.
     fn source_after_lazy_abort(&mut self, flow: postcopy::PageFlow) -> Result<()> {
         // A failed lazy restore may have left a half-restored process: it has no memory.
-        if self.pid != self.source_pid && sys::process_runs(self.pid, "swrapper") {
+        if self.pid != self.source_pid && sys::process_runs(self.pid, &self.comm) {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
         flow.abort();
         self.pid = self.source_pid;
-        if !sys::process_runs(self.pid, "swrapper") {
+        if !sys::process_runs(self.pid, &self.comm) {
             bail!(
                 "the source's server (PID {}) did not survive the stopped post-copy dump",
                 self.pid
@@ -944,7 +965,7 @@ impl Engine<'_> {
              was killed, its memory being incomplete",
             self.pid
         );
-        if sys::process_runs(self.source_pid, "swrapper") {
+        if sys::process_runs(self.source_pid, &self.comm) {
             self.pid = self.source_pid;
             match self.send_back() {
                 Ok(()) => outcome.push_str(

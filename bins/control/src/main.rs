@@ -92,7 +92,7 @@ struct Common {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Build the image, start containers A and B, start the server in A's network namespace.
-    Up(UpArgs),
+    Up(UpCmd),
     /// Move the server to the other container: announce, dump, restore, renew its socket.
     Migrate(MigrateArgs),
     /// Remove containers, image, image sets and state, even after a failed step. Only folders
@@ -180,6 +180,20 @@ struct SuperviseArgs {
     idle: bool,
     /// The server's command line.
     #[arg(last = true, required_unless_present = "idle")]
+    server: Vec<OsString>,
+}
+
+#[derive(Debug, Args, Clone)]
+struct UpCmd {
+    #[command(flatten)]
+    up: UpArgs,
+    /// Run this server instead of the demo server (swrapper): any UDP server that listens on
+    /// port 4242 of the wildcard address and keeps no resources outside its network namespace
+    /// (files by path are fine), e.g. `-- /usr/bin/my-quic-server --port 4242`. It knows
+    /// nothing of the moves, so it needs --front: its clients keep the front address while
+    /// the NAT behind it follows the server. It runs as --server-user (setpriv,
+    /// no_new_privs).
+    #[arg(last = true, value_name = "COMMAND")]
     server: Vec<OsString>,
 }
 
@@ -383,7 +397,8 @@ fn dispatch(cli: &Cli) -> Result<()> {
     let state_dir = &settings.state_dir;
     match &cli.cmd {
         Cmd::Up(a) => {
-            let opts = up_options(a)?;
+            let mut opts = up_options(&a.up)?;
+            opts.server_command.clone_from(&a.server);
             // Refusals first: nothing is created when one applies.
             deploy::check_up(&settings, &opts)?;
             deploy::prepare_state_dir(state_dir)?;
@@ -546,6 +561,7 @@ fn up_options(a: &UpArgs) -> Result<UpOptions> {
         server_runtime: a.server_runtime.clone(),
         pid_namespace: a.pid_namespace,
         front: a.front,
+        server_command: Vec::new(),
     })
 }
 

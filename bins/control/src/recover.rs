@@ -47,10 +47,32 @@ pub(crate) fn recover(
 
     let src = state.container(journal.from).clone();
     let dst = state.container(journal.to).clone();
-    let source_addr = SocketAddr::from(([127, 0, 0, 1], src.host_port));
-    let target_addr = SocketAddr::from(([127, 0, 0, 1], dst.host_port));
+    // Behind a front the probes check the containers' own addresses (see engine::migrate).
+    let (source_addr, target_addr) = match &state.front {
+        Some(f) => (
+            SocketAddr::V4(f.backend(journal.from)),
+            SocketAddr::V4(f.backend(journal.to)),
+        ),
+        None => (
+            SocketAddr::from(([127, 0, 0, 1], src.host_port)),
+            SocketAddr::from(([127, 0, 0, 1], dst.host_port)),
+        ),
+    };
     let admin = AdminDir::open(&state.admin_dir)?;
     let policy = MigrationPolicy::default();
+    let plain = state.plain_server();
+    // A server of the user's is not told anything: its clients keep the front address.
+    let send_back = |pid: i32, report: &mut MoveReport| -> Result<MoveResult> {
+        if plain {
+            return Ok(MoveResult::RolledBack);
+        }
+        ask_abort(&admin, pid, id, source_addr, policy.ack_deadline)
+            .map(|a| {
+                report.aborted = Some(a);
+                MoveResult::RolledBack
+            })
+            .context("sending the clients back to the source")
+    };
     let mut report = MoveReport::new(
         id,
         (src.name.clone(), dst.name.clone()),
@@ -59,7 +81,7 @@ pub(crate) fn recover(
     );
     report.recovered_after = Some(journal.phase);
     let pid = journal.server_pid;
-    let alive = sys::process_runs(pid, "swrapper");
+    let alive = sys::process_runs(pid, &state.server_comm());
     let at_target = alive && observe_placement(pid, &dst).is_ok_and(|p| p.is_right());
     let outcome: Result<MoveResult> = if at_target {
         // The restore happened: finish the move.
@@ -70,6 +92,7 @@ pub(crate) fn recover(
         let placement = observe_placement(pid, &dst)?;
         report.placement = Some(placement);
         match ask_resume(&admin, pid, id) {
+            _ if plain => {}
             Ok(resumed) => report.resumed = Some(resumed),
             // Resumed already (the killed control got that far): the server says so.
             Err(e) if is_already_resumed(&e) => info!("the server had resumed already"),
@@ -89,12 +112,7 @@ pub(crate) fn recover(
             "the server runs at the source: sending its clients back"
         );
         report.recovery = Some(Recovery::ResumeSource);
-        ask_abort(&admin, pid, id, source_addr, policy.ack_deadline)
-            .map(|a| {
-                report.aborted = Some(a);
-                MoveResult::RolledBack
-            })
-            .context("sending the clients back to the source")
+        send_back(pid, &mut report)
     } else {
         let dump = journal.dump_dir();
         if dump.join("pstree.img").is_file() {
@@ -114,12 +132,7 @@ pub(crate) fn recover(
                 );
             }
             state.server_pid = new_pid;
-            ask_abort(&admin, new_pid, id, source_addr, policy.ack_deadline)
-                .map(|a| {
-                    report.aborted = Some(a);
-                    MoveResult::RolledBack
-                })
-                .context("sending the clients back to the source")
+            send_back(new_pid, &mut report)
         } else {
             Err(anyhow::anyhow!(
                 "the server (PID {pid}) is gone and {} holds no complete image set; \

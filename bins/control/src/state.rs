@@ -78,6 +78,10 @@ pub(crate) struct State {
     /// The stable service address, when the deployment has one (`up --front`).
     #[serde(default)]
     pub(crate) front: Option<FrontState>,
+    /// The user's server command (`up -- COMMAND`), when it is not the demo server: it knows
+    /// nothing of the moves (no announce, no resume request).
+    #[serde(default)]
+    pub(crate) server_command: Option<Vec<String>>,
 }
 
 /// A deployment's front: one address for the clients, NAT to the container the server runs
@@ -119,6 +123,19 @@ impl FrontState {
 impl State {
     pub(crate) fn new_version() -> u32 {
         STATE_VERSION
+    }
+
+    /// The server's comm name (what `/proc/PID/comm` shows for it).
+    pub(crate) fn server_comm(&self) -> String {
+        match self.server_command.as_ref().and_then(|c| c.first()) {
+            Some(program) => crate::deploy::comm_of(std::ffi::OsStr::new(program)),
+            None => "swrapper".to_owned(),
+        }
+    }
+
+    /// Whether the server is the user's (it knows nothing of the moves).
+    pub(crate) fn plain_server(&self) -> bool {
+        self.server_command.is_some()
     }
 
     pub(crate) fn container(&self, side: Side) -> &Container {
@@ -202,6 +219,7 @@ mod tests {
             migrations: 0,
             pid_namespace: false,
             front: None,
+            server_command: None,
         }
     }
 

@@ -342,3 +342,40 @@ mod room_tests {
         assert!(check_room(&dir.path().join("absent"), 1, "x").is_err());
     }
 }
+
+/// The children of `pid` (every thread's), from `/proc`; none when it is gone.
+pub(crate) fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut all: Vec<i32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+#[cfg(test)]
+mod children_tests {
+    #[test]
+    fn a_childs_pid_is_listed_and_a_gone_process_has_none() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let pid = child.id() as i32;
+        assert!(super::children(me).contains(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!super::children(me).contains(&pid));
+        assert!(super::children(-1).is_empty());
+    }
+}
