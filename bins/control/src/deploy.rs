@@ -210,19 +210,13 @@ fn check_server_command(opts: &UpOptions) -> Result<()> {
     Ok(())
 }
 
-/// The comm name (`/proc/PID/comm`) of the server a command line starts: its program's file
-/// name, cut to the kernel's 15 bytes.
+/// The name [`sys::process_runs`] knows the server a command line starts by: its program's
+/// file name (argv\[0\]'s, as `/proc/PID/cmdline` shows it).
 pub(crate) fn comm_of(argv0: &std::ffi::OsStr) -> String {
-    let name = Path::new(argv0)
+    Path::new(argv0)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    name.chars()
-        .scan(0usize, |len, c| {
-            *len += c.len_utf8();
-            (*len <= 15).then_some(c)
-        })
-        .collect()
+        .unwrap_or_default()
 }
 
 /// Brings the deployment up (after [`check_up`], and with the state folder prepared and

@@ -451,7 +451,7 @@ struct Engine<'a> {
     front: Option<crate::front::MovingFront>,
     /// The server is the user's (`up -- COMMAND`): no announce, no resume or abort request.
     plain: bool,
-    /// The server's comm name.
+    /// The server's program name (see `State::server_comm`).
     comm: String,
 }
 

@@ -125,7 +125,8 @@ impl State {
         STATE_VERSION
     }
 
-    /// The server's comm name (what `/proc/PID/comm` shows for it).
+    /// The server's program name (argv\[0\]'s file name, what [`crate::sys::process_runs`]
+    /// checks).
     pub(crate) fn server_comm(&self) -> String {
         match self.server_command.as_ref().and_then(|c| c.first()) {
             Some(program) => crate::deploy::comm_of(std::ffi::OsStr::new(program)),
@@ -221,6 +222,19 @@ mod tests {
             front: None,
             server_command: None,
         }
+    }
+
+    #[test]
+    fn the_servers_program_name_is_the_demos_or_the_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sample(dir.path());
+        assert_eq!(s.server_comm(), "swrapper");
+        assert!(!s.plain_server());
+        s.server_command = Some(vec!["/opt/x/plain-echo-server".into(), "--listen".into()]);
+        assert_eq!(s.server_comm(), "plain-echo-server");
+        assert!(s.plain_server());
+        s.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), s);
     }
 
     #[test]
