@@ -57,10 +57,11 @@
 //! connection's first bidirectional stream.
 //!
 //! **The lifecycle of a move.** Every [`MigrationHandle::announce`] (or
-//! [`MigrationHandle::prepare`], or [`MigrationHandle::quiesce`]) ends with
-//! [`MigrationHandle::resumed`] (the server runs at its new address: after
-//! [`MigrationHandle::unpark`] or [`MigrationHandle::rebind`]) or [`MigrationHandle::abort`]
-//! (the move failed: clients swap back); until then a new announce is refused
+//! [`MigrationHandle::prepare`]) ends with [`MigrationHandle::resumed`] (the server runs at
+//! its new address: after [`MigrationHandle::unpark`] or [`MigrationHandle::rebind`]) or
+//! [`MigrationHandle::abort`] (the move failed: clients swap back); a
+//! [`MigrationHandle::quiesce`] not followed by an announce ends with `abort`. Until then
+//! the migration is in progress and a new one is refused
 //! ([`ServerError::MigrationInProgress`]).
 //!
 //! ```text
