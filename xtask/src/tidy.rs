@@ -1,7 +1,8 @@
 //! Checks that keep the layers apart and the documents in step with the code.
 //!
-//! They read `cargo metadata` (the workspace's manifests and the resolved dependency graph) and
-//! the source tree; nothing is compiled. Each check is also a `#[test]`, so `cargo test`
+//! They read `cargo metadata` (the workspace's manifests and the resolved dependency graph),
+//! `cargo tree` (the wrapper libraries without their demo feature) and the source tree; nothing
+//! is compiled. Each check is also a `#[test]`, so `cargo test`
 //! enforces them without xtask.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -45,6 +46,10 @@ const HEAVY: &[&str] = &[
 /// The two wrappers: neither may depend on the other, not even for tests.
 const WRAPPERS: [&str; 2] = ["swrapper", "cwrapper"];
 
+/// What only the wrappers' demo binaries need: an application that embeds a wrapper library
+/// without its `demo` feature must not get it (README, "Use it in your own app").
+const DEMO_ONLY: &[&str] = &["clap", "anyhow", "tracing-subscriber", "demo-echo", "rcgen"];
+
 /// The test command that README.md documents and `.ci/run` runs.
 pub(crate) const TEST_COMMAND: &str = "cargo xtask ci";
 
@@ -56,6 +61,7 @@ pub(crate) fn run_all(root: &Path) -> Result<()> {
         ("dependency tree layering", check_dependency_tree(&meta)),
         ("source layering", check_sources(root)),
         ("documentation", check_docs(root, &meta)),
+        ("lean libraries", check_lean_libraries(root)),
     ] {
         if let Err(e) = check {
             failures.push(format!("{name}: {e:#}"));
@@ -319,6 +325,50 @@ fn check_dependency_tree(meta: &Metadata) -> Result<()> {
     }
 }
 
+/// The wrapper libraries without their default features pull in nothing of [`DEMO_ONLY`]
+/// (the resolved tree of that build: `cargo tree --no-default-features -e normal`).
+fn check_lean_libraries(root: &Path) -> Result<()> {
+    let mut errors = Vec::new();
+    for w in WRAPPERS {
+        let out = Command::new(crate::cargo())
+            .args(["tree", "-p", w, "--no-default-features", "-e", "normal"])
+            .args(["--prefix", "none", "--format", "{p}"])
+            .current_dir(root)
+            .output()
+            .context("running cargo tree")?;
+        if !out.status.success() {
+            bail!(
+                "cargo tree failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        errors.extend(lean_errors(w, &String::from_utf8_lossy(&out.stdout)));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", errors.join("\n"))
+    }
+}
+
+/// What of [`DEMO_ONLY`] a `cargo tree --prefix none --format {p}` listing of `library` holds.
+fn lean_errors(library: &str, tree: &str) -> Vec<String> {
+    let found: BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| DEMO_ONLY.contains(name))
+        .collect();
+    found
+        .into_iter()
+        .map(|name| {
+            format!(
+                "{library} without its `demo` feature depends on `{name}`, which only the demo \
+                 binary needs: make it optional, behind `demo`"
+            )
+        })
+        .collect()
+}
+
 /// Forbidden text per crate directory: (crate dirs it applies to, needle, why).
 fn source_rules() -> Vec<(Vec<&'static str>, &'static str, &'static str)> {
     vec![
@@ -527,6 +577,21 @@ mod tests {
     #[test]
     fn dependency_tree_layering() {
         check_dependency_tree(&meta()).unwrap();
+    }
+
+    #[test]
+    fn the_wrapper_libraries_are_lean_without_demo() {
+        check_lean_libraries(&crate::project_root()).unwrap();
+    }
+
+    #[test]
+    fn a_demo_dependency_in_a_lean_library_is_reported() {
+        let tree = "swrapper v0.1.0 (/r/bins/swrapper)\nquinn v0.11.12\nclap v4.6.7\n\
+                    clap_builder v4.6.7\nclap v4.6.7 (*)\n";
+        let errors = lean_errors("swrapper", tree);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("swrapper without its `demo` feature depends on `clap`"));
+        assert!(lean_errors("swrapper", "swrapper v0.1.0\nquinn v0.11.12\n").is_empty());
     }
 
     /// Full `cargo metadata` for a graph given as (from, to, kind) edges; kind `None` is

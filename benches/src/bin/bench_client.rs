@@ -492,14 +492,17 @@ impl Run<'_> {
         let timeout = Duration::from_millis(self.args.connect_timeout_ms);
         let conn = match &self.endpoint {
             None => {
-                let mut opts = ClientOptions::new(
+                let config = cwrapper::client_config(
+                    &self.roots,
+                    &[demo_echo::ALPN],
+                    Duration::from_secs(self.args.idle_timeout_s),
+                )?;
+                let mut opts = ClientOptions::with_client_config(
                     addr,
                     &self.args.server_name,
-                    self.roots.clone(),
-                    vec![demo_echo::ALPN.to_vec()],
+                    config,
                     self.client_id.clone(),
                 );
-                opts.idle_timeout = Duration::from_secs(self.args.idle_timeout_s);
                 opts.connect_timeout = timeout;
                 let client = MigratingClient::connect(opts).await?;
                 watch_migrations(&client, self.clock, self.migrations.clone());

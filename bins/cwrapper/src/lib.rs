@@ -19,6 +19,35 @@
 //!    no report within ClientOptions::auto_downtime after Resumed: the shim's pause instead
 //! ```
 //!
+//! # Use it in your own app
+//!
+//! Dial with your own quinn `ClientConfig` (roots, ALPN, `TransportConfig` with keep-alive:
+//! the wrapper adds nothing to it) through [`MigratingClient::connect`] instead of
+//! `Endpoint::connect`, then use [`MigratingClient::connection`] as the quinn connection it
+//! is. Depend on `cwrapper` with `default-features = false` (the `demo` feature is the demo
+//! binary's) and on quinn; everything the API names is re-exported here.
+//!
+//! ```no_run
+//! # async fn app(config: quinn::ClientConfig) -> Result<(), cwrapper::ClientError> {
+//! use cwrapper::{ClientOptions, MigratingClient};
+//!
+//! let server = "203.0.113.7:4433".parse().unwrap();
+//! let opts = ClientOptions::with_client_config(server, "example.org", config, "client-1");
+//! let client = MigratingClient::connect(opts).await?; // checks the config: see below
+//! let (mut send, _recv) = client.connection().open_bi().await?; // stream 0 is the wrapper's
+//! # let _ = send.write_all(b"x").await;
+//! # Ok(()) }
+//! ```
+//!
+//! **What a move needs from the configuration** (checked by `connect`, a typed
+//! [`ConfigError`] otherwise): an idle timeout of at least the overlap's time cap
+//! ([`ClientOptions::overlap_limits`], 10 s: the longest freeze this client waits for) plus
+//! [`IDLE_MARGIN`] (5 s), or none. Keep-alive is up to the application: it keeps an idle
+//! connection open between moves but cannot carry it through a freeze (nothing answers); a
+//! connection without it lives as long as its idle timeout while idle. The server's idle
+//! timeout counts too (QUIC uses the smaller): swrapper checks its own side. No TLS or ALPN
+//! setting is needed: the wrapper's control stream is the first bidirectional stream.
+//!
 //! **Confirmation.** The shim never ends a move's overlap on a datagram's source address (a
 //! spoofer controls it). The control task vouches for the new address when the server says,
 //! on the control stream, that it runs there: `Resumed` naming the migration whose `Migrate`
@@ -78,70 +107,47 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_protocol::{
-    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, DowntimeRefused,
-    MigrationId, ObservedDowntime, Role, SUPPORTED_VERSIONS,
+    ByeReason, ClientControl, ClientEvent, ClientId, ClientState, CloseCode, MigrationId,
+    ObservedDowntime, Role, SUPPORTED_VERSIONS,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
-use udp_shim_client::{Confirmation, MoveOutcome, SwappableUdp};
+use udp_shim_client::{Confirmation, MoveOutcome};
 use wrapper_support::control::ControlReader;
-use wrapper_support::{ControlStreamError, TlsError};
 
+// Everything the public API names, so that an application depends on cwrapper and quinn only.
+pub use control_protocol::{DowntimeRefused, DowntimeTooLong, EncodeError, LengthError};
+pub use migration_core::ParseMigrationIdError;
 pub use quinn;
-pub use udp_shim_client::{MoveError, MoveGap, OverlapLimits, ShimStats};
+pub use udp_shim_client::{MoveError, MoveGap, OverlapLimits, ShimError, ShimStats, SwappableUdp};
+pub use wrapper_support::quic::Side;
+pub use wrapper_support::tls::load_certs;
+pub use wrapper_support::{
+    ConfigError, ControlStreamError, DEFAULT_MAX_FREEZE, IDLE_MARGIN, TlsError, TransportFacts,
+    min_idle_timeout,
+};
 
+#[cfg(feature = "demo")]
+mod demo;
+mod options;
+#[cfg(feature = "demo")]
 pub mod summary;
 
-/// How the client is set up.
-#[derive(Debug, Clone)]
-pub struct ClientOptions {
-    /// The server's first address.
-    pub server: SocketAddr,
-    /// The name the server's certificate is issued for.
-    pub server_name: String,
-    /// Certificates to trust (the server's self-signed one, or its CA).
-    pub roots: Vec<quinn::rustls::pki_types::CertificateDer<'static>>,
-    /// ALPN protocols offered.
-    pub alpn: Vec<Vec<u8>>,
-    /// What the client calls itself in Hello.
-    pub client_id: String,
-    /// Local address to bind (default: any address, any port, of the server's family).
-    pub bind: Option<SocketAddr>,
-    /// Connection idle timeout; must outlast the longest freeze.
-    pub idle_timeout: Duration,
-    /// How long the handshake may take.
-    pub connect_timeout: Duration,
-    /// Caps on a move's overlap (duplicate sends to the new address until the server confirms
-    /// it runs there): default 10 s and 16 MiB, see [`OverlapLimits`].
-    pub overlap_limits: OverlapLimits,
-    /// How long after `Resumed` the application has to report its downtime
-    /// ([`MigratingClient::report_downtime`]) before the transport's pause is reported for it
-    /// (default 1 s; `None`: never). See the crate doc.
-    pub auto_downtime: Option<Duration>,
-}
+#[cfg(feature = "demo")]
+pub use demo::{EchoError, echo_once};
+pub use options::{ClientOptions, ClientQuic};
 
-impl ClientOptions {
-    /// Options with the defaults of the demo: 30 s idle timeout, 10 s to connect.
-    pub fn new(
-        server: SocketAddr,
-        server_name: impl Into<String>,
-        roots: Vec<quinn::rustls::pki_types::CertificateDer<'static>>,
-        alpn: Vec<Vec<u8>>,
-        client_id: impl Into<String>,
-    ) -> Self {
-        Self {
-            server,
-            server_name: server_name.into(),
-            roots,
-            alpn,
-            client_id: client_id.into(),
-            bind: None,
-            idle_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            overlap_limits: OverlapLimits::default(),
-            auto_downtime: Some(Duration::from_secs(1)),
-        }
-    }
+/// The quinn client configuration [`ClientOptions::new`] builds (TLS 1.3 trusting `roots`
+/// only, offering `alpn`, quinn's default transport but for `idle_timeout`): a starting point
+/// for an application that adjusts it (`transport_config`) and passes it to
+/// [`ClientOptions::with_client_config`].
+pub fn client_config(
+    roots: &[quinn::rustls::pki_types::CertificateDer<'static>],
+    alpn: &[&[u8]],
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let transport = wrapper_support::tls::transport_config(idle_timeout)?;
+    wrapper_support::tls::client_config(roots, alpn, transport)
 }
 
 /// Errors of the client wrapper.
@@ -151,6 +157,10 @@ pub enum ClientError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The quinn configuration cannot carry a move (an idle timeout shorter than the longest
+    /// freeze): the message says what to set.
+    #[error("quinn configuration: {0}")]
+    Config(#[from] ConfigError),
     /// The client id is longer than the protocol allows.
     #[error("client id: {0}")]
     ClientId(#[from] control_protocol::LengthError),
@@ -372,24 +382,30 @@ pub struct MigratingClient {
 }
 
 impl MigratingClient {
-    /// Connects, opens the control stream and sends Hello. Call inside a tokio runtime.
+    /// Checks the quinn configuration ([`ClientOptions::check`]: a [`ClientError::Config`]
+    /// says what a move needs), connects, opens the control stream and sends Hello. Call
+    /// inside a tokio runtime.
     pub async fn connect(opts: ClientOptions) -> Result<Self, ClientError> {
+        let facts = opts.check()?;
+        debug!(?facts, "quinn transport checked");
         let client_id = ClientId::new(opts.client_id.clone())?;
+        let config = opts.quic.into_config()?;
         let bind = opts.bind.unwrap_or(match opts.server {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
         });
         let shim = Arc::new(SwappableUdp::bind(bind, opts.server)?);
         shim.set_overlap_limits(opts.overlap_limits);
-        let mut endpoint =
-            udp_shim_client::client_endpoint(shim.clone()).map_err(ClientError::Endpoint)?;
-        let transport = wrapper_support::tls::transport_config(opts.idle_timeout)?;
-        let alpn: Vec<&[u8]> = opts.alpn.iter().map(Vec::as_slice).collect();
-        endpoint.set_default_client_config(wrapper_support::tls::client_config(
-            &opts.roots,
-            &alpn,
-            transport,
-        )?);
+        // The shim is the endpoint's socket, as in `udp_shim_client::client_endpoint`, with
+        // the application's endpoint configuration.
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+            opts.endpoint_config,
+            None,
+            shim.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(ClientError::Endpoint)?;
+        endpoint.set_default_client_config(config);
         let connecting = endpoint.connect(shim.fake_peer(), &opts.server_name)?;
         let connection = tokio::time::timeout(opts.connect_timeout, connecting)
             .await
@@ -436,6 +452,14 @@ impl MigratingClient {
     /// The QUIC connection. Open application streams on it; the control stream is taken.
     pub fn connection(&self) -> &quinn::Connection {
         &self.connection
+    }
+
+    /// The quinn endpoint, for what the wrapper does not wrap (statistics, `wait_idle`). Do
+    /// not `rebind` it: the migratable socket would be gone. A second connection from it
+    /// (`connect`) would not have the wrapper's control stream: make another
+    /// `MigratingClient` instead.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
     }
 
     /// The socket shim (its statistics, its current real peer).
@@ -928,37 +952,4 @@ fn swap(t: &ControlTask, addr: SocketAddr) {
     if let Err(e) = t.shim.set_peer(addr) {
         warn!(%addr, "peer swap refused: {e}");
     }
-}
-
-/// Errors of one echo exchange.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum EchoError {
-    /// No stream could be opened (the connection is gone).
-    #[error("open stream: {0}")]
-    Open(#[from] quinn::ConnectionError),
-    /// The request could not be written.
-    #[error("write: {0}")]
-    Write(#[from] quinn::WriteError),
-    /// The stream was already closed.
-    #[error("finish: {0}")]
-    Closed(#[from] quinn::ClosedStream),
-    /// The reply could not be read.
-    #[error("read: {0}")]
-    Read(#[from] quinn::ReadToEndError),
-    /// The request or the reply does not encode or decode.
-    #[error(transparent)]
-    Codec(#[from] demo_echo::EchoError),
-}
-
-/// One request of the demo echo service on a fresh bidirectional stream.
-pub async fn echo_once(
-    conn: &quinn::Connection,
-    req: &demo_echo::EchoRequest,
-) -> Result<demo_echo::EchoReply, EchoError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&req.encode()?).await?;
-    send.finish()?;
-    let bytes = recv.read_to_end(demo_echo::MAX_FRAME).await?;
-    Ok(demo_echo::EchoReply::decode(&bytes)?)
 }

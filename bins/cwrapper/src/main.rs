@@ -109,7 +109,8 @@ struct Args {
     /// Most bytes duplicated to the new address during one move overlap.
     #[arg(long, env = "CWRAPPER_OVERLAP_MAX_BYTES", default_value_t = 16 * 1024 * 1024)]
     overlap_max_bytes: u64,
-    /// Connection idle timeout in seconds; must outlast the longest freeze.
+    /// Connection idle timeout in seconds; must outlast the longest freeze: at least
+    /// --overlap-max-ms plus 5 s (refused otherwise).
     #[arg(long, env = "CWRAPPER_IDLE_TIMEOUT_S", default_value_t = 30)]
     idle_timeout_s: u64,
     /// Log filter (tracing's EnvFilter syntax), logs go to stderr.
@@ -285,14 +286,13 @@ async fn connect(
     roots: Vec<cwrapper::quinn::rustls::pki_types::CertificateDer<'static>>,
     client_id: String,
 ) -> Result<MigratingClient, ClientError> {
-    let mut opts = ClientOptions::new(
-        args.target,
-        &args.server_name,
-        roots,
-        vec![demo_echo::ALPN.to_vec()],
-        client_id,
-    );
-    opts.idle_timeout = Duration::from_secs(args.idle_timeout_s);
+    let config = cwrapper::client_config(
+        &roots,
+        &[demo_echo::ALPN],
+        Duration::from_secs(args.idle_timeout_s),
+    )?;
+    let mut opts =
+        ClientOptions::with_client_config(args.target, &args.server_name, config, client_id);
     opts.connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     opts.overlap_limits = cwrapper::OverlapLimits::new(
         Duration::from_millis(args.overlap_max_ms),

@@ -19,6 +19,57 @@
 //!                   downtime_changes() (the binary writes it to the admin directory)
 //! ```
 //!
+//! # Use it in your own app
+//!
+//! Bind with your own quinn `ServerConfig` (TLS, ALPN, `TransportConfig`: the wrapper adds
+//! nothing to it), accept connections as with quinn, and drive moves with the
+//! [`MigrationHandle`]. Depend on `swrapper` with `default-features = false` (the `demo`
+//! feature is the demo binary's) and on quinn; everything the API names is re-exported here.
+//!
+//! ```no_run
+//! # async fn app(config: quinn::ServerConfig) -> Result<(), swrapper::ServerError> {
+//! use swrapper::{IncomingAction, MigratableServer, ServerOptions};
+//!
+//! let opts = ServerOptions::with_server_config("0.0.0.0:4433".parse().unwrap(), config)
+//!     // Optional: see every connection before its handshake (refuse, retry, ignore).
+//!     .filter_incoming(|incoming| if incoming.remote_address_validated() {
+//!         IncomingAction::Accept
+//!     } else {
+//!         IncomingAction::Retry
+//!     });
+//! let server = MigratableServer::bind(opts)?; // checks the config: see below
+//! let handle = server.handle(); // moves: announce, park/unpark or rebind, resumed or abort
+//! while let Some(app) = server.accept().await {
+//!     // app.connection is a quinn::Connection; its first bi stream is the wrapper's.
+//!     tokio::spawn(async move { let _ = app.connection.accept_bi().await; });
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! **What a move needs from the configuration** (checked by [`MigratableServer::bind`], a
+//! typed [`ConfigError`] otherwise): an idle timeout of at least the longest freeze
+//! ([`ServerOptions::max_freeze`], by default the clients' 10 s overlap cap) plus
+//! [`IDLE_MARGIN`] (5 s), or none; keep-alive does not matter (nothing answers while the
+//! server is frozen; without keep-alive an idle connection lives as long as the idle timeout
+//! allows); and at least one bidirectional stream per client (`max_concurrent_bidi_streams`
+//! of 1 or more): the control stream takes one, so allow one more than the application needs.
+//! No ALPN or TLS setting is needed: the control stream is recognised by being the
+//! connection's first bidirectional stream.
+//!
+//! **The lifecycle of a move.** Every [`MigrationHandle::announce`] (or
+//! [`MigrationHandle::prepare`]) ends with [`MigrationHandle::resumed`] (the server runs at
+//! its new address: after [`MigrationHandle::unpark`] or [`MigrationHandle::rebind`]) or
+//! [`MigrationHandle::abort`] (the move failed: clients swap back); a
+//! [`MigrationHandle::quiesce`] not followed by an announce ends with `abort`. Until then
+//! the migration is in progress and a new one is refused
+//! ([`ServerError::MigrationInProgress`]).
+//!
+//! ```text
+//!  announce(id, new_addr) ──► park() ──► (freeze: checkpoint, transfer, restore)
+//!        │                                ──► unpark(Some(new_addr)) / rebind(..) ──► resumed()
+//!        └── any failure ──► unpark(None) if parked ──► abort(old_addr, deadline)
+//! ```
+//!
 //! Every protocol decision (Hello and version negotiation, the session limit, the hello
 //! deadline, who is told what, which ack counts, when a round ends) is `ServerControl`'s and
 //! is tested there in virtual time. This crate only moves bytes between the quinn streams and
@@ -48,19 +99,38 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 pub use admin_api::Phases;
-use admin_api::{DowntimeLog, MigrationDowntimeReports, ReportedDowntime};
+pub use admin_api::{DowntimeLog, MigrationDowntimeReports, ReportedDowntime};
 use control_protocol::{
-    ClientId, CloseCode, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl,
-    ServerError as ControlError, ServerEvent, ServerOutput,
+    ClientId, CloseCode, Refusal, RoundKind, RoundReport, ServerConfig, ServerControl, ServerEvent,
+    ServerOutput,
 };
-use migration_core::{MigrationId, SessionId, SessionState, Timestamp};
+use migration_core::Timestamp;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 use udp_shim_server::MigratableUdp;
-use wrapper_support::{Identity, MonotonicClock, TlsError};
+use wrapper_support::MonotonicClock;
 
+// Everything the public API names, so that an application depends on swrapper and quinn only.
+pub use control_protocol::ServerError as ControlError;
+pub use migration_core::{MigrationId, ParseMigrationIdError, SessionId, SessionState};
+pub use quinn;
+pub use udp_shim_server::ShimError;
+pub use wrapper_support::quic::Side;
+pub use wrapper_support::{
+    ConfigError, DEFAULT_MAX_FREEZE, GeneratedPem, IDLE_MARGIN, Identity, TlsError, TransportFacts,
+    min_idle_timeout, random_migration_id,
+};
+
+#[cfg(feature = "demo")]
 pub mod ballast;
+#[cfg(feature = "demo")]
+mod demo;
+mod options;
+
+#[cfg(feature = "demo")]
+pub use demo::serve_echo;
+pub use options::{IncomingAction, IncomingFilter, ServerOptions, ServerQuic};
 
 /// How long a park or a re-creation waits for the old descriptor to close.
 const RETIRE_WAIT: Duration = Duration::from_secs(1);
@@ -82,35 +152,16 @@ pub const CONN_FULL: quinn::VarInt = quinn::VarInt::from_u32(1);
 /// Application close code of a connection that said no Hello within the hello timeout.
 pub const CONN_NO_HELLO: quinn::VarInt = quinn::VarInt::from_u32(2);
 
-/// How the server is set up.
-#[derive(Debug)]
-pub struct ServerOptions {
-    /// Where to listen.
-    pub listen: SocketAddr,
-    /// Certificate chain and key.
-    pub identity: Identity,
-    /// ALPN protocols offered.
-    pub alpn: Vec<Vec<u8>>,
-    /// Connection idle timeout; must outlast the longest freeze.
-    pub idle_timeout: Duration,
-    /// Most connections held at once, registered or still to say Hello.
-    pub max_sessions: usize,
-    /// How long a new connection has to open its control stream and say Hello.
-    pub hello_timeout: Duration,
-}
-
-impl ServerOptions {
-    /// Options with the defaults of the demo: 30 s idle timeout, 1024 sessions, 5 s for Hello.
-    pub fn new(listen: SocketAddr, identity: Identity, alpn: Vec<Vec<u8>>) -> Self {
-        Self {
-            listen,
-            identity,
-            alpn,
-            idle_timeout: Duration::from_secs(30),
-            max_sessions: 1024,
-            hello_timeout: Duration::from_secs(5),
-        }
-    }
+/// The quinn server configuration [`ServerOptions::new`] builds (TLS 1.3 with `identity`,
+/// offering `alpn`, quinn's default transport but for `idle_timeout`): a starting point for an
+/// application that adjusts it and passes it to [`ServerOptions::with_server_config`].
+pub fn server_config(
+    identity: Identity,
+    alpn: &[&[u8]],
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let transport = wrapper_support::tls::transport_config(idle_timeout)?;
+    wrapper_support::tls::server_config(identity, alpn, transport)
 }
 
 /// Errors of the server wrapper.
@@ -120,6 +171,10 @@ pub enum ServerError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The quinn configuration cannot carry a move (idle timeout too short, no stream for
+    /// the control stream, ...): the message says what to set.
+    #[error("quinn configuration: {0}")]
+    Config(#[from] ConfigError),
     /// The socket could not be bound, rebound or unparked.
     #[error("socket: {0}")]
     Socket(#[from] udp_shim_server::ShimError),
@@ -460,14 +515,23 @@ pub struct MigratableServer {
 }
 
 impl MigratableServer {
-    /// Binds the socket and starts accepting connections. Call inside a tokio runtime.
+    /// Checks the quinn configuration ([`ServerOptions::check`]: a [`ServerError::Config`]
+    /// says what a move needs), binds the socket and starts accepting connections. Call
+    /// inside a tokio runtime.
     pub fn bind(opts: ServerOptions) -> Result<Self, ServerError> {
-        let transport = wrapper_support::tls::transport_config(opts.idle_timeout)?;
-        let alpn: Vec<&[u8]> = opts.alpn.iter().map(Vec::as_slice).collect();
-        let server_config = wrapper_support::tls::server_config(opts.identity, &alpn, transport)?;
+        let facts = opts.check()?;
+        debug!(?facts, "quinn transport checked");
+        let server_config = opts.quic.into_config()?;
         let socket = Arc::new(MigratableUdp::bind(opts.listen)?);
-        let endpoint = udp_shim_server::server_endpoint(socket.clone(), server_config)
-            .map_err(ServerError::Endpoint)?;
+        // The shim is the endpoint's socket, as in `udp_shim_server::server_endpoint`, with
+        // the application's endpoint configuration.
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            opts.endpoint_config,
+            Some(server_config),
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(ServerError::Endpoint)?;
         let timer = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             socket,
@@ -490,7 +554,7 @@ impl MigratableServer {
         });
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(timer_loop(Arc::downgrade(&shared), timer));
-        tokio::spawn(accept_loop(shared.clone(), tx));
+        tokio::spawn(accept_loop(shared.clone(), tx, opts.incoming_filter));
         Ok(Self {
             shared,
             incoming: tokio::sync::Mutex::new(rx),
@@ -505,6 +569,15 @@ impl MigratableServer {
     /// The next connection for the application; `None` once the endpoint is closed.
     pub async fn accept(&self) -> Option<AppConnection> {
         self.incoming.lock().await.recv().await
+    }
+
+    /// The quinn endpoint, for what the wrapper does not wrap: its statistics, open
+    /// connections' count, `set_server_config` (not checked: keep what a move needs), `close`,
+    /// `wait_idle`. Do not call its `accept` (the wrapper's accept task takes every incoming
+    /// connection: use [`ServerOptions::filter_incoming`] to see them first) nor its `rebind`
+    /// (use [`MigrationHandle::rebind`], which keeps the migratable socket).
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.shared.endpoint
     }
 
     /// A handle to migrate, rebind, park and inspect; cheap to clone.
@@ -522,6 +595,11 @@ pub struct MigrationHandle {
 }
 
 impl MigrationHandle {
+    /// The quinn endpoint (see [`MigratableServer::endpoint`]).
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.shared.endpoint
+    }
+
     /// Handshakes completed since the server started (a migration must not add any).
     pub fn handshakes(&self) -> u64 {
         self.shared.handshakes.load(Ordering::Relaxed)
@@ -826,8 +904,15 @@ impl MigrationHandle {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<AppConnection>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<AppConnection>,
+    filter: Option<IncomingFilter>,
+) {
     while let Some(incoming) = shared.endpoint.accept().await {
+        let Some(incoming) = filter_incoming(filter.as_ref(), incoming) else {
+            continue;
+        };
         let shared = shared.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -842,6 +927,37 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<AppConnection>) {
                 Err(e) => debug!(%remote, "handshake failed: {e}"),
             }
         });
+    }
+}
+
+/// The application's say on an incoming connection: `Some` to accept it.
+fn filter_incoming(
+    filter: Option<&IncomingFilter>,
+    incoming: quinn::Incoming,
+) -> Option<quinn::Incoming> {
+    let Some(filter) = filter else {
+        return Some(incoming);
+    };
+    let remote = incoming.remote_address();
+    match (filter.0)(&incoming) {
+        IncomingAction::Accept => Some(incoming),
+        IncomingAction::Refuse => {
+            debug!(%remote, "incoming connection refused by the application");
+            incoming.refuse();
+            None
+        }
+        IncomingAction::Retry if incoming.may_retry() => {
+            debug!(%remote, "incoming connection: address validation (Retry)");
+            // `may_retry` was checked: an Err here gives the connection back, accept it then.
+            incoming.retry().err().map(|e| e.into_incoming())
+        }
+        // The address is validated already: a Retry is not possible and not needed.
+        IncomingAction::Retry => Some(incoming),
+        IncomingAction::Ignore => {
+            debug!(%remote, "incoming connection ignored by the application");
+            incoming.ignore();
+            None
+        }
     }
 }
 
@@ -974,92 +1090,5 @@ async fn stream_task(
                 None => break,
             },
         }
-    }
-}
-
-/// The demo service on one connection: every bidirectional stream the client opens is one
-/// request. An echo request is answered with the connection's counter; a bulk request with
-/// its stream of pattern bytes, as fast as QUIC's flow and congestion control let it (see
-/// [`demo_echo`]). A bulk stream does not hold up the echoes: each stream has its own task.
-pub async fn serve_echo(app: AppConnection) {
-    let state = Arc::new(Mutex::new(demo_echo::EchoState::default()));
-    let conn = app.connection;
-    loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(session = app.session.0, "echo connection ended: {e}");
-                return;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let bytes = match recv.read_to_end(demo_echo::MAX_FRAME).await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!("echo request unreadable: {e}");
-                    let _ = send.reset(quinn::VarInt::from_u32(1));
-                    return;
-                }
-            };
-            let req = match demo_echo::DemoRequest::decode(&bytes) {
-                Ok(demo_echo::DemoRequest::Bulk(bulk)) => {
-                    serve_bulk(send, bulk).await;
-                    return;
-                }
-                Ok(demo_echo::DemoRequest::Echo(req)) => Ok(req),
-                Ok(other) => {
-                    warn!(?other, "demo request of an unknown kind");
-                    let _ = send.reset(quinn::VarInt::from_u32(2));
-                    return;
-                }
-                Err(e) => Err(e),
-            };
-            let reply =
-                req.and_then(|req| state.lock().unwrap_or_else(|p| p.into_inner()).handle(req));
-            match reply.and_then(|r| r.encode()) {
-                Ok(out) => {
-                    if send.write_all(&out).await.is_ok() {
-                        let _ = send.finish();
-                    }
-                }
-                Err(e) => {
-                    warn!("bad echo request: {e}");
-                    let _ = send.reset(quinn::VarInt::from_u32(2));
-                }
-            }
-        });
-    }
-}
-
-/// Bytes written per `write_all` of a bulk stream.
-const BULK_CHUNK: usize = 64 * 1024;
-
-/// Writes a bulk stream: `len` pattern bytes then FIN, or, without `len`, until the client
-/// stops the stream (or the connection ends).
-async fn serve_bulk(mut send: quinn::SendStream, req: demo_echo::BulkRequest) {
-    let mut buf = vec![0u8; BULK_CHUNK];
-    let mut offset = 0u64;
-    loop {
-        let n = match req.len {
-            Some(len) => {
-                let left = len - offset;
-                if left == 0 {
-                    let _ = send.finish();
-                    debug!(bytes = offset, "bulk stream done");
-                    return;
-                }
-                left.min(BULK_CHUNK as u64) as usize
-            }
-            None => BULK_CHUNK,
-        };
-        let chunk = &mut buf[..n];
-        demo_echo::bulk_fill(offset, chunk);
-        if let Err(e) = send.write_all(chunk).await {
-            // The usual end of an unbounded stream: the client stopped it.
-            debug!(bytes = offset, "bulk stream ended: {e}");
-            return;
-        }
-        offset += n as u64;
     }
 }

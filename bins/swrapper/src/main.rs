@@ -92,7 +92,8 @@ struct Args {
     /// Close the socket once the acks are in, so that a checkpoint holds no inet socket.
     #[arg(long, env = "SWRAPPER_PARK_AFTER_ANNOUNCE")]
     park_after_announce: bool,
-    /// Connection idle timeout in seconds; must outlast the longest freeze.
+    /// Connection idle timeout in seconds; must outlast the longest freeze (10 s, the clients'
+    /// overlap cap) by 5 s: at least 15 (refused otherwise).
     #[arg(long, env = "SWRAPPER_IDLE_TIMEOUT_S", default_value_t = 30)]
     idle_timeout_s: u64,
     /// Run as this user (name from the passwd database) once the certificate, the key and the
@@ -234,8 +235,12 @@ fn load_identity(args: &Args) -> Result<Identity> {
 }
 
 async fn run(args: Args, identity: Identity, admin_dir: Option<AdminDir>) -> Result<()> {
-    let mut opts = ServerOptions::new(args.listen, identity, vec![demo_echo::ALPN.to_vec()]);
-    opts.idle_timeout = Duration::from_secs(args.idle_timeout_s);
+    let config = swrapper::server_config(
+        identity,
+        &[demo_echo::ALPN],
+        Duration::from_secs(args.idle_timeout_s),
+    )?;
+    let opts = ServerOptions::with_server_config(args.listen, config);
     let server =
         MigratableServer::bind(opts).with_context(|| format!("serving on {}", args.listen))?;
     let handle = server.handle();

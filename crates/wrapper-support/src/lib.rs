@@ -4,17 +4,28 @@
 //!  Identity ──server_config / client_config──► quinn configs (TLS 1.3, ALPN, idle timeout)
 //!  quinn bi stream ──ControlReader / ControlWriter──► control_protocol::Message
 //!  MonotonicClock::now() ──► migration_core::Timestamp (the wrappers' clock for the registry)
+//!  the app's quinn config ──TransportFacts──► check (idle timeout vs the longest freeze, ...)
 //! ```
 
 pub mod control;
+pub mod quic;
 pub mod tls;
 
 pub use control::{ControlReader, ControlStreamError, ControlWriter};
+pub use quic::{ConfigError, DEFAULT_MAX_FREEZE, IDLE_MARGIN, TransportFacts, min_idle_timeout};
 pub use tls::{GeneratedPem, Identity, TlsError};
 
 use std::time::Instant;
 
-use migration_core::Timestamp;
+use migration_core::{MigrationId, Timestamp};
+
+/// A fresh migration id: 16 random bytes from the operating system (`/dev/urandom`).
+pub fn random_migration_id() -> std::io::Result<MigrationId> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(MigrationId::from_bytes(bytes))
+}
 
 /// The wrappers' clock: microseconds since the clock was made, on the monotonic clock.
 ///
@@ -48,5 +59,16 @@ impl MonotonicClock {
     /// The instant `t` stands for.
     pub fn instant(&self, t: Timestamp) -> Instant {
         self.origin + std::time::Duration::from_micros(t.as_micros())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn random_migration_ids_differ() {
+        let a = super::random_migration_id().unwrap();
+        let b = super::random_migration_id().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.to_string().len(), 32);
     }
 }

@@ -95,6 +95,7 @@ pub enum TlsError {
         path: PathBuf,
     },
     /// Generating a self-signed certificate failed.
+    #[cfg(feature = "self-signed")]
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
     /// rustls refused the certificate, key or roots.
@@ -116,7 +117,9 @@ pub struct Identity {
 
 impl Identity {
     /// A fresh self-signed certificate for `names` (DNS names or IP addresses), with its PEM
-    /// encoding so that it can be handed to clients as their trusted root.
+    /// encoding so that it can be handed to clients as their trusted root (feature
+    /// `self-signed`, on by default).
+    #[cfg(feature = "self-signed")]
     pub fn self_signed(names: &[String]) -> Result<(Self, GeneratedPem), TlsError> {
         let ck = rcgen::generate_simple_self_signed(names.to_vec())?;
         let pem = GeneratedPem {

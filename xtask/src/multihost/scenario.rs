@@ -1162,6 +1162,11 @@ fn start_clients(
             "30000",
             "--recovery-deadline-ms",
             "30000",
+            // cwrapper refuses an idle timeout that does not outlast its overlap cap by 5 s
+            // (the connection would die before the cap); the server's 30 s still bounds the
+            // negotiated timeout, as before.
+            "--idle-timeout-s",
+            "40",
         ])
         .arg("--json")
         .arg(json)
