@@ -490,23 +490,37 @@ fn make_front(
         ))
     };
     let (backend_a, backend_b) = (backend(a)?, backend(b)?);
-    let spec = udp_shim_front::FrontSpec::new(settings.front_name(), addr, backend_a);
+    let name = settings.front_name();
+    let service = crate::front::service_address_for(&name);
+    // Both containers answer at the service address; the host route picks one.
+    for c in [a, b] {
+        crate::front::add_service_address(&c.netns, service)?;
+    }
+    let spec = udp_shim_front::FrontSpec::new(
+        name,
+        addr,
+        std::net::SocketAddrV4::new(service, podman::CONTAINER_PORT),
+    );
     let record = udp_shim_front::Front::create(spec)
         .and_then(udp_shim_front::Front::detach)
         .with_context(|| format!("setting up the front address {addr}"))?;
-    info!(front = %addr, backend = %backend_a, name = %record.name, "front address up");
-    Ok(FrontState {
+    let state = FrontState {
         name: record.name,
         front: addr,
+        service,
         a: backend_a,
         b: backend_b,
         raw_table_was_there: record.raw_table_was_there,
-    })
+    };
+    crate::front::route_service(&state, Side::A)?;
+    info!(front = %addr, %service, via = %backend_a, name = %state.name, "front address up");
+    Ok(state)
 }
 
 /// Removes the deployment's front rules (none: nothing to do; without nftables installed
 /// there can be none).
 fn remove_front(settings: &Settings) -> Result<()> {
+    crate::front::remove_service_route(crate::front::service_address_for(&settings.front_name()));
     match udp_shim_front::Front::remove_leftovers(
         &settings.front_name(),
         None,

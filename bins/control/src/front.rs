@@ -3,38 +3,49 @@
 //! removes it.
 //!
 //! ```text
-//!  migrate: attach (points at the server's side) ─► announce ─► hold + switch(target) ─► dump
-//!           ─► restore ─► resume ─► release (held datagrams to the restored server) ─► detach
-//!  rollback: switch(source) + release, after the source runs again
+//!  client ─► F:P ─ front (nftables, udp-shim-front): F:P := S:4242 ─► host route S/32 via A|B
+//!                                                                      ─► container (S on lo)
+//!  migrate: attach, route to the server's side ─► announce ─► hold + route to the target
+//!           ─► dump ─► restore ─► resume ─► release (held datagrams to the restored server)
+//!           ─► detach
+//!  rollback: route to the source + release, after the source runs again
 //! ```
+//!
+//! The move switches the host route of the service address S, not the NAT: the server sees
+//! datagrams to S before and after a move, so a QUIC stack that keeps a connection's local
+//! address (quinn sends from the address a connection was accepted on) is not disturbed.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 use udp_shim_front::{Front, HoldLimits, HoldStats, Tools};
 
 use crate::state::{FrontState, Side};
+use crate::sys;
 
 /// A front taken over for one move; detached when dropped.
 #[derive(Debug)]
 pub(crate) struct MovingFront {
     front: Option<Front>,
     state: FrontState,
+    /// The side the service address routes to now.
+    routed: Side,
 }
 
 impl MovingFront {
-    /// Takes the deployment's front over and points it at `side` (where the server runs).
+    /// Takes the deployment's front over and routes the service address to `side` (where
+    /// the server runs).
     pub(crate) fn attach(state: &FrontState, side: Side) -> Result<Self> {
-        let mut front = Front::attach(state.record(side), HoldLimits::default(), Tools::default())
+        let front = Front::attach(state.record(), HoldLimits::default(), Tools::default())
             .with_context(|| format!("taking the front {} over", state.front))?;
         // What the kernel points at may differ after an interrupted move: set it.
-        front
-            .switch(state.backend(side))
-            .context("pointing the front at the server's side")?;
+        route_service(state, side)?;
         Ok(Self {
             front: Some(front),
             state: state.clone(),
+            routed: side,
         })
     }
 
@@ -47,30 +58,27 @@ impl MovingFront {
         self.front.as_mut().context("the front was detached")
     }
 
-    /// At the freeze: datagrams to the front are held from now on (`hold`), and the NAT
-    /// points at `side` (they reach it at the release).
+    /// At the freeze: datagrams to the front are held from now on (`hold`), and the service
+    /// address routes to `side` (they reach it at the release).
     pub(crate) fn freeze_to(&mut self, side: Side, hold: bool) -> Result<()> {
-        let backend = self.state.backend(side);
-        let front = self.front()?;
         if hold {
-            front.hold().context("holding the front's datagrams")?;
+            self.front()?
+                .hold()
+                .context("holding the front's datagrams")?;
         }
-        front
-            .switch(backend)
-            .with_context(|| format!("switching the front to {backend}"))?;
+        route_service(&self.state, side)?;
+        self.routed = side;
         Ok(())
     }
 
-    /// Points the front at `side` and delivers what was held (nothing held: just the
-    /// switch).
+    /// Routes the service address to `side` and delivers what was held (nothing held: just
+    /// the route).
     pub(crate) fn settle_at(&mut self, side: Side) -> Result<Option<HoldStats>> {
-        let backend = self.state.backend(side);
-        let front = self.front()?;
-        if front.backend() != backend {
-            front
-                .switch(backend)
-                .with_context(|| format!("switching the front to {backend}"))?;
+        if self.routed != side {
+            route_service(&self.state, side)?;
+            self.routed = side;
         }
+        let front = self.front()?;
         if !front.is_holding() {
             return Ok(None);
         }
@@ -88,12 +96,75 @@ impl MovingFront {
     }
 }
 
+/// `ip route replace S/32 via <side's container>`: one netlink request, atomic.
+pub(crate) fn route_service(state: &FrontState, side: Side) -> Result<()> {
+    let via = state.backend(side);
+    sys::run(
+        "route the service address",
+        Command::new("ip").args([
+            "route",
+            "replace",
+            &format!("{}/32", state.service),
+            "via",
+            &via.ip().to_string(),
+        ]),
+    )
+    .map(drop)
+}
+
+/// Gives the container at `netns` the service address (on its loopback).
+pub(crate) fn add_service_address(netns: &std::path::Path, service: Ipv4Addr) -> Result<()> {
+    sys::run(
+        "give a container the service address",
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "addr", "add", &format!("{service}/32"), "dev", "lo"]),
+    )
+    .map(drop)
+}
+
+/// Removes the host route of the service address (best effort: none is fine).
+pub(crate) fn remove_service_route(service: Ipv4Addr) {
+    let _ = Command::new("ip")
+        .args(["route", "del", &format!("{service}/32")])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// The service address of a deployment whose front is named `name`: in 10.236.0.0/16, from a
+/// hash of the name (so that `down` finds it without a state).
+pub(crate) fn service_address_for(name: &str) -> Ipv4Addr {
+    let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [_, _, x, y] = hash.to_be_bytes();
+    // Not .0 and not .255: no network or broadcast look-alikes.
+    Ipv4Addr::new(10, 236, x, y.clamp(1, 254))
+}
+
 impl Drop for MovingFront {
     fn drop(&mut self) {
         if let Some(front) = self.front.take()
             && let Err(e) = front.detach()
         {
             warn!("leaving the front in place: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_address_is_stable_per_name_and_in_its_range() {
+        let a = service_address_for("d0badcafe");
+        assert_eq!(a, service_address_for("d0badcafe"));
+        assert_ne!(a, service_address_for("d0badcaff"));
+        for name in ["", "x", "d12345678", "dffffffff"] {
+            let [p, q, _, y] = service_address_for(name).octets();
+            assert_eq!((p, q), (10, 236));
+            assert!((1..=254).contains(&y));
         }
     }
 }

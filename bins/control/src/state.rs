@@ -93,7 +93,13 @@ pub(crate) struct FrontState {
     pub(crate) name: String,
     /// The address clients use.
     pub(crate) front: std::net::SocketAddrV4,
-    /// Where the server listens in A and in B.
+    /// The service's own address, on the loopback of both containers: the front's NAT sends
+    /// every datagram there and a host route (`S/32 via` the current container) picks the
+    /// container. The server sees the same local address before and after a move (a QUIC
+    /// stack that pins its connections' local address, as quinn does, keeps working).
+    pub(crate) service: std::net::Ipv4Addr,
+    /// The containers' own addresses on podman's network, port 4242 (the probes' targets,
+    /// and the host route's gateways).
     pub(crate) a: std::net::SocketAddrV4,
     pub(crate) b: std::net::SocketAddrV4,
     /// Whether iptables-nft's raw table predates the front.
@@ -108,12 +114,17 @@ impl FrontState {
         }
     }
 
-    /// The record to take the front over with, pointing at `side`.
-    pub(crate) fn record(&self, side: Side) -> udp_shim_front::FrontRecord {
+    /// Where the front's NAT sends datagrams: the service address, port 4242.
+    pub(crate) fn service_addr(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(self.service, crate::podman::CONTAINER_PORT)
+    }
+
+    /// The record to take the front over with.
+    pub(crate) fn record(&self) -> udp_shim_front::FrontRecord {
         udp_shim_front::FrontRecord {
             name: self.name.clone(),
             front: self.front,
-            backend: self.backend(side),
+            backend: self.service_addr(),
             netns: None,
             raw_table_was_there: self.raw_table_was_there,
         }
@@ -244,13 +255,17 @@ mod tests {
         let front = FrontState {
             name: "d12345678".into(),
             front: "10.235.0.1:5300".parse().unwrap(),
+            service: "10.236.1.2".parse().unwrap(),
             a: "10.88.0.2:4242".parse().unwrap(),
             b: "10.88.0.3:4242".parse().unwrap(),
             raw_table_was_there: false,
         };
         assert_eq!(front.backend(Side::B), front.b);
-        let r = front.record(Side::B);
-        assert_eq!((r.front, r.backend, r.netns), (front.front, front.b, None));
+        let r = front.record();
+        assert_eq!(
+            (r.front, r.backend, r.netns),
+            (front.front, "10.236.1.2:4242".parse().unwrap(), None)
+        );
         s.front = Some(front);
         s.save(dir.path()).unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), s);
