@@ -112,15 +112,56 @@ pub(crate) fn route_service(state: &FrontState, side: Side) -> Result<()> {
     .map(drop)
 }
 
-/// Gives the container at `netns` the service address (on its loopback).
+/// Gives the container at `netns` the service address (on its loopback) and makes it the
+/// source of what leaves by its default route: a server that does not pick its replies'
+/// source (no `IP_PKTINFO`) answers the front's clients from the service address too, which
+/// the front rewrites to the front address.
 pub(crate) fn add_service_address(netns: &std::path::Path, service: Ipv4Addr) -> Result<()> {
+    let ip = |args: &[&str]| {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns.display()))
+            .arg("ip")
+            .args(args);
+        c
+    };
     sys::run(
         "give a container the service address",
-        Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args(["ip", "addr", "add", &format!("{service}/32"), "dev", "lo"]),
+        &mut ip(&["addr", "add", &format!("{service}/32"), "dev", "lo"]),
+    )?;
+    let shown = sys::run(
+        "read a container's default route",
+        &mut ip(&["-4", "route", "show", "default"]),
+    )?;
+    let (via, dev) = default_route(&shown.stdout())
+        .with_context(|| format!("no default route in {}", netns.display()))?;
+    sys::run(
+        "make the service address a container's source address",
+        &mut ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &via,
+            "dev",
+            &dev,
+            "src",
+            &service.to_string(),
+        ]),
     )
     .map(drop)
+}
+
+/// The gateway and device of `ip -4 route show default`'s first line.
+fn default_route(shown: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = shown.lines().next()?.split_whitespace().collect();
+    let after = |key: &str| {
+        words
+            .iter()
+            .position(|w| *w == key)
+            .and_then(|i| words.get(i + 1))
+            .map(|w| (*w).to_owned())
+    };
+    Some((after("via")?, after("dev")?))
 }
 
 /// Removes the host route of the service address (best effort: none is fine).
@@ -155,6 +196,17 @@ impl Drop for MovingFront {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_route_is_read_and_odd_output_is_none() {
+        assert_eq!(
+            default_route("default via 10.88.0.1 dev eth0 proto static metric 100 \n"),
+            Some(("10.88.0.1".into(), "eth0".into()))
+        );
+        assert_eq!(default_route(""), None);
+        assert_eq!(default_route("default dev wg0 scope link"), None);
+        assert_eq!(default_route("default via"), None);
+    }
 
     #[test]
     fn the_service_address_is_stable_per_name_and_in_its_range() {

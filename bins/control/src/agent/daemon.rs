@@ -37,6 +37,8 @@ const REQUEST_READ_LIMIT: Duration = Duration::from_secs(10);
 /// How long connecting to another agent may take (a host that is down must not hold a
 /// rollback for QUIC's whole idle timeout).
 const CONNECT_LIMIT: Duration = Duration::from_secs(2);
+/// How long a stopping agent waits for the moves in flight.
+const STOP_WAIT: Duration = Duration::from_secs(120);
 /// How many migrations of the recent past `status` shows.
 const RECENT: usize = 32;
 /// The local socket's name in the storage.
@@ -64,6 +66,8 @@ pub(crate) struct Agent {
     pub(crate) allow_faults: bool,
     /// A drain of this host runs: no service may arrive or start here meanwhile.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// The agent is stopping: it takes no new work (moves in flight finish).
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) metrics: crate::metrics::Metrics,
 }
@@ -170,6 +174,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             server,
             allow_faults,
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             metrics: crate::metrics::Metrics::new(),
         });
@@ -430,8 +435,35 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
     }
-    peers.abort();
+    // No new work from here on; what runs (moves out and in) ends first, within a bound: a
+    // service stopped mid-move would be lost between two hosts.
+    agent
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     local.abort();
+    let waited = Instant::now();
+    loop {
+        let busy = lock(&agent.busy).len();
+        if busy == 0 {
+            break;
+        }
+        if waited.elapsed() > STOP_WAIT {
+            warn!(
+                busy,
+                "stopping with moves still running after {STOP_WAIT:?}"
+            );
+            break;
+        }
+        if waited.elapsed().as_millis() % 5000 < 100 {
+            info!(busy, "stopping: waiting for the moves in flight");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = term.recv() => { warn!("second signal: stopping now"); break; }
+            _ = int.recv() => { warn!("second signal: stopping now"); break; }
+        }
+    }
+    peers.abort();
     sweeper.abort();
     let _ = stop_http.send(());
     let _ = http.await;
@@ -569,9 +601,11 @@ impl Agent {
         }
     }
 
-    /// Whether a drain of this host runs.
+    /// Whether a drain of this host runs, or the agent stops: either way no service may
+    /// arrive or start.
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            || self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Marks `name` busy; false when it already is.

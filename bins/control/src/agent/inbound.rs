@@ -316,7 +316,7 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
     }
     if agent.is_draining() {
         return Err(Refusal::Busy(format!(
-            "host {} is being drained",
+            "host {} is being drained, or its agent is stopping",
             agent.config.host
         )));
     }

@@ -103,7 +103,10 @@ async fn peer_status(agent: &Arc<Agent>, peer: &Name) -> Result<HostStatus> {
 
 fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatus> {
     if agent.is_draining() {
-        bail!("this host is being drained: start {} elsewhere", s.name);
+        bail!(
+            "this host is being drained, or its agent is stopping: start {} elsewhere",
+            s.name
+        );
     }
     let here = lock(&agent.services).contains_key(&s.name);
     if here || !agent.claim(&s.name) {
