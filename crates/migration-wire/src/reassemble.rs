@@ -1,8 +1,9 @@
 //! Rebuilding a directory from a chunk stream, atomically.
 //!
 //! ```text
-//!  StreamItem ──push──► checks (order, path, sizes) ──► open ──► decompress ──► sha256 ──► write
-//!                                                                              into dest.partial-*
+//!  frame body ──push_frame──► checks (order, path, sizes, digest present iff the header says so)
+//!    ──► open in place (sealed) ──► decompress (if compressed) ──► sha256 (if a digest) ──► write
+//!                                                                            into dest.partial-*
 //!  End ──push──► totals + digest (+ sealed end) verified ──finish──► rename dest.partial-* → dest
 //!  any error, or drop without finish ──► dest.partial-* removed
 //! ```
@@ -22,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use migration_crypto::{OpenError, Opener, Sha256, sha256};
 
 use crate::chunk::{
-    ChunkRef, MODE_MASK, STREAM_VERSION, StreamEnd, StreamHeader, StreamItem, StreamItemRef,
-    StreamSummary, end_aad, is_safe_relative_path,
+    ChunkDigests, ChunkFields, MODE_MASK, STREAM_VERSION, StreamEnd, StreamHeader, StreamItem,
+    StreamItemRef, StreamSummary, end_aad, is_safe_relative_path,
 };
 use crate::compress::{Codec, CompressError, Compression};
 use crate::frame::{self, FrameError, ReadFrameError};
@@ -88,6 +89,28 @@ pub enum ReassembleError {
     /// The stream (or its end) is sealed but the receiver has no key.
     #[error("the stream is sealed but the receiver has no key to open it")]
     UnexpectedlySealed,
+    /// The header of an unsealed stream says its chunks carry no digest
+    /// ([`ChunkDigests::SealOnly`]): nothing would prove their content.
+    #[error("the stream is not sealed and its chunks carry no digest")]
+    DigestsRequired,
+    /// A chunk carries no digest in a stream whose header says every chunk does.
+    #[error("chunk {seq} carries no digest")]
+    MissingDigest {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// A chunk carries a digest in a stream whose header says no chunk does.
+    #[error("chunk {seq} carries a digest the header does not announce")]
+    UnexpectedDigest {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// A chunk says its payload is compressed in a stream without compression.
+    #[error("chunk {seq} is marked compressed in an uncompressed stream")]
+    UnexpectedCompression {
+        /// Sequence number.
+        seq: u64,
+    },
     /// A sealed payload or end failed to open: tampered, or sealed under another key.
     #[error("opening sealed data: {0}")]
     Open(#[source] OpenError),
@@ -245,9 +268,11 @@ pub struct Reassembler {
     hasher: Option<Sha256>,
     current: Option<WritingFile>,
     codec: Codec,
-    opened: Vec<u8>,
     plain: Vec<u8>,
     aad: Vec<u8>,
+    /// The path of the chunk being pushed by [`Reassembler::push_frame`], copied out of the
+    /// frame so that its payload can be opened in place.
+    path: String,
     summary: Option<StreamSummary>,
 }
 
@@ -325,9 +350,9 @@ impl Reassembler {
             hasher: Some(Sha256::new()),
             current: None,
             codec: Codec::new(),
-            opened: Vec::new(),
             plain: Vec::new(),
             aad: Vec::new(),
+            path: String::new(),
             summary: None,
         })
     }
@@ -340,54 +365,78 @@ impl Reassembler {
     /// Takes one item. On error the staging directory is removed and every later call fails
     /// with [`ReassembleError::Failed`].
     pub fn push(&mut self, item: StreamItem) -> Result<(), ReassembleError> {
-        let item = match &item {
-            StreamItem::Header(h) => StreamItemRef::Header(*h),
-            StreamItem::Chunk(c) => StreamItemRef::Chunk(c.borrowed()),
-            StreamItem::End(e) => StreamItemRef::End(e.clone()),
-        };
-        self.push_ref(item)
+        match item {
+            StreamItem::Header(h) => self.push_item(Item::Header(h)),
+            StreamItem::Chunk(mut c) => {
+                let (fields, payload) = c.split_mut();
+                self.push_item(Item::Chunk(fields, payload))
+            }
+            StreamItem::End(e) => self.push_item(Item::End(e)),
+        }
     }
 
     /// Takes one frame body (as [`frame::read_frame_into`] reads it) holding a stream item and
-    /// pushes it without copying: a chunk's payload is opened, decompressed, verified and
-    /// written straight from `body`. Returns the payload's length (compressed and sealed, as
-    /// carried) for a chunk, `None` for a header or an end.
+    /// pushes it without copying: a chunk's payload is opened (decrypted where it lies, so
+    /// `body` is scribbled over), decompressed, verified and written straight from `body`.
+    /// Returns the payload's length (compressed and sealed, as carried) for a chunk, `None`
+    /// for a header or an end.
     ///
-    /// A body that is not a stream item is [`ReassembleError::Frame`]; on any error the
-    /// staging directory is removed and every later call fails, as with
+    /// A body that is not a stream item is [`ReassembleError::Frame`] (or
+    /// [`ReassembleError::UnsupportedVersion`] for the header of another format version); on
+    /// any error the staging directory is removed and every later call fails, as with
     /// [`push`](Self::push).
-    pub fn push_frame(&mut self, body: &[u8]) -> Result<Option<usize>, ReassembleError> {
+    pub fn push_frame(&mut self, body: &mut [u8]) -> Result<Option<usize>, ReassembleError> {
         if matches!(self.state, State::Failed | State::Done) {
             return Err(ReassembleError::Failed);
         }
         let item = match frame::decode_body_borrowed::<StreamItemRef<'_>>(body) {
             Ok(item) => item,
             Err(e) => {
+                let err = match header_version(body) {
+                    Some(got) if self.state == State::ExpectHeader && got != STREAM_VERSION => {
+                        ReassembleError::UnsupportedVersion { got }
+                    }
+                    _ => ReassembleError::Frame(e),
+                };
                 self.abort();
-                return Err(ReassembleError::Frame(e));
+                return Err(err);
             }
         };
-        let payload = match &item {
-            StreamItemRef::Chunk(c) => Some(c.payload.len()),
-            StreamItemRef::Header(_) | StreamItemRef::End(_) => None,
+        let c = match item {
+            StreamItemRef::Header(h) => return self.push_item(Item::Header(h)).map(|()| None),
+            StreamItemRef::End(e) => return self.push_item(Item::End(e)).map(|()| None),
+            StreamItemRef::Chunk(c) => c,
         };
-        self.push_ref(item)?;
-        Ok(payload)
+        let payload_len = c.payload.len();
+        // The payload is the body's tail: it is the last field of the only thing in the frame,
+        // and decoding refuses trailing bytes. Checked rather than assumed.
+        let at = body.len() - payload_len.min(body.len());
+        if !std::ptr::eq(body[at..].as_ptr(), c.payload.as_ptr()) {
+            self.abort();
+            return Err(ReassembleError::Failed);
+        }
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        path.push_str(c.path);
+        let fields = c.fields().with_path(&path);
+        let res = self.push_item(Item::Chunk(fields, &mut body[at..]));
+        self.path = path;
+        res.map(|()| Some(payload_len))
     }
 
-    /// [`Reassembler::push`] of an item whose chunk borrows its payload from a frame.
-    fn push_ref(&mut self, item: StreamItemRef<'_>) -> Result<(), ReassembleError> {
+    /// The state machine over items; aborts on error.
+    fn push_item(&mut self, item: Item<'_>) -> Result<(), ReassembleError> {
         let res = match self.state {
             State::Failed | State::Done => return Err(ReassembleError::Failed),
             State::Ended => Err(ReassembleError::AfterEnd),
             State::ExpectHeader => match item {
-                StreamItemRef::Header(h) => self.on_header(h),
+                Item::Header(h) => self.on_header(h),
                 _ => Err(ReassembleError::MissingHeader),
             },
             State::Chunks => match item {
-                StreamItemRef::Header(_) => Err(ReassembleError::UnexpectedHeader),
-                StreamItemRef::Chunk(c) => self.on_chunk(c),
-                StreamItemRef::End(e) => self.on_end(e),
+                Item::Header(_) => Err(ReassembleError::UnexpectedHeader),
+                Item::Chunk(c, payload) => self.on_chunk(c, payload),
+                Item::End(e) => self.on_end(e),
             },
         };
         if res.is_err() {
@@ -446,7 +495,7 @@ impl Reassembler {
                 // read failure is a read failure.
                 Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
             };
-            self.push_frame(&buf[..len])?;
+            self.push_frame(&mut buf[..len])?;
         }
         self.finish()
     }
@@ -482,15 +531,31 @@ impl Reassembler {
             (None, Some(_)) => return Err(ReassembleError::Unsealed),
             (Some(_), None) => return Err(ReassembleError::UnexpectedlySealed),
         }
+        // Sealed, a stream may go without digests, or keep them (they are then checked too).
+        if h.sealed_with.is_none() && h.digests == ChunkDigests::SealOnly {
+            return Err(ReassembleError::DigestsRequired);
+        }
         self.header = Some(h);
         self.state = State::Chunks;
         Ok(())
     }
 
-    fn on_chunk(&mut self, c: ChunkRef<'_>) -> Result<(), ReassembleError> {
+    fn on_chunk(&mut self, c: ChunkFields<'_>, payload: &mut [u8]) -> Result<(), ReassembleError> {
         let Some(header) = self.header else {
             return Err(ReassembleError::MissingHeader);
         };
+        match (header.digests, c.digest) {
+            (ChunkDigests::Sha256, None) => {
+                return Err(ReassembleError::MissingDigest { seq: c.seq });
+            }
+            (ChunkDigests::SealOnly, Some(_)) => {
+                return Err(ReassembleError::UnexpectedDigest { seq: c.seq });
+            }
+            (ChunkDigests::Sha256, Some(_)) | (ChunkDigests::SealOnly, None) => {}
+        }
+        if c.compressed && header.compression == Compression::None {
+            return Err(ReassembleError::UnexpectedCompression { seq: c.seq });
+        }
         if c.seq < self.next_seq {
             return Err(ReassembleError::Duplicate { seq: c.seq });
         }
@@ -554,19 +619,13 @@ impl Reassembler {
 
         c.descriptor(&mut self.aad);
         let data: &[u8] = match self.opener.as_mut() {
-            Some(opener) => {
-                self.opened.clear();
-                opener
-                    .open(&self.aad, c.payload, &mut self.opened)
-                    .map_err(ReassembleError::Open)?;
-                &self.opened
-            }
-            None => c.payload,
+            Some(opener) => opener
+                .open_in_place(&self.aad, payload)
+                .map_err(ReassembleError::Open)?,
+            None => payload,
         };
         let len = c.len as usize;
-        let plain: &[u8] = if header.compression == Compression::None {
-            data
-        } else {
+        let plain: &[u8] = if c.compressed {
             self.plain.clear();
             self.plain.reserve(len);
             match self
@@ -585,6 +644,8 @@ impl Reassembler {
                 }
             }
             &self.plain
+        } else {
+            data
         };
         if plain.len() != len {
             return Err(ReassembleError::LengthMismatch {
@@ -592,7 +653,9 @@ impl Reassembler {
                 expected: c.len,
             });
         }
-        if sha256(plain) != c.digest {
+        if let Some(digest) = c.digest
+            && sha256(plain) != digest
+        {
             return Err(ReassembleError::DigestMismatch {
                 path: c.path.to_owned(),
                 offset: c.offset,
@@ -621,7 +684,7 @@ impl Reassembler {
         Ok(())
     }
 
-    fn create_file(&self, c: &ChunkRef<'_>) -> Result<File, ReassembleError> {
+    fn create_file(&self, c: &ChunkFields<'_>) -> Result<File, ReassembleError> {
         let staging = self.staging()?;
         let full = staging.join(c.path);
         if let Some((dirs, _)) = c.path.rsplit_once('/') {
@@ -689,15 +752,14 @@ impl Reassembler {
             (None, None) => {}
             (Some(_), None) => return Err(ReassembleError::Unsealed),
             (None, Some(_)) => return Err(ReassembleError::UnexpectedlySealed),
-            (Some(opener), Some(record)) => {
+            (Some(opener), Some(mut record)) => {
                 end_aad(&mut self.aad, &header, &end.summary)
                     .map_err(FrameError::Encode)
                     .map_err(ReassembleError::Frame)?;
-                self.opened.clear();
-                opener
-                    .open(&self.aad, &record, &mut self.opened)
+                let opened = opener
+                    .open_in_place(&self.aad, &mut record)
                     .map_err(ReassembleError::Open)?;
-                if !self.opened.is_empty() {
+                if !opened.is_empty() {
                     return Err(ReassembleError::Open(OpenError::Tampered));
                 }
             }
@@ -713,6 +775,23 @@ impl Drop for Reassembler {
         if let Some(staging) = self.staging.take() {
             let _ = fs::remove_dir_all(staging);
         }
+    }
+}
+
+/// An item as [`Reassembler::push_item`] takes it: a chunk's fields borrowed, its payload
+/// mutable (it is opened in place).
+enum Item<'a> {
+    Header(StreamHeader),
+    Chunk(ChunkFields<'a>, &'a mut [u8]),
+    End(StreamEnd),
+}
+
+/// The version of a frame body that starts as a header does in every format version (the
+/// variant's index 0, then the version), even if the rest does not decode in this one.
+fn header_version(body: &[u8]) -> Option<u16> {
+    match postcard::take_from_bytes::<(u8, u16)>(body) {
+        Ok(((0, version), _)) => Some(version),
+        _ => None,
     }
 }
 
@@ -745,11 +824,12 @@ mod tests {
 
     const CS: usize = 8;
 
-    /// A source tree and the key to seal with.
+    /// A source tree, the chunk size to send it with and the key to seal with.
     struct Fixture {
         src: tempfile::TempDir,
         out: tempfile::TempDir,
         key: Key,
+        cs: usize,
     }
 
     fn fixture() -> Fixture {
@@ -764,20 +844,53 @@ mod tests {
             src,
             out: tempfile::tempdir().unwrap(),
             key: Key::generate().unwrap(),
+            cs: CS,
+        }
+    }
+
+    /// Chunks of 256 bytes that compress (text) and that do not (noise), so that both kinds of
+    /// payload travel: [`fixture`]'s chunks are too small for compression to pay.
+    fn compressible_fixture() -> Fixture {
+        let src = tempfile::tempdir().unwrap();
+        let r = src.path();
+        fs::write(r.join("pages.img"), b"page ".repeat(200)).unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..300)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::write(r.join("random.img"), noise).unwrap();
+        fs::write(r.join("zero.img"), b"").unwrap();
+        Fixture {
+            src,
+            out: tempfile::tempdir().unwrap(),
+            key: Key::generate().unwrap(),
+            cs: 256,
         }
     }
 
     impl Fixture {
         fn items(&self, compression: Compression, sealed: bool) -> Vec<StreamItem> {
-            let mut c = Chunker::new(
+            self.items_of(self.chunker(compression, sealed))
+        }
+
+        fn chunker(&self, compression: Compression, sealed: bool) -> Chunker {
+            Chunker::new(
                 self.src.path(),
                 ChunkerConfig {
-                    chunk_size: CS,
+                    chunk_size: self.cs,
                     compression,
                     sealer: sealed.then(|| Sealer::new(&self.key).unwrap()),
                 },
             )
-            .unwrap();
+            .unwrap()
+        }
+
+        fn items_of(&self, mut c: Chunker) -> Vec<StreamItem> {
             let mut v = Vec::new();
             while let Some(i) = c.next_item().unwrap() {
                 v.push(i);
@@ -796,7 +909,7 @@ mod tests {
         fn config(&self, sealed: bool) -> ReassemblerConfig {
             ReassemblerConfig {
                 opener: sealed.then(|| Opener::new(&self.key)),
-                max_chunk: CS,
+                max_chunk: self.cs,
                 max_total_bytes: None,
             }
         }
@@ -927,7 +1040,7 @@ mod tests {
         for item in &items {
             let mut framed = Vec::new();
             frame::encode(item, frame::DEFAULT_MAX_FRAME, &mut framed).unwrap();
-            let got = r.push_frame(&framed[frame::LEN_PREFIX..]).unwrap();
+            let got = r.push_frame(&mut framed[frame::LEN_PREFIX..]).unwrap();
             match item {
                 StreamItem::Chunk(c) => {
                     assert_eq!(got, Some(c.payload.len()));
@@ -947,11 +1060,14 @@ mod tests {
         let mut r = f.reassembler(false);
         let staging = r.staging_dir().unwrap().to_owned();
         assert!(matches!(
-            r.push_frame(&[0xff, 0xff, 0xff]),
+            r.push_frame(&mut [0xff, 0xff, 0xff]),
             Err(ReassembleError::Frame(_))
         ));
         assert!(!staging.exists());
-        assert!(matches!(r.push_frame(&[]), Err(ReassembleError::Failed)));
+        assert!(matches!(
+            r.push_frame(&mut []),
+            Err(ReassembleError::Failed)
+        ));
         f.assert_clean();
     }
 
@@ -1173,7 +1289,7 @@ mod tests {
         for compression in [Compression::None, Compression::Zstd { level: 1 }] {
             let f = fixture();
             let mut items = f.items(compression, false);
-            chunk_mut(&mut items, 1).digest.0[0] ^= 1;
+            chunk_mut(&mut items, 1).digest.as_mut().unwrap().0[0] ^= 1;
             assert!(matches!(
                 f.run(items, false),
                 Err(ReassembleError::DigestMismatch { path, offset: 8 }) if path == "a"
@@ -1274,11 +1390,37 @@ mod tests {
         let StreamItem::Header(h) = &mut items[0] else {
             panic!()
         };
-        h.version = 2;
+        h.version = 3;
         assert!(matches!(
             f.run(items, false),
-            Err(ReassembleError::UnsupportedVersion { got: 2 })
+            Err(ReassembleError::UnsupportedVersion { got: 3 })
         ));
+        // Version 1's header has no `digests`: it does not decode as this version's, and is
+        // still refused for its version, not as garbage.
+        #[derive(serde::Serialize)]
+        struct HeaderV1 {
+            version: u16,
+            compression: Compression,
+            sealed_with: Option<migration_crypto::KeyId>,
+            chunk_size: u32,
+        }
+        #[derive(serde::Serialize)]
+        enum ItemV1 {
+            Header(HeaderV1),
+        }
+        let mut wire = Vec::new();
+        let v1 = ItemV1::Header(HeaderV1 {
+            version: 1,
+            compression: Compression::Zstd { level: 1 },
+            sealed_with: None,
+            chunk_size: CS as u32,
+        });
+        frame::encode(&v1, frame::DEFAULT_MAX_FRAME, &mut wire).unwrap();
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::UnsupportedVersion { got: 1 })
+        ));
+        f.assert_clean();
     }
 
     #[test]
@@ -1303,6 +1445,283 @@ mod tests {
             f.run(items, false),
             Err(ReassembleError::UnexpectedlySealed)
         ));
+    }
+
+    #[test]
+    fn sealed_streams_carry_no_chunk_digests_and_unsealed_ones_do() {
+        let f = compressible_fixture();
+        for sealed in [false, true] {
+            let items = f.items(Compression::Zstd { level: 1 }, sealed);
+            let StreamItem::Header(h) = &items[0] else {
+                panic!("no header")
+            };
+            let expected = if sealed {
+                ChunkDigests::SealOnly
+            } else {
+                ChunkDigests::Sha256
+            };
+            assert_eq!(h.digests, expected);
+            assert_eq!(h.version, STREAM_VERSION);
+            let chunks: Vec<&Chunk> = items
+                .iter()
+                .filter_map(|i| match i {
+                    StreamItem::Chunk(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            assert!(chunks.iter().all(|c| c.digest.is_some() != sealed));
+            f.run(items, sealed).unwrap();
+            fs::remove_dir_all(f.dest()).unwrap();
+        }
+    }
+
+    #[test]
+    fn chunks_that_compress_badly_travel_raw() {
+        let f = compressible_fixture();
+        for sealed in [false, true] {
+            let items = f.items(Compression::Zstd { level: 1 }, sealed);
+            let flags: Vec<(&str, bool)> = items
+                .iter()
+                .filter_map(|i| match i {
+                    StreamItem::Chunk(c) => Some((c.path.as_str(), c.compressed)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                flags,
+                [
+                    ("pages.img", true),
+                    ("pages.img", true),
+                    ("pages.img", true),
+                    ("pages.img", true),
+                    ("random.img", false),
+                    ("random.img", false),
+                    ("zero.img", false),
+                ]
+            );
+            // A raw payload is the plaintext (sealed: plus the record's overhead).
+            let overhead = if sealed {
+                migration_crypto::SEAL_OVERHEAD
+            } else {
+                0
+            };
+            for c in items.iter().filter_map(|i| match i {
+                StreamItem::Chunk(c) if !c.compressed => Some(c),
+                _ => None,
+            }) {
+                assert_eq!(c.payload.len(), c.len as usize + overhead);
+            }
+            f.run(items, sealed).unwrap();
+            assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+            fs::remove_dir_all(f.dest()).unwrap();
+        }
+        // Uncompressed streams never mark a chunk compressed, and refuse one that says so.
+        let f = fixture();
+        let items = f.items(Compression::None, false);
+        assert!(
+            items
+                .iter()
+                .all(|i| !matches!(i, StreamItem::Chunk(c) if c.compressed))
+        );
+        let mut items = items;
+        chunk_mut(&mut items, 1).compressed = true;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::UnexpectedCompression { seq: 1 })
+        ));
+    }
+
+    #[test]
+    fn an_unsealed_stream_without_digests_is_refused() {
+        let f = fixture();
+        // The header alone claiming it, or the chunks following it.
+        for strip_chunks in [false, true] {
+            let mut items = f.items(Compression::Zstd { level: 1 }, false);
+            let StreamItem::Header(h) = &mut items[0] else {
+                panic!("no header")
+            };
+            h.digests = ChunkDigests::SealOnly;
+            if strip_chunks {
+                for i in &mut items {
+                    if let StreamItem::Chunk(c) = i {
+                        c.digest = None;
+                    }
+                }
+            }
+            assert!(matches!(
+                f.run(items, false),
+                Err(ReassembleError::DigestsRequired)
+            ));
+        }
+        // Or a chunk dropping its digest in a stream that announces them.
+        let mut items = f.items(Compression::None, false);
+        chunk_mut(&mut items, 2).digest = None;
+        assert!(matches!(
+            f.run(items, false),
+            Err(ReassembleError::MissingDigest { seq: 2 })
+        ));
+    }
+
+    #[test]
+    fn chunk_digests_must_be_what_the_sealed_header_says() {
+        let f = compressible_fixture();
+        let z = Compression::Zstd { level: 1 };
+        // The flag flipped to "digests": the first chunk has none.
+        let mut items = f.items(z, true);
+        let StreamItem::Header(h) = &mut items[0] else {
+            panic!("no header")
+        };
+        h.digests = ChunkDigests::Sha256;
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::MissingDigest { seq: 0 })
+        ));
+        // A digest slipped into a stream without: refused before the chunk is opened.
+        let mut items = f.items(z, true);
+        chunk_mut(&mut items, 3).digest = Some(sha256(b"anything"));
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::UnexpectedDigest { seq: 3 })
+        ));
+        // A sealed stream may keep its digests: they are checked too.
+        let items = f.items_of(f.chunker(z, true).with_digests());
+        assert!(matches!(&items[0], StreamItem::Header(h) if h.digests == ChunkDigests::Sha256));
+        f.run(items.clone(), true).unwrap();
+        assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+        fs::remove_dir_all(f.dest()).unwrap();
+        let mut items = items;
+        chunk_mut(&mut items, 1).digest = Some(sha256(b"other"));
+        // The digest is part of the descriptor, so the record no longer opens.
+        assert!(matches!(
+            f.run(items, true),
+            Err(ReassembleError::Open(OpenError::Tampered))
+        ));
+    }
+
+    /// The sealed, digest-free wire of `f`, and where its header frame's `digests` byte is.
+    fn sealed_wire(f: &Fixture) -> (Vec<u8>, usize) {
+        let mut wire = Vec::new();
+        f.chunker(Compression::Zstd { level: 1 }, true)
+            .write_to(&mut wire)
+            .unwrap();
+        let header_len = u32::from_be_bytes(wire[..4].try_into().unwrap()) as usize;
+        // `digests` is the header's last field: a one-byte variant index.
+        let at = frame::LEN_PREFIX + header_len - 1;
+        assert_eq!(wire[at], 1, "SealOnly");
+        (wire, at)
+    }
+
+    #[test]
+    fn a_digests_flag_flipped_in_transit_is_refused() {
+        let f = compressible_fixture();
+        let (wire, at) = sealed_wire(&f);
+        let mut flipped = wire.clone();
+        flipped[at] = 0;
+        assert!(matches!(
+            f.reassembler(true).read_from(&flipped[..]),
+            Err(ReassembleError::MissingDigest { seq: 0 })
+        ));
+        f.assert_clean();
+        for byte in [2, 0x80, 0xff] {
+            let mut flipped = wire.clone();
+            flipped[at] = byte;
+            assert!(
+                matches!(
+                    f.reassembler(true).read_from(&flipped[..]),
+                    Err(ReassembleError::Frame(_))
+                ),
+                "{byte}"
+            );
+            f.assert_clean();
+        }
+        f.reassembler(true).read_from(&wire[..]).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_sealed_stream_without_digests_is_refused_at_every_length() {
+        let f = compressible_fixture();
+        let (wire, _) = sealed_wire(&f);
+        for cut in 0..wire.len() {
+            let res = f.reassembler(true).read_from(&wire[..cut]);
+            assert!(
+                matches!(res, Err(ReassembleError::Truncated)),
+                "{cut}: {res:?}"
+            );
+            f.assert_clean();
+        }
+    }
+
+    /// The format's bytes, so that a change to them is deliberate (and a new
+    /// [`STREAM_VERSION`]).
+    #[test]
+    fn golden_bytes() {
+        let header = StreamItem::Header(StreamHeader {
+            version: STREAM_VERSION,
+            compression: Compression::Zstd { level: 1 },
+            sealed_with: Some(migration_crypto::KeyId([1, 2, 3, 4, 5, 6, 7, 8])),
+            chunk_size: 1 << 20,
+            digests: ChunkDigests::SealOnly,
+        });
+        let mut framed = Vec::new();
+        frame::encode(&header, frame::DEFAULT_MAX_FRAME, &mut framed).unwrap();
+        assert_eq!(
+            framed,
+            [
+                0, 0, 0, 17, // length
+                0, 2, // Header, version 2
+                1, 2, // Zstd, level 1 (zigzag)
+                1, 1, 2, 3, 4, 5, 6, 7, 8, // sealed with this key id
+                0x80, 0x80, 0x40, // chunk size 2^20 (varint)
+                1,    // SealOnly
+            ]
+        );
+        let chunk = Chunk {
+            seq: 5,
+            path: "d/f".into(),
+            offset: 300,
+            len: 4,
+            mode: 0o640,
+            digest: None,
+            last_of_file: true,
+            compressed: false,
+            payload: b"abcd".to_vec(),
+        };
+        let mut framed = Vec::new();
+        frame::encode(&StreamItem::Chunk(chunk.clone()), 1024, &mut framed).unwrap();
+        assert_eq!(
+            framed,
+            [
+                0, 0, 0, 19, // length
+                1, 5, // Chunk, seq 5
+                3, b'd', b'/', b'f', // path
+                0xac, 0x02, // offset 300
+                4,    // len
+                0xa0, 0x03, // mode 0o640
+                0,    // no digest
+                1, 0, // last of file, not compressed
+                4, b'a', b'b', b'c', b'd', // payload
+            ]
+        );
+        let mut d = Vec::new();
+        chunk.descriptor(&mut d);
+        let mut expected = b"migration-wire chunk v2\0".to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 5]); // seq
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1, 44]); // offset
+        expected.extend_from_slice(&[0, 0, 0, 4, 0, 0, 1, 0xa0]); // len, mode
+        expected.extend_from_slice(&[1, 0]); // flags: last of file; no digest
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]);
+        expected.extend_from_slice(b"d/f");
+        assert_eq!(d, expected);
+        let digested = Chunk {
+            digest: Some(migration_crypto::Digest([9; 32])),
+            compressed: true,
+            last_of_file: false,
+            ..chunk
+        };
+        digested.descriptor(&mut d);
+        assert_eq!(d[48], 2, "flags: compressed");
+        assert_eq!(d[49], 1, "a digest follows");
+        assert_eq!(d[50..82], [9; 32]);
     }
 
     #[test]
@@ -1401,7 +1820,9 @@ mod tests {
     fn decompress_error() {
         let f = fixture();
         let mut items = f.items(Compression::Zstd { level: 1 }, false);
-        chunk_mut(&mut items, 0).payload = b"not zstd".to_vec();
+        let c = chunk_mut(&mut items, 0);
+        c.payload = b"not zstd".to_vec();
+        c.compressed = true;
         assert!(matches!(
             f.run(items, false),
             Err(ReassembleError::Decompress {
@@ -1585,7 +2006,8 @@ mod tests {
         #[test]
         fn item_codec_round_trips(seq in any::<u64>(), path in "[a-z]{1,8}(/[a-z]{1,8}){0,3}",
                                   offset in any::<u64>(), len in any::<u32>(), mode in 0u32..0o1000,
-                                  digest in any::<[u8; 32]>(), last in any::<bool>(),
+                                  digest in proptest::option::of(any::<[u8; 32]>()),
+                                  last in any::<bool>(), compressed in any::<bool>(),
                                   payload in proptest::collection::vec(any::<u8>(), 0..300),
                                   seal in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))) {
             let items = vec![
@@ -1594,12 +2016,14 @@ mod tests {
                     compression: Compression::Zstd { level: mode as i32 - 200 },
                     sealed_with: last.then_some(migration_crypto::KeyId([mode as u8; 8])),
                     chunk_size: len,
+                    digests: if compressed { ChunkDigests::SealOnly } else { ChunkDigests::Sha256 },
                 }),
                 StreamItem::Chunk(Chunk { seq, path, offset, len, mode,
-                    digest: migration_crypto::Digest(digest), last_of_file: last, payload }),
+                    digest: digest.map(migration_crypto::Digest), last_of_file: last, compressed,
+                    payload }),
                 StreamItem::End(StreamEnd {
                     summary: StreamSummary { chunks: seq, files: offset, bytes: u64::from(len),
-                        digest: migration_crypto::Digest(digest) },
+                        digest: migration_crypto::Digest(digest.unwrap_or([7; 32])) },
                     seal,
                 }),
             ];
@@ -1640,7 +2064,8 @@ mod tests {
 
         #[test]
         fn any_flipped_bit_in_a_sealed_stream_is_rejected(pos in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let f = fixture();
+            // Sealed, hence without chunk digests; compressed and raw payloads.
+            let f = compressible_fixture();
             let mut w = wire(&f, Compression::Zstd { level: 1 }, true);
             let i = pos.index(w.len());
             w[i] ^= 1 << bit;
