@@ -7,8 +7,9 @@
 //!          zstd if it pays +        payloads ≥ 64 KiB      write_chunk)       bound, TTFB)
 //!          seal in place | put)     passed on uncopied)
 //!
-//!  ═bounded═► ChannelReader ─► frame body ─► Reassembler::push_frame ─► dest.partial-*
-//!             (blocking thread: open in place, decompress if compressed, write)   │
+//!  ═bounded═► ChannelReader ─► frame body ─► Reassembler::read_until_end ─► dest.partial-*
+//!             (blocking thread: open in place, decompress if compressed ─2─►       │
+//!              a writing thread: create, write)                                     │
 //!                              end record verified + stream finished ─► rename ─► dest
 //!  any failure: dest.partial-* removed, the peer told why (STOP_SENDING / RESET_STREAM code)
 //! ```
@@ -46,10 +47,9 @@ use std::time::{Duration, Instant};
 
 use admin_api::TransferStats;
 use migration_crypto::{Key, KeyId, OpenError, Opener, SEAL_OVERHEAD, SealError, Sealer};
-use migration_wire::reassemble::max_frame_for;
 use migration_wire::{
-    ChunkError, Chunker, ChunkerConfig, Compression, FrameError, FrameSink, MAX_CHUNK_SIZE,
-    ReadFrameError, ReassembleError, Reassembler, ReassemblerConfig, StreamSummary, frame,
+    ChunkError, Chunker, ChunkerConfig, Compression, FrameSink, MAX_CHUNK_SIZE, ReassembleError,
+    Reassembler, ReassemblerConfig, StreamSummary,
 };
 use tokio::sync::mpsc;
 
@@ -824,24 +824,12 @@ fn reassemble(
 ) -> (Counted, Result<StreamSummary, ReassembleError>) {
     let mut counted = Counted::default();
     let res = (|| {
-        let max = max_frame_for(MAX_CHUNK_SIZE);
-        let mut buf = Vec::new();
-        while !re.is_ended() {
-            let len = match frame::read_frame_into(&mut &mut *r, max, &mut buf) {
-                Ok(Some(len)) => len,
-                Ok(None) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
-                    return Err(ReassembleError::Truncated);
-                }
-                Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
-                Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
-                Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
-            };
-            // Verified and written straight from the frame buffer.
-            if let Some(payload) = re.push_frame(&mut buf[..len])? {
-                counted.chunks += 1;
-                counted.compressed += payload.saturating_sub(SEAL_OVERHEAD) as u64;
-            }
-        }
+        // Verified and written straight from the frame buffers, on this thread and a writing
+        // one.
+        re.read_until_end(&mut *r, |payload| {
+            counted.chunks += 1;
+            counted.compressed += payload.saturating_sub(SEAL_OVERHEAD) as u64;
+        })?;
         // The end record is verified; the stream must end right after it.
         let mut probe = [0u8; 1];
         match r.read(&mut probe) {
@@ -958,6 +946,7 @@ pub(crate) async fn receive_image_set(
 mod tests {
     use super::measure::{SplitMix, agreed_key, list_files, loopback_pair};
     use super::*;
+    use migration_wire::frame;
     use std::fs;
     use std::path::PathBuf;
 

@@ -54,7 +54,9 @@
 //!   chunk, whose digest is then missing or unexpected.
 //! * A chunk's payload is compressed only if that saves at least 1/16 of it
 //!   ([`Chunk::compressed`]); otherwise it is the plaintext itself, which the receiver does not
-//!   decompress.
+//!   decompress. After a chunk that did not compress, only the next one's first 64 KiB are
+//!   tried first, so that an incompressible stretch (random or encrypted memory) is not
+//!   compressed in vain chunk after chunk.
 //!
 //! # Format versions
 //!
@@ -116,6 +118,11 @@ const QUEUE_DEPTH: usize = 2;
 /// A chunk is sent compressed only if that saves at least `len >> MIN_SAVING_SHIFT` bytes (1/16):
 /// below that, the receiver's decompression costs more than the bytes saved.
 const MIN_SAVING_SHIFT: u32 = 4;
+/// After a chunk that did not compress, the next one's first `PROBE_LEN` bytes are compressed
+/// first: if they do not compress either, the chunk is sent raw without compressing the rest.
+/// A long incompressible stretch (a process's random or encrypted memory) then costs 1/16 of
+/// compressing it, not all of it.
+const PROBE_LEN: usize = 64 << 10;
 
 const CHUNK_AAD_LABEL: &[u8] = b"migration-wire chunk v2\0";
 const END_AAD_LABEL: &[u8] = b"migration-wire end v2\0";
@@ -195,7 +202,8 @@ pub struct Chunk {
     pub last_of_file: bool,
     /// The payload is compressed with the stream's compression; `false`, it is the plaintext
     /// itself (always in an uncompressed stream; otherwise when compressing saved less than
-    /// 1/16).
+    /// 1/16, or when, after a chunk that did not compress, a probe of this one's start did
+    /// not either).
     pub compressed: bool,
     /// `seal(payload)` in a sealed stream, the payload itself otherwise.
     #[serde(with = "serde_bytes")]
@@ -654,10 +662,17 @@ struct Encoder {
     sealer: Option<Sealer>,
     codec: Codec,
     aad: Vec<u8>,
+    /// The last chunk was not worth compressing: probe the next one first.
+    incompressible: bool,
+    /// Output of a probe.
+    probe: Vec<u8>,
     hasher: Option<Sha256>,
     /// Fail to compress the chunk with this sequence number (tests of error paths).
     #[cfg(test)]
     fail_at: Option<u64>,
+    /// Chunks sent raw on a probe alone.
+    #[cfg(test)]
+    probed_raw: u64,
 }
 
 impl fmt::Debug for Encoder {
@@ -745,9 +760,13 @@ impl Chunker {
                 sealer,
                 codec: Codec::new(),
                 aad: Vec::new(),
+                incompressible: false,
+                probe: Vec::new(),
                 hasher: Some(Sha256::new()),
                 #[cfg(test)]
                 fail_at: None,
+                #[cfg(test)]
+                probed_raw: 0,
             },
             buf: Vec::new(),
         })
@@ -1328,9 +1347,10 @@ impl Encoder {
         if self.fail_at == Some(meta.seq) {
             return Err(CompressError::Compress(io::Error::other("injected")).into());
         }
+        let compression = self.compression_for(plain)?;
         let at = match self.sealer.as_mut() {
             None => {
-                meta.compressed = compress_if_worth(&mut self.codec, self.compression, plain, out)?;
+                meta.compressed = compress_if_worth(&mut self.codec, compression, plain, out)?;
                 meta.fields().descriptor(&mut self.aad);
                 if meta.compressed {
                     PayloadAt::Out
@@ -1344,7 +1364,7 @@ impl Encoder {
                 // The payload is compressed (or copied) straight into the record, then sealed
                 // where it lies.
                 let record = Sealer::begin_record(out);
-                meta.compressed = compress_if_worth(&mut self.codec, self.compression, plain, out)?;
+                meta.compressed = compress_if_worth(&mut self.codec, compression, plain, out)?;
                 if !meta.compressed {
                     out.extend_from_slice(plain);
                 }
@@ -1353,10 +1373,32 @@ impl Encoder {
                 PayloadAt::Out
             }
         };
+        if compression != Compression::None {
+            self.incompressible = !meta.compressed;
+        }
         if let Some(h) = self.hasher.as_mut() {
             h.update(&self.aad);
         }
         Ok(at)
+    }
+
+    /// The compression to try on `plain`: the stream's, unless the chunk before did not
+    /// compress and neither does a probe of this one's first [`PROBE_LEN`] bytes.
+    fn compression_for(&mut self, plain: &[u8]) -> Result<Compression, CompressError> {
+        if !self.incompressible || plain.len() < 2 * PROBE_LEN {
+            return Ok(self.compression);
+        }
+        self.probe.clear();
+        let sample = &plain[..PROBE_LEN];
+        if compress_if_worth(&mut self.codec, self.compression, sample, &mut self.probe)? {
+            Ok(self.compression)
+        } else {
+            #[cfg(test)]
+            {
+                self.probed_raw += 1;
+            }
+            Ok(Compression::None)
+        }
     }
 
     /// The end item for a walk with these totals.
@@ -2215,6 +2257,64 @@ mod pipeline_tests {
             let item = StreamItem::Chunk(meta.into_chunk(payload));
             frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut whole).unwrap();
             prop_assert_eq!(split, whole);
+        }
+    }
+
+    #[test]
+    fn incompressible_stretches_are_probed_not_compressed() {
+        let cs = 4 * PROBE_LEN;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data: Vec<u8> = (0..3 * cs)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data.extend(pattern(2 * cs));
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("pages.img"), &data).unwrap();
+        let key = Key::generate().unwrap();
+        for sealed in [false, true] {
+            let sealer = || sealed.then(|| Sealer::new(&key).unwrap());
+            let mut c = Chunker::new(
+                dir.path(),
+                cfg(cs, Compression::Zstd { level: 1 }, sealer()),
+            )
+            .unwrap();
+            let mut flags = Vec::new();
+            while let Some(item) = c.next_item().unwrap() {
+                if let StreamItem::Chunk(c) = item {
+                    flags.push(c.compressed);
+                }
+            }
+            // Noise: the first chunk is compressed in full, the next two only probed; the
+            // probe of the first patterned chunk compresses, so it is compressed whole.
+            assert_eq!(flags, [false, false, false, true, true]);
+            assert_eq!(c.enc.probed_raw, 2);
+            let mut wire = Vec::new();
+            Chunker::new(
+                dir.path(),
+                cfg(cs, Compression::Zstd { level: 1 }, sealer()),
+            )
+            .unwrap()
+            .write_to(&mut wire)
+            .unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let dest = out.path().join("d");
+            Reassembler::new(
+                &dest,
+                ReassemblerConfig {
+                    opener: sealed.then(|| Opener::new(&key)),
+                    max_chunk: cs,
+                    max_total_bytes: None,
+                },
+            )
+            .unwrap()
+            .read_from(&wire[..])
+            .unwrap();
+            assert!(fs::read(dest.join("pages.img")).unwrap() == data);
         }
     }
 

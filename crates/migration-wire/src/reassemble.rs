@@ -8,17 +8,30 @@
 //!  any error, or drop without finish ──► dest.partial-* removed
 //! ```
 //!
+//! [`Reassembler::read_until_end`] (and [`Reassembler::read_from`]) split that over two threads,
+//! so that verifying a chunk overlaps with writing the one before:
+//!
+//! ```text
+//!  calling thread                                          reassembly-writer thread
+//!  read frame, decode, check, open, decompress ──2──►  create file, write, set mode, close
+//!        ▲                                                  │
+//!        └──── frame / plaintext buffer (4 at most, reused) ◄┘
+//! ```
+//!
 //! The [`Reassembler`] writes into a fresh staging directory next to the destination and renames
 //! it to the destination only once the end of the stream has been verified. Every check failure
 //! is a typed [`ReassembleError`], after which the staging directory is already gone: nothing
-//! partial is ever left behind.
+//! partial is ever left behind. Nothing touches the file system before its chunk verified.
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread;
 
 use migration_crypto::{OpenError, Opener, Sha256, sha256};
 
@@ -246,12 +259,18 @@ enum State {
     Failed,
 }
 
+/// The file being received: where its next chunk must start.
 #[derive(Debug)]
 struct WritingFile {
-    file: File,
     path: String,
     next_offset: u64,
 }
+
+/// Buffers of about a chunk that [`Reassembler::read_until_end`] keeps besides the frame being
+/// read: queued for the writing thread or being written.
+pub const WRITE_BUFFERS: usize = 3;
+/// Writes queued for the writing thread of [`Reassembler::read_until_end`].
+const WRITE_QUEUE: usize = 2;
 
 /// Writes a chunk stream into a new directory, atomically.
 pub struct Reassembler {
@@ -267,6 +286,9 @@ pub struct Reassembler {
     bytes: u64,
     hasher: Option<Sha256>,
     current: Option<WritingFile>,
+    /// The current file, when written on this thread ([`Reassembler::push`],
+    /// [`Reassembler::push_frame`]).
+    file: Option<File>,
     codec: Codec,
     plain: Vec<u8>,
     aad: Vec<u8>,
@@ -349,6 +371,7 @@ impl Reassembler {
             bytes: 0,
             hasher: Some(Sha256::new()),
             current: None,
+            file: None,
             codec: Codec::new(),
             plain: Vec::new(),
             aad: Vec::new(),
@@ -389,39 +412,51 @@ impl Reassembler {
         if matches!(self.state, State::Failed | State::Done) {
             return Err(ReassembleError::Failed);
         }
+        let (fields, at) = match self.decode_frame(body) {
+            Ok(Decoded::Header(h)) => return self.push_item(Item::Header(h)).map(|()| None),
+            Ok(Decoded::End(e)) => return self.push_item(Item::End(e)).map(|()| None),
+            Ok(Decoded::Chunk(fields, at)) => (fields, at),
+            Err(e) => {
+                self.abort();
+                return Err(e);
+            }
+        };
+        let path = std::mem::take(&mut self.path);
+        let payload = &mut body[at..];
+        let payload_len = payload.len();
+        let res = self.push_item(Item::Chunk(fields.with_path(&path), payload));
+        self.path = path;
+        res.map(|()| Some(payload_len))
+    }
+
+    /// Decodes a frame body. A chunk's path is copied into `self.path` (its fields keep an
+    /// empty one) and its payload is `body[at..]`, so that it can be opened in place.
+    fn decode_frame(&mut self, body: &[u8]) -> Result<Decoded, ReassembleError> {
         let item = match frame::decode_body_borrowed::<StreamItemRef<'_>>(body) {
             Ok(item) => item,
             Err(e) => {
-                let err = match header_version(body) {
+                return Err(match header_version(body) {
                     Some(got) if self.state == State::ExpectHeader && got != STREAM_VERSION => {
                         ReassembleError::UnsupportedVersion { got }
                     }
                     _ => ReassembleError::Frame(e),
-                };
-                self.abort();
-                return Err(err);
+                });
             }
         };
         let c = match item {
-            StreamItemRef::Header(h) => return self.push_item(Item::Header(h)).map(|()| None),
-            StreamItemRef::End(e) => return self.push_item(Item::End(e)).map(|()| None),
+            StreamItemRef::Header(h) => return Ok(Decoded::Header(h)),
+            StreamItemRef::End(e) => return Ok(Decoded::End(e)),
             StreamItemRef::Chunk(c) => c,
         };
-        let payload_len = c.payload.len();
         // The payload is the body's tail: it is the last field of the only thing in the frame,
         // and decoding refuses trailing bytes. Checked rather than assumed.
-        let at = body.len() - payload_len.min(body.len());
+        let at = body.len() - c.payload.len().min(body.len());
         if !std::ptr::eq(body[at..].as_ptr(), c.payload.as_ptr()) {
-            self.abort();
             return Err(ReassembleError::Failed);
         }
-        let mut path = std::mem::take(&mut self.path);
-        path.clear();
-        path.push_str(c.path);
-        let fields = c.fields().with_path(&path);
-        let res = self.push_item(Item::Chunk(fields, &mut body[at..]));
-        self.path = path;
-        res.map(|()| Some(payload_len))
+        self.path.clear();
+        self.path.push_str(c.path);
+        Ok(Decoded::Chunk(c.fields().with_path(""), at))
     }
 
     /// The state machine over items; aborts on error.
@@ -475,42 +510,173 @@ impl Reassembler {
     }
 
     /// Reads frames from `r` until the end item, then [`finish`](Self::finish)es. Bytes after
-    /// the end's frame are left unread.
+    /// the end's frame are left unread. See [`read_until_end`](Self::read_until_end).
+    pub fn read_from<R: Read>(mut self, r: R) -> Result<StreamSummary, ReassembleError> {
+        self.read_until_end(r, |_| {})?;
+        self.finish()
+    }
+
+    /// Reads frames from `r` until the end item is verified and every file written, leaving
+    /// bytes after the end's frame unread; `on_chunk` is given each chunk's payload length (as
+    /// [`push_frame`](Self::push_frame) returns it). Then [`finish`](Self::finish) renames the
+    /// directory into place.
     ///
-    /// One frame buffer is reused for the whole stream and each chunk is verified and written
-    /// straight from it: payloads are not copied out of their frames.
-    pub fn read_from<R: Read>(mut self, mut r: R) -> Result<StreamSummary, ReassembleError> {
+    /// Two threads share the work: this one reads, opens, decompresses and verifies each chunk
+    /// straight from its frame buffer, while a thread started for the call creates and writes
+    /// the files, fed through a queue of [`WRITE_BUFFERS`] recycled buffers (a raw chunk's
+    /// frame buffer itself, or the buffer it was decompressed into: nothing is copied). Errors
+    /// are those of `push_frame`, in stream order: a write that failed before a later chunk
+    /// failed to verify is the error returned. If the thread cannot be started, everything
+    /// runs on this one. On any error the staging directory is removed, after the writing
+    /// thread has ended.
+    pub fn read_until_end<R: Read>(
+        &mut self,
+        mut r: R,
+        mut on_chunk: impl FnMut(usize),
+    ) -> Result<(), ReassembleError> {
+        if matches!(self.state, State::Failed | State::Done) {
+            return Err(ReassembleError::Failed);
+        }
+        let Some(staging) = self.staging.clone() else {
+            return Err(ReassembleError::Failed);
+        };
+        let (ops_tx, ops_rx) = mpsc::sync_channel::<WriteOp>(WRITE_QUEUE);
+        // Room for every buffer: handing one back never blocks.
+        let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_BUFFERS + 1);
+        let res = thread::scope(|s| {
+            let writer = thread::Builder::new()
+                .name("reassembly-writer".into())
+                .spawn_scoped(s, move || write_side(&staging, ops_rx, free_tx));
+            let Ok(writer) = writer else {
+                return self.read_here(&mut r, &mut on_chunk);
+            };
+            // A file left open by an earlier push goes on on the writing thread.
+            let adopt = match (self.file.take(), &self.current) {
+                (Some(file), Some(cur)) => Some(WriteOp::Adopt {
+                    file,
+                    path: cur.path.clone(),
+                }),
+                _ => None,
+            };
+            let adopted = adopt.map_or(Ok(()), |op| ops_tx.send(op));
+            let verified = match adopted {
+                Ok(()) => self.verify_frames(&mut r, &mut on_chunk, &ops_tx, &free_rx),
+                Err(_) => Err(ReassembleError::Failed),
+            };
+            // The writing thread ends once it has done every write queued.
+            drop(ops_tx);
+            let written = writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            // A write error is about an earlier chunk than any error of this thread (which
+            // may be no more than a consequence: the queue closed).
+            written.and(verified)
+        });
+        if res.is_err() {
+            self.abort();
+        }
+        res
+    }
+
+    /// [`read_until_end`](Self::read_until_end) on this thread alone.
+    fn read_here(
+        &mut self,
+        r: &mut impl Read,
+        on_chunk: &mut impl FnMut(usize),
+    ) -> Result<(), ReassembleError> {
         let max = max_frame_for(self.max_chunk);
         let mut buf = Vec::new();
         while !self.is_ended() {
-            let len = match frame::read_frame_into(&mut r, max, &mut buf) {
-                Ok(Some(len)) => len,
-                // Returning drops `self`, which removes the staging directory.
-                Ok(None) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
-                    return Err(ReassembleError::Truncated);
-                }
-                Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
-                Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
-                // `ReadFrameError` is non-exhaustive (it lives in wire-frame): a later kind of
-                // read failure is a read failure.
-                Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
-            };
-            self.push_frame(&mut buf[..len])?;
+            let len = read_frame(r, max, &mut buf)?;
+            if let Some(payload) = self.push_frame(&mut buf[..len])? {
+                on_chunk(payload);
+            }
         }
-        self.finish()
+        Ok(())
+    }
+
+    /// The verifying side of [`read_until_end`](Self::read_until_end): reads frames, runs the
+    /// state machine and verifies chunks, and queues their writes to `ops`; buffers come back
+    /// through `free` (at most [`WRITE_BUFFERS`] are ever taken from it).
+    fn verify_frames(
+        &mut self,
+        r: &mut impl Read,
+        on_chunk: &mut impl FnMut(usize),
+        ops: &SyncSender<WriteOp>,
+        free: &Receiver<Vec<u8>>,
+    ) -> Result<(), ReassembleError> {
+        let max = max_frame_for(self.max_chunk);
+        let mut pool = Pool { free, allocated: 0 };
+        let mut frame_buf = Vec::new();
+        let send = |op| ops.send(op).map_err(|_| ReassembleError::Failed);
+        while !self.is_ended() {
+            let len = read_frame(r, max, &mut frame_buf)?;
+            let (fields, at) = match self.decode_frame(&frame_buf[..len])? {
+                Decoded::Header(h) => {
+                    self.push_item(Item::Header(h))?;
+                    continue;
+                }
+                Decoded::End(e) => {
+                    self.push_item(Item::End(e))?;
+                    continue;
+                }
+                Decoded::Chunk(fields, at) => (fields, at),
+            };
+            if self.state != State::Chunks {
+                // Refused by the state machine (a chunk before the header).
+                let payload = &mut frame_buf[at..len];
+                self.push_item(Item::Chunk(fields, payload))?;
+                continue;
+            }
+            let path = std::mem::take(&mut self.path);
+            let fields = fields.with_path(&path);
+            let mut plain = if fields.compressed {
+                pool.take()?
+            } else {
+                Vec::new()
+            };
+            let verified = self.verify_chunk(fields, &mut frame_buf[at..len], &mut plain);
+            let v = match verified {
+                Ok(v) => v,
+                Err(e) => {
+                    self.path = path;
+                    return Err(e);
+                }
+            };
+            if v.create {
+                send(WriteOp::Create {
+                    path: path.clone(),
+                    seq: fields.seq,
+                })?;
+            }
+            self.path = path;
+            match v.plain {
+                PlainAt::Buffer => {
+                    let range = 0..plain.len();
+                    send(WriteOp::Write { buf: plain, range })?;
+                }
+                PlainAt::Payload(range) => {
+                    let range = at + range.start..at + range.end;
+                    let buf = std::mem::replace(&mut frame_buf, pool.take()?);
+                    send(WriteOp::Write { buf, range })?;
+                }
+            }
+            if let Some(mode) = v.close {
+                send(WriteOp::Close { mode })?;
+            }
+            on_chunk(len - at);
+        }
+        Ok(())
     }
 
     fn abort(&mut self) {
         self.state = State::Failed;
         self.current = None;
+        self.file = None;
         if let Some(staging) = self.staging.take() {
             // Best effort: nothing better to do with an error while already failing.
             let _ = fs::remove_dir_all(staging);
         }
-    }
-
-    fn staging(&self) -> Result<&Path, ReassembleError> {
-        self.staging.as_deref().ok_or(ReassembleError::Failed)
     }
 
     fn on_header(&mut self, h: StreamHeader) -> Result<(), ReassembleError> {
@@ -540,7 +706,52 @@ impl Reassembler {
         Ok(())
     }
 
+    /// A chunk pushed on this thread: verified, then written.
     fn on_chunk(&mut self, c: ChunkFields<'_>, payload: &mut [u8]) -> Result<(), ReassembleError> {
+        let mut plain = std::mem::take(&mut self.plain);
+        let res = self
+            .verify_chunk(c, payload, &mut plain)
+            .and_then(|v| self.write_chunk(c, &v, payload, &plain));
+        self.plain = plain;
+        res
+    }
+
+    /// Writes a verified chunk on this thread.
+    fn write_chunk(
+        &mut self,
+        c: ChunkFields<'_>,
+        v: &Verified,
+        payload: &[u8],
+        plain: &[u8],
+    ) -> Result<(), ReassembleError> {
+        let staging = self.staging.as_deref().ok_or(ReassembleError::Failed)?;
+        if v.create {
+            self.file = Some(create_file(staging, c.path, c.seq)?);
+        }
+        let data = match &v.plain {
+            PlainAt::Payload(range) => payload.get(range.clone()).ok_or(ReassembleError::Failed)?,
+            PlainAt::Buffer => plain,
+        };
+        let file = self.file.as_mut().ok_or(ReassembleError::Failed)?;
+        file.write_all(data)
+            .map_err(|e| io_err(&staging.join(c.path))(e))?;
+        if let Some(mode) = v.close {
+            file.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|e| io_err(&staging.join(c.path))(e))?;
+            self.file = None;
+        }
+        Ok(())
+    }
+
+    /// Checks chunk `c` against the stream so far, opens its payload in place, decompresses it
+    /// into `plain` if it is compressed, and checks its length and digest; then counts it.
+    /// Touches no file: says what to write.
+    fn verify_chunk(
+        &mut self,
+        c: ChunkFields<'_>,
+        payload: &mut [u8],
+        plain: &mut Vec<u8>,
+    ) -> Result<Verified, ReassembleError> {
         let Some(header) = self.header else {
             return Err(ReassembleError::MissingHeader);
         };
@@ -586,7 +797,7 @@ impl Reassembler {
         if c.len == 0 && !c.last_of_file {
             return Err(ReassembleError::EmptyChunk { seq: c.seq });
         }
-        match &self.current {
+        let create = match &self.current {
             Some(cur) if cur.path.as_str() != c.path => {
                 return Err(ReassembleError::UnfinishedFile {
                     path: cur.path.clone(),
@@ -599,7 +810,7 @@ impl Reassembler {
                     got: c.offset,
                 });
             }
-            Some(_) => {}
+            Some(_) => false,
             None if c.offset != 0 => {
                 return Err(ReassembleError::OffsetMismatch {
                     path: c.path.to_owned(),
@@ -607,17 +818,11 @@ impl Reassembler {
                     got: c.offset,
                 });
             }
-            None => {
-                let file = self.create_file(&c)?;
-                self.current = Some(WritingFile {
-                    file,
-                    path: c.path.to_owned(),
-                    next_offset: 0,
-                });
-            }
-        }
+            None => true,
+        };
 
         c.descriptor(&mut self.aad);
+        let payload_at = payload.as_ptr() as usize;
         let data: &[u8] = match self.opener.as_mut() {
             Some(opener) => opener
                 .open_in_place(&self.aad, payload)
@@ -625,13 +830,10 @@ impl Reassembler {
             None => payload,
         };
         let len = c.len as usize;
-        let plain: &[u8] = if c.compressed {
-            self.plain.clear();
-            self.plain.reserve(len);
-            match self
-                .codec
-                .decompress(header.compression, data, len, &mut self.plain)
-            {
+        let at = if c.compressed {
+            plain.clear();
+            plain.reserve(len);
+            match self.codec.decompress(header.compression, data, len, plain) {
                 Ok(()) => {}
                 Err(CompressError::OutputTooLarge { .. }) => {
                     return Err(ReassembleError::LengthMismatch {
@@ -643,9 +845,15 @@ impl Reassembler {
                     return Err(ReassembleError::Decompress { seq: c.seq, source });
                 }
             }
-            &self.plain
+            PlainAt::Buffer
         } else {
-            data
+            // Where the opened plaintext lies in the payload (after the record's header).
+            let start = (data.as_ptr() as usize).wrapping_sub(payload_at);
+            PlainAt::Payload(start..start.saturating_add(data.len()))
+        };
+        let plain: &[u8] = match &at {
+            PlainAt::Buffer => plain,
+            PlainAt::Payload(_) => data,
         };
         if plain.len() != len {
             return Err(ReassembleError::LengthMismatch {
@@ -661,65 +869,34 @@ impl Reassembler {
                 offset: c.offset,
             });
         }
-        let staging = self.staging.as_deref().ok_or(ReassembleError::Failed)?;
-        let Some(cur) = self.current.as_mut() else {
-            return Err(ReassembleError::Failed);
-        };
-        cur.file
-            .write_all(plain)
-            .map_err(|e| io_err(&staging.join(c.path))(e))?;
-        cur.next_offset += u64::from(c.len);
-        if c.last_of_file {
-            cur.file
-                .set_permissions(fs::Permissions::from_mode(c.mode & MODE_MASK))
-                .map_err(|e| io_err(&staging.join(c.path))(e))?;
-            self.current = None;
-            self.files += 1;
-        }
+        // Verified: count it.
         if let Some(h) = self.hasher.as_mut() {
             h.update(&self.aad);
         }
         self.next_seq += 1;
         self.bytes = total;
-        Ok(())
-    }
-
-    fn create_file(&self, c: &ChunkFields<'_>) -> Result<File, ReassembleError> {
-        let staging = self.staging()?;
-        let full = staging.join(c.path);
-        if let Some((dirs, _)) = c.path.rsplit_once('/') {
-            let mut builder = DirBuilder::new();
-            builder.recursive(true).mode(0o755);
-            builder.create(staging.join(dirs)).map_err(|e| {
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
-                ) {
-                    ReassembleError::PathConflict {
+        let close = if c.last_of_file {
+            self.current = None;
+            self.files += 1;
+            Some(c.mode & MODE_MASK)
+        } else {
+            let next_offset = c.offset + u64::from(c.len);
+            match &mut self.current {
+                Some(cur) => cur.next_offset = next_offset,
+                None => {
+                    self.current = Some(WritingFile {
                         path: c.path.to_owned(),
-                    }
-                } else {
-                    io_err(&full)(e)
+                        next_offset,
+                    });
                 }
-            })?;
-        }
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&full)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => match fs::symlink_metadata(&full) {
-                    Ok(m) if m.is_dir() => ReassembleError::PathConflict {
-                        path: c.path.to_owned(),
-                    },
-                    _ => ReassembleError::Duplicate { seq: c.seq },
-                },
-                io::ErrorKind::NotADirectory => ReassembleError::PathConflict {
-                    path: c.path.to_owned(),
-                },
-                _ => io_err(&full)(e),
-            })
+            }
+            None
+        };
+        Ok(Verified {
+            create,
+            plain: at,
+            close,
+        })
     }
 
     fn on_end(&mut self, end: StreamEnd) -> Result<(), ReassembleError> {
@@ -776,6 +953,151 @@ impl Drop for Reassembler {
             let _ = fs::remove_dir_all(staging);
         }
     }
+}
+
+/// What [`Reassembler::verify_chunk`] found a chunk asks of the files.
+#[derive(Debug)]
+struct Verified {
+    /// The chunk starts its file: create it first.
+    create: bool,
+    /// Where the plaintext is.
+    plain: PlainAt,
+    /// The chunk ends its file: give it this mode and close it.
+    close: Option<u32>,
+}
+
+/// Where a verified chunk's plaintext is.
+#[derive(Debug)]
+enum PlainAt {
+    /// In its payload (opened in place), at this range.
+    Payload(Range<usize>),
+    /// In the buffer it was decompressed into.
+    Buffer,
+}
+
+/// A frame body decoded by [`Reassembler::decode_frame`].
+enum Decoded {
+    Header(StreamHeader),
+    /// A chunk's fields (its path in `Reassembler::path`) and where its payload starts.
+    Chunk(ChunkFields<'static>, usize),
+    End(StreamEnd),
+}
+
+/// What the verifying side of [`Reassembler::read_until_end`] asks the writing side.
+enum WriteOp {
+    /// Go on writing this file, opened by an earlier push.
+    Adopt { file: File, path: String },
+    /// Create the file of chunk `seq` (and the directories above it).
+    Create { path: String, seq: u64 },
+    /// Append `buf[range]` to the file; then hand `buf` back.
+    Write { buf: Vec<u8>, range: Range<usize> },
+    /// The file is complete: give it `mode` and close it.
+    Close { mode: u32 },
+}
+
+/// The writing thread of [`Reassembler::read_until_end`]: does each operation in order,
+/// handing buffers back to `free`, until the queue closes or an operation fails.
+fn write_side(
+    staging: &Path,
+    ops: Receiver<WriteOp>,
+    free: SyncSender<Vec<u8>>,
+) -> Result<(), ReassembleError> {
+    let mut current: Option<(File, String)> = None;
+    for op in ops {
+        match op {
+            WriteOp::Adopt { file, path } => current = Some((file, path)),
+            WriteOp::Create { path, seq } => {
+                current = Some((create_file(staging, &path, seq)?, path));
+            }
+            WriteOp::Write { buf, range } => {
+                let (file, path) = current.as_mut().ok_or(ReassembleError::Failed)?;
+                let data = buf.get(range).ok_or(ReassembleError::Failed)?;
+                file.write_all(data)
+                    .map_err(|e| io_err(&staging.join(&*path))(e))?;
+                // The verifying side may be gone already; then the buffer is simply dropped.
+                let _ = free.try_send(buf);
+            }
+            WriteOp::Close { mode } => {
+                let (file, path) = current.take().ok_or(ReassembleError::Failed)?;
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| io_err(&staging.join(&path))(e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The buffers of [`Reassembler::verify_frames`]: those handed back by the writing thread, or
+/// new ones while fewer than [`WRITE_BUFFERS`] exist.
+struct Pool<'a> {
+    free: &'a Receiver<Vec<u8>>,
+    allocated: usize,
+}
+
+impl Pool<'_> {
+    /// A buffer; waits for one to come back when all exist. Fails when the writing thread is
+    /// gone (its error explains why).
+    fn take(&mut self) -> Result<Vec<u8>, ReassembleError> {
+        match self.free.try_recv() {
+            Ok(b) => Ok(b),
+            Err(TryRecvError::Empty) if self.allocated < WRITE_BUFFERS => {
+                self.allocated += 1;
+                Ok(Vec::new())
+            }
+            Err(TryRecvError::Empty) => self.free.recv().map_err(|_| ReassembleError::Failed),
+            Err(TryRecvError::Disconnected) => Err(ReassembleError::Failed),
+        }
+    }
+}
+
+/// Reads one frame into `buf` (grown as needed, never shrunk); returns its length.
+fn read_frame(r: &mut impl Read, max: usize, buf: &mut Vec<u8>) -> Result<usize, ReassembleError> {
+    match frame::read_frame_into(r, max, buf) {
+        Ok(Some(len)) => Ok(len),
+        Ok(None) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
+            Err(ReassembleError::Truncated)
+        }
+        Err(ReadFrameError::Frame(e)) => Err(ReassembleError::Frame(e)),
+        Err(ReadFrameError::Io(e)) => Err(ReassembleError::Read(e)),
+        // `ReadFrameError` is non-exhaustive (it lives in wire-frame): a later kind of read
+        // failure is a read failure.
+        Err(e) => Err(ReassembleError::Read(io::Error::other(e))),
+    }
+}
+
+/// Creates the file of chunk `seq` at `path` under `staging`, and the directories above it.
+fn create_file(staging: &Path, path: &str, seq: u64) -> Result<File, ReassembleError> {
+    let full = staging.join(path);
+    let conflict = || ReassembleError::PathConflict {
+        path: path.to_owned(),
+    };
+    if let Some((dirs, _)) = path.rsplit_once('/') {
+        let mut builder = DirBuilder::new();
+        builder.recursive(true).mode(0o755);
+        builder.create(staging.join(dirs)).map_err(|e| {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
+            ) {
+                conflict()
+            } else {
+                io_err(&full)(e)
+            }
+        })?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&full)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => match fs::symlink_metadata(&full) {
+                Ok(m) if m.is_dir() => conflict(),
+                _ => ReassembleError::Duplicate { seq },
+            },
+            io::ErrorKind::NotADirectory => conflict(),
+            _ => io_err(&full)(e),
+        })
 }
 
 /// An item as [`Reassembler::push_item`] takes it: a chunk's fields borrowed, its payload
@@ -1943,6 +2265,103 @@ mod tests {
             Err(ReassembleError::Read(_))
         ));
         f.assert_clean();
+    }
+
+    fn encode_items(items: &[StreamItem]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for i in items {
+            frame::encode(i, frame::DEFAULT_MAX_FRAME, &mut wire).unwrap();
+        }
+        wire
+    }
+
+    #[test]
+    fn the_writing_thread_reports_what_it_refuses() {
+        // Found only when the file is created: on the writing thread of `read_from`.
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        for c in items.iter_mut().filter_map(|i| match i {
+            StreamItem::Chunk(c) if c.path == "d/e/f" => Some(c),
+            _ => None,
+        }) {
+            c.path = "a/f".into();
+        }
+        let wire = encode_items(&items);
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::PathConflict { path }) if path == "a/f"
+        ));
+        f.assert_clean();
+        // A later chunk that fails to verify does not hide it: errors come in stream order.
+        let n = items.len();
+        chunk_mut(&mut items, n as u64 - 3)
+            .digest
+            .as_mut()
+            .unwrap()
+            .0[0] ^= 1;
+        let wire = encode_items(&items);
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::PathConflict { .. })
+        ));
+        f.assert_clean();
+        // The same file twice.
+        let mut items = f.items(Compression::None, false);
+        let a: Vec<Chunk> = (0..3).map(|s| chunk_mut(&mut items, s).clone()).collect();
+        let mut rebuilt = vec![items[0].clone()];
+        for (n, c) in a.iter().chain(a.iter()).enumerate() {
+            let mut c = c.clone();
+            c.seq = n as u64;
+            rebuilt.push(StreamItem::Chunk(c));
+        }
+        let wire = encode_items(&rebuilt);
+        assert!(matches!(
+            f.reassembler(false).read_from(&wire[..]),
+            Err(ReassembleError::Duplicate { seq: 3 })
+        ));
+        f.assert_clean();
+    }
+
+    #[test]
+    fn read_until_end_counts_chunks_and_leaves_the_rest_unread() {
+        let f = compressible_fixture();
+        let items = f.items(Compression::Zstd { level: 1 }, true);
+        let mut wire = encode_items(&items);
+        wire.extend_from_slice(b"after");
+        let mut r = f.reassembler(true);
+        let mut payloads = Vec::new();
+        let mut reader = &wire[..];
+        r.read_until_end(&mut reader, |p| payloads.push(p)).unwrap();
+        assert_eq!(reader, b"after");
+        let expected: Vec<usize> = items
+            .iter()
+            .filter_map(|i| match i {
+                StreamItem::Chunk(c) => Some(c.payload.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(payloads, expected);
+        r.finish().unwrap();
+        assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+    }
+
+    #[test]
+    fn read_until_end_goes_on_with_a_file_pushed_half_way() {
+        let f = compressible_fixture();
+        for sealed in [false, true] {
+            let items = f.items(Compression::Zstd { level: 1 }, sealed);
+            let mut r = f.reassembler(sealed);
+            // The header and the first two of "pages.img"'s four chunks.
+            let (pushed, rest) = items.split_at(3);
+            for i in pushed {
+                r.push(i.clone()).unwrap();
+            }
+            let wire = encode_items(rest);
+            r.read_until_end(&wire[..], |_| {}).unwrap();
+            r.finish().unwrap();
+            assert_eq!(read_tree(&f.dest()), read_tree(f.src.path()));
+            fs::remove_dir_all(f.dest()).unwrap();
+        }
     }
 
     fn wire(f: &Fixture, compression: Compression, sealed: bool) -> Vec<u8> {
