@@ -2,24 +2,31 @@
 //!
 //! ```text
 //!  source agent                                                       target agent
-//!  dir ─► Chunker::write_to ─► ChannelWriter ═bounded═► SendStream ─QUIC─► RecvStream ═bounded═►
-//!         (3 threads: read+sha256 |        (blocking      (async:           (async: wire
-//!          zstd+seal | write)               thread)        write_chunk)       bound, TTFB)
+//!  dir ─► Chunker::write_frames ─► ChannelWriter ═bounded═► SendStream ─QUIC─► RecvStream ═══►
+//!         (3 threads: read |       (blocking thread:      (async:           (async: wire
+//!          zstd if it pays +        payloads ≥ 64 KiB      write_chunk)       bound, TTFB)
+//!          seal in place | put)     passed on uncopied)
 //!
-//!  ═bounded═► ChannelReader ─► frame body ─► Reassembler::push_frame ─► dest.partial-*
-//!             (blocking thread: open, decompress, sha256, write)                  │
+//!  ═bounded═► ChannelReader ─► frame body ─► Reassembler::read_until_end ─► dest.partial-*
+//!             (blocking thread: open in place, decompress if compressed ─2─►       │
+//!              a writing thread: create, write)                                     │
 //!                              end record verified + stream finished ─► rename ─► dest
 //!  any failure: dest.partial-* removed, the peer told why (STOP_SENDING / RESET_STREAM code)
 //! ```
 //!
-//! [`send_image_set`] runs migration-wire's [`Chunker`] on a blocking thread (its `write_to`
-//! pipelines reading, compressing and sealing, and writing over three threads) into a `Write`
-//! adapter whose buffers cross a bounded channel to the async side, which hands them to quinn
-//! without copying. [`receive_image_set`] does the reverse into a [`Reassembler`], which stages
-//! the files and renames the directory into place only after a verified end record; here the
-//! rename also waits for the stream's FIN, so bytes after the end record are refused too. Memory
-//! stays a few chunks on each side (plus quinn's windows, see [`tune_for_bulk`]), whatever the
-//! size of the image set, and reading the images overlaps with sending them.
+//! The stream is migration-wire's format version 2: sealed, so its chunks carry no SHA-256 of
+//! their own (each chunk's AEAD tag, over the chunk and its descriptor, proves it; the sealed
+//! end record binds every descriptor in order).
+//!
+//! [`send_image_set`] runs migration-wire's [`Chunker`] on a blocking thread (its
+//! `write_frames` pipelines reading, compressing and sealing, and handing frames over on three
+//! threads) into a [`FrameSink`] whose buffers (a chunk's sealed payload as the chunker made it,
+//! or gathered small frames) cross a bounded channel to the async side, which hands them to
+//! quinn without copying. [`receive_image_set`] does the reverse into a [`Reassembler`], which
+//! stages the files and renames the directory into place only after a verified end record; here
+//! the rename also waits for the stream's FIN, so bytes after the end record are refused too.
+//! Memory stays a few chunks on each side (plus quinn's windows, see [`tune_for_bulk`]),
+//! whatever the size of the image set, and reading the images overlaps with sending them.
 //!
 //! Every failure is a [`StreamError`] that says which one happened (corrupted or forged data,
 //! wrong key, link gone, the peer's abort and its reason, a size bound, local I/O), and the peer
@@ -40,17 +47,19 @@ use std::time::{Duration, Instant};
 
 use admin_api::TransferStats;
 use migration_crypto::{Key, KeyId, OpenError, Opener, SEAL_OVERHEAD, SealError, Sealer};
-use migration_wire::reassemble::max_frame_for;
 use migration_wire::{
-    ChunkError, Chunker, ChunkerConfig, Compression, FrameError, MAX_CHUNK_SIZE, ReadFrameError,
-    ReassembleError, Reassembler, ReassemblerConfig, StreamSummary, frame,
+    ChunkError, Chunker, ChunkerConfig, Compression, FrameSink, MAX_CHUNK_SIZE, ReassembleError,
+    Reassembler, ReassemblerConfig, StreamSummary,
 };
 use tokio::sync::mpsc;
 
 /// Buffers queued between a blocking thread and the async side, each way.
 const QUEUE_DEPTH: usize = 4;
-/// Size at which the sending adapter hands a buffer over.
+/// Size at which the sending adapter hands a buffer of gathered writes over.
 const SEND_BUFFER: usize = 1 << 20;
+/// A frame payload at least this large is handed to quinn in its own buffer, as the chunker
+/// made it, instead of being copied into a [`SEND_BUFFER`].
+const HAND_OVER_MIN: usize = 64 << 10;
 /// Bytes the receiving side gathers before it hands them over (the rest at the FIN).
 const RECEIVE_BATCH: usize = 256 << 10;
 /// Largest receive window of one stream (flow control credit): 1 GB/s over 16 ms, so that a
@@ -405,8 +414,10 @@ impl Drop for SendGuard {
     }
 }
 
-/// The `Write` end of the sending channel, on a blocking thread: gathers writes into buffers
-/// of [`SEND_BUFFER`] bytes and hands each over (blocking while [`QUEUE_DEPTH`] are queued).
+/// The sending channel's end on a blocking thread: a [`FrameSink`] that hands each payload of
+/// [`HAND_OVER_MIN`] bytes or more over in the chunker's own buffer (quinn takes it without a
+/// copy), and a `Write` that gathers everything else into buffers of [`SEND_BUFFER`] bytes. It
+/// blocks while [`QUEUE_DEPTH`] buffers are queued.
 struct ChannelWriter {
     tx: mpsc::Sender<Vec<u8>>,
     buf: Vec<u8>,
@@ -425,21 +436,35 @@ impl ChannelWriter {
         }
     }
 
+    /// Hands the gathered bytes over.
     fn ship(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let len = self.buf.len() as u64;
+        let gathered = if self.buf.len() >= SEND_BUFFER / 2 {
+            std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_BUFFER))
+        } else {
+            // A few frame heads before a payload handed over whole: copied out, so that quinn
+            // does not hold a whole SEND_BUFFER for them until they are acknowledged.
+            let small = self.buf.clone();
+            self.buf.clear();
+            small
+        };
+        self.send(gathered)
+    }
+
+    /// Hands `buf`, the stream's next bytes, over (corrupting the chosen byte on the way).
+    fn send(&mut self, mut buf: Vec<u8>) -> io::Result<()> {
+        let len = buf.len() as u64;
         if let Some(at) = self.corrupt_at
             && (self.offset..self.offset + len).contains(&at)
         {
             // `at - offset < len`, a usize.
-            self.buf[(at - self.offset) as usize] ^= 0xff;
+            buf[(at - self.offset) as usize] ^= 0xff;
         }
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_BUFFER));
         self.offset += len;
         self.tx
-            .blocking_send(full)
+            .blocking_send(buf)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream writer stopped"))
     }
 }
@@ -453,6 +478,22 @@ impl Write for ChannelWriter {
             self.ship()?;
         }
         Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.ship()
+    }
+}
+
+impl FrameSink for ChannelWriter {
+    fn put(&mut self, head: &[u8], payload: &mut Vec<u8>) -> io::Result<()> {
+        self.write_all(head)?;
+        if payload.len() < HAND_OVER_MIN {
+            return self.write_all(payload);
+        }
+        // The heads gathered so far (this frame's last), then the payload as it is.
+        self.ship()?;
+        self.send(std::mem::take(payload))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -581,7 +622,7 @@ pub(crate) async fn send_image_set(
         }
     };
     let (pumped, produced) = pump_out(&mut guard.send, cfg.corrupt_at, start, move |w| {
-        chunker.write_to(w)
+        chunker.write_frames(w)
     })
     .await;
     let result = match (pumped.write_error, produced) {
@@ -783,24 +824,12 @@ fn reassemble(
 ) -> (Counted, Result<StreamSummary, ReassembleError>) {
     let mut counted = Counted::default();
     let res = (|| {
-        let max = max_frame_for(MAX_CHUNK_SIZE);
-        let mut buf = Vec::new();
-        while !re.is_ended() {
-            let len = match frame::read_frame_into(&mut &mut *r, max, &mut buf) {
-                Ok(Some(len)) => len,
-                Ok(None) | Err(ReadFrameError::Frame(FrameError::Truncated { .. })) => {
-                    return Err(ReassembleError::Truncated);
-                }
-                Err(ReadFrameError::Frame(e)) => return Err(ReassembleError::Frame(e)),
-                Err(ReadFrameError::Io(e)) => return Err(ReassembleError::Read(e)),
-                Err(e) => return Err(ReassembleError::Read(io::Error::other(e))),
-            };
-            // Verified and written straight from the frame buffer.
-            if let Some(payload) = re.push_frame(&buf[..len])? {
-                counted.chunks += 1;
-                counted.compressed += payload.saturating_sub(SEAL_OVERHEAD) as u64;
-            }
-        }
+        // Verified and written straight from the frame buffers, on this thread and a writing
+        // one.
+        re.read_until_end(&mut *r, |payload| {
+            counted.chunks += 1;
+            counted.compressed += payload.saturating_sub(SEAL_OVERHEAD) as u64;
+        })?;
         // The end record is verified; the stream must end right after it.
         let mut probe = [0u8; 1];
         match r.read(&mut probe) {
@@ -917,6 +946,7 @@ pub(crate) async fn receive_image_set(
 mod tests {
     use super::measure::{SplitMix, agreed_key, list_files, loopback_pair};
     use super::*;
+    use migration_wire::frame;
     use std::fs;
     use std::path::PathBuf;
 

@@ -79,9 +79,13 @@
 //! [`Opener::open`] fail with [`OpenError::Tampered`]. The key id lets the
 //! opener report [`OpenError::WrongKey`] instead of a bare authentication
 //! failure. [`SEAL_OVERHEAD`] is the number of bytes a record adds to its
-//! plaintext. The [`Opener`] caches the subkey of the last salt it saw, so
-//! key derivation happens once per stream, not once per record. The opener
-//! does not enforce counter order; [`RecordHeader::parse`] exposes the salt
+//! plaintext. A bulk caller need not copy its data: [`Sealer::begin_record`]
+//! and [`Sealer::seal_record`] seal a plaintext written straight into the
+//! output buffer (by a compressor, say), and [`Opener::open_in_place`]
+//! decrypts a record where it lies; the records and plaintexts are those of
+//! `seal` and `open`. The [`Opener`] caches the subkey of the last salt it
+//! saw, so key derivation happens once per stream, not once per record. The
+//! opener does not enforce counter order; [`RecordHeader::parse`] exposes the salt
 //! and counter for callers that want to.
 //!
 //! # Per-migration keys
@@ -145,8 +149,8 @@ pub use crate::key::{
 };
 pub use crate::rate::{RateLimited, RateLimiter};
 pub use crate::seal::{
-    OpenError, Opener, RecordHeader, SALT_LEN, SEAL_HEADER_LEN, SEAL_OVERHEAD, SEAL_TAG_LEN,
-    SEAL_VERSION, SealError, Sealer,
+    OpenError, Opener, RecordHeader, RecordStart, SALT_LEN, SEAL_HEADER_LEN, SEAL_OVERHEAD,
+    SEAL_TAG_LEN, SEAL_VERSION, SealError, Sealer,
 };
 pub use crate::token::{
     MAX_FIELD_LEN, MAX_TOKEN_LEN, MigrationToken, ReplayCache, TOKEN_TAG_LEN, TOKEN_VERSION,

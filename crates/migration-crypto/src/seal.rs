@@ -45,6 +45,10 @@ pub enum SealError {
         /// Maximum plaintext length.
         max: u64,
     },
+    /// The buffer given to [`Sealer::seal_record`] no longer holds the room for the record's
+    /// header that [`Sealer::begin_record`] made.
+    #[error("the buffer no longer holds the record begun in it")]
+    BufferShrunk,
 }
 
 /// Opening a sealed record failed.
@@ -153,6 +157,14 @@ fn full_aad<'a>(scratch: &'a mut Vec<u8>, header: &[u8], aad: &[u8]) -> &'a [u8]
     scratch
 }
 
+/// Where a record begun by [`Sealer::begin_record`] starts in its buffer; consumed by
+/// [`Sealer::seal_record`].
+#[derive(Debug)]
+#[must_use = "a begun record is sealed with Sealer::seal_record"]
+pub struct RecordStart {
+    at: usize,
+}
+
 /// One sealing stream: a random salt, its derived subkey and a record
 /// counter. Create a new one per stream and after every restore.
 pub struct Sealer {
@@ -203,7 +215,53 @@ impl Sealer {
                 max: MAX_PLAINTEXT_LEN,
             });
         }
-        let counter = self.next.ok_or(SealError::CounterExhausted)?;
+        out.reserve(SEAL_OVERHEAD + plaintext.len());
+        let start = Sealer::begin_record(out);
+        out.extend_from_slice(plaintext);
+        self.seal_record(aad, out, start)
+    }
+
+    /// Starts a record at the end of `out`, to be sealed where it lies: appends room for its
+    /// header and returns where it starts. Append the plaintext to `out` (a compressor can
+    /// write straight into it), then call [`Sealer::seal_record`]: the record is the one
+    /// [`Sealer::seal`] gives for that plaintext, without copying it.
+    pub fn begin_record(out: &mut Vec<u8>) -> RecordStart {
+        let at = out.len();
+        out.extend_from_slice(&[0; SEAL_HEADER_LEN]);
+        RecordStart { at }
+    }
+
+    /// Seals, in place, the record [`Sealer::begin_record`] started in `out`: its plaintext is
+    /// everything after the header's room; writes the header (with the next counter: records
+    /// begun together still get distinct nonces) and appends the tag.
+    ///
+    /// On error `out` is cut back to where the record started and no counter is used;
+    /// [`SealError::BufferShrunk`] if `out` no longer holds the header's room.
+    pub fn seal_record(
+        &mut self,
+        aad: &[u8],
+        out: &mut Vec<u8>,
+        start: RecordStart,
+    ) -> Result<(), SealError> {
+        let start = start.at;
+        let body = start + SEAL_HEADER_LEN;
+        if out.len() < body {
+            out.truncate(start);
+            return Err(SealError::BufferShrunk);
+        }
+        let len = out.len() - body;
+        let too_long = SealError::PlaintextTooLong {
+            len,
+            max: MAX_PLAINTEXT_LEN,
+        };
+        if len as u64 > MAX_PLAINTEXT_LEN {
+            out.truncate(start);
+            return Err(too_long);
+        }
+        let Some(counter) = self.next else {
+            out.truncate(start);
+            return Err(SealError::CounterExhausted);
+        };
         let header = RecordHeader {
             version: SEAL_VERSION,
             key_id: self.key_id,
@@ -211,12 +269,8 @@ impl Sealer {
             counter,
         }
         .encode();
-        let start = out.len();
-        out.reserve(SEAL_OVERHEAD + plaintext.len());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(plaintext);
+        out[start..body].copy_from_slice(&header);
         let aad = full_aad(&mut self.aad_scratch, &header, aad);
-        let body = start + SEAL_HEADER_LEN;
         match self.subkey.seal_in_place_separate_tag(
             nonce_for(counter),
             Aad::from(aad),
@@ -231,10 +285,7 @@ impl Sealer {
             }
             Err(_) => {
                 out.truncate(start);
-                Err(SealError::PlaintextTooLong {
-                    len: plaintext.len(),
-                    max: MAX_PLAINTEXT_LEN,
-                })
+                Err(too_long)
             }
         }
     }
@@ -280,6 +331,42 @@ impl Opener {
     /// Appends the plaintext of one sealed record to `out`; `out` is left
     /// as it was on error.
     pub fn open(&mut self, aad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<(), OpenError> {
+        let header = self.check_header(sealed)?;
+        let tag_at = sealed.len() - SEAL_TAG_LEN;
+        let start = out.len();
+        out.extend_from_slice(&sealed[SEAL_HEADER_LEN..tag_at]);
+        let res = self.open_body(
+            &header,
+            &sealed[..SEAL_HEADER_LEN],
+            aad,
+            &sealed[tag_at..],
+            &mut out[start..],
+        );
+        if res.is_err() {
+            out.truncate(start);
+        }
+        res
+    }
+
+    /// Opens one sealed record where it lies: decrypts the ciphertext inside `sealed` and
+    /// returns the plaintext, a part of `sealed` (no copy). On error the ciphertext's bytes
+    /// are zeroed (nothing unauthenticated is left) and the rest is untouched.
+    pub fn open_in_place<'a>(
+        &mut self,
+        aad: &[u8],
+        sealed: &'a mut [u8],
+    ) -> Result<&'a mut [u8], OpenError> {
+        let header = self.check_header(sealed)?;
+        let tag_at = sealed.len() - SEAL_TAG_LEN;
+        let (head, rest) = sealed.split_at_mut(SEAL_HEADER_LEN);
+        let (body, tag) = rest.split_at_mut(tag_at - SEAL_HEADER_LEN);
+        self.open_body(&header, head, aad, tag, body)?;
+        Ok(body)
+    }
+
+    /// Parses `sealed`'s header and checks its key: [`OpenError::Truncated`],
+    /// [`OpenError::UnsupportedVersion`], [`OpenError::WrongKey`].
+    fn check_header(&self, sealed: &[u8]) -> Result<RecordHeader, OpenError> {
         let header = RecordHeader::parse(sealed)?;
         if header.key_id != self.key.id() {
             return Err(OpenError::WrongKey {
@@ -287,6 +374,19 @@ impl Opener {
                 found: header.key_id,
             });
         }
+        Ok(header)
+    }
+
+    /// Decrypts `body` in place, authenticated by `tag` over `head || aad`; zeroes `body` when
+    /// authentication fails.
+    fn open_body(
+        &mut self,
+        header: &RecordHeader,
+        head: &[u8],
+        aad: &[u8],
+        tag: &[u8],
+        body: &mut [u8],
+    ) -> Result<(), OpenError> {
         let subkey = match &mut self.cached {
             Some((salt, subkey)) if *salt == header.salt => subkey,
             slot => {
@@ -295,24 +395,19 @@ impl Opener {
                     .1
             }
         };
-        let tag_at = sealed.len() - SEAL_TAG_LEN;
-        let mut tag = [0u8; SEAL_TAG_LEN];
-        tag.copy_from_slice(&sealed[tag_at..]);
-        let aad = full_aad(&mut self.aad_scratch, &sealed[..SEAL_HEADER_LEN], aad);
-        let start = out.len();
-        out.extend_from_slice(&sealed[SEAL_HEADER_LEN..tag_at]);
+        let tag = <[u8; SEAL_TAG_LEN]>::try_from(tag).map_err(|_| OpenError::Tampered)?;
+        let aad = full_aad(&mut self.aad_scratch, head, aad);
         match subkey.open_in_place_separate_tag(
             nonce_for(header.counter),
             Aad::from(aad),
             aead::Tag::from(tag),
-            &mut out[start..],
+            body,
             0..,
         ) {
             Ok(_) => Ok(()),
             Err(_) => {
                 // Do not leave unauthenticated plaintext behind.
-                out[start..].fill(0);
-                out.truncate(start);
+                body.fill(0);
                 Err(OpenError::Tampered)
             }
         }
@@ -568,6 +663,131 @@ mod tests {
         assert!(!s.contains("171, 171"));
     }
 
+    /// A sealer with a chosen salt, so that two of them produce the same records.
+    fn sealer_with_salt(key: &Key, salt: [u8; SALT_LEN]) -> Sealer {
+        Sealer {
+            subkey: derive_subkey(key, &salt),
+            key_id: key.id(),
+            salt,
+            next: Some(0),
+            aad_scratch: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_record_sealed_in_place_is_the_record_of_seal() {
+        let k = key(10);
+        let (mut a, mut b) = (sealer_with_salt(&k, [3; 16]), sealer_with_salt(&k, [3; 16]));
+        for (aad, pt) in [
+            (&b"one"[..], &b"first record"[..]),
+            (b"", b""),
+            (b"x", b"third"),
+        ] {
+            let mut sealed = b"prefix".to_vec();
+            a.seal(aad, pt, &mut sealed).unwrap();
+            let mut in_place = b"prefix".to_vec();
+            let start = Sealer::begin_record(&mut in_place);
+            in_place.extend_from_slice(pt);
+            b.seal_record(aad, &mut in_place, start).unwrap();
+            assert_eq!(in_place, sealed);
+            let mut pt2 = Vec::new();
+            Opener::new(&k).open(aad, &sealed[6..], &mut pt2).unwrap();
+            assert_eq!(pt2, pt);
+        }
+    }
+
+    #[test]
+    fn records_begun_together_get_their_own_counters() {
+        let k = key(11);
+        let mut s = sealer_with_salt(&k, [4; 16]);
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        let (a, b) = (
+            Sealer::begin_record(&mut one),
+            Sealer::begin_record(&mut two),
+        );
+        one.extend_from_slice(b"one");
+        two.extend_from_slice(b"two");
+        s.seal_record(b"", &mut two, b).unwrap();
+        s.seal_record(b"", &mut one, a).unwrap();
+        assert_eq!(RecordHeader::parse(&two).unwrap().counter, 0);
+        assert_eq!(RecordHeader::parse(&one).unwrap().counter, 1);
+        let mut o = Opener::new(&k);
+        assert_eq!(o.open_in_place(b"", &mut one).unwrap(), b"one");
+        assert_eq!(o.open_in_place(b"", &mut two).unwrap(), b"two");
+    }
+
+    #[test]
+    fn sealing_in_place_fails_cleanly() {
+        let k = key(11);
+        let mut s = sealer_with_salt(&k, [4; 16]);
+        // The header's room cut into.
+        let mut out = b"keep".to_vec();
+        let start = Sealer::begin_record(&mut out);
+        out.truncate(10);
+        assert!(matches!(
+            s.seal_record(b"", &mut out, start),
+            Err(SealError::BufferShrunk)
+        ));
+        assert_eq!(out, b"keep");
+        // Bytes scribbled over the header's room do not matter: it is written at sealing.
+        let start = Sealer::begin_record(&mut out);
+        out[5] ^= 0xff;
+        out.extend_from_slice(b"data");
+        s.seal_record(b"", &mut out, start).unwrap();
+        let mut expected = b"keep".to_vec();
+        sealer_with_salt(&k, [4; 16])
+            .seal(b"", b"data", &mut expected)
+            .unwrap();
+        assert_eq!(out, expected);
+        // Exhausted: nothing is left of the record.
+        s.set_next_counter(None);
+        let before = out.clone();
+        let start = Sealer::begin_record(&mut out);
+        out.extend_from_slice(b"more");
+        assert!(matches!(
+            s.seal_record(b"", &mut out, start),
+            Err(SealError::CounterExhausted)
+        ));
+        assert_eq!(out, before);
+    }
+
+    #[test]
+    fn open_in_place_returns_the_plaintext_inside_the_record() {
+        let k = key(12);
+        let mut rec = sealed(&k, b"aad", b"in place");
+        let mut o = Opener::new(&k);
+        let pt = o.open_in_place(b"aad", &mut rec).unwrap();
+        assert_eq!(pt, b"in place");
+        assert_eq!(
+            &rec[SEAL_HEADER_LEN..SEAL_HEADER_LEN + 8],
+            b"in place",
+            "decrypted where it was"
+        );
+        // Wrong aad: the ciphertext is zeroed, header and tag are kept.
+        let mut rec = sealed(&k, b"aad", b"secret data");
+        let before = rec.clone();
+        assert_eq!(
+            o.open_in_place(b"other", &mut rec),
+            Err(OpenError::Tampered)
+        );
+        let body = SEAL_HEADER_LEN..rec.len() - SEAL_TAG_LEN;
+        assert!(rec[body.clone()].iter().all(|b| *b == 0));
+        assert_eq!(rec[..body.start], before[..body.start]);
+        assert_eq!(rec[body.end..], before[body.end..]);
+        // Header errors touch nothing.
+        let mut short = before[..SEAL_OVERHEAD - 1].to_vec();
+        assert!(matches!(
+            o.open_in_place(b"aad", &mut short),
+            Err(OpenError::Truncated { .. })
+        ));
+        let mut other = before.clone();
+        assert!(matches!(
+            Opener::new(&key(13)).open_in_place(b"aad", &mut other),
+            Err(OpenError::WrongKey { .. })
+        ));
+        assert_eq!(other, before);
+    }
+
     proptest! {
         #[test]
         fn prop_round_trip(aad in proptest::collection::vec(any::<u8>(), 0..64),
@@ -603,6 +823,26 @@ mod tests {
             };
             prop_assert!(expected_kind, "bit {} gave {:?}", bit, err);
             prop_assert_eq!(out, b"keep");
+        }
+
+        /// Opening in place and opening into a buffer agree on every input, flipped or not.
+        #[test]
+        fn prop_open_in_place_agrees_with_open(pt in proptest::collection::vec(any::<u8>(), 0..300),
+                                               flip in proptest::option::of(any::<usize>())) {
+            let k = key(14);
+            let mut rec = sealed(&k, b"aad", &pt);
+            if let Some(bit) = flip {
+                let bit = bit % (rec.len() * 8);
+                rec[bit / 8] ^= 1 << (bit % 8);
+            }
+            let mut o = Opener::new(&k);
+            let mut out = Vec::new();
+            let copied = o.open(b"aad", &rec, &mut out).map(|()| out);
+            let in_place = o.open_in_place(b"aad", &mut rec).map(|p| p.to_vec());
+            prop_assert_eq!(&copied, &in_place);
+            if flip.is_none() {
+                prop_assert_eq!(copied, Ok(pt));
+            }
         }
 
         #[test]

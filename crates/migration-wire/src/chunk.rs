@@ -1,10 +1,13 @@
 //! Streaming a directory of files (a CRIU image set) as ordered, self-verifying chunks.
 //!
 //! ```text
-//!  root/ ──walk (sorted)──► file ──read chunk_size──► sha256 ─┐
-//!                                                             ├─► Chunk{seq, path, offset, len,
-//!                                   compress ──► seal(aad) ───┘          mode, digest, payload}
-//!  Header ─► Chunk 0 ─► Chunk 1 ─► … ─► End{chunks, files, bytes, digest[, seal]}
+//!  root/ ──walk (sorted)──► file ──read chunk_size──► sha256 (unsealed only) ──┐
+//!                                                                              ├─► Chunk{seq, path,
+//!        compress (kept if it saves 1/16, else raw) ──► seal(aad) in place ───┘   offset, len, mode,
+//!                                                                     digest?, last_of_file,
+//!                                                                     compressed, payload}
+//!  Header{version 2, compression, sealed_with, chunk_size, digests}
+//!    ─► Chunk 0 ─► Chunk 1 ─► … ─► End{chunks, files, bytes, digest[, seal]}
 //! ```
 //!
 //! A stream is one [`StreamItem::Header`], the chunks of every regular file in a deterministic
@@ -17,10 +20,10 @@
 //! [`Chunker::write_to`] runs the sender as a pipeline joined by bounded channels:
 //!
 //! ```text
-//!  chunk-reader thread        chunk-sealer thread                 calling thread
-//!  walk, read, sha256 ──2──►  compress, seal, frame head ──2──►  write head, write payload
-//!        ▲                        │       ▲                           │
-//!        └── plaintext buffer ◄───┘       └──── frame buffer ◄────────┘
+//!  chunk-reader thread         chunk-sealer thread                 calling thread
+//!  walk, read[, sha256] ──2──►  compress, seal, frame head ──2──►  sink.put(head, payload)
+//!        ▲                          │       ▲                           │
+//!        └── plaintext buffer ◄─────┘       └──── frame buffer ◄────────┘
 //! ```
 //!
 //! Compression dominates; giving it a thread of its own, and the writes another, means it
@@ -28,19 +31,41 @@
 //! written are exactly those of framing every [`Chunker::next_item`] in turn: one thread
 //! compresses and seals, in sequence order. At most [`READ_BUFFERS`] plaintext buffers and
 //! [`FRAME_BUFFERS`] frame buffers exist at once, so memory stays a few chunks whatever the
-//! size of the tree. Neither thread outlives the call.
+//! size of the tree. Neither thread outlives the call. [`Chunker::write_frames`] hands each
+//! frame to a [`FrameSink`] instead of a `Write`, which may keep the payload's buffer (to give it
+//! to a network stack without copying it); the pipeline then allocates another.
 //!
 //! # Integrity and authenticity
 //!
-//! * Every chunk carries the SHA-256 of its plaintext; the receiver checks it after decrypting
-//!   and decompressing.
+//! * The header says how chunks prove their content ([`ChunkDigests`]). In an unsealed stream
+//!   every chunk carries the SHA-256 of its plaintext ([`ChunkDigests::Sha256`]), checked after
+//!   decompressing; the receiver refuses an unsealed stream without digests.
 //! * When the stream is sealed, the AEAD associated data of a chunk is its *descriptor*
-//!   `(seq, path, offset, len, mode, digest, last_of_file)`, so a chunk cannot be moved to
-//!   another position, file or offset without failing to open.
+//!   `(seq, path, offset, len, mode, last_of_file, compressed, digest if any)`, so a chunk cannot
+//!   be altered, nor moved to another position, file or offset, without failing to open. The
+//!   tag therefore already proves the plaintext (decompression is deterministic and the length
+//!   is checked), and a sealed stream carries no per-chunk digest ([`ChunkDigests::SealOnly`]):
+//!   hashing every byte twice more cost a fifth of the transfer's CPU.
 //! * The end's digest is the SHA-256 of all descriptors in order (a superset of "a digest over
 //!   the chunk digests": it also binds paths and offsets). When sealed, the end carries a sealed
-//!   empty record whose associated data binds the header and the summary, so a man in the middle
-//!   cannot truncate the stream and forge a matching end.
+//!   empty record whose associated data binds the header (its `digests` among it) and the
+//!   summary, so a man in the middle can neither truncate the stream and forge a matching end
+//!   nor change the header unnoticed; a flipped `digests` is refused earlier still, at the first
+//!   chunk, whose digest is then missing or unexpected.
+//! * A chunk's payload is compressed only if that saves at least 1/16 of it
+//!   ([`Chunk::compressed`]); otherwise it is the plaintext itself, which the receiver does not
+//!   decompress. After a chunk that did not compress, only the next one's first 64 KiB are
+//!   tried first, so that an incompressible stretch (random or encrypted memory) is not
+//!   compressed in vain chunk after chunk.
+//!
+//! # Format versions
+//!
+//! [`STREAM_VERSION`] 2 added the header's `digests` and the chunk's `compressed`, made the
+//! chunk's digest optional, and changed the descriptor and the end's associated data (labels
+//! `v2`). A receiver refuses any other version ([`UnsupportedVersion`]): both agents of a
+//! migration run the same build.
+//!
+//! [`UnsupportedVersion`]: crate::reassemble::ReassembleError::UnsupportedVersion
 //!
 //! A whole old stream sealed under the same key can still be replayed: freshness belongs to the
 //! control protocol (tokens), not to this layer.
@@ -63,14 +88,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::thread;
 
-use migration_crypto::{Digest, KeyId, SealError, Sealer, Sha256, sha256};
+use migration_crypto::{Digest, KeyId, SEAL_OVERHEAD, SealError, Sealer, Sha256, sha256};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::compress::{Codec, CompressError, Compression};
 use crate::frame::{self, FrameError};
 
-/// Version of the stream format carried in [`StreamHeader::version`].
-pub const STREAM_VERSION: u16 = 1;
+/// Version of the stream format carried in [`StreamHeader::version`] (see "Format versions"
+/// in the [module documentation](self)).
+pub const STREAM_VERSION: u16 = 2;
 /// Default chunk size: 1 MiB.
 pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 /// Largest chunk size a [`Chunker`] accepts (8 MiB), so that any chunk fits in a
@@ -89,8 +115,17 @@ pub const FRAME_BUFFERS: usize = 3;
 /// Items queued between two stages of [`Chunker::write_to`].
 const QUEUE_DEPTH: usize = 2;
 
-const CHUNK_AAD_LABEL: &[u8] = b"migration-wire chunk v1\0";
-const END_AAD_LABEL: &[u8] = b"migration-wire end v1\0";
+/// A chunk is sent compressed only if that saves at least `len >> MIN_SAVING_SHIFT` bytes (1/16):
+/// below that, the receiver's decompression costs more than the bytes saved.
+const MIN_SAVING_SHIFT: u32 = 4;
+/// After a chunk that did not compress, the next one's first `PROBE_LEN` bytes are compressed
+/// first: if they do not compress either, the chunk is sent raw without compressing the rest.
+/// A long incompressible stretch (a process's random or encrypted memory) then costs 1/16 of
+/// compressing it, not all of it.
+const PROBE_LEN: usize = 64 << 10;
+
+const CHUNK_AAD_LABEL: &[u8] = b"migration-wire chunk v2\0";
+const END_AAD_LABEL: &[u8] = b"migration-wire end v2\0";
 /// Index of [`StreamItem::Chunk`] among the variants, as postcard encodes it.
 const CHUNK_VARIANT: u32 = 1;
 
@@ -110,14 +145,41 @@ pub enum StreamItem {
 /// Opens a stream.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamHeader {
-    /// Stream format version, [`STREAM_VERSION`].
+    /// Stream format version, [`STREAM_VERSION`]. First, so that a receiver reads it before
+    /// the rest, whose layout depends on it.
     pub version: u16,
-    /// Compression of every chunk payload.
+    /// Compression of the payloads of chunks marked [`Chunk::compressed`].
     pub compression: Compression,
     /// Key the payloads are sealed with, `None` for an unsealed stream.
     pub sealed_with: Option<KeyId>,
     /// Plaintext size of every chunk but the last of each file.
     pub chunk_size: u32,
+    /// Whether chunks carry a digest of their plaintext (version 2 on).
+    pub digests: ChunkDigests,
+}
+
+/// How the chunks of a stream prove their content ([`StreamHeader::digests`]).
+///
+/// Deliberately exhaustive: another kind is a new [`STREAM_VERSION`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkDigests {
+    /// Every chunk carries the SHA-256 of its plaintext, which the receiver checks. Required in
+    /// an unsealed stream.
+    Sha256,
+    /// Chunks carry no digest: each is sealed with its descriptor as associated data, so its
+    /// AEAD tag proves its content and its place. Valid only in a sealed stream.
+    SealOnly,
+}
+
+impl ChunkDigests {
+    /// What a [`Chunker`] uses: no digests when it seals, SHA-256 otherwise.
+    fn for_stream(sealed: bool) -> Self {
+        if sealed {
+            ChunkDigests::SealOnly
+        } else {
+            ChunkDigests::Sha256
+        }
+    }
 }
 
 /// A piece of a file.
@@ -133,11 +195,17 @@ pub struct Chunk {
     pub len: u32,
     /// Permission bits of the file (masked with [`MODE_MASK`]).
     pub mode: u32,
-    /// SHA-256 of the plaintext.
-    pub digest: Digest,
+    /// SHA-256 of the plaintext: present if and only if the header says
+    /// [`ChunkDigests::Sha256`].
+    pub digest: Option<Digest>,
     /// This is the file's last chunk.
     pub last_of_file: bool,
-    /// `seal(compress(plaintext))`, or `compress(plaintext)` in an unsealed stream.
+    /// The payload is compressed with the stream's compression; `false`, it is the plaintext
+    /// itself (always in an uncompressed stream; otherwise when compressing saved less than
+    /// 1/16, or when, after a chunk that did not compress, a probe of this one's start did
+    /// not either).
+    pub compressed: bool,
+    /// `seal(payload)` in a sealed stream, the payload itself otherwise.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
@@ -150,8 +218,9 @@ impl fmt::Debug for Chunk {
             .field("offset", &self.offset)
             .field("len", &self.len)
             .field("mode", &format_args!("{:o}", self.mode))
-            .field("digest", &format_args!("{}", self.digest))
+            .field("digest", &self.digest.map(|d| d.to_string()))
             .field("last_of_file", &self.last_of_file)
+            .field("compressed", &self.compressed)
             .field("payload_len", &self.payload.len())
             .finish()
     }
@@ -162,12 +231,13 @@ impl Chunk {
     /// of the end digest.
     #[cfg(test)]
     pub(crate) fn descriptor(&self, out: &mut Vec<u8>) {
-        self.borrowed().descriptor(out);
+        self.fields().descriptor(out);
     }
 
-    /// The chunk's fields, borrowed.
-    pub(crate) fn borrowed(&self) -> ChunkRef<'_> {
-        ChunkRef {
+    /// The chunk's fields but its payload, borrowed, and its payload, mutable (the receiver
+    /// opens it in place).
+    pub(crate) fn split_mut(&mut self) -> (ChunkFields<'_>, &mut [u8]) {
+        let fields = ChunkFields {
             seq: self.seq,
             path: &self.path,
             offset: self.offset,
@@ -175,8 +245,98 @@ impl Chunk {
             mode: self.mode,
             digest: self.digest,
             last_of_file: self.last_of_file,
+            compressed: self.compressed,
+        };
+        (fields, &mut self.payload)
+    }
+
+    /// The chunk's fields but its payload, borrowed.
+    #[cfg(test)]
+    pub(crate) fn fields(&self) -> ChunkFields<'_> {
+        ChunkFields {
+            seq: self.seq,
+            path: &self.path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            compressed: self.compressed,
+        }
+    }
+
+    /// The chunk's fields, borrowed.
+    #[cfg(test)]
+    pub(crate) fn borrowed(&self) -> ChunkRef<'_> {
+        let f = self.fields();
+        ChunkRef {
+            seq: f.seq,
+            path: f.path,
+            offset: f.offset,
+            len: f.len,
+            mode: f.mode,
+            digest: f.digest,
+            last_of_file: f.last_of_file,
+            compressed: f.compressed,
             payload: &self.payload,
         }
+    }
+}
+
+/// The fields of a chunk but its payload, borrowed: what its descriptor is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkFields<'a> {
+    pub(crate) seq: u64,
+    pub(crate) path: &'a str,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    pub(crate) mode: u32,
+    pub(crate) digest: Option<Digest>,
+    pub(crate) last_of_file: bool,
+    pub(crate) compressed: bool,
+}
+
+impl ChunkFields<'_> {
+    /// The same fields with another path (one the caller owns).
+    pub(crate) fn with_path<'p>(&self, path: &'p str) -> ChunkFields<'p> {
+        ChunkFields {
+            seq: self.seq,
+            path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            compressed: self.compressed,
+        }
+    }
+
+    /// Writes the chunk's descriptor into `out` (cleared first): the sealing AAD and the unit
+    /// of the end digest.
+    ///
+    /// ```text
+    /// "migration-wire chunk v2\0" | seq u64 | offset u64 | len u32 | mode u32
+    ///   | flags u8 (1: last_of_file, 2: compressed) | 0, or 1 + digest [32]
+    ///   | path length u64 | path          (integers big-endian)
+    /// ```
+    pub(crate) fn descriptor(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(CHUNK_AAD_LABEL);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out.extend_from_slice(&self.mode.to_be_bytes());
+        out.push(u8::from(self.last_of_file) | (u8::from(self.compressed) << 1));
+        match &self.digest {
+            None => out.push(0),
+            Some(d) => {
+                out.push(1);
+                out.extend_from_slice(&d.0);
+            }
+        }
+        // Path last, length-prefixed: the encoding is unambiguous.
+        out.extend_from_slice(&(self.path.len() as u64).to_be_bytes());
+        out.extend_from_slice(self.path.as_bytes());
     }
 }
 
@@ -189,24 +349,25 @@ pub(crate) struct ChunkRef<'a> {
     pub(crate) offset: u64,
     pub(crate) len: u32,
     pub(crate) mode: u32,
-    pub(crate) digest: Digest,
+    pub(crate) digest: Option<Digest>,
     pub(crate) last_of_file: bool,
+    pub(crate) compressed: bool,
     pub(crate) payload: &'a [u8],
 }
 
-impl ChunkRef<'_> {
-    /// Writes the chunk's descriptor into `out` (cleared first).
-    pub(crate) fn descriptor(&self, out: &mut Vec<u8>) {
-        descriptor(
-            out,
-            self.seq,
-            self.path,
-            self.offset,
-            self.len,
-            self.mode,
-            &self.digest,
-            self.last_of_file,
-        );
+impl<'a> ChunkRef<'a> {
+    /// The chunk's fields but its payload.
+    pub(crate) fn fields(&self) -> ChunkFields<'a> {
+        ChunkFields {
+            seq: self.seq,
+            path: self.path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            compressed: self.compressed,
+        }
     }
 }
 
@@ -221,30 +382,6 @@ pub(crate) enum StreamItemRef<'a> {
     Chunk(ChunkRef<'a>),
     /// See [`StreamItem::End`].
     End(StreamEnd),
-}
-
-#[allow(clippy::too_many_arguments)]
-fn descriptor(
-    out: &mut Vec<u8>,
-    seq: u64,
-    path: &str,
-    offset: u64,
-    len: u32,
-    mode: u32,
-    digest: &Digest,
-    last_of_file: bool,
-) {
-    out.clear();
-    out.extend_from_slice(CHUNK_AAD_LABEL);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&mode.to_be_bytes());
-    out.push(u8::from(last_of_file));
-    out.extend_from_slice(&digest.0);
-    // Path last, length-prefixed: the encoding is unambiguous.
-    out.extend_from_slice(&(path.len() as u64).to_be_bytes());
-    out.extend_from_slice(path.as_bytes());
 }
 
 /// Totals of a stream.
@@ -319,6 +456,44 @@ impl Default for ChunkerConfig {
     }
 }
 
+/// Where [`Chunker::write_frames`] puts a stream, one frame at a time.
+pub trait FrameSink {
+    /// Takes one frame: `head` (the length prefix and every byte before the payload), then
+    /// `payload` (empty for a header or an end). The sink may keep `payload`'s buffer, leaving
+    /// an empty one in its place (`std::mem::take`), for instance to hand it to a network
+    /// stack without copying it; a buffer left in place is reused for a later frame.
+    fn put(&mut self, head: &[u8], payload: &mut Vec<u8>) -> io::Result<()>;
+
+    /// Called once, after the end's frame.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+impl<S: FrameSink + ?Sized> FrameSink for &mut S {
+    fn put(&mut self, head: &[u8], payload: &mut Vec<u8>) -> io::Result<()> {
+        (**self).put(head, payload)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+}
+
+/// The [`FrameSink`] of [`Chunker::write_to`]: writes each frame's bytes to a `Write` and
+/// keeps no buffer.
+#[derive(Debug)]
+pub struct WriteSink<W>(pub W);
+
+impl<W: Write> FrameSink for WriteSink<W> {
+    fn put(&mut self, head: &[u8], payload: &mut Vec<u8>) -> io::Result<()> {
+        self.0.write_all(head)?;
+        self.0.write_all(payload)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Errors of the [`Chunker`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -382,7 +557,8 @@ pub enum ChunkError {
     /// An item could not be framed.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// The writer given to [`Chunker::write_to`] failed.
+    /// The writer given to [`Chunker::write_to`] (or the sink given to
+    /// [`Chunker::write_frames`]) failed.
     #[error("writing the stream: {0}")]
     Write(#[source] io::Error),
     /// The chunker failed earlier; the stream cannot continue.
@@ -431,8 +607,10 @@ struct ChunkMeta {
     offset: u64,
     len: u32,
     mode: u32,
-    digest: Digest,
+    digest: Option<Digest>,
     last_of_file: bool,
+    /// Set by the [`Encoder`] once it knows.
+    compressed: bool,
 }
 
 /// Counts of a finished walk (the digest is the [`Encoder`]'s).
@@ -451,12 +629,14 @@ enum Walked {
     End(Totals),
 }
 
-/// The reading half of a chunker: walks the tree, reads and digests chunks. Runs on the read
-/// thread in [`Chunker::write_to`].
+/// The reading half of a chunker: walks the tree, reads and (in an unsealed stream) digests
+/// chunks. Runs on the read thread in [`Chunker::write_to`].
 #[derive(Debug)]
 struct Walker {
     root: PathBuf,
     chunk_size: usize,
+    /// Compute each chunk's digest ([`ChunkDigests::Sha256`]).
+    digests: bool,
     state: State,
     stack: Vec<DirFrame>,
     current: Option<OpenFile>,
@@ -481,13 +661,18 @@ struct Encoder {
     compression: Compression,
     sealer: Option<Sealer>,
     codec: Codec,
-    /// Compressed bytes awaiting sealing.
-    scratch: Vec<u8>,
     aad: Vec<u8>,
+    /// The last chunk was not worth compressing: probe the next one first.
+    incompressible: bool,
+    /// Output of a probe.
+    probe: Vec<u8>,
     hasher: Option<Sha256>,
     /// Fail to compress the chunk with this sequence number (tests of error paths).
     #[cfg(test)]
     fail_at: Option<u64>,
+    /// Chunks sent raw on a probe alone.
+    #[cfg(test)]
+    probed_raw: u64,
 }
 
 impl fmt::Debug for Encoder {
@@ -501,9 +686,8 @@ impl fmt::Debug for Encoder {
 
 /// Turns a directory tree into stream items, one file chunk at a time.
 ///
-/// Memory is bounded by one read buffer of `chunk_size` bytes and one compression scratch
-/// buffer (used only when sealing compressed chunks), plus the payload of the item being
-/// returned, whatever the size of the files. [`Chunker::write_to`] keeps at most
+/// Memory is bounded by one read buffer of `chunk_size` bytes, plus the payload of the item
+/// being returned, whatever the size of the files. [`Chunker::write_to`] keeps at most
 /// [`READ_BUFFERS`] read buffers and [`FRAME_BUFFERS`] frame buffers instead.
 pub struct Chunker {
     walker: Walker,
@@ -549,17 +733,20 @@ impl Chunker {
                 path: root.to_owned(),
             });
         }
+        let digests = ChunkDigests::for_stream(sealer.is_some());
         let header = StreamHeader {
             version: STREAM_VERSION,
             compression,
             sealed_with: sealer.as_ref().map(Sealer::key_id),
             // chunk_size <= MAX_CHUNK_SIZE fits in u32.
             chunk_size: chunk_size as u32,
+            digests,
         };
         Ok(Chunker {
             walker: Walker {
                 root: canonical,
                 chunk_size,
+                digests: digests == ChunkDigests::Sha256,
                 state: State::Start,
                 stack: Vec::new(),
                 current: None,
@@ -572,11 +759,14 @@ impl Chunker {
                 compression,
                 sealer,
                 codec: Codec::new(),
-                scratch: Vec::new(),
                 aad: Vec::new(),
+                incompressible: false,
+                probe: Vec::new(),
                 hasher: Some(Sha256::new()),
                 #[cfg(test)]
                 fail_at: None,
+                #[cfg(test)]
+                probed_raw: 0,
             },
             buf: Vec::new(),
         })
@@ -587,10 +777,19 @@ impl Chunker {
         &self.enc.header
     }
 
-    /// Capacity of the buffers the chunker keeps between items (read buffer and compression
-    /// scratch). Stays within about two chunks whatever the size of the files.
+    /// Capacity of the buffers the chunker keeps between items (the read buffer). Stays
+    /// within a chunk whatever the size of the files.
     pub fn buffer_capacity(&self) -> usize {
-        self.buf.capacity() + self.enc.scratch.capacity()
+        self.buf.capacity()
+    }
+
+    /// Makes a sealed stream carry chunk digests anyway (tests of the receiver, which accepts
+    /// that).
+    #[cfg(test)]
+    pub(crate) fn with_digests(mut self) -> Self {
+        self.enc.header.digests = ChunkDigests::Sha256;
+        self.walker.digests = true;
+        self
     }
 
     /// The next item of the stream, `Ok(None)` after the end. After an error every later call
@@ -599,10 +798,10 @@ impl Chunker {
         let res = match self.walker.next(&mut self.buf)? {
             None => return Ok(None),
             Some(Walked::Header) => Ok(StreamItem::Header(self.enc.header)),
-            Some(Walked::Chunk(meta)) => {
+            Some(Walked::Chunk(mut meta)) => {
                 let plain = &self.buf[..meta.len as usize];
                 let mut payload = Vec::new();
-                self.enc.payload(&meta, plain, &mut payload).map(|at| {
+                self.enc.payload(&mut meta, plain, &mut payload).map(|at| {
                     if at == PayloadAt::Plain {
                         payload.extend_from_slice(plain);
                     }
@@ -628,14 +827,21 @@ impl Chunker {
     /// both threads have ended by then. If the threads cannot be started, the stream is written
     /// from this thread alone.
     pub fn write_to<W: Write>(self, w: W) -> Result<StreamSummary, ChunkError> {
-        self.write_pipelined(w).0
+        self.write_frames(WriteSink(w))
     }
 
-    /// [`Chunker::write_to`], also returning what the threads allocated (`None` when it ran
-    /// on this thread alone).
-    fn write_pipelined<W: Write>(
+    /// [`Chunker::write_to`] into a [`FrameSink`], which is given each frame's head and payload
+    /// and may keep the payload's buffer instead of copying it; its errors are
+    /// [`ChunkError::Write`].
+    pub fn write_frames<S: FrameSink>(self, sink: S) -> Result<StreamSummary, ChunkError> {
+        self.write_pipelined(sink).0
+    }
+
+    /// [`Chunker::write_frames`], also returning what the threads allocated (`None` when it
+    /// ran on this thread alone).
+    fn write_pipelined<S: FrameSink>(
         self,
-        mut w: W,
+        mut w: S,
     ) -> (Result<StreamSummary, ChunkError>, Option<PipeStats>) {
         let Chunker { walker, enc, buf } = self;
         // Each thread waits for its state before doing anything, so that if either cannot be
@@ -701,8 +907,8 @@ impl Chunker {
         })
     }
 
-    /// [`Chunker::write_to`] on this thread alone.
-    fn write_sequential<W: Write>(mut self, mut w: W) -> Result<StreamSummary, ChunkError> {
+    /// [`Chunker::write_frames`] on this thread alone.
+    fn write_sequential<S: FrameSink>(mut self, mut w: S) -> Result<StreamSummary, ChunkError> {
         let mut bufs = FrameBufs::default();
         loop {
             let Some(walked) = self.walker.next(&mut self.buf)? else {
@@ -710,7 +916,7 @@ impl Chunker {
                 return Err(ChunkError::Failed);
             };
             let framed = self.enc.frame(walked, &self.buf, &mut bufs)?;
-            if let Some(summary) = write_frame(&mut w, &bufs, framed, &self.buf)? {
+            if let Some(summary) = write_frame(&mut w, &mut bufs, framed, &mut self.buf)? {
                 return Ok(summary);
             }
         }
@@ -725,7 +931,7 @@ struct PipeStats {
     read_buffers: usize,
     /// Frame buffers, at most [`FRAME_BUFFERS`].
     frame_buffers: usize,
-    /// Largest capacity of one frame buffer, plus the compression scratch buffer.
+    /// Largest capacity of one frame buffer.
     peak_frame_bytes: usize,
 }
 
@@ -800,8 +1006,7 @@ fn read_side(
 /// The sealing thread of [`Chunker::write_to`]: compresses, seals and frames each item into
 /// buffers taken from `free` (at most [`FRAME_BUFFERS`] exist), returns plaintext buffers to
 /// the read thread as soon as they are consumed, and sends frames (or the first error) to
-/// `ready`. Returns how many frame buffers it allocated and the largest one's capacity plus
-/// the compression scratch.
+/// `ready`. Returns how many frame buffers it allocated and the largest one's capacity.
 fn seal_side(
     mut enc: Encoder,
     items: Receiver<Piped>,
@@ -813,29 +1018,28 @@ fn seal_side(
     let mut allocated = 0;
     let mut peak = 0;
     let mut spare: Option<FrameBufs> = None;
-    let stats = |allocated, peak, enc: &Encoder| (allocated, peak + enc.scratch.capacity());
     loop {
         // A closed channel means the read thread ended (cancelled, or it died); the writer
         // then sees this one close.
         let Ok((walked, plain)) = items.recv() else {
-            return stats(allocated, peak, &enc);
+            return (allocated, peak);
         };
         if cancel.load(Ordering::Acquire) {
             // Hand the buffer back so that a read thread waiting for one wakes up, sees the
             // flag and ends.
             let _ = free_read.send(plain);
-            return stats(allocated, peak, &enc);
+            return (allocated, peak);
         }
         let walked = match walked {
             Ok(Some(w)) => w,
             // `next` returns the end before `None`: the stream was written already.
             Ok(None) => {
                 let _ = ready.send(Err(ChunkError::Failed));
-                return stats(allocated, peak, &enc);
+                return (allocated, peak);
             }
             Err(e) => {
                 let _ = ready.send(Err(e));
-                return stats(allocated, peak, &enc);
+                return (allocated, peak);
             }
         };
         let mut bufs = match spare.take().map_or_else(|| free.try_recv(), Ok) {
@@ -846,15 +1050,15 @@ fn seal_side(
             }
             Err(TryRecvError::Empty) => match free.recv() {
                 Ok(b) => b,
-                Err(_) => return stats(allocated, peak, &enc),
+                Err(_) => return (allocated, peak),
             },
-            Err(TryRecvError::Disconnected) => return stats(allocated, peak, &enc),
+            Err(TryRecvError::Disconnected) => return (allocated, peak),
         };
         let framed = match enc.frame(walked, &plain, &mut bufs) {
             Ok(f) => f,
             Err(e) => {
                 let _ = ready.send(Err(e));
-                return stats(allocated, peak, &enc);
+                return (allocated, peak);
             }
         };
         peak = peak.max(bufs.head.capacity() + bufs.out.capacity());
@@ -874,7 +1078,7 @@ fn seal_side(
             plain,
         }));
         if sent.is_err() || last {
-            return stats(allocated, peak, &enc);
+            return (allocated, peak);
         }
     }
 }
@@ -889,8 +1093,8 @@ fn seal_side(
 /// that sits in a queued frame, and the sealing thread for an item that the read thread can
 /// only send once it has a buffer. Dropping the queue instead would leave both waiting on
 /// each other for ever.
-fn write_ready<W: Write>(
-    w: &mut W,
+fn write_ready<S: FrameSink>(
+    w: &mut S,
     ready: Receiver<Result<Ready, ChunkError>>,
     free_read: SyncSender<Vec<u8>>,
     free_frame: SyncSender<FrameBufs>,
@@ -912,12 +1116,13 @@ fn write_ready<W: Write>(
 }
 
 /// The loop of [`write_ready`] until the end frame or the first error.
-fn write_frames<W: Write>(
-    w: &mut W,
+fn write_frames<S: FrameSink>(
+    w: &mut S,
     ready: &Receiver<Result<Ready, ChunkError>>,
     free_read: &SyncSender<Vec<u8>>,
     free_frame: &SyncSender<FrameBufs>,
 ) -> Result<StreamSummary, ChunkError> {
+    let mut no_plain = Vec::new();
     loop {
         // The sealing thread sends an end or an error before it stops, unless it died.
         let Ok(ready) = ready.recv() else {
@@ -925,10 +1130,15 @@ fn write_frames<W: Write>(
         };
         let Ready {
             framed,
-            bufs,
-            plain,
+            mut bufs,
+            mut plain,
         } = ready?;
-        let done = write_frame(w, &bufs, framed, plain.as_deref().unwrap_or_default())?;
+        let done = write_frame(
+            w,
+            &mut bufs,
+            framed,
+            plain.as_mut().unwrap_or(&mut no_plain),
+        )?;
         // The other threads may be gone already; then the buffers are simply dropped.
         if let Some(p) = plain {
             let _ = free_read.send(p);
@@ -940,25 +1150,30 @@ fn write_frames<W: Write>(
     }
 }
 
-/// Writes one frame: the head, then the payload (never copied into a frame buffer); after the
-/// end item, flushes `w` and returns the summary.
-fn write_frame<W: Write>(
-    w: &mut W,
-    bufs: &FrameBufs,
+/// Puts one frame into the sink: the head, then the payload (never copied into a frame
+/// buffer; the sink may keep it); after the end item, flushes the sink and returns the summary.
+/// The plaintext buffer of a [`Framed::Plain`] frame is cut to the payload's length (the read
+/// thread restores it).
+fn write_frame<S: FrameSink>(
+    w: &mut S,
+    bufs: &mut FrameBufs,
     framed: Framed,
-    plain: &[u8],
+    plain: &mut Vec<u8>,
 ) -> Result<Option<StreamSummary>, ChunkError> {
-    w.write_all(&bufs.head).map_err(ChunkError::Write)?;
-    match framed {
-        Framed::Out => w.write_all(&bufs.out).map_err(ChunkError::Write)?,
+    let payload = match framed {
+        Framed::Out | Framed::End(_) => &mut bufs.out,
         Framed::Plain(len) => {
-            let payload = plain.get(..len).ok_or(ChunkError::Failed)?;
-            w.write_all(payload).map_err(ChunkError::Write)?;
+            if plain.len() < len {
+                return Err(ChunkError::Failed);
+            }
+            plain.truncate(len);
+            plain
         }
-        Framed::End(summary) => {
-            w.flush().map_err(ChunkError::Write)?;
-            return Ok(Some(summary));
-        }
+    };
+    w.put(&bufs.head, payload).map_err(ChunkError::Write)?;
+    if let Framed::End(summary) = framed {
+        w.flush().map_err(ChunkError::Write)?;
+        return Ok(Some(summary));
     }
     Ok(None)
 }
@@ -980,8 +1195,9 @@ impl Serialize for ChunkHead<'_> {
             offset: u64,
             len: u32,
             mode: u32,
-            digest: &'a Digest,
+            digest: &'a Option<Digest>,
             last_of_file: bool,
+            compressed: bool,
             payload_len: u64,
         }
         let m = self.meta;
@@ -993,6 +1209,7 @@ impl Serialize for ChunkHead<'_> {
             mode: m.mode,
             digest: &m.digest,
             last_of_file: m.last_of_file,
+            compressed: m.compressed,
             payload_len: self.payload_len,
         };
         s.serialize_newtype_variant("StreamItem", CHUNK_VARIANT, "Chunk", &fields)
@@ -1039,9 +1256,44 @@ impl ChunkMeta {
             mode: self.mode,
             digest: self.digest,
             last_of_file: self.last_of_file,
+            compressed: self.compressed,
             payload,
         }
     }
+
+    fn fields(&self) -> ChunkFields<'_> {
+        ChunkFields {
+            seq: self.seq,
+            path: &self.path,
+            offset: self.offset,
+            len: self.len,
+            mode: self.mode,
+            digest: self.digest,
+            last_of_file: self.last_of_file,
+            compressed: self.compressed,
+        }
+    }
+}
+
+/// Appends `plain` compressed under `c` to `out` if that saves at least 1/16 of it (one byte
+/// at least), and says whether it did; otherwise `out` is left as it was.
+fn compress_if_worth(
+    codec: &mut Codec,
+    c: Compression,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<bool, CompressError> {
+    if c == Compression::None {
+        return Ok(false);
+    }
+    let start = out.len();
+    codec.compress(c, plain, out)?;
+    let saving = (plain.len() >> MIN_SAVING_SHIFT).max(1);
+    let worth = (out.len() - start).saturating_add(saving) <= plain.len();
+    if !worth {
+        out.truncate(start);
+    }
+    Ok(worth)
 }
 
 impl Encoder {
@@ -1060,9 +1312,9 @@ impl Encoder {
                 frame::encode(&item, frame::DEFAULT_MAX_FRAME, &mut bufs.head)?;
                 Ok(Framed::Out)
             }
-            Walked::Chunk(meta) => {
+            Walked::Chunk(mut meta) => {
                 let plain = plain.get(..meta.len as usize).ok_or(ChunkError::Failed)?;
-                let (framed, payload_len) = match self.payload(&meta, plain, &mut bufs.out)? {
+                let (framed, payload_len) = match self.payload(&mut meta, plain, &mut bufs.out)? {
                     PayloadAt::Plain => (Framed::Plain(plain.len()), plain.len()),
                     PayloadAt::Out => (Framed::Out, bufs.out.len()),
                 };
@@ -1083,10 +1335,11 @@ impl Encoder {
     }
 
     /// Computes the payload of chunk `meta` whose plaintext is `plain`: appended to `out`, or
-    /// `plain` itself ([`PayloadAt::Plain`]). Folds the descriptor into the end digest.
+    /// `plain` itself ([`PayloadAt::Plain`]); sets `meta.compressed`. Folds the descriptor into
+    /// the end digest.
     fn payload(
         &mut self,
-        meta: &ChunkMeta,
+        meta: &mut ChunkMeta,
         plain: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<PayloadAt, ChunkError> {
@@ -1094,39 +1347,58 @@ impl Encoder {
         if self.fail_at == Some(meta.seq) {
             return Err(CompressError::Compress(io::Error::other("injected")).into());
         }
-        descriptor(
-            &mut self.aad,
-            meta.seq,
-            &meta.path,
-            meta.offset,
-            meta.len,
-            meta.mode,
-            &meta.digest,
-            meta.last_of_file,
-        );
+        let compression = self.compression_for(plain)?;
         let at = match self.sealer.as_mut() {
-            None if self.compression == Compression::None => PayloadAt::Plain,
             None => {
-                self.codec.compress(self.compression, plain, out)?;
-                PayloadAt::Out
+                meta.compressed = compress_if_worth(&mut self.codec, compression, plain, out)?;
+                meta.fields().descriptor(&mut self.aad);
+                if meta.compressed {
+                    PayloadAt::Out
+                } else {
+                    PayloadAt::Plain
+                }
             }
             Some(sealer) => {
-                let to_seal = if self.compression == Compression::None {
-                    plain
-                } else {
-                    self.scratch.clear();
-                    self.codec
-                        .compress(self.compression, plain, &mut self.scratch)?;
-                    &self.scratch[..]
-                };
-                sealer.seal(&self.aad, to_seal, out)?;
+                // Room for the record, whatever the compression gives: nothing reallocates.
+                out.reserve(SEAL_OVERHEAD + self.compression.max_compressed_len(plain.len()));
+                // The payload is compressed (or copied) straight into the record, then sealed
+                // where it lies.
+                let record = Sealer::begin_record(out);
+                meta.compressed = compress_if_worth(&mut self.codec, compression, plain, out)?;
+                if !meta.compressed {
+                    out.extend_from_slice(plain);
+                }
+                meta.fields().descriptor(&mut self.aad);
+                sealer.seal_record(&self.aad, out, record)?;
                 PayloadAt::Out
             }
         };
+        if compression != Compression::None {
+            self.incompressible = !meta.compressed;
+        }
         if let Some(h) = self.hasher.as_mut() {
             h.update(&self.aad);
         }
         Ok(at)
+    }
+
+    /// The compression to try on `plain`: the stream's, unless the chunk before did not
+    /// compress and neither does a probe of this one's first [`PROBE_LEN`] bytes.
+    fn compression_for(&mut self, plain: &[u8]) -> Result<Compression, CompressError> {
+        if !self.incompressible || plain.len() < 2 * PROBE_LEN {
+            return Ok(self.compression);
+        }
+        self.probe.clear();
+        let sample = &plain[..PROBE_LEN];
+        if compress_if_worth(&mut self.codec, self.compression, sample, &mut self.probe)? {
+            Ok(self.compression)
+        } else {
+            #[cfg(test)]
+            {
+                self.probed_raw += 1;
+            }
+            Ok(Compression::None)
+        }
     }
 
     /// The end item for a walk with these totals.
@@ -1265,8 +1537,9 @@ impl Walker {
             return Err(ChunkError::Failed);
         };
         if buf.len() != self.chunk_size {
-            // Once per buffer: it keeps this length (and its contents) from now on.
-            *buf = vec![0; self.chunk_size];
+            // Once per buffer, and after a sink cut it to a short chunk's payload (or took it):
+            // it keeps this length (and its contents) otherwise.
+            buf.resize(self.chunk_size, 0);
         }
         let mut filled = 0;
         if let Some(b) = cur.peek.take() {
@@ -1298,7 +1571,7 @@ impl Walker {
         } else {
             true
         };
-        let digest = sha256(&buf[..filled]);
+        let digest = self.digests.then(|| sha256(&buf[..filled]));
         // filled <= chunk_size <= MAX_CHUNK_SIZE fits in u32.
         let len = filled as u32;
         let meta = ChunkMeta {
@@ -1313,6 +1586,7 @@ impl Walker {
             mode: cur.mode,
             digest,
             last_of_file,
+            compressed: false,
         };
         cur.offset += u64::from(len);
         self.seq += 1;
@@ -1424,7 +1698,7 @@ mod tests {
             ]
         );
         assert_eq!(cs[6].payload, b"89");
-        assert_eq!(cs[6].digest, sha256(b"89"));
+        assert_eq!(cs[6].digest, Some(sha256(b"89")));
         assert!(
             matches!(all[0], StreamItem::Header(h) if h.chunk_size == 4 && h.sealed_with.is_none())
         );
@@ -1687,13 +1961,13 @@ mod pipeline_tests {
                 let mut piped = Vec::new();
                 let (res, stats) = Chunker::new(dir.path(), cfg(chunk_size, compression, None))
                     .unwrap()
-                    .write_pipelined(&mut piped);
+                    .write_pipelined(WriteSink(&mut piped));
                 let summary = res.unwrap();
                 assert!(stats.is_some(), "ran on threads");
                 let mut seq = Vec::new();
                 let seq_summary = Chunker::new(dir.path(), cfg(chunk_size, compression, None))
                     .unwrap()
-                    .write_sequential(&mut seq)
+                    .write_sequential(WriteSink(&mut seq))
                     .unwrap();
                 assert!(
                     piped == reference,
@@ -1841,7 +2115,7 @@ mod pipeline_tests {
         .unwrap();
         c.enc.fail_at = Some(4);
         let mut wire = Vec::new();
-        let (res, stats) = c.write_pipelined(&mut wire);
+        let (res, stats) = c.write_pipelined(WriteSink(&mut wire));
         assert!(stats.is_some());
         assert!(
             matches!(res, Err(ChunkError::Compress(CompressError::Compress(ref e))) if e.to_string() == "injected"),
@@ -1925,7 +2199,7 @@ mod pipeline_tests {
         )
         .unwrap();
         let mut wire = Vec::new();
-        let (res, stats) = c.write_pipelined(&mut wire);
+        let (res, stats) = c.write_pipelined(WriteSink(&mut wire));
         let summary = res.unwrap();
         let stats = stats.unwrap();
         assert_eq!(summary.chunks, 64);
@@ -1969,11 +2243,13 @@ mod pipeline_tests {
         #[test]
         fn chunk_head_and_payload_encode_like_the_item(
             seq in any::<u64>(), path in "[a-z]{1,8}(/[a-z]{1,8}){0,3}", offset in any::<u64>(),
-            len in any::<u32>(), mode in any::<u32>(), digest in any::<[u8; 32]>(),
-            last_of_file in any::<bool>(),
+            len in any::<u32>(), mode in any::<u32>(),
+            digest in proptest::option::of(any::<[u8; 32]>()),
+            last_of_file in any::<bool>(), compressed in any::<bool>(),
             payload in proptest::collection::vec(any::<u8>(), 0..600),
         ) {
-            let meta = ChunkMeta { seq, path, offset, len, mode, digest: Digest(digest), last_of_file };
+            let digest = digest.map(Digest);
+            let meta = ChunkMeta { seq, path, offset, len, mode, digest, last_of_file, compressed };
             let mut split = Vec::new();
             encode_chunk_head(&meta, payload.len(), &mut split).unwrap();
             split.extend_from_slice(&payload);
@@ -1985,6 +2261,64 @@ mod pipeline_tests {
     }
 
     #[test]
+    fn incompressible_stretches_are_probed_not_compressed() {
+        let cs = 4 * PROBE_LEN;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut data: Vec<u8> = (0..3 * cs)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data.extend(pattern(2 * cs));
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("pages.img"), &data).unwrap();
+        let key = Key::generate().unwrap();
+        for sealed in [false, true] {
+            let sealer = || sealed.then(|| Sealer::new(&key).unwrap());
+            let mut c = Chunker::new(
+                dir.path(),
+                cfg(cs, Compression::Zstd { level: 1 }, sealer()),
+            )
+            .unwrap();
+            let mut flags = Vec::new();
+            while let Some(item) = c.next_item().unwrap() {
+                if let StreamItem::Chunk(c) = item {
+                    flags.push(c.compressed);
+                }
+            }
+            // Noise: the first chunk is compressed in full, the next two only probed; the
+            // probe of the first patterned chunk compresses, so it is compressed whole.
+            assert_eq!(flags, [false, false, false, true, true]);
+            assert_eq!(c.enc.probed_raw, 2);
+            let mut wire = Vec::new();
+            Chunker::new(
+                dir.path(),
+                cfg(cs, Compression::Zstd { level: 1 }, sealer()),
+            )
+            .unwrap()
+            .write_to(&mut wire)
+            .unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let dest = out.path().join("d");
+            Reassembler::new(
+                &dest,
+                ReassemblerConfig {
+                    opener: sealed.then(|| Opener::new(&key)),
+                    max_chunk: cs,
+                    max_total_bytes: None,
+                },
+            )
+            .unwrap()
+            .read_from(&wire[..])
+            .unwrap();
+            assert!(fs::read(dest.join("pages.img")).unwrap() == data);
+        }
+    }
+
+    #[test]
     fn chunk_head_refuses_a_payload_the_peer_would_refuse() {
         let meta = ChunkMeta {
             seq: 0,
@@ -1992,8 +2326,9 @@ mod pipeline_tests {
             offset: 0,
             len: 0,
             mode: 0,
-            digest: Digest([0; 32]),
+            digest: Some(Digest([0; 32])),
             last_of_file: true,
+            compressed: false,
         };
         let mut head = vec![1, 2];
         let err = encode_chunk_head(&meta, frame::DEFAULT_MAX_FRAME, &mut head).unwrap_err();

@@ -517,8 +517,14 @@ pub(crate) async fn loopback_pair_with(setup: LinkSetup) -> anyhow::Result<Loopb
 /// Writes a synthetic CRIU-like image set of about `total` bytes under `dir` (created): a
 /// large `pages-1.img` (85 %), a `pages-2.img` (8 %), and the rest as many small `*.img`
 /// (cores, mm, pagemaps, fdinfo; one empty). Pages are 4 KiB, each random (40 %), text-like
-/// (30 %) or zero (30 %), from a PRNG seeded with `seed`.
-pub(crate) fn write_synthetic_image_set(dir: &Path, total: u64, seed: u64) -> io::Result<()> {
+/// (30 %) or zero (30 %), from a PRNG seeded with `seed`; with `incompressible`, all random
+/// (as a server's pseudo-random ballast).
+pub(crate) fn write_synthetic_image_set(
+    dir: &Path,
+    total: u64,
+    seed: u64,
+    incompressible: bool,
+) -> io::Result<()> {
     const PAGE: usize = 4096;
     fs::create_dir_all(dir)?;
     let mut rng = SplitMix(seed);
@@ -529,6 +535,7 @@ pub(crate) fn write_synthetic_image_set(dir: &Path, total: u64, seed: u64) -> io
         while left > 0 {
             let n = left.min(PAGE as u64) as usize;
             match rng.next() % 10 {
+                _ if incompressible => rng.fill(&mut page[..n]),
                 0..=3 => rng.fill(&mut page[..n]),
                 4..=6 => text_like(rng, &mut page[..n]),
                 _ => page[..n].fill(0),
@@ -663,7 +670,7 @@ mod tests {
     fn the_synthetic_set_looks_like_criu_images() {
         let dir = tempfile::tempdir().unwrap();
         let set = dir.path().join("set");
-        write_synthetic_image_set(&set, 4 << 20, 1).unwrap();
+        write_synthetic_image_set(&set, 4 << 20, 1, false).unwrap();
         let files = list_files(&set).unwrap();
         let total: u64 = files
             .iter()
@@ -682,14 +689,15 @@ mod tests {
         assert_eq!(fs::metadata(set.join("ipcns-var-9.img")).unwrap().len(), 0);
         // Deterministic.
         let again = dir.path().join("again");
-        write_synthetic_image_set(&again, 4 << 20, 1).unwrap();
+        write_synthetic_image_set(&again, 4 << 20, 1, false).unwrap();
         assert_eq!(fs::read(again.join("pages-1.img")).unwrap(), pages);
     }
 
     /// The throughput figures: `cargo test --release -p control --bin control
     /// image_stream::measure::tests::throughput -- --ignored --nocapture` (QLM_STREAM_MIB,
     /// default 256; QLM_STREAM_RUNS, default 3; QLM_STREAM_DEFAULTS=1 measures quinn's and the
-    /// kernel's defaults first). The set is written under the system's temporary directory and
+    /// kernel's defaults first; QLM_STREAM_INCOMPRESSIBLE=1 makes every page random, as a
+    /// ballast). The set is written under the system's temporary directory and
     /// removed afterwards.
     #[test]
     #[ignore = "a measurement, not a check: prints MB/s (run in release)"]
@@ -704,7 +712,8 @@ mod tests {
             .unwrap_or(3);
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("set");
-        write_synthetic_image_set(&src, mib << 20, 42).unwrap();
+        let incompressible = std::env::var_os("QLM_STREAM_INCOMPRESSIBLE").is_some();
+        write_synthetic_image_set(&src, mib << 20, 42, incompressible).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
