@@ -116,9 +116,11 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether the front's table is in the host's nftables.
+/// Whether a front's table is in the host's nftables, or a service address's route in its
+/// routing table (control's service addresses are in 10.236.0.0/16).
 fn front_rules_left() -> Result<bool> {
-    Ok(run("nft", &["list", "tables"])?.contains("qlm_front_"))
+    Ok(run("nft", &["list", "tables"])?.contains("qlm_front_")
+        || run("ip", &["-4", "route", "show", "10.236.0.0/16"])?.contains("10.236."))
 }
 
 /// Runs the scenario with `control` (a command builder for this deployment's name).

@@ -519,13 +519,14 @@ fn make_front(
 
 /// Removes the deployment's front rules (none: nothing to do; without nftables installed
 /// there can be none).
-fn remove_front(settings: &Settings) -> Result<()> {
+fn remove_front(settings: &Settings, state: Option<&State>) -> Result<()> {
     crate::front::remove_service_route(crate::front::service_address_for(&settings.front_name()));
-    match udp_shim_front::Front::remove_leftovers(
-        &settings.front_name(),
-        None,
-        &udp_shim_front::Tools::default(),
-    ) {
+    let tools = udp_shim_front::Tools::default();
+    let removed = match state.and_then(|s| s.front.as_ref()) {
+        Some(front) => udp_shim_front::Front::remove_detached(&front.record(), &tools),
+        None => udp_shim_front::Front::remove_leftovers(&settings.front_name(), None, &tools),
+    };
+    match removed {
         Ok(()) | Err(udp_shim_front::FrontError::ToolMissing { .. }) => Ok(()),
         Err(e) => Err(e).context("removing the front address's rules"),
     }
@@ -585,7 +586,7 @@ pub(crate) fn down(settings: &Settings) -> Result<()> {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    if let Err(e) = remove_front(settings) {
+    if let Err(e) = remove_front(settings, state.as_ref()) {
         problems.push(format!("{e:#}"));
     }
     for side in [Side::A, Side::B] {

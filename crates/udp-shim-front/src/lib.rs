@@ -628,6 +628,26 @@ impl Front {
     }
 }
 
+impl Front {
+    /// Removes a detached front for good: its leftovers ([`Front::remove_leftovers`]), and
+    /// iptables-nft's `ip raw` table when the front made it (`raw_table_was_there` false)
+    /// and it is empty now.
+    pub fn remove_detached(record: &FrontRecord, tools: &Tools) -> Result<(), FrontError> {
+        Self::remove_leftovers(&record.name, record.netns.as_deref(), tools)?;
+        if record.raw_table_was_there {
+            return Ok(());
+        }
+        let ns = Netns::open(record.netns.as_deref())?;
+        ns.run(|| {
+            let tables = cmd::run(tools, Tool::Nft, &["list", "tables"], None)?;
+            if rules::has_raw_table(&tables) {
+                remove_raw_table_if_empty(tools)?;
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Drop for Front {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
