@@ -313,7 +313,6 @@ fn with_plain_deployment(
 ) -> Result<FrontSummary> {
     let client_json = out_dir.join("plain-client.json");
     let _ = std::fs::remove_file(&client_json);
-    let spawned = Instant::now();
     let mut client = Client(
         Command::new("ip")
             .args(["netns", "exec", NETNS])
@@ -344,9 +343,9 @@ fn with_plain_deployment(
         if !hold {
             cmd.arg("--front-no-hold");
         }
-        let from = spawned.elapsed();
+        let from = unix_ms();
         let status = cmd.status().context("control migrate")?;
-        let to = spawned.elapsed();
+        let to = unix_ms();
         let v: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
         )?;
@@ -373,24 +372,24 @@ fn with_plain_deployment(
     if report["connections"].as_u64() != Some(1) || report["corrupted"].as_u64() != Some(0) {
         bail!("the unmodified client: {report}");
     }
-    // Each move's pause: the longest gap between echoes that began during it (the client's
-    // clock starts a little after its spawn: a generous slack).
+    // Each move's pause: the longest gap between echoes that began while its `control
+    // migrate` ran (both clocks are this machine's wall clock).
+    let zero = report["started_unix_ms"].as_f64().unwrap_or(0.0);
     let gaps: Vec<(f64, f64)> = report["gaps"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|g| Some((g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
+        .filter_map(|g| Some((zero + g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
         .collect();
     for (f, (from, to)) in figures.iter_mut().zip(&windows) {
-        let (lo, hi) = (
-            from.as_secs_f64() * 1e3 - 1500.0,
-            to.as_secs_f64() * 1e3 + 500.0,
-        );
         f.pause_ms = gaps
             .iter()
-            .filter(|(at, _)| (lo..hi).contains(at))
+            .filter(|(at, _)| (*from..*to).contains(at))
             .map(|(_, len)| *len)
             .reduce(f64::max);
+        if f.pause_ms.is_none() {
+            bail!("no pause of the unmodified client was seen during a move: {gaps:?}");
+        }
     }
     // The server's side: one handshake in all (its log has a line per accepted connection).
     let log = std::fs::read_to_string(state.join("server.log")).context("the server's log")?;
@@ -438,6 +437,12 @@ impl Drop for Client {
             let _ = self.0.wait();
         }
     }
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// The median of `v` (None when empty).

@@ -433,6 +433,16 @@ fn up_command(
         {
             break pid;
         }
+        if child.is_none() && started.elapsed() > Duration::from_millis(500) {
+            bail!(
+                "the server command exited at once (or is not known as {comm}); its log ({}):\n{}",
+                server_log.display(),
+                sys::tail(
+                    &std::fs::read_to_string(&server_log).unwrap_or_default(),
+                    10
+                )
+            );
+        }
         if started.elapsed() > READY_LIMIT {
             bail!(
                 "the server did not answer QUIC at {backend} (port {} of container A) within \

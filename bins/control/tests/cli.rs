@@ -325,6 +325,55 @@ impl Drop for World {
 }
 
 #[test]
+fn a_server_command_is_refused_clearly_and_leaves_nothing() {
+    let Some(w) = World::new("cmd") else {
+        return;
+    };
+    // Without a front its clients could not follow it.
+    let o = w.run(&["up", "--", "/bin/true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--front"), "{}", stderr(&o));
+    // Not a program.
+    let o = w.run(&[
+        "up",
+        "--front",
+        "10.239.0.1:5390",
+        "--",
+        "/nonexistent/server",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not an executable"), "{}", stderr(&o));
+    // The demo server's flags do not apply.
+    let o = w.run(&[
+        "up",
+        "--front",
+        "10.239.0.1:5390",
+        "--ballast-mib",
+        "8",
+        "--",
+        "/bin/sleep",
+        "60",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("demo server's"), "{}", stderr(&o));
+    // A server that exits at once: said so fast, and what up made is gone.
+    let started = std::time::Instant::now();
+    let o = w.run(&["up", "--front", "10.239.0.1:5390", "--", "/bin/true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("exited at once"), "{}", stderr(&o));
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    let o = w.run(&["status"]);
+    assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
+    let tables = Command::new("nft").args(["list", "tables"]).output();
+    if let Ok(t) = tables {
+        assert!(
+            !String::from_utf8_lossy(&t.stdout).contains("qlm_front_"),
+            "a front was left"
+        );
+    }
+}
+
+#[test]
 fn a_host_port_in_use_is_refused_before_anything_starts() {
     let Some(w) = World::new("port") else {
         return;

@@ -88,6 +88,8 @@ pub struct ClientReport {
     pub gaps: Vec<(f64, f64)>,
     /// The threshold, milliseconds.
     pub gap_threshold_ms: f64,
+    /// When the echoes began (the gaps' zero), Unix time in milliseconds.
+    pub started_unix_ms: f64,
     /// Why it stopped, if not asked to.
     pub error: Option<String>,
 }
@@ -114,6 +116,7 @@ pub async fn run_client(
         corrupted: 0,
         gaps: Vec::new(),
         gap_threshold_ms: s.gap_threshold.as_secs_f64() * 1e3,
+        started_unix_ms: 0.0,
         error: None,
     };
     if let Err(e) = client_inner(s, stop, &mut report).await {
@@ -154,6 +157,7 @@ async fn client_inner(
         .with_context(|| format!("connecting to {}", s.target))?;
     report.connections = 1;
     let started = Instant::now();
+    report.started_unix_ms = unix_ms();
     let mut last: Option<Instant> = None;
     let mut tick = tokio::time::interval(s.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,6 +198,13 @@ async fn client_inner(
         }
         last = Some(now);
     }
+}
+
+/// Now, Unix time in milliseconds.
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Request `seq`: its number, then a pattern derived from it.
