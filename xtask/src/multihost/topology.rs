@@ -128,6 +128,8 @@ pub(crate) struct LinkShape {
     /// Percent (0 to 100) of the datagrams dropped where they arrive (each datagram between
     /// two nodes once, in either direction).
     pub(crate) loss_percent: Option<f64>,
+    /// The links' MTU (None: the kernel's 1500).
+    pub(crate) mtu: Option<u16>,
 }
 
 /// What to build.
@@ -350,6 +352,13 @@ impl Topology {
         ])
         .with_context(|| format!("linking {ns} to the switch"))?;
         ip(&["-n", sw, "link", "set", &port, "master", BRIDGE])?;
+        if let Some(mtu) = self.spec.link.mtu {
+            let mtu = mtu.to_string();
+            ip(&["-n", sw, "link", "set", &port, "mtu", &mtu])?;
+            ip(&["-n", ns, "link", "set", NODE_IF, "mtu", &mtu])?;
+            // A bridge takes the smallest MTU of its ports; set it too.
+            ip(&["-n", sw, "link", "set", BRIDGE, "mtu", &mtu])?;
+        }
         ip(&["-n", sw, "link", "set", &port, "up"])?;
         let cidr = format!("{}/{}", node.addr, self.spec.subnet.prefix_len());
         ip(&["-n", ns, "addr", "add", &cidr, "dev", NODE_IF])?;
