@@ -393,6 +393,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         );
         let control = || paths.control(crate::front_e2e::PLAIN_NAME);
         match crate::front_e2e::run_plain_scenario(
+            root,
             &control,
             &paths.bin,
             &paths.state,
@@ -402,11 +403,17 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             Ok(s) => {
                 for (i, m) in s.moves.iter().enumerate() {
                     println!(
-                        "e2e: unmodified move {}: {} hold, freeze {} ms, client pause {} ms",
+                        "e2e: unmodified move {}: {} hold, freeze {} ms, client pause {} ms \
+                         (quinn), {} ms (aioquic)",
                         i + 1,
                         if m.hold { "with" } else { "without" },
                         m.freeze_ms.map_or("-".into(), |v| format!("{v:.1}")),
                         m.pause_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                        s.aioquic_pauses_ms
+                            .get(i)
+                            .copied()
+                            .flatten()
+                            .map_or("-".into(), |v| format!("{v:.1}")),
                     );
                 }
                 plain = Some(s);
@@ -561,6 +568,16 @@ fn render_front(s: &mut String, title: &str, front: &crate::front_e2e::FrontSumm
         front.client_handshakes,
         front.echoes
     );
+    if !front.aioquic_pauses_ms.is_empty() {
+        let pauses: Vec<String> = front.aioquic_pauses_ms.iter().map(|p| f(*p)).collect();
+        let _ = writeln!(
+            s,
+            "An aioquic client (Python, another QUIC stack) echoed through the same front at \
+             the same time: pauses {} ms at the moves, one connection, {} echoes.\n",
+            pauses.join(" / "),
+            front.aioquic_echoes
+        );
+    }
 }
 
 fn render(combined: &E2eReport) -> String {
@@ -846,6 +863,8 @@ mod tests {
                 ],
                 client_handshakes: 1,
                 echoes: 10,
+                aioquic_pauses_ms: Vec::new(),
+                aioquic_echoes: 0,
             }),
             plain: None,
             failures: vec![],

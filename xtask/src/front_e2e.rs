@@ -44,6 +44,11 @@ pub(crate) struct FrontSummary {
     pub(crate) moves: Vec<FrontMove>,
     pub(crate) client_handshakes: u64,
     pub(crate) echoes: u64,
+    /// The aioquic client's pause at each move (the unmodified part only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) aioquic_pauses_ms: Vec<Option<f64>>,
+    /// Its echoes.
+    pub(crate) aioquic_echoes: u64,
 }
 
 /// The client's namespace and its link; removed when dropped.
@@ -255,6 +260,8 @@ fn with_deployment(
         moves: figures,
         client_handshakes,
         echoes: report["echoes"].as_u64().unwrap_or(0),
+        aioquic_pauses_ms: Vec::new(),
+        aioquic_echoes: 0,
     })
 }
 
@@ -266,6 +273,7 @@ const PLAIN_FRONT: &str = "10.235.0.1:5301";
 /// `control up --front ... -- COMMAND`, and `plain-echo-client` (plain quinn, no shim) in the
 /// client's namespace; the server moved `moves` times, alternately holding and not.
 pub(crate) fn run_plain_scenario(
+    root: &Path,
     control: &dyn Fn() -> Command,
     bin: &Path,
     state: &Path,
@@ -291,7 +299,9 @@ pub(crate) fn run_plain_scenario(
     if !up.success() {
         bail!("control up --front {PLAIN_FRONT} -- plain-echo-server failed ({up})");
     }
-    let result = with_plain_deployment(control, bin, state, out_dir, moves);
+    let python = ensure_aioquic(bin)?;
+    let script = root.join("tests/plain-quic/aioquic_echo_client.py");
+    let result = with_plain_deployment(control, bin, state, out_dir, moves, (&python, &script));
     let down = control().arg("down").status();
     let left = front_rules_left();
     let summary = result?;
@@ -310,9 +320,33 @@ fn with_plain_deployment(
     state: &Path,
     out_dir: &Path,
     moves: u32,
+    (python, script): (&Path, &Path),
 ) -> Result<FrontSummary> {
     let client_json = out_dir.join("plain-client.json");
     let _ = std::fs::remove_file(&client_json);
+    let aioquic_json = out_dir.join("aioquic-client.json");
+    let _ = std::fs::remove_file(&aioquic_json);
+    // aioquic: another QUIC stack, through the same front at the same time.
+    let mut aioquic = Client(
+        Command::new("ip")
+            .args(["netns", "exec", NETNS])
+            .arg(python)
+            .arg(script)
+            .args([
+                "--target",
+                PLAIN_FRONT,
+                "--interval-ms",
+                "5",
+                "--gap-ms",
+                "20",
+            ])
+            .arg("--json")
+            .arg(&aioquic_json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the aioquic client in the client's namespace")?,
+    );
     let mut client = Client(
         Command::new("ip")
             .args(["netns", "exec", NETNS])
@@ -366,36 +400,21 @@ fn with_plain_deployment(
         std::thread::sleep(Duration::from_millis(1000));
     }
     let report = client.stop(&client_json)?;
-    if let Some(e) = report["error"].as_str() {
-        bail!("the unmodified client failed: {e}");
+    let aioquic_report = aioquic.stop(&aioquic_json)?;
+    let pauses = pauses_per_move(&report, &windows, "plain-echo-client (quinn)")?;
+    let aioquic_pauses = pauses_per_move(&aioquic_report, &windows, "the aioquic client")?;
+    for (f, p) in figures.iter_mut().zip(pauses) {
+        f.pause_ms = p;
     }
-    if report["connections"].as_u64() != Some(1) || report["corrupted"].as_u64() != Some(0) {
-        bail!("the unmodified client: {report}");
-    }
-    // Each move's pause: the longest gap between echoes that began while its `control
-    // migrate` ran (both clocks are this machine's wall clock).
-    let zero = report["started_unix_ms"].as_f64().unwrap_or(0.0);
-    let gaps: Vec<(f64, f64)> = report["gaps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|g| Some((zero + g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
-        .collect();
-    for (f, (from, to)) in figures.iter_mut().zip(&windows) {
-        f.pause_ms = gaps
-            .iter()
-            .filter(|(at, _)| (*from..*to).contains(at))
-            .map(|(_, len)| *len)
-            .reduce(f64::max);
-        if f.pause_ms.is_none() {
-            bail!("no pause of the unmodified client was seen during a move: {gaps:?}");
-        }
-    }
-    // The server's side: one handshake in all (its log has a line per accepted connection).
+    // The server's side: one handshake per client in all (its log has a line per accepted
+    // connection).
     let log = std::fs::read_to_string(state.join("server.log")).context("the server's log")?;
     let accepted = log.lines().filter(|l| l.starts_with("accepted ")).count() as u64;
-    if accepted != 1 {
-        bail!("the unmodified server accepted {accepted} connections (one client, one connection)");
+    if accepted != 2 {
+        bail!(
+            "the unmodified server accepted {accepted} connections (two clients, one \
+             connection each)"
+        );
     }
     for f in &mut figures {
         f.handshakes = Some(accepted);
@@ -404,7 +423,84 @@ fn with_plain_deployment(
         moves: figures,
         client_handshakes: 1,
         echoes: report["echoes"].as_u64().unwrap_or(0),
+        aioquic_pauses_ms: aioquic_pauses,
+        aioquic_echoes: aioquic_report["echoes"].as_u64().unwrap_or(0),
     })
+}
+
+/// Checks an echo client's report (one connection, no error, every byte right) and returns
+/// its pause at each move: the longest gap between echoes that began while that move's
+/// `control migrate` ran (both clocks are this machine's wall clock).
+fn pauses_per_move(
+    report: &serde_json::Value,
+    windows: &[(f64, f64)],
+    who: &str,
+) -> Result<Vec<Option<f64>>> {
+    if let Some(e) = report["error"].as_str() {
+        bail!("{who} failed: {e}");
+    }
+    if report["connections"].as_u64() != Some(1)
+        || report["corrupted"].as_u64() != Some(0)
+        || report["echoes"].as_u64().unwrap_or(0) == 0
+    {
+        bail!("{who}: {report}");
+    }
+    let zero = report["started_unix_ms"].as_f64().unwrap_or(0.0);
+    let gaps: Vec<(f64, f64)> = report["gaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| Some((zero + g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
+        .collect();
+    windows
+        .iter()
+        .map(|(from, to)| {
+            let p = gaps
+                .iter()
+                .filter(|(at, _)| (*from..*to).contains(at))
+                .map(|(_, len)| *len)
+                .reduce(f64::max);
+            if p.is_none() {
+                bail!("no pause of {who} was seen during a move: {gaps:?}");
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// A Python with aioquic, in a virtual environment beside the release binaries (made, and
+/// aioquic installed from the package index pip is configured with, on first use).
+fn ensure_aioquic(bin: &Path) -> Result<PathBuf> {
+    let venv = bin
+        .parent()
+        .context("the binaries' folder has no parent")?
+        .join("aioquic-venv");
+    let python = venv.join("bin").join("python");
+    let has = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import aioquic"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if python.is_file() && has(&python) {
+        return Ok(python);
+    }
+    println!("e2e: installing aioquic into {} (pip)...", venv.display());
+    run("python3", &["-m", "venv", &venv.to_string_lossy()])
+        .context("making a Python virtual environment (python3 with venv)")?;
+    run(
+        &venv.join("bin").join("pip").to_string_lossy(),
+        &["install", "-q", "aioquic>=1.2,<2"],
+    )
+    .context("installing aioquic")?;
+    if !has(&python) {
+        bail!(
+            "aioquic was installed into {} but does not import",
+            venv.display()
+        );
+    }
+    Ok(python)
 }
 
 /// The client process; killed if still running when dropped.
