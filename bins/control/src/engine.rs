@@ -828,7 +828,12 @@ impl Engine<'_> {
         if let Some(f) = &mut self.front
             && let Err(e) = f.settle_at(from)
         {
-            warn!("pointing the front back at the source: {e:#}");
+            warn!("pointing the front back at the source: {e:#}; trying again");
+            std::thread::sleep(Duration::from_millis(200));
+            // Failing twice fails the rollback, and says so: the route would still point at
+            // the target.
+            f.settle_at(from)
+                .context("pointing the front back at the source")?;
         }
         if self.plain {
             // Its clients never left the front.

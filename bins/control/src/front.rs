@@ -40,13 +40,16 @@ impl MovingFront {
     pub(crate) fn attach(state: &FrontState, side: Side) -> Result<Self> {
         let front = Front::attach(state.record(), HoldLimits::default(), Tools::default())
             .with_context(|| format!("taking the front {} over", state.front))?;
-        // What the kernel points at may differ after an interrupted move: set it.
-        route_service(state, side)?;
-        Ok(Self {
+        // Owned by a MovingFront from here on: whatever fails next, it is detached (never
+        // removed) when dropped.
+        let moving = Self {
             front: Some(front),
             state: state.clone(),
             routed: side,
-        })
+        };
+        // What the kernel points at may differ after an interrupted move: set it.
+        route_service(state, side)?;
+        Ok(moving)
     }
 
     /// The address clients use.

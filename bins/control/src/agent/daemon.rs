@@ -196,6 +196,9 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
         if !kept.moves.is_empty() {
             for (_, svc) in &kept.moves {
                 agent.claim(&svc.name);
+                // Registered at once: its slot and port count as taken while it is recovered
+                // (and stay visible, for `service stop`, if the recovery fails).
+                lock(&agent.services).insert(svc.name.clone(), svc.clone());
             }
             let a = agent.clone();
             tokio::task::spawn_blocking(move || super::recovery::recover_all(&a, kept.moves));
@@ -253,7 +256,7 @@ fn clean_after_an_earlier_agent(storage: &Path) -> Kept {
                 .and_then(|r| Service::from_record(storage, r, &slots))
                 .and_then(|svc| match journal {
                     // A move out was in flight: its server runs (parked) or was dumped.
-                    Some(j) if svc.server_runs() || j.dumped => {
+                    Some(j) if svc.server_runs() || j.dumped || j.dumping => {
                         info!(service = %svc.name, migration = %j.migration,
                               "taking over a move an earlier agent left");
                         kept.moves.push((j, svc));
@@ -444,7 +447,8 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
     let waited = Instant::now();
     loop {
         let busy = lock(&agent.busy).len();
-        if busy == 0 {
+        // Between two moves of a drain nothing is busy, yet the drain goes on: wait for it.
+        if busy == 0 && !agent.draining.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
         if waited.elapsed() > STOP_WAIT {

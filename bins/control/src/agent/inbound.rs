@@ -149,7 +149,15 @@ pub(crate) async fn handle(
         PeerBody::Resume { migration } => {
             let a = agent.clone();
             let from = peer.clone();
-            match tokio::task::spawn_blocking(move || resume(&a, &from, migration)).await {
+            // A step too: an abort or the stale sweep must not take a migration whose server
+            // is being resumed (a resumed server is the service's only copy).
+            let stepped = move || {
+                begin_step(&a, &from, migration)?;
+                let resumed = resume(&a, &from, migration);
+                end_step(&a, migration);
+                resumed
+            };
+            match tokio::task::spawn_blocking(stepped).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(Rejected::Refused(r))) => refuse(&agent, &peer, kind, r),
                 Ok(Err(Rejected::Failed(e))) => {
@@ -754,27 +762,27 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     };
     let admin = AdminDir::open(&paths.admin).context("opening the service's admin folder")?;
     let resumed = crate::engine::ask_resume(&admin, pid, migration)?;
-    let inbound = lock(&agent.inbound)
-        .remove(&migration)
-        .ok_or_else(|| Rejected::Refused(Refusal::UnknownMigration(migration.to_string())))?;
     let clients = u32::try_from(resumed.told).unwrap_or(u32::MAX);
-    let name = inbound.service.name.clone();
-    let service = Service {
-        name: name.clone(),
-        address: agent.service_address(inbound.slot.host_port),
-        paths: inbound.paths,
-        slot: inbound.slot,
+    let service = with_inbound(agent, peer, migration, |i| Service {
+        name: i.service.name.clone(),
+        address: agent.service_address(i.slot.host_port),
+        paths: i.paths.clone(),
+        slot: i.slot.clone(),
         server_pid: pid,
-        migrations: inbound.service.moves.saturating_add(1),
-        server_user: inbound.service.server_user,
+        migrations: i.service.moves.saturating_add(1),
+        server_user: i.service.server_user.clone(),
         clients: Some(clients),
-    };
+    })?;
+    let name = service.name.clone();
     let journal_dir = agent.storage.join("inbound").join(migration.to_string());
     // Recorded before the journal goes: an agent started after this one died takes it over.
     if let Err(e) = service.save() {
         warn!(service = %name, "recording the service: {e:#}");
     }
+    // The service is this host's before the migration stops being one in flight: a status
+    // asked in between lists it, never neither.
     lock(&agent.services).insert(name.clone(), service);
+    lock(&agent.inbound).remove(&migration);
     agent.release(&name);
     // The migration is over here: its journal must not make a later agent adopt the server.
     if let Err(e) = service::wipe_dir(&journal_dir) {

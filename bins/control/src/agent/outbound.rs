@@ -104,6 +104,10 @@ pub(crate) struct MoveJournal {
     /// Where the clients come back to on a rollback.
     pub(crate) source_addr: SocketAddr,
     pub(crate) server_pid: i32,
+    /// The dump was started: criu (a worker that outlives this agent) may have dumped the
+    /// server and ended it.
+    #[serde(default)]
+    pub(crate) dumping: bool,
     /// The server was dumped: it runs no more, its image set is in `set/criu`.
     pub(crate) dumped: bool,
     /// The resume was asked of the target: the service may run there.
@@ -146,6 +150,10 @@ pub(crate) fn run(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, C
     }
     if !agent.claim(&spec.service) {
         bail!("service {} is already moving", spec.service);
+    }
+    if agent.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        agent.release(&spec.service);
+        bail!("this host's agent is stopping: no new move starts");
     }
     let result = run_claimed(agent, spec);
     agent.release(&spec.service);
@@ -213,6 +221,7 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
             to: spec.to.clone(),
             source_addr,
             server_pid: pid,
+            dumping: false,
             dumped: false,
             resume_asked: false,
         },
@@ -447,6 +456,8 @@ impl Outbound {
             .dump_worker
             .take()
             .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
+        self.journal.dumping = true;
+        self.journal.write(&self.images)?;
         let (timing, spent) = criu::dump_via_deferred(worker, &args).inspect_err(|_| {
             let host = self.agent.config.host.to_string();
             self.fail_at("dumping", &host);
@@ -716,7 +727,22 @@ impl Outbound {
         } else {
             MoveResult::Failed
         };
-        if let Err(e) = super::service::wipe_dir(&self.images) {
+        // The resume was asked but no answer settled the move: the target may run the
+        // service, or may not. The journal and the image set stay, and the recovery an agent
+        // started anew would run decides it now (the target's status, else a rollback here).
+        let undecided = self.journal.resume_asked && !completed && !rolled_back;
+        if undecided {
+            let svc = lock(&self.agent.services).get(&self.spec.service).cloned();
+            match svc {
+                Some(svc) => {
+                    warn!("the resume's outcome is unknown: handing the move to the recovery");
+                    super::recovery::recover_all(&self.agent, vec![(self.journal.clone(), svc)]);
+                    // recover_all released the name; the caller releases it again (harmless).
+                    self.cross.target_undo = Some("handed to the recovery (see status)".into());
+                }
+                None => warn!("the resume's outcome is unknown and the service record is gone"),
+            }
+        } else if let Err(e) = super::service::wipe_dir(&self.images) {
             warn!("wiping the image set: {e:#}");
         }
         self.report.images_dir = None;
@@ -730,6 +756,8 @@ impl Outbound {
             {
                 warn!("removing the moved service's slot here: {e:#}");
             }
+        } else if undecided {
+            // The recovery recorded where the service is.
         } else if let Some(s) = lock(&self.agent.services).get_mut(&self.spec.service) {
             // After a rollback by restore the PID is the same (criu restores it).
             s.server_pid = self.pid;
@@ -871,6 +899,7 @@ mod tests {
             to: Name::new("b").unwrap(),
             source_addr: "10.0.0.1:4300".parse().unwrap(),
             server_pid: 99,
+            dumping: true,
             dumped: true,
             resume_asked: false,
         };

@@ -39,6 +39,8 @@ const TARGET_LIMIT: Duration = Duration::from_secs(30);
 /// How long one request to the target may take.
 const ASK_LIMIT: Duration = Duration::from_secs(5);
 const REAP_LIMIT: Duration = Duration::from_secs(5);
+/// How long a dump an earlier agent started is waited for.
+const TRACE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Finishes or undoes every move an earlier agent left (claimed and registered as services by
 /// the caller), one after the other.
@@ -116,14 +118,28 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
         },
     ) {
         Ok(PeerReply::Aborted { undone }) => info!(to = %j.to, "the target undid: {undone}"),
-        Ok(other) => info!(to = %j.to, "the target answered the abort: {other:?}"),
+        Ok(other) => {
+            info!(to = %j.to, "the target answered the abort: {other:?}");
+            // It knows the migration no more: finished in between (its resume completed)?
+            if j.resume_asked && target_runs_it(agent, j) == Some(true) {
+                lock(&agent.services).remove(&j.service);
+                service::tear_down(&svc.paths, &svc.slot, None)?;
+                service::wipe_dir(&move_dir)?;
+                finish(agent, j, Outcome::Completed, None);
+                return Ok(Outcome::Completed);
+            }
+        }
         Err(e) => warn!(to = %j.to, "the target could not be told to abort: {e:#}"),
     }
     let policy = MigrationPolicy::default();
+    // A dump the earlier agent started may still run (its criu worker outlives it): its end
+    // decides whether the server runs on or was dumped.
+    wait_untraced(j.server_pid);
+    let dumped = j.dumped || move_dir.join("set/criu/pstree.img").is_file();
     if !svc.server_runs() {
-        if !j.dumped {
+        if !dumped {
             bail!(
-                "the server (PID {}) is gone and was not dumped",
+                "the server (PID {}) is gone and no complete image set is here",
                 j.server_pid
             );
         }
@@ -148,7 +164,7 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
     svc.save()?;
     lock(&agent.services).insert(svc.name.clone(), svc);
     service::wipe_dir(&move_dir)?;
-    let phase = if j.dumped {
+    let phase = if dumped {
         Phase::Dumping
     } else {
         Phase::Preparing
@@ -175,9 +191,14 @@ fn restore_here(j: &MoveJournal, svc: &Service, move_dir: &std::path::Path) -> R
         warn!(service = %svc.name, "the service's supervisor is gone: starting an idle one");
         service::start_supervisor(&svc.paths, &svc.slot, None)?;
     }
-    // criu reopens the server's log by path and checks its size: the one of the dump.
-    std::fs::copy(set.join("files").join("server.log"), &svc.paths.log)
-        .context("putting the server's log of the dump in place")?;
+    // criu reopens the server's log by path and checks its size: the one of the dump (when
+    // the earlier agent died before copying it, the log here is that one: nothing wrote it
+    // since the server was dumped).
+    let kept_log = set.join("files").join("server.log");
+    if kept_log.is_file() {
+        std::fs::copy(&kept_log, &svc.paths.log)
+            .context("putting the server's log of the dump in place")?;
+    }
     let (pid, _timing) = engine::restore_via_supervisor(
         &svc.paths.socket,
         &svc.slot.netns,
@@ -193,6 +214,24 @@ fn restore_here(j: &MoveJournal, svc: &Service, move_dir: &std::path::Path) -> R
     }
     info!(service = %svc.name, pid, "restored here from the earlier agent's dump");
     Ok(pid)
+}
+
+/// Waits (at most [`TRACE_LIMIT`]) while a process traces `pid` (criu seizes the processes it
+/// dumps).
+fn wait_untraced(pid: i32) {
+    let deadline = Instant::now() + TRACE_LIMIT;
+    while Instant::now() < deadline && traced(pid) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `pid` is traced (`TracerPid` of its status is not 0).
+fn traced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .is_some_and(|v| v.trim() != "0")
+    })
 }
 
 fn finish(agent: &Agent, j: &MoveJournal, outcome: Outcome, failed: Option<(String, String)>) {

@@ -73,7 +73,7 @@ pub(crate) struct Record {
 const RECORD: &str = "service.json";
 
 /// A service running here.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Service {
     pub(crate) name: Name,
     pub(crate) paths: Paths,
