@@ -331,6 +331,9 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
     }
     let supervisor_pid =
         start_supervisor(state_dir, &a.netns, &server_log, &argv, opts.pid_namespace)?;
+    // Until the state is saved, a failure must not leave the supervisor or its server behind
+    // (`down` knows them only from the state).
+    let guard = SupervisorGuard::new(state_dir, supervisor_pid);
     let admin_dir = AdminDir::open(&admin)?;
     let ready: Ready = admin_dir.wait_event(None, ready_limit).with_context(|| {
         format!(
@@ -386,7 +389,46 @@ fn up_inner(settings: &Settings, opts: &UpOptions, swrapper: &Path) -> Result<St
         server_command: None,
     };
     state.save(state_dir)?;
+    guard.disarm();
     Ok(state)
+}
+
+/// Ends a supervisor started by a failing `up`, with what it runs, when dropped armed.
+struct SupervisorGuard<'a> {
+    state_dir: &'a Path,
+    pid: i32,
+    armed: bool,
+}
+
+impl<'a> SupervisorGuard<'a> {
+    fn new(state_dir: &'a Path, pid: i32) -> Self {
+        Self {
+            state_dir,
+            pid,
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for SupervisorGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Its children first: a supervisor that exits leaves its child running. Only the
+        // supervisor's own children, by PID.
+        for child in sys::children(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        stop_supervisor(self.state_dir, self.pid);
+    }
 }
 
 /// `up -- COMMAND`: the user's server in A, as `--server-user`, ready once it answers QUIC
@@ -418,6 +460,7 @@ fn up_command(
     }
     argv.extend(opts.server_command.iter().cloned());
     let supervisor_pid = start_supervisor(state_dir, &a.netns, &server_log, &argv, false)?;
+    let guard = SupervisorGuard::new(state_dir, supervisor_pid);
     let backend = std::net::SocketAddr::new(
         std::net::IpAddr::V4(podman::ipv4(&a.name)?),
         podman::CONTAINER_PORT,
@@ -482,6 +525,7 @@ fn up_command(
         ),
     };
     state.save(state_dir)?;
+    guard.disarm();
     Ok(state)
 }
 

@@ -364,6 +364,16 @@ fn a_server_command_is_refused_clearly_and_leaves_nothing() {
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
     let o = w.run(&["status"]);
     assert!(stderr(&o).contains("nothing is up"), "{}", stderr(&o));
+    // Nor a supervisor of that state folder.
+    let socket = w.dir.path().join("state").join("supervisor.sock");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("supervise") && c.contains(socket.to_str().unwrap()))
+        .collect();
+    assert!(left.is_empty(), "a supervisor was left: {left:?}");
     let tables = Command::new("nft").args(["list", "tables"]).output();
     if let Ok(t) = tables {
         assert!(
