@@ -136,23 +136,34 @@ pub(crate) fn run_scenario(
     out_dir: &Path,
     moves: u32,
 ) -> Result<FrontSummary> {
+    let mut up = control();
+    up.args([
+        "up",
+        "--front",
+        FRONT,
+        "--src-port",
+        "5244",
+        "--dst-port",
+        "5245",
+    ]);
+    up_moves_down(control, up, || {
+        with_deployment(control, bin, state, out_dir, moves)
+    })
+}
+
+/// The client's namespace, `control up` (`up`: its command), the scenario, then `control
+/// down` whatever happened; nothing of the front may be left.
+fn up_moves_down(
+    control: &dyn Fn() -> Command,
+    mut up: Command,
+    scenario: impl FnOnce() -> Result<FrontSummary>,
+) -> Result<FrontSummary> {
     let _site = ClientSite::create()?;
-    let up = control()
-        .args([
-            "up",
-            "--front",
-            FRONT,
-            "--src-port",
-            "5244",
-            "--dst-port",
-            "5245",
-        ])
-        .status()
-        .context("control up --front")?;
-    if !up.success() {
-        bail!("control up --front {FRONT} failed ({up})");
-    }
-    let result = with_deployment(control, bin, state, out_dir, moves);
+    let result = match up.status() {
+        Ok(s) if s.success() => scenario(),
+        Ok(s) => Err(anyhow::anyhow!("control up --front failed ({s})")),
+        Err(e) => Err(anyhow::Error::from(e).context("starting control up --front")),
+    };
     let down = control().arg("down").status();
     let left = front_rules_left();
     let summary = result?;
@@ -160,9 +171,44 @@ pub(crate) fn run_scenario(
         bail!("control down failed: {down:?}");
     }
     if left? {
-        bail!("control down left the front's nftables table behind");
+        bail!("control down left the front's nftables table or route behind");
     }
     Ok(summary)
+}
+
+/// `control migrate` behind the front (`hold` or not), checked completed; its figures and
+/// the wall-clock window it ran in.
+fn migrate_behind_front(
+    control: &dyn Fn() -> Command,
+    report: &Path,
+    hold: bool,
+    extra: &[&str],
+) -> Result<(FrontMove, (f64, f64))> {
+    let mut cmd = control();
+    cmd.arg("migrate").args(extra).arg("--report").arg(report);
+    if !hold {
+        cmd.arg("--front-no-hold");
+    }
+    let from = unix_ms();
+    let status = cmd.status().context("control migrate")?;
+    let to = unix_ms();
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    if !status.success() || v["result"].as_str() != Some("completed") {
+        bail!(
+            "a move behind the front ({}): {status}, result {}",
+            report.display(),
+            v["result"]
+        );
+    }
+    let figures = FrontMove {
+        hold,
+        freeze_ms: v["timeline"]["freeze_time_us"].as_f64().map(|us| us / 1e3),
+        pause_ms: None,
+        handshakes: v["announce"]["handshakes"].as_u64(),
+    };
+    Ok((figures, (from, to)))
 }
 
 fn with_deployment(
@@ -195,29 +241,8 @@ fn with_deployment(
         // Alternately with and without holding, so that both see the same machine.
         let hold = n % 2 == 0;
         let report = out_dir.join(format!("front-move-{}.json", n + 1));
-        let mut cmd = control();
-        cmd.args(["migrate", "--phases", "two", "--report"])
-            .arg(&report);
-        if !hold {
-            cmd.arg("--front-no-hold");
-        }
-        let status = cmd.status().context("control migrate")?;
-        let v: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
-        )?;
-        if !status.success() || v["result"].as_str() != Some("completed") {
-            bail!(
-                "move {} behind the front: {status}, result {}",
-                n + 1,
-                v["result"]
-            );
-        }
-        figures.push(FrontMove {
-            hold,
-            freeze_ms: v["timeline"]["freeze_time_us"].as_f64().map(|us| us / 1e3),
-            pause_ms: None,
-            handshakes: v["announce"]["handshakes"].as_u64(),
-        });
+        let (figure, _) = migrate_behind_front(control, &report, hold, &["--phases", "two"])?;
+        figures.push(figure);
         std::thread::sleep(Duration::from_millis(700));
     }
     let report = client.stop(&client_json)?;
@@ -280,38 +305,25 @@ pub(crate) fn run_plain_scenario(
     out_dir: &Path,
     moves: u32,
 ) -> Result<FrontSummary> {
-    let _site = ClientSite::create()?;
-    let up = control()
-        .args([
-            "up",
-            "--front",
-            PLAIN_FRONT,
-            "--src-port",
-            "5246",
-            "--dst-port",
-            "5247",
-            "--",
-        ])
-        .arg(bin.join("plain-echo-server"))
-        .args(["--listen", "0.0.0.0:4242"])
-        .status()
-        .context("control up -- plain-echo-server")?;
-    if !up.success() {
-        bail!("control up --front {PLAIN_FRONT} -- plain-echo-server failed ({up})");
-    }
+    // Before `up`: nothing to undo when it fails.
     let python = ensure_aioquic(bin)?;
     let script = root.join("tests/plain-quic/aioquic_echo_client.py");
-    let result = with_plain_deployment(control, bin, state, out_dir, moves, (&python, &script));
-    let down = control().arg("down").status();
-    let left = front_rules_left();
-    let summary = result?;
-    if !down.as_ref().is_ok_and(|s| s.success()) {
-        bail!("control down failed: {down:?}");
-    }
-    if left? {
-        bail!("control down left the front's nftables table behind");
-    }
-    Ok(summary)
+    let mut up = control();
+    up.args([
+        "up",
+        "--front",
+        PLAIN_FRONT,
+        "--src-port",
+        "5246",
+        "--dst-port",
+        "5247",
+    ])
+    .arg("--")
+    .arg(bin.join("plain-echo-server"))
+    .args(["--listen", "0.0.0.0:4242"]);
+    up_moves_down(control, up, || {
+        with_plain_deployment(control, bin, state, out_dir, moves, (&python, &script))
+    })
 }
 
 fn with_plain_deployment(
@@ -372,31 +384,13 @@ fn with_plain_deployment(
     for n in 0..moves {
         let hold = n % 2 == 0;
         let report = out_dir.join(format!("plain-move-{}.json", n + 1));
-        let mut cmd = control();
-        cmd.args(["migrate", "--report"]).arg(&report);
-        if !hold {
-            cmd.arg("--front-no-hold");
-        }
-        let from = unix_ms();
-        let status = cmd.status().context("control migrate")?;
-        let to = unix_ms();
-        let v: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
-        )?;
-        if !status.success() || v["result"].as_str() != Some("completed") {
-            bail!(
-                "move {} of the unmodified server: {status}, result {}",
-                n + 1,
-                v["result"]
-            );
-        }
+        // The plain server counts no handshakes in a report: its log does (below).
+        let (figure, window) = migrate_behind_front(control, &report, hold, &[])?;
         figures.push(FrontMove {
-            hold,
-            freeze_ms: v["timeline"]["freeze_time_us"].as_f64().map(|us| us / 1e3),
-            pause_ms: None,
             handshakes: None,
+            ..figure
         });
-        windows.push((from, to));
+        windows.push(window);
         std::thread::sleep(Duration::from_millis(1000));
     }
     let report = client.stop(&client_json)?;

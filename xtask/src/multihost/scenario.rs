@@ -980,13 +980,7 @@ fn migrate_source_dies(
     start_agent(paths, world.host_mut(from)?)?;
     let host = world.host(from)?;
     loop {
-        let out = run_ok(
-            host.cmd(&paths.bin.join("control"))
-                .args(["--log", "error", "status", "--fleet", "--json"]),
-            "control status --fleet",
-        )?;
-        let fleet: agent_protocol::FleetStatus =
-            serde_json::from_str(&out).context("control status --fleet --json")?;
+        let fleet = fleet_status(paths, host)?;
         // The new agent's first migration is the one it took over.
         let done = fleet
             .hosts
@@ -1288,15 +1282,19 @@ fn read_move(report: &Path, from: &str, to: &str) -> Result<Moved> {
     })
 }
 
-/// `host`'s agent holds no migration in flight and no slot beyond its services'.
-fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
+/// The fleet as `host`'s agent sees it (`control status --fleet --json`; `host` first).
+fn fleet_status(paths: &Paths, host: &Host) -> Result<agent_protocol::FleetStatus> {
     let out = run_ok(
         host.cmd(&paths.bin.join("control"))
             .args(["--log", "error", "status", "--fleet", "--json"]),
         "control status --fleet",
     )?;
-    let fleet: agent_protocol::FleetStatus =
-        serde_json::from_str(&out).context("control status --fleet --json")?;
+    serde_json::from_str(&out).context("control status --fleet --json")
+}
+
+/// `host`'s agent holds no migration in flight and no slot beyond its services'.
+fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
+    let fleet = fleet_status(paths, host)?;
     let me = fleet
         .hosts
         .first()
@@ -1317,13 +1315,7 @@ fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
 
 /// The services `host`'s agent runs, with their servers' PIDs.
 fn services_of(paths: &Paths, host: &Host) -> Result<Vec<(String, i32)>> {
-    let out = run_ok(
-        host.cmd(&paths.bin.join("control"))
-            .args(["--log", "error", "status", "--fleet", "--json"]),
-        "control status --fleet",
-    )?;
-    let fleet: agent_protocol::FleetStatus =
-        serde_json::from_str(&out).context("control status --fleet --json")?;
+    let fleet = fleet_status(paths, host)?;
     let me = fleet
         .hosts
         .first()
@@ -1337,13 +1329,7 @@ fn services_of(paths: &Paths, host: &Host) -> Result<Vec<(String, i32)>> {
 
 /// Which host runs `service`, from `host`'s agent's view of the fleet.
 fn where_is(paths: &Paths, host: &Host, service: &str) -> Result<String> {
-    let out = run_ok(
-        host.cmd(&paths.bin.join("control"))
-            .args(["--log", "error", "status", "--fleet", "--json"]),
-        "control status --fleet",
-    )?;
-    let fleet: agent_protocol::FleetStatus =
-        serde_json::from_str(&out).context("control status --fleet --json")?;
+    let fleet = fleet_status(paths, host)?;
     if !fleet.unreachable.is_empty() {
         bail!("hosts unreachable: {:?}", fleet.unreachable);
     }
