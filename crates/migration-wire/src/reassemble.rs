@@ -296,6 +296,10 @@ pub struct Reassembler {
     /// frame so that its payload can be opened in place.
     path: String,
     summary: Option<StreamSummary>,
+    /// Set while [`Reassembler::read_until_end`]'s writing thread runs: an error then leaves
+    /// the staging directory for the caller to remove once that thread has ended (removing it
+    /// earlier races the thread, which may create files and directories in it meanwhile).
+    writer_running: bool,
 }
 
 impl fmt::Debug for Reassembler {
@@ -377,6 +381,7 @@ impl Reassembler {
             aad: Vec::new(),
             path: String::new(),
             summary: None,
+            writer_running: false,
         })
     }
 
@@ -550,6 +555,7 @@ impl Reassembler {
             let Ok(writer) = writer else {
                 return self.read_here(&mut r, &mut on_chunk);
             };
+            self.writer_running = true;
             // A file left open by an earlier push goes on on the writing thread.
             let adopt = match (self.file.take(), &self.current) {
                 (Some(file), Some(cur)) => Some(WriteOp::Adopt {
@@ -565,9 +571,9 @@ impl Reassembler {
             };
             // The writing thread ends once it has done every write queued.
             drop(ops_tx);
-            let written = writer
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let written = writer.join();
+            self.writer_running = false;
+            let written = written.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             // A write error is about an earlier chunk than any error of this thread (which
             // may be no more than a consequence: the queue closed).
             written.and(verified)
@@ -673,6 +679,10 @@ impl Reassembler {
         self.state = State::Failed;
         self.current = None;
         self.file = None;
+        if self.writer_running {
+            // `read_until_end` aborts again once the writing thread has ended.
+            return;
+        }
         if let Some(staging) = self.staging.take() {
             // Best effort: nothing better to do with an error while already failing.
             let _ = fs::remove_dir_all(staging);
@@ -1004,6 +1014,8 @@ fn write_side(
 ) -> Result<(), ReassembleError> {
     let mut current: Option<(File, String)> = None;
     for op in ops {
+        #[cfg(test)]
+        tests::writer_lag(staging);
         match op {
             WriteOp::Adopt { file, path } => current = Some((file, path)),
             WriteOp::Create { path, seq } => {
@@ -1147,6 +1159,19 @@ mod tests {
     const CS: usize = 8;
 
     /// A source tree, the chunk size to send it with and the key to seal with.
+    /// Writing threads whose staging directory is under this directory pause before each
+    /// operation: lets a test make the writer fall behind the verifying side.
+    static LAGGING_UNDER: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+    pub(super) fn writer_lag(staging: &Path) {
+        let lagging = LAGGING_UNDER
+            .lock()
+            .is_ok_and(|g| g.as_deref().is_some_and(|d| staging.starts_with(d)));
+        if lagging {
+            thread::sleep(std::time::Duration::from_millis(30));
+        }
+    }
+
     struct Fixture {
         src: tempfile::TempDir,
         out: tempfile::TempDir,
@@ -1426,6 +1451,31 @@ mod tests {
             Err(ReassembleError::SymlinkInDestination { path }) if path.ends_with("link")
         ));
         assert_eq!(fs::read_dir(f.out.path().join("real")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_error_while_the_writer_is_behind_leaves_nothing() {
+        // The end item fails its check (and the state machine aborts) while the writing thread
+        // still sleeps before creating "d/e/f" and its directories. Removing the staging
+        // directory then, rather than after that thread ended, left "d/e/f" behind.
+        let f = fixture();
+        let mut items = f.items(Compression::None, false);
+        match items.last_mut() {
+            Some(StreamItem::End(e)) => e.summary.bytes += 1,
+            other => panic!("not the end: {other:?}"),
+        }
+        let mut wire = Vec::new();
+        for i in &items {
+            frame::encode(i, frame::DEFAULT_MAX_FRAME, &mut wire).unwrap();
+        }
+        *LAGGING_UNDER.lock().unwrap() = Some(f.out.path().to_owned());
+        let res = f.reassembler(false).read_from(&wire[..]);
+        *LAGGING_UNDER.lock().unwrap() = None;
+        assert!(
+            matches!(res, Err(ReassembleError::EndMismatch { .. })),
+            "{res:?}"
+        );
+        f.assert_clean();
     }
 
     #[test]
