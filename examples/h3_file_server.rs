@@ -7,8 +7,13 @@
 //! `GET /<path>` answers the file under the served directory (200), or 404 for anything else
 //! (a missing file, a directory, a symlink, a path with `..`); other methods get 405.
 //!
+//! Files are read as they are sent (one 64 KiB chunk held per response); an optional fourth
+//! argument paces each response to that many KiB per second (the end-to-end test uses it to
+//! make a download last through moves). Each connection the application gets is logged as
+//! `accepted ADDRESS` on standard output.
+//!
 //! ```sh
-//! cargo run -p app-examples --example h3_file_server -- ./some-dir 127.0.0.1:4433 cert.pem
+//! cargo run -p app-examples --example h3_file_server -- ./some-dir 127.0.0.1:4433 cert.pem [KIB_PER_S]
 //! ```
 
 use std::error::Error;
@@ -50,13 +55,17 @@ pub fn bind(listen: SocketAddr, identity: Identity) -> Result<MigratableServer, 
     Ok(MigratableServer::bind(opts)?)
 }
 
-/// Serves the files under `root` on every connection.
-pub async fn serve(server: MigratableServer, root: PathBuf) {
+/// Serves the files under `root` on every connection, at most `rate` bytes per second per
+/// response (`None`: as fast as the connection goes).
+pub async fn serve(server: MigratableServer, root: PathBuf, rate: Option<u64>) {
     let root: Arc<Path> = root.into();
     while let Some(app) = server.accept().await {
+        // One line per connection the application gets: a handshake each (the end-to-end
+        // test counts them).
+        println!("accepted {}", app.connection.remote_address());
         let root = root.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(app, root).await {
+            if let Err(e) = serve_connection(app, root, rate).await {
                 eprintln!("connection ended: {e}");
             }
         });
@@ -66,6 +75,7 @@ pub async fn serve(server: MigratableServer, root: PathBuf) {
 async fn serve_connection(
     app: AppConnection,
     root: Arc<Path>,
+    rate: Option<u64>,
 ) -> Result<(), h3::error::ConnectionError> {
     let mut h3 = h3::server::Connection::new(h3_quinn::Connection::new(app.connection)).await?;
     while let Some(resolver) = h3.accept().await? {
@@ -75,15 +85,12 @@ async fn serve_connection(
                 return;
             };
             let get = request.method() == http::Method::GET;
-            let body = match file_for(&root, request.uri().path()).filter(|_| get) {
-                Some(path) => tokio::task::spawn_blocking(move || std::fs::read(path))
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
+            let file = match file_for(&root, request.uri().path()).filter(|_| get) {
+                Some(path) => tokio::fs::File::open(path).await.ok(),
                 None => None,
             };
             let mut response = http::Response::new(());
-            *response.status_mut() = match body {
+            *response.status_mut() = match file {
                 Some(_) => http::StatusCode::OK,
                 None if !get => http::StatusCode::METHOD_NOT_ALLOWED,
                 None => http::StatusCode::NOT_FOUND,
@@ -91,19 +98,40 @@ async fn serve_connection(
             if stream.send_response(response).await.is_err() {
                 return;
             }
-            for chunk in body.as_deref().unwrap_or_default().chunks(CHUNK) {
-                if stream
-                    .send_data(Bytes::copy_from_slice(chunk))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+            if let Some(file) = file
+                && send_file(&mut stream, file, rate).await.is_err()
+            {
+                return;
             }
             let _ = stream.finish().await;
         });
     }
     Ok(())
+}
+
+/// Sends `file` as DATA frames of [`CHUNK`] bytes, read as they go (the server holds one
+/// chunk per response, whatever the file's size), paced to `rate` bytes per second.
+async fn send_file<S: h3::quic::SendStream<Bytes>>(
+    stream: &mut h3::server::RequestStream<S, Bytes>,
+    mut file: tokio::fs::File,
+    rate: Option<u64>,
+) -> Result<(), Box<dyn Error + Send + Sync>> {
+    use tokio::io::AsyncReadExt as _;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut buf = vec![0; CHUNK];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.send_data(Bytes::copy_from_slice(&buf[..n])).await?;
+        sent += n as u64;
+        if let Some(rate) = rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(started + due).await;
+        }
+    }
 }
 
 /// The regular file `path` names under `root`: only plain names, no `..`, no root; the file
@@ -126,10 +154,19 @@ pub fn file_for(root: &Path, path: &str) -> Option<PathBuf> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
+    // ROOT [LISTEN [CERT_OUT [KIB_PER_S]]]
     let mut args = std::env::args().skip(1);
     let root = PathBuf::from(args.next().unwrap_or_else(|| ".".to_owned()));
     let listen: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:4433").parse()?;
     let cert_out = args.next().unwrap_or_else(|| "cert.pem".to_owned());
+    let rate = match args.next() {
+        Some(kib) => Some(
+            kib.parse::<u64>()
+                .map_err(|e| format!("KIB_PER_S {kib:?}: {e}"))?
+                .saturating_mul(1024),
+        ),
+        None => None,
+    };
     let (identity, pem) = Identity::self_signed(&["localhost".to_owned()])?;
     pem.write_cert(Path::new(&cert_out))?;
     let server = bind(listen, identity)?;
@@ -139,7 +176,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         server.local_addr()
     );
     tokio::select! {
-        () = serve(server, root) => {}
+        () = serve(server, root, rate) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())

@@ -240,7 +240,11 @@ async fn h3_file_server_serves_the_same_bytes_before_and_after_a_move() {
         let server = h3_file_server::bind(loopback(), identity).unwrap();
         let handle = server.handle();
         let first = server.local_addr();
-        tokio::spawn(h3_file_server::serve(server, dir.path().to_path_buf()));
+        tokio::spawn(h3_file_server::serve(
+            server,
+            dir.path().to_path_buf(),
+            None,
+        ));
 
         let client = MigratingClient::connect(ClientOptions::new(
             first,

@@ -153,11 +153,11 @@ pub(crate) fn run_scenario(
 
 /// The client's namespace, `control up` (`up`: its command), the scenario, then `control
 /// down` whatever happened; nothing of the front may be left.
-fn up_moves_down(
+fn up_moves_down<T>(
     control: &dyn Fn() -> Command,
     mut up: Command,
-    scenario: impl FnOnce() -> Result<FrontSummary>,
-) -> Result<FrontSummary> {
+    scenario: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let _site = ClientSite::create()?;
     let result = match up.status() {
         Ok(s) if s.success() => scenario(),
@@ -422,6 +422,217 @@ fn with_plain_deployment(
     })
 }
 
+/// The deployment's name of the HTTP/3 part.
+pub(crate) const H3_NAME: &str = "qlm-e2e-h3";
+const H3_FRONT: &str = "10.235.0.1:5302";
+/// The downloaded file's size, and the pace the server sends it at: about 8 s, long enough
+/// for two moves (checked: the download must span them).
+pub(crate) const H3_FILE_MIB: u64 = 64;
+const H3_KIB_PER_S: u64 = 8 * 1024;
+
+/// The HTTP/3 download's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct H3Summary {
+    pub(crate) moves: Vec<FrontMove>,
+    pub(crate) bytes: u64,
+    pub(crate) seconds: f64,
+    pub(crate) server_handshakes: u64,
+    pub(crate) client_handshakes: u64,
+}
+
+/// The served folder (readable by the server's account, the certificate written into it);
+/// removed when dropped.
+struct Served(PathBuf);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A folder under the system's temporary one holding `big.bin` (`mib` MiB of pseudo-random
+/// bytes, so that nothing compresses them away), owned by `user` so that the server, which
+/// runs as that account, can read it and write its certificate there; returns it with the
+/// file's SHA-256.
+fn served_folder(user: &str, mib: u64) -> Result<(Served, String)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = std::env::temp_dir().join("qlm-e2e-h3");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let served = Served(dir.clone());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let file = dir.join("big.bin");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        w.write_all(&block)?;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+    let account = nix::unistd::User::from_name(user)?
+        .with_context(|| format!("no account {user} (cargo xtask setup creates it)"))?;
+    nix::unistd::chown(&dir, Some(account.uid), Some(account.gid))?;
+    let out = run("sha256sum", &[&file.to_string_lossy()])?;
+    let digest = out
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned();
+    Ok((served, digest))
+}
+
+/// The HTTP/3 part: the example file server (`examples/h3_file_server.rs`: h3 + h3-quinn on
+/// the swrapper library) started by `control up --front ... -- COMMAND`, and aioquic's HTTP/3
+/// client in the client's namespace downloading a 64 MiB file while the server moves A -> B
+/// -> A. Checked: the body's bytes and digest, one handshake on both sides, the download
+/// spanning both moves.
+pub(crate) fn run_h3_scenario(
+    root: &Path,
+    control: &dyn Fn() -> Command,
+    bin: &Path,
+    state: &Path,
+    out_dir: &Path,
+) -> Result<H3Summary> {
+    let python = ensure_aioquic(bin)?;
+    let script = root.join("tests/plain-quic/aioquic_h3_get.py");
+    let (served, digest) = served_folder("qlm-server", H3_FILE_MIB)?;
+    let log = state.join("server.log");
+    let log_before = std::fs::metadata(&log).map_or(0, |m| m.len());
+    let mut up = control();
+    up.args([
+        "up",
+        "--front",
+        H3_FRONT,
+        "--src-port",
+        "5248",
+        "--dst-port",
+        "5249",
+    ])
+    .arg("--")
+    .arg(bin.join("examples").join("h3_file_server"))
+    .arg(&served.0)
+    .arg("0.0.0.0:4242")
+    .arg(served.0.join("cert.pem"))
+    .arg(H3_KIB_PER_S.to_string());
+    let mut summary = up_moves_down(control, up, || {
+        with_h3_deployment(control, out_dir, (&python, &script), &digest)
+    })?;
+    // The server's side: one line per connection its application got.
+    let text = std::fs::read(&log).context("the server's log")?;
+    let from = usize::try_from(log_before).unwrap_or(0).min(text.len());
+    let accepted = String::from_utf8_lossy(&text[from..])
+        .lines()
+        .filter(|l| l.starts_with("accepted "))
+        .count() as u64;
+    if accepted != 1 {
+        bail!("the HTTP/3 server accepted {accepted} connections (one client, one download)");
+    }
+    summary.server_handshakes = accepted;
+    for m in &mut summary.moves {
+        m.handshakes = Some(accepted);
+    }
+    drop(served);
+    Ok(summary)
+}
+
+fn with_h3_deployment(
+    control: &dyn Fn() -> Command,
+    out_dir: &Path,
+    (python, script): (&Path, &Path),
+    digest: &str,
+) -> Result<H3Summary> {
+    let json = out_dir.join("aioquic-h3.json");
+    let _ = std::fs::remove_file(&json);
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", NETNS])
+        .arg(python)
+        .arg(script)
+        .args(["--target", H3_FRONT, "--path", "/big.bin", "--gap-ms", "20"])
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Client)
+        .context("starting aioquic's HTTP/3 client in the client's namespace")?;
+    // The body flows before the first move.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut figures = Vec::new();
+    let mut windows = Vec::new();
+    for n in 0..2 {
+        let report = out_dir.join(format!("h3-move-{}.json", n + 1));
+        let (figure, window) = migrate_behind_front(control, &report, true, &[])?;
+        figures.push(figure);
+        windows.push(window);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let report = client.wait_report(&json, Duration::from_secs(120))?;
+    if let Some(e) = report["error"].as_str() {
+        bail!("aioquic's HTTP/3 download failed: {e} ({report})");
+    }
+    let size = H3_FILE_MIB << 20;
+    if report["bytes"].as_u64() != Some(size) || report["sha256"].as_str() != Some(digest) {
+        bail!(
+            "aioquic's HTTP/3 download: {} bytes, digest {} (the file: {size} bytes, {digest})",
+            report["bytes"],
+            report["sha256"]
+        );
+    }
+    let client_handshakes = report["handshakes"].as_u64().unwrap_or(0);
+    if client_handshakes != 1 || report["connections"].as_u64() != Some(1) {
+        bail!("aioquic's HTTP/3 client: {client_handshakes} handshakes ({report})");
+    }
+    let first = report["first_byte_unix_ms"].as_f64().unwrap_or(f64::MAX);
+    let ended = report["ended_unix_ms"].as_f64().unwrap_or(0.0);
+    let (moves_from, moves_to) = (windows[0].0, windows[windows.len() - 1].1);
+    if first > moves_from || ended < moves_to {
+        bail!(
+            "the download did not span the moves (body {first:.0}..{ended:.0} ms, moves \
+             {moves_from:.0}..{moves_to:.0} ms, Unix time): the file is too small or the \
+             pace too fast for this machine"
+        );
+    }
+    for (f, p) in figures.iter_mut().zip(longest_gaps(&report, &windows)) {
+        f.pause_ms = p;
+    }
+    Ok(H3Summary {
+        moves: figures,
+        bytes: size,
+        seconds: (ended - report["started_unix_ms"].as_f64().unwrap_or(ended)) / 1e3,
+        server_handshakes: 0,
+        client_handshakes,
+    })
+}
+
+/// The longest gap of `report["gaps"]` (`[start after started_unix_ms, length]`, in ms) that
+/// began in each window (Unix ms); `None` for a window without one.
+fn longest_gaps(report: &serde_json::Value, windows: &[(f64, f64)]) -> Vec<Option<f64>> {
+    let zero = report["started_unix_ms"].as_f64().unwrap_or(0.0);
+    let gaps: Vec<(f64, f64)> = report["gaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| Some((zero + g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
+        .collect();
+    windows
+        .iter()
+        .map(|(from, to)| {
+            gaps.iter()
+                .filter(|(at, _)| (*from..*to).contains(at))
+                .map(|(_, len)| *len)
+                .reduce(f64::max)
+        })
+        .collect()
+}
+
 /// Checks an echo client's report (one connection, no error, every byte right) and returns
 /// its pause at each move: the longest gap between echoes that began while that move's
 /// `control migrate` ran (both clocks are this machine's wall clock).
@@ -439,27 +650,14 @@ fn pauses_per_move(
     {
         bail!("{who}: {report}");
     }
-    let zero = report["started_unix_ms"].as_f64().unwrap_or(0.0);
-    let gaps: Vec<(f64, f64)> = report["gaps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|g| Some((zero + g.get(0)?.as_f64()?, g.get(1)?.as_f64()?)))
-        .collect();
-    windows
-        .iter()
-        .map(|(from, to)| {
-            let p = gaps
-                .iter()
-                .filter(|(at, _)| (*from..*to).contains(at))
-                .map(|(_, len)| *len)
-                .reduce(f64::max);
-            if p.is_none() {
-                bail!("no pause of {who} was seen during a move: {gaps:?}");
-            }
-            Ok(p)
-        })
-        .collect()
+    let pauses = longest_gaps(report, windows);
+    if pauses.iter().any(Option::is_none) {
+        bail!(
+            "no pause of {who} was seen during a move: {}",
+            report["gaps"]
+        );
+    }
+    Ok(pauses)
 }
 
 /// A Python with aioquic, in a virtual environment beside the release binaries (made, and
@@ -510,6 +708,24 @@ impl Client {
             if started.elapsed() > Duration::from_secs(10) {
                 let _ = self.0.kill();
                 bail!("the client did not stop within 10 s after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serde_json::from_slice(
+            &std::fs::read(json).with_context(|| format!("reading {}", json.display()))?,
+        )
+        .context("the client's report")
+    }
+}
+
+impl Client {
+    /// Waits (at most `limit`) for it to end by itself, then reads its report.
+    fn wait_report(&mut self, json: &Path, limit: Duration) -> Result<serde_json::Value> {
+        let started = Instant::now();
+        while self.0.try_wait()?.is_none() {
+            if started.elapsed() > limit {
+                let _ = self.0.kill();
+                bail!("the client did not end within {limit:?}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
