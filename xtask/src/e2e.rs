@@ -238,6 +238,8 @@ struct E2eReport {
     front: Option<crate::front_e2e::FrontSummary>,
     /// The unmodified server and client behind a front.
     plain: Option<crate::front_e2e::FrontSummary>,
+    /// The same with aioquic's echo server.
+    aioquic_server: Option<crate::front_e2e::FrontSummary>,
     /// aioquic's HTTP/3 download from the example file server, behind a front.
     h3: Option<crate::front_e2e::H3Summary>,
     failures: Vec<String>,
@@ -393,21 +395,37 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         }
     }
     let mut plain = None;
-    if failures.is_empty() && !opts.no_front {
+    let mut aioquic_server = None;
+    for (server, name, what, slot) in [
+        (
+            crate::front_e2e::PlainServer::Quinn,
+            crate::front_e2e::PLAIN_NAME,
+            "plain-echo-server (plain quinn)",
+            &mut plain,
+        ),
+        (
+            crate::front_e2e::PlainServer::Aioquic,
+            crate::front_e2e::AIOQUIC_NAME,
+            "aioquic's echo server (Python, another QUIC stack)",
+            &mut aioquic_server,
+        ),
+    ] {
+        if !failures.is_empty() || opts.no_front {
+            break;
+        }
         println!(
-            "\ne2e: unmodified server and client: plain-echo-server (plain quinn) started by \
-             control up --front ... -- COMMAND, plain-echo-client (no shim) in its own \
-             namespace, {} moves, alternately holding and not",
+            "\ne2e: unmodified server and clients: {what} started by control up --front ... -- \
+             COMMAND; plain-echo-client (quinn, no shim) and aioquic's echo client in their own \
+             namespace; {} moves, alternately holding and not",
             opts.front_moves
         );
-        let control = || paths.control(crate::front_e2e::PLAIN_NAME);
+        let control = || paths.control(name);
         match crate::front_e2e::run_plain_scenario(
             root,
             &control,
-            &paths.bin,
-            &paths.state,
-            out_dir,
+            (&paths.bin, &paths.state, out_dir),
             opts.front_moves,
+            server,
         ) {
             Ok(s) => {
                 for (i, m) in s.moves.iter().enumerate() {
@@ -425,16 +443,16 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
                             .map_or("-".into(), |v| format!("{v:.1}")),
                     );
                 }
-                plain = Some(s);
+                *slot = Some(s);
             }
             Err(e) => {
-                println!("\ne2e: the unmodified-server scenario FAILED: {e:#}");
+                println!("\ne2e: the unmodified-server scenario ({what}) FAILED: {e:#}");
                 let _ = crate::limit::status(
-                    paths.control(crate::front_e2e::PLAIN_NAME).arg("logs"),
+                    paths.control(name).arg("logs"),
                     "control logs",
                     HOUSEKEEPING_LIMIT,
                 );
-                failures.push(format!("unmodified-server scenario: {e:#}"));
+                failures.push(format!("unmodified-server scenario ({what}): {e:#}"));
             }
         }
     }
@@ -482,6 +500,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         scenarios: results,
         front,
         plain,
+        aioquic_server,
         h3,
         failures,
     };
@@ -673,6 +692,10 @@ fn render_overheads(s: &mut String, combined: &E2eReport) {
         rows.extend(front_rows("plain quinn (unmodified)", plain, false));
         rows.extend(front_rows("aioquic echo (unmodified)", plain, true));
     }
+    if let Some(aioquic) = &combined.aioquic_server {
+        rows.extend(front_rows("plain quinn -> aioquic server", aioquic, false));
+        rows.extend(front_rows("aioquic echo -> aioquic server", aioquic, true));
+    }
     if let Some(h3) = &combined.h3 {
         rows.push(OverheadRow {
             client: "aioquic HTTP/3 download (unmodified)",
@@ -809,6 +832,14 @@ fn render(combined: &E2eReport) -> String {
              plain-echo-server`, plain quinn on both sides, no shim, no control stream): \
              echoes every 5 ms over one connection, alternately with and without holding",
             plain,
+        );
+    }
+    if let Some(aioquic) = &combined.aioquic_server {
+        render_front(
+            &mut s,
+            "Scenario: aioquic's echo server (Python, unmodified) behind a front (`control up \
+             --front ... -- python aioquic_echo_server.py`), the same two unmodified clients",
+            aioquic,
         );
     }
     render_overheads(&mut s, combined);
@@ -1046,6 +1077,7 @@ mod tests {
                 aioquic_echoes: 0,
             }),
             plain: None,
+            aioquic_server: None,
             h3: Some(crate::front_e2e::H3Summary {
                 moves: vec![crate::front_e2e::FrontMove {
                     hold: true,

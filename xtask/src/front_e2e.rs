@@ -293,50 +293,102 @@ fn with_deployment(
 /// The deployment's name of the unmodified server's part.
 pub(crate) const PLAIN_NAME: &str = "qlm-e2e-plain";
 const PLAIN_FRONT: &str = "10.235.0.1:5301";
+/// The deployment's name of the part with aioquic's server.
+pub(crate) const AIOQUIC_NAME: &str = "qlm-e2e-aioquic";
+const AIOQUIC_FRONT: &str = "10.235.0.1:5303";
 
-/// The unmodified part: `plain-echo-server` (plain quinn, knows nothing of moves) started by
-/// `control up --front ... -- COMMAND`, and `plain-echo-client` (plain quinn, no shim) in the
-/// client's namespace; the server moved `moves` times, alternately holding and not.
+/// Which unmodified server [`run_plain_scenario`] moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlainServer {
+    /// `plain-echo-server`: quinn, knows nothing of moves.
+    Quinn,
+    /// `tests/plain-quic/aioquic_echo_server.py`: aioquic (Python), the same protocol.
+    Aioquic,
+}
+
+/// The unmodified part: an echo server that knows nothing of moves (`server`) started by
+/// `control up --front ... -- COMMAND`, and two unmodified clients in the client's namespace
+/// at once, `plain-echo-client` (plain quinn, no shim) and aioquic's echo client; the server
+/// moved `moves` times, alternately holding and not.
 pub(crate) fn run_plain_scenario(
     root: &Path,
     control: &dyn Fn() -> Command,
-    bin: &Path,
-    state: &Path,
-    out_dir: &Path,
+    (bin, state, out_dir): (&Path, &Path, &Path),
     moves: u32,
+    server: PlainServer,
 ) -> Result<FrontSummary> {
     // Before `up`: nothing to undo when it fails.
     let python = ensure_aioquic(bin)?;
     let script = root.join("tests/plain-quic/aioquic_echo_client.py");
+    let (front, ports, tag) = match server {
+        PlainServer::Quinn => (PLAIN_FRONT, ["5246", "5247"], "plain"),
+        PlainServer::Aioquic => (AIOQUIC_FRONT, ["5250", "5251"], "aioquic-server"),
+    };
     let mut up = control();
     up.args([
         "up",
         "--front",
-        PLAIN_FRONT,
+        front,
         "--src-port",
-        "5246",
+        ports[0],
         "--dst-port",
-        "5247",
+        ports[1],
     ])
-    .arg("--")
-    .arg(bin.join("plain-echo-server"))
+    .arg("--");
+    match server {
+        PlainServer::Quinn => up.arg(bin.join("plain-echo-server")),
+        PlainServer::Aioquic => up
+            .arg(&python)
+            .arg(root.join("tests/plain-quic/aioquic_echo_server.py")),
+    }
     .args(["--listen", "0.0.0.0:4242"]);
+    // Read before `control down` removes the state folder, log included.
+    let log = state.join("server.log");
+    let log_before = std::fs::metadata(&log).map_or(0, |m| m.len());
     up_moves_down(control, up, || {
-        with_plain_deployment(control, bin, state, out_dir, moves, (&python, &script))
+        let mut summary = with_plain_deployment(
+            control,
+            (bin, out_dir),
+            (front, tag),
+            moves,
+            (&python, &script),
+        )?;
+        // The server's side: one handshake per client in all (its log has a line per
+        // accepted connection; only what this deployment wrote counts).
+        let accepted = accepted_since(&log, log_before)?;
+        if accepted != 2 {
+            bail!(
+                "the unmodified server accepted {accepted} connections (two clients, one \
+                 connection each)"
+            );
+        }
+        for f in &mut summary.moves {
+            f.handshakes = Some(accepted);
+        }
+        Ok(summary)
     })
+}
+
+/// The `accepted ...` lines of the server's log past its first `from` bytes.
+fn accepted_since(log: &Path, from: u64) -> Result<u64> {
+    let text = std::fs::read(log).with_context(|| format!("the server's log {}", log.display()))?;
+    let from = usize::try_from(from).unwrap_or(0).min(text.len());
+    Ok(String::from_utf8_lossy(&text[from..])
+        .lines()
+        .filter(|l| l.starts_with("accepted "))
+        .count() as u64)
 }
 
 fn with_plain_deployment(
     control: &dyn Fn() -> Command,
-    bin: &Path,
-    state: &Path,
-    out_dir: &Path,
+    (bin, out_dir): (&Path, &Path),
+    (front, tag): (&str, &str),
     moves: u32,
     (python, script): (&Path, &Path),
 ) -> Result<FrontSummary> {
-    let client_json = out_dir.join("plain-client.json");
+    let client_json = out_dir.join(format!("{tag}-client.json"));
     let _ = std::fs::remove_file(&client_json);
-    let aioquic_json = out_dir.join("aioquic-client.json");
+    let aioquic_json = out_dir.join(format!("{tag}-aioquic-client.json"));
     let _ = std::fs::remove_file(&aioquic_json);
     // aioquic: another QUIC stack, through the same front at the same time.
     let mut aioquic = Client(
@@ -344,14 +396,7 @@ fn with_plain_deployment(
             .args(["netns", "exec", NETNS])
             .arg(python)
             .arg(script)
-            .args([
-                "--target",
-                PLAIN_FRONT,
-                "--interval-ms",
-                "5",
-                "--gap-ms",
-                "20",
-            ])
+            .args(["--target", front, "--interval-ms", "5", "--gap-ms", "20"])
             .arg("--json")
             .arg(&aioquic_json)
             .stdin(Stdio::null())
@@ -363,14 +408,7 @@ fn with_plain_deployment(
         Command::new("ip")
             .args(["netns", "exec", NETNS])
             .arg(bin.join("plain-echo-client"))
-            .args([
-                "--target",
-                PLAIN_FRONT,
-                "--interval-ms",
-                "5",
-                "--gap-ms",
-                "20",
-            ])
+            .args(["--target", front, "--interval-ms", "5", "--gap-ms", "20"])
             .arg("--json")
             .arg(&client_json)
             .stdin(Stdio::null())
@@ -383,7 +421,7 @@ fn with_plain_deployment(
     let mut windows = Vec::new();
     for n in 0..moves {
         let hold = n % 2 == 0;
-        let report = out_dir.join(format!("plain-move-{}.json", n + 1));
+        let report = out_dir.join(format!("{tag}-move-{}.json", n + 1));
         // The plain server counts no handshakes in a report: its log does (below).
         let (figure, window) = migrate_behind_front(control, &report, hold, &[])?;
         figures.push(FrontMove {
@@ -399,19 +437,6 @@ fn with_plain_deployment(
     let aioquic_pauses = pauses_per_move(&aioquic_report, &windows, "the aioquic client")?;
     for (f, p) in figures.iter_mut().zip(pauses) {
         f.pause_ms = p;
-    }
-    // The server's side: one handshake per client in all (its log has a line per accepted
-    // connection).
-    let log = std::fs::read_to_string(state.join("server.log")).context("the server's log")?;
-    let accepted = log.lines().filter(|l| l.starts_with("accepted ")).count() as u64;
-    if accepted != 2 {
-        bail!(
-            "the unmodified server accepted {accepted} connections (two clients, one \
-             connection each)"
-        );
-    }
-    for f in &mut figures {
-        f.handshakes = Some(accepted);
     }
     Ok(FrontSummary {
         moves: figures,
@@ -522,23 +547,20 @@ pub(crate) fn run_h3_scenario(
     .arg("0.0.0.0:4242")
     .arg(served.0.join("cert.pem"))
     .arg(H3_KIB_PER_S.to_string());
-    let mut summary = up_moves_down(control, up, || {
-        with_h3_deployment(control, out_dir, (&python, &script), &digest)
+    let summary = up_moves_down(control, up, || {
+        let mut summary = with_h3_deployment(control, out_dir, (&python, &script), &digest)?;
+        // The server's side (before `control down` removes its log): one line per
+        // connection its application got.
+        let accepted = accepted_since(&log, log_before)?;
+        if accepted != 1 {
+            bail!("the HTTP/3 server accepted {accepted} connections (one client, one download)");
+        }
+        summary.server_handshakes = accepted;
+        for m in &mut summary.moves {
+            m.handshakes = Some(accepted);
+        }
+        Ok(summary)
     })?;
-    // The server's side: one line per connection its application got.
-    let text = std::fs::read(&log).context("the server's log")?;
-    let from = usize::try_from(log_before).unwrap_or(0).min(text.len());
-    let accepted = String::from_utf8_lossy(&text[from..])
-        .lines()
-        .filter(|l| l.starts_with("accepted "))
-        .count() as u64;
-    if accepted != 1 {
-        bail!("the HTTP/3 server accepted {accepted} connections (one client, one download)");
-    }
-    summary.server_handshakes = accepted;
-    for m in &mut summary.moves {
-        m.handshakes = Some(accepted);
-    }
     drop(served);
     Ok(summary)
 }
