@@ -40,7 +40,8 @@ pub fn client_config(
         .with_protocol_versions(&[&quinn::rustls::version::TLS13])?
         .with_root_certificates(store)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // The marked form first: it tells swrapper that this client opens the control stream.
+    tls.alpn_protocols = cwrapper::alpn_with_control(&[ALPN])?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

@@ -1,8 +1,8 @@
 //! An HTTP/3 file server (hyperium's `h3` over `h3-quinn`) made migratable: its quinn
 //! configuration offers ALPN `h3`, and each connection the wrapper hands over becomes an
-//! `h3::server::Connection`. HTTP/3 never sees the wrapper's control stream: the wrapper takes
-//! the first bidirectional stream before h3 accepts any, and h3's own streams are
-//! unidirectional or later bidirectional ones.
+//! `h3::server::Connection`. HTTP/3 never sees the wrapper's control stream: a cwrapper client
+//! negotiates the marked ALPN `qlm1+h3` and the wrapper takes its first bidirectional stream
+//! before h3 accepts any; a plain HTTP/3 client negotiates `h3` and h3 gets all its streams.
 //!
 //! `GET /<path>` answers the file under the served directory (200), or 404 for anything else
 //! (a missing file, a directory, a symlink, a path with `..`); other methods get 405.
@@ -40,7 +40,7 @@ pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig, Box<dyn 
         .with_protocol_versions(&[&quinn::rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.certs, identity.key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = swrapper::alpn_with_control(&[ALPN])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

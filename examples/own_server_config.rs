@@ -27,9 +27,10 @@ pub const APP_STREAMS: u32 = 2;
 /// Largest request read.
 const MAX_REQUEST: usize = 64 * 1024;
 
-/// The configuration the application had before it used the wrapper, unchanged but for one
-/// thing a move needs: one more bidirectional stream than the application serves (the
-/// wrapper's control stream takes the first). Its idle timeout (60 s) outlasts the longest
+/// The configuration the application had before it used the wrapper, unchanged but for two
+/// things: its ALPN list gets the marked forms first (`swrapper::alpn_with_control`: how the
+/// wrapper tells cwrapper clients from plain ones), and one more bidirectional stream than
+/// the application serves (a cwrapper client's control stream takes the first). Its idle timeout (60 s) outlasts the longest
 /// freeze (10 s) plus the margin (5 s), else `MigratableServer::bind` refuses it.
 pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig, Box<dyn Error>> {
     let provider = Arc::new(quinn::rustls::crypto::ring::default_provider());
@@ -37,7 +38,9 @@ pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig, Box<dyn 
         .with_protocol_versions(&[&quinn::rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.certs, identity.key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // The application's ALPN, and its marked form first for cwrapper clients (plain QUIC
+    // clients negotiate the plain one and get every stream).
+    tls.alpn_protocols = swrapper::alpn_with_control(&[ALPN])?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

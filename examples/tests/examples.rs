@@ -291,6 +291,66 @@ async fn h3_file_server_serves_the_same_bytes_before_and_after_a_move() {
     .unwrap();
 }
 
+/// A stock HTTP/3 client (its own rustls config offering only `h3`, no wrapper) gets files
+/// from the h3 example: the wrapper hands its connection to h3 at once, first stream included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_file_server_serves_a_plain_http3_client() {
+    use cwrapper::quinn;
+    use std::sync::Arc;
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.txt"), b"hello, plain client").unwrap();
+        let (identity, roots) = identity();
+        let mut server_opts = ServerOptions::with_server_config(
+            loopback(),
+            h3_file_server::server_config(identity).unwrap(),
+        );
+        // Far beyond the test's own patience: the client must not wait for it.
+        server_opts.hello_timeout = Duration::from_secs(30);
+        let server = MigratableServer::bind(server_opts).unwrap();
+        let addr = server.local_addr();
+        tokio::spawn(h3_file_server::serve(server, dir.path().to_path_buf()));
+
+        let mut store = quinn::rustls::RootCertStore::empty();
+        for r in roots {
+            store.add(r).unwrap();
+        }
+        let mut tls = quinn::rustls::ClientConfig::builder_with_provider(Arc::new(
+            quinn::rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![h3_file_server::ALPN.to_vec()];
+        let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        )));
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let started = std::time::Instant::now();
+        let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        tokio::spawn(async move { driver.wait_idle().await });
+        // The first request is on the client's first bidirectional stream.
+        let (status, body) = get(&mut send, "/hello.txt").await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(body, b"hello, plain client");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            get(&mut send, "/nothing").await.0,
+            http::StatusCode::NOT_FOUND
+        );
+    })
+    .await
+    .unwrap();
+}
+
 #[test]
 fn the_file_server_serves_plain_names_only() {
     let dir = tempfile::tempdir().unwrap();

@@ -206,6 +206,7 @@ pub(crate) fn migrate(state_dir: &Path, state: &mut State, opts: &Options) -> Re
                 machine.report(),
             );
             r.images_dir = Some(images.clone());
+            r.front = state.front.is_some();
             r
         },
         opts,
@@ -531,6 +532,21 @@ impl Engine<'_> {
             ms = format_args!("{:.1}", announced.outcome.elapsed_ms),
             "clients told"
         );
+        // Plain QUIC clients could not be told. Not a reason to stop or roll back: nothing
+        // would tell them either way, and the wrapper-aware clients are ready to follow.
+        let plain = announced.outcome.cannot_follow.len();
+        if plain > 0 && self.front.is_some() {
+            info!(
+                plain,
+                "plain QUIC clients: kept by the front (their address stays)"
+            );
+        } else if plain > 0 {
+            warn!(
+                plain,
+                "plain QUIC clients (no control stream) cannot follow this move: they keep \
+                 working only if their address stays, i.e. behind a --front"
+            );
+        }
         let parked = announced.parked;
         self.report.announce = Some(announced);
         interrupt::fault(Point::Announced);
@@ -1355,6 +1371,7 @@ mod tests {
                 address: addr,
                 acked: (0..abort_acks).map(client).collect(),
                 missing: vec![client(99)],
+                cannot_follow: vec![],
                 elapsed_ms: 1.0,
             },
             handshakes: 1,

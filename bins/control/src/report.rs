@@ -53,6 +53,9 @@ pub(crate) fn move_summary(r: &MoveReport) -> String {
         r.image_bytes
             .map_or_else(|| "?".to_owned(), |b| (b / 1024).to_string()),
     );
+    if let Some(a) = &r.announce {
+        let _ = writeln!(out, "  clients: {}", clients_line(a, r.front));
+    }
     if let (Some(a), Some(b)) = (
         r.dump.as_ref().and_then(|d| d.startup_ms),
         r.restore.as_ref().and_then(|d| d.startup_ms),
@@ -93,6 +96,26 @@ pub(crate) fn move_summary(r: &MoveReport) -> String {
         );
     }
     out
+}
+
+/// Who was told and who could not be: the wrapper-aware clients' acks, and the plain QUIC
+/// clients (no control stream), which are lost in the announce mode but kept by a front
+/// (`front`: the stable-address mode keeps their 4-tuple).
+fn clients_line(a: &admin_api::Announced, front: bool) -> String {
+    let o = &a.outcome;
+    let mut line = format!("{} acked, {} missing", o.acked.len(), o.missing.len());
+    let plain = o.cannot_follow.len();
+    if plain > 0 {
+        if front {
+            line.push_str(&format!("; plain clients: {plain} (kept by the front)"));
+        } else {
+            line.push_str(&format!(
+                "; plain clients: {plain} cannot follow (no control stream; they keep working \
+                 only if their address stays, i.e. behind a --front)"
+            ));
+        }
+    }
+    line
 }
 
 /// What a run is checked against.
@@ -323,6 +346,60 @@ mod tests {
         );
     }
 
+    fn announced(acked: usize, plain: &[u64]) -> admin_api::Announced {
+        let client = |n: usize| admin_api::ClientRef {
+            session: n as u64,
+            client_id: format!("c{n}"),
+        };
+        admin_api::Announced {
+            phases: admin_api::Phases::One,
+            quiesce: None,
+            outcome: admin_api::AnnounceOutcome {
+                address: DST.parse().unwrap(),
+                acked: (0..acked).map(client).collect(),
+                missing: vec![],
+                cannot_follow: plain.to_vec(),
+                elapsed_ms: 1.0,
+            },
+            parked: true,
+            handshakes: 1,
+        }
+    }
+
+    #[test]
+    fn the_move_summary_says_whether_plain_clients_follow() {
+        let mut r = completed(1);
+        r.announce = Some(announced(2, &[]));
+        let text = move_summary(&r);
+        assert!(text.contains("clients: 2 acked, 0 missing\n"), "{text}");
+        // The announce mode: plain clients are lost, and the line says why.
+        r.announce = Some(announced(2, &[7, 8]));
+        let text = move_summary(&r);
+        assert!(
+            text.contains("clients: 2 acked, 0 missing; plain clients: 2 cannot follow"),
+            "{text}"
+        );
+        assert!(text.contains("behind a --front"), "{text}");
+        // Behind a front they keep their address: not called lost.
+        r.front = true;
+        let text = move_summary(&r);
+        assert!(
+            text.contains("plain clients: 2 (kept by the front)"),
+            "{text}"
+        );
+        assert!(!text.contains("cannot follow"), "{text}");
+        // The report still parses as it did, and round-trips with the new fields.
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<MoveReport>(&json).unwrap(), r);
+        r.front = false;
+        r.announce = Some(announced(1, &[]));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            !json.contains("front") && !json.contains("cannot_follow"),
+            "{json}"
+        );
+    }
+
     /// A completed move A -> B as the engine reports it, every observation right.
     fn completed(n: u8) -> MoveReport {
         let mut m = Migration::new(id(n), Timestamp::from_micros(0));
@@ -379,6 +456,7 @@ mod tests {
             timeline: m.report(),
             recovered_after: None,
             post_copy: None,
+            front: false,
         }
     }
 

@@ -45,8 +45,16 @@
 //! [`IDLE_MARGIN`] (5 s), or none. Keep-alive is up to the application: it keeps an idle
 //! connection open between moves but cannot carry it through a freeze (nothing answers); a
 //! connection without it lives as long as its idle timeout while idle. The server's idle
-//! timeout counts too (QUIC uses the smaller): swrapper checks its own side. No TLS or ALPN
-//! setting is needed: the wrapper's control stream is the first bidirectional stream.
+//! timeout counts too (QUIC uses the smaller): swrapper checks its own side.
+//!
+//! **The marker ALPN.** The client offers each application ALPN `x` also as `qlm1+x`, first
+//! (see [`control_protocol::alpn`]): [`client_config`] does, and an application with its own
+//! rustls config sets `alpn_protocols = cwrapper::alpn_with_control(&[b"x"])?`. A swrapper
+//! server negotiates the marked form, which says the connection's first bidirectional stream
+//! is the control stream; [`app_alpn`] gives the application's ALPN with the marker stripped.
+//! A server that negotiates the plain form (or none) does not speak the control protocol:
+//! `connect` closes the connection and returns [`ClientError::ServerWithoutControl`] rather
+//! than open a stream the server would take for a request.
 //!
 //! **Confirmation.** The shim never ends a move's overlap on a datagram's source address (a
 //! spoofer controls it). The control task vouches for the new address when the server says,
@@ -116,12 +124,13 @@ use udp_shim_client::{Confirmation, MoveOutcome};
 use wrapper_support::control::ControlReader;
 
 // Everything the public API names, so that an application depends on cwrapper and quinn only.
+pub use control_protocol::AlpnError;
 pub use control_protocol::{DowntimeRefused, DowntimeTooLong, EncodeError, LengthError};
 pub use migration_core::ParseMigrationIdError;
 pub use quinn;
 pub use udp_shim_client::{MoveError, MoveGap, OverlapLimits, ShimError, ShimStats, SwappableUdp};
 pub use wrapper_support::quic::Side;
-pub use wrapper_support::tls::load_certs;
+pub use wrapper_support::tls::{app_alpn, load_certs};
 pub use wrapper_support::{
     ConfigError, ControlStreamError, DEFAULT_MAX_FREEZE, IDLE_MARGIN, TlsError, TransportFacts,
     min_idle_timeout,
@@ -149,6 +158,23 @@ pub fn client_config(
     let transport = wrapper_support::tls::transport_config(idle_timeout)?;
     wrapper_support::tls::client_config(roots, alpn, transport)
 }
+
+/// The ALPN list for an application that builds its own rustls `ClientConfig`: each of
+/// `app_alpns` marked (`qlm1+x`) first, then plain. Set it as the config's `alpn_protocols`.
+///
+/// # Errors
+/// [`AlpnError`] for an empty entry, one too long to mark (over 250 bytes), or one already
+/// starting with the marker.
+pub fn alpn_with_control(app_alpns: &[&[u8]]) -> Result<Vec<Vec<u8>>, AlpnError> {
+    control_protocol::alpn::with_control(app_alpns)
+}
+
+/// Application close code of a connection to a server that does not speak the control
+/// protocol ([`ClientError::ServerWithoutControl`]).
+pub const CONN_NO_CONTROL: quinn::VarInt = quinn::VarInt::from_u32(3);
+
+/// How long `connect` waits for the close of a refused connection to be sent.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 /// Errors of the client wrapper.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +219,19 @@ pub enum ClientError {
     /// Encoding a control message failed.
     #[error("control message: {0}")]
     Encode(#[from] control_protocol::EncodeError),
+    /// The server did not negotiate the control marker ALPN: it is not a swrapper server (or
+    /// its config lists no `qlm1+` form), so it would take the control stream for a request.
+    /// The connection was closed.
+    #[error(
+        "the server does not speak the control protocol: it negotiated ALPN {} instead of a \
+         qlm1+ form (a server built with swrapper offers it; one with its own rustls config \
+         must list swrapper::alpn_with_control(..))",
+        negotiated.as_deref().map_or_else(|| "none".to_owned(), |a| format!("{:?}", String::from_utf8_lossy(a)))
+    )]
+    ServerWithoutControl {
+        /// The ALPN the handshake settled on, if any.
+        negotiated: Option<Vec<u8>>,
+    },
 }
 
 /// Why [`MigratingClient::report_downtime`] reported nothing.
@@ -413,6 +452,13 @@ impl MigratingClient {
                 server: opts.server,
                 timeout: opts.connect_timeout,
             })??;
+        if !wrapper_support::tls::speaks_control(&connection) {
+            let negotiated = wrapper_support::tls::negotiated_alpn(&connection);
+            connection.close(CONN_NO_CONTROL, b"server without control stream");
+            // Lets the close reach the server before the endpoint is dropped.
+            let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+            return Err(ClientError::ServerWithoutControl { negotiated });
+        }
         let (mut send, recv) = connection.open_bi().await?;
         let mut out = Vec::new();
         let control = ClientControl::new(client_id, SUPPORTED_VERSIONS, &mut out)?;

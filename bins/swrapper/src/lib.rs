@@ -4,13 +4,15 @@
 //! ```text
 //!  MigratableUdp (rebind / park / unpark)
 //!        │
-//!  quinn::Endpoint ──accept──► handshake ──► ServerControl::on_connect ──► session id
-//!        │            first bi stream ──stream task──► on_bytes / on_stream_finished
+//!  quinn::Endpoint ──accept──► handshake ──ALPN qlm1+app──► ServerControl::on_connect ──► id
+//!        │                              └─ALPN app (plain)─► on_connect_plain ──► at once ─┐
+//!        │            first bi stream ──stream task──► on_bytes / on_stream_finished         │
 //!        │                                  ▲                 │
 //!        │                  Transmit / Close / Finish   Mutex<Core>: ServerControl
 //!        │                                  └──── dispatch ◄──┤ poll_output()
 //!        │                                timer task ─────────┤ poll_timeout / handle_timeout
-//!        └──► AppConnection { connection, session, client_id } ──► your application
+//!        └──► AppConnection { connection, session, client_id, plain } ◄────────────────────┘
+//!                 ──► your application
 //!
 //!  MigrationHandle: announce / quiesce / abort / resumed ──► ServerControl round
 //!                   ──► waits for the round's report (RoundReport ──► AnnounceReport);
@@ -40,7 +42,8 @@
 //! let server = MigratableServer::bind(opts)?; // checks the config: see below
 //! let handle = server.handle(); // moves: announce, park/unpark or rebind, resumed or abort
 //! while let Some(app) = server.accept().await {
-//!     // app.connection is a quinn::Connection; its first bi stream is the wrapper's.
+//!     // app.connection is a quinn::Connection. From a cwrapper client (app.plain false)
+//!     // its first bi stream is the wrapper's; from a plain client every stream is yours.
 //!     tokio::spawn(async move { let _ = app.connection.accept_bi().await; });
 //! }
 //! # Ok(()) }
@@ -53,8 +56,21 @@
 //! server is frozen; without keep-alive an idle connection lives as long as the idle timeout
 //! allows); and at least one bidirectional stream per client (`max_concurrent_bidi_streams`
 //! of 1 or more): the control stream takes one, so allow one more than the application needs.
-//! No ALPN or TLS setting is needed: the control stream is recognised by being the
-//! connection's first bidirectional stream.
+//!
+//! **The marker ALPN, and plain QUIC clients.** A wrapper-aware client (cwrapper) offers each
+//! application ALPN `x` also as `qlm1+x` (see [`control_protocol::alpn`]); the server must
+//! list the marked forms first: [`server_config`] does, and an application that builds its
+//! own rustls config sets `alpn_protocols = swrapper::alpn_with_control(&[b"h3"])?`. rustls
+//! then negotiates `qlm1+x` with cwrapper clients and `x` with any other QUIC client. The
+//! marked form means "the first bidirectional stream is the control stream"; an application
+//! that checks its ALPN reads it with [`app_alpn`] (the marker stripped). A client that
+//! negotiated no marker (a stock quinn client, aioquic's HTTP/3 client) is a *plain
+//! client*: it gets the application at once with all its streams (its first stream is the
+//! application's), takes one of the `max_sessions` slots, has no hello deadline, and is
+//! never told of a move. An announce lists it as `cannot_follow` in the report (which is then
+//! not complete): it keeps working after a move only if its address stays, i.e. behind a
+//! front (`control up --front`); in the announce mode it is cut off by the move. A server
+//! whose config lists no marked form treats every client as plain.
 //!
 //! **The lifecycle of a move.** Every [`MigrationHandle::announce`] (or
 //! [`MigrationHandle::prepare`]) ends with [`MigrationHandle::resumed`] (the server runs at
@@ -76,7 +92,8 @@
 //! `ServerControl` (`Shared::with_core`: one short lock, then the outputs are executed), arms a
 //! timer from `poll_timeout`, and turns reports into [`AnnounceReport`]s.
 //!
-//! The first bidirectional stream of every connection is the control stream. The wrapper
+//! The first bidirectional stream of every wrapper-aware connection (marker ALPN) is the
+//! control stream. The wrapper
 //! accepts it (QUIC hands peer-opened streams out in stream-id order, so the first accepted
 //! bi stream is stream 0) and waits for the outcome of `Hello` before the connection reaches
 //! the application, which then accepts the connection's other streams as usual. A control
@@ -85,8 +102,9 @@
 //! in the announce report).
 //!
 //! Bounded work per client: every connection takes one of `max_sessions` slots from its
-//! handshake until it closes, whether it says Hello or not (`ServerControl::on_connect`); one
-//! beyond the limit is closed at once ("server full", code 1), and one that says no Hello
+//! handshake until it closes, whether it says Hello or not (`ServerControl::on_connect`), and
+//! a plain client too (`ServerControl::on_connect_plain`, no hello deadline); one beyond the
+//! limit is closed at once ("server full", code 1), and a wrapper-aware one that says no Hello
 //! within `hello_timeout` is closed ("no Hello in time", code 2), which frees its slot.
 //! Repeated messages are counted, not logged (one line per session and kind); refused
 //! connections are logged at the 1st, 2nd, 4th, 8th, ... refusal.
@@ -112,11 +130,13 @@ use udp_shim_server::MigratableUdp;
 use wrapper_support::MonotonicClock;
 
 // Everything the public API names, so that an application depends on swrapper and quinn only.
+pub use control_protocol::AlpnError;
 pub use control_protocol::ServerError as ControlError;
 pub use migration_core::{MigrationId, ParseMigrationIdError, SessionId, SessionState};
 pub use quinn;
 pub use udp_shim_server::ShimError;
 pub use wrapper_support::quic::Side;
+pub use wrapper_support::tls::app_alpn;
 pub use wrapper_support::{
     ConfigError, DEFAULT_MAX_FREEZE, GeneratedPem, IDLE_MARGIN, Identity, TlsError, TransportFacts,
     min_idle_timeout, random_migration_id,
@@ -164,6 +184,17 @@ pub fn server_config(
     wrapper_support::tls::server_config(identity, alpn, transport)
 }
 
+/// The ALPN list for an application that builds its own rustls `ServerConfig`: each of
+/// `app_alpns` marked (`qlm1+x`, first, so that cwrapper clients negotiate it) then plain (for
+/// plain QUIC clients). Set it as the config's `alpn_protocols`.
+///
+/// # Errors
+/// [`AlpnError`] for an empty entry, one too long to mark (over 250 bytes), or one already
+/// starting with the marker.
+pub fn alpn_with_control(app_alpns: &[&[u8]]) -> Result<Vec<Vec<u8>>, AlpnError> {
+    control_protocol::alpn::with_control(app_alpns)
+}
+
 /// Errors of the server wrapper.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -204,12 +235,15 @@ pub enum ServerError {
 /// A connection handed to the application, its control stream already running.
 #[derive(Debug, Clone)]
 pub struct AppConnection {
-    /// The QUIC connection. Accept its bidirectional streams: the control stream is taken.
+    /// The QUIC connection. Accept its bidirectional streams: for a wrapper-aware client the
+    /// control stream is taken; for a plain client none is.
     pub connection: quinn::Connection,
     /// The wrapper's identifier of the session.
     pub session: SessionId,
     /// What the client called itself in Hello, when its control stream worked.
     pub client_id: Option<String>,
+    /// A plain QUIC client (no marker ALPN): no control stream, cannot be told of a move.
+    pub plain: bool,
 }
 
 /// The outcome of announcing a migration (or an abort) to every client.
@@ -223,14 +257,17 @@ pub struct AnnounceReport {
     pub acked: Vec<(u64, String)>,
     /// Clients that did not: (session, client id).
     pub missing: Vec<(u64, String)>,
+    /// Plain QUIC clients (no control stream), by session: not told, not waited for. They
+    /// keep working only if their address stays, i.e. behind a front.
+    pub cannot_follow: Vec<u64>,
     /// Time from the announcement to the last ack (or the deadline).
     pub elapsed_ms: f64,
 }
 
 impl AnnounceReport {
-    /// Every client acknowledged.
+    /// Every client acknowledged: none missing, and no plain client that could not be told.
     pub fn complete(&self) -> bool {
-        self.missing.is_empty()
+        self.missing.is_empty() && self.cannot_follow.is_empty()
     }
 }
 
@@ -259,6 +296,8 @@ pub struct SessionInfo {
     pub control_open: bool,
     /// Messages from it that repeated or were ignored without a log line.
     pub repeats: u64,
+    /// A plain QUIC client: no control stream, an empty `client_id`.
+    pub plain: bool,
 }
 
 /// What a connection's stream task must do with its control stream.
@@ -370,7 +409,7 @@ impl Core {
             ServerEvent::QuiesceComplete(r)
             | ServerEvent::AnnounceComplete(r)
             | ServerEvent::AbortComplete(r) => {
-                info!(kind = %r.kind, id = %r.migration_id, acked = r.acked.len(), missing = r.missing.len(), deadline_passed = r.deadline_passed, "round complete");
+                info!(kind = %r.kind, id = %r.migration_id, acked = r.acked.len(), missing = r.missing.len(), cannot_follow = r.cannot_follow.len(), deadline_passed = r.deadline_passed, "round complete");
                 let waiters = std::mem::take(&mut self.waiters);
                 for (kind, tx) in waiters {
                     if kind == r.kind {
@@ -618,6 +657,7 @@ impl MigrationHandle {
                 state: v.state,
                 control_open: v.control_open,
                 repeats: v.repeats,
+                plain: v.plain,
             })
             .collect()
     }
@@ -723,6 +763,7 @@ impl MigrationHandle {
             address,
             acked: names(r.acked),
             missing: names(r.missing),
+            cannot_follow: r.cannot_follow.iter().map(|s| s.0).collect(),
             elapsed_ms: r.ended.saturating_duration_since(r.started).as_secs_f64() * 1e3,
         })
     }
@@ -961,10 +1002,65 @@ fn filter_incoming(
     }
 }
 
-/// Registers the connection with `ServerControl`, accepts its control stream and waits for
-/// the outcome of its Hello. A connection whose control stream fails still goes to the
-/// application.
+/// Closes a connection refused because every slot is taken, logging floods sparsely.
+fn refuse_full(shared: &Shared, conn: &quinn::Connection, refusal: &Refusal) {
+    let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    // A flood of connections is logged at the 1st, 2nd, 4th, 8th ... refusal.
+    if n.is_power_of_two() {
+        warn!(?refusal, refused = n, remote = %conn.remote_address(), "refusing connection");
+    }
+    conn.close(CONN_FULL, b"server full");
+}
+
+/// Frees the session's slot once its connection is gone.
+fn watch_disconnect(shared: Arc<Shared>, conn: quinn::Connection, session: SessionId) {
+    tokio::spawn(async move {
+        let reason = conn.closed().await;
+        info!(?session, "connection closed: {reason}");
+        shared.with_core(|core, now| {
+            core.control.on_disconnect(session, now);
+            core.streams.remove(&session);
+            core.setups.remove(&session);
+        });
+    });
+}
+
+/// Sets a connection up: a wrapper-aware client (marker ALPN) through its control stream
+/// ([`setup_control`]); any other as a plain session, handed to the application at once.
+///
+/// The ALPN decides, not the streams: an application such as h3-quinn reads the raw
+/// connection, so the wrapper must not take (or peek into) a plain client's first stream.
 async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Option<AppConnection> {
+    if wrapper_support::tls::speaks_control(&conn) {
+        return setup_control(shared, conn).await;
+    }
+    let session = shared.with_core(|core, now| core.control.on_connect_plain(now));
+    let session = match session {
+        Ok(s) => s,
+        Err(refusal) => {
+            refuse_full(&shared, &conn, &refusal);
+            return None;
+        }
+    };
+    watch_disconnect(shared, conn.clone(), session);
+    info!(
+        ?session,
+        remote = %conn.remote_address(),
+        alpn = %String::from_utf8_lossy(&wrapper_support::tls::negotiated_alpn(&conn).unwrap_or_default()),
+        "plain QUIC client (no control marker): served at once, cannot be told of a move"
+    );
+    Some(AppConnection {
+        connection: conn,
+        session,
+        client_id: None,
+        plain: true,
+    })
+}
+
+/// Registers a wrapper-aware connection with `ServerControl`, accepts its control stream and
+/// waits for the outcome of its Hello. A connection whose control stream fails still goes to
+/// the application.
+async fn setup_control(shared: Arc<Shared>, conn: quinn::Connection) -> Option<AppConnection> {
     let (setup_tx, mut setup_rx) = oneshot::channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let session = shared.with_core(|core, now| {
@@ -976,30 +1072,16 @@ async fn setup_connection(shared: Arc<Shared>, conn: quinn::Connection) -> Optio
     let session = match session {
         Ok(s) => s,
         Err(refusal) => {
-            let n = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            // A flood of connections is logged at the 1st, 2nd, 4th, 8th ... refusal.
-            if n.is_power_of_two() {
-                warn!(?refusal, refused = n, remote = %conn.remote_address(), "refusing connection");
-            }
-            conn.close(CONN_FULL, b"server full");
+            refuse_full(&shared, &conn, &refusal);
             return None;
         }
     };
-    let watch_conn = conn.clone();
-    let watch_shared = shared.clone();
-    tokio::spawn(async move {
-        let reason = watch_conn.closed().await;
-        info!(?session, "connection closed: {reason}");
-        watch_shared.with_core(|core, now| {
-            core.control.on_disconnect(session, now);
-            core.streams.remove(&session);
-            core.setups.remove(&session);
-        });
-    });
+    watch_disconnect(shared.clone(), conn.clone(), session);
     let app = |client_id: Option<String>| AppConnection {
         connection: conn.clone(),
         session,
         client_id,
+        plain: false,
     };
     let stream = tokio::select! {
         bi = conn.accept_bi() => match bi {

@@ -413,7 +413,7 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
         Ok(prepared) => {
             admin.current = Some(id);
             if let Some(q) = &prepared.quiesce {
-                if q.complete() {
+                if q.missing.is_empty() {
                     info!(
                         quiesced = q.acked.len(),
                         ms = q.elapsed_ms,
@@ -424,14 +424,24 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
                 }
             }
             let report = prepared.announce;
-            if report.complete() {
+            if report.missing.is_empty() {
                 info!(
                     acked = report.acked.len(),
                     ms = report.elapsed_ms,
-                    "every client acked"
+                    "every wrapper-aware client acked"
                 );
             } else {
                 warn!(missing = ?report.missing, "some clients did not ack");
+            }
+            // Not a reason to stop: they cannot be told whatever we do, and behind a front
+            // (which this server cannot see) they follow anyway.
+            if !report.cannot_follow.is_empty() {
+                warn!(
+                    plain = report.cannot_follow.len(),
+                    sessions = ?report.cannot_follow,
+                    "plain QUIC clients (no control stream) cannot be told of the move: they \
+                     keep working only if their address stays, i.e. behind a front"
+                );
             }
             if args.park_after_announce
                 && let Err(e) = handle.park().await
@@ -443,6 +453,7 @@ async fn on_announce(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
                 quiesce: prepared.quiesce.as_ref().map(|q| QuiesceOutcome {
                     quiesced: refs(&q.acked),
                     missing: refs(&q.missing),
+                    cannot_follow: q.cannot_follow.clone(),
                     elapsed_ms: q.elapsed_ms,
                 }),
                 outcome: outcome(&report),
@@ -475,6 +486,7 @@ fn outcome(report: &swrapper::AnnounceReport) -> AnnounceOutcome {
         address: report.address,
         acked: refs(&report.acked),
         missing: refs(&report.missing),
+        cannot_follow: report.cannot_follow.clone(),
         elapsed_ms: report.elapsed_ms,
     }
 }
@@ -563,6 +575,7 @@ async fn on_abort(args: &Args, admin: &mut Admin, handle: &MigrationHandle) {
                     address: handle.local_addr(),
                     acked: Vec::new(),
                     missing: Vec::new(),
+                    cannot_follow: Vec::new(),
                     elapsed_ms: 0.0,
                 },
                 handshakes: handle.handshakes(),

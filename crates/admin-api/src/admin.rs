@@ -279,6 +279,12 @@ pub struct AnnounceOutcome {
     pub acked: Vec<ClientRef>,
     /// Clients that did not.
     pub missing: Vec<ClientRef>,
+    /// Plain QUIC clients (no control stream), by session number: they could not be told.
+    /// They keep working only if their address stays (behind a front, which keeps their
+    /// 4-tuple); in the announce mode the move cuts them off. Omitted when empty, so the JSON
+    /// of a server without plain clients is what older readers expect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cannot_follow: Vec<u64>,
     /// From the announcement to the last ack (or the deadline), in milliseconds.
     pub elapsed_ms: f64,
 }
@@ -292,6 +298,10 @@ pub struct QuiesceOutcome {
     /// Clients that did not (a client that ignores `Quiesce`, a closed control stream, the
     /// deadline): they may still send during the freeze. The move went on regardless.
     pub missing: Vec<ClientRef>,
+    /// Plain QUIC clients (no control stream), by session number: not asked, they may send
+    /// during the freeze. Omitted when empty (see [`AnnounceOutcome::cannot_follow`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cannot_follow: Vec<u64>,
     /// From the `Quiesce` to the last `Quiesced` (or the deadline), in milliseconds.
     pub elapsed_ms: f64,
 }
@@ -789,6 +799,7 @@ mod tests {
                     client_id: "car".into(),
                 }],
                 missing: vec![],
+                cannot_follow: vec![],
                 elapsed_ms: 0.5,
             }),
             outcome: AnnounceOutcome {
@@ -798,11 +809,32 @@ mod tests {
                     client_id: "car".into(),
                 }],
                 missing: vec![],
+                cannot_follow: vec![],
                 elapsed_ms: 1.5,
             },
             parked: true,
             handshakes: 1,
         }
+    }
+
+    #[test]
+    fn cannot_follow_is_additive_json() {
+        // No plain client: the JSON is the one older readers (deny_unknown_fields) expect.
+        let a = announced();
+        let text = serde_json::to_string(&a).unwrap();
+        assert!(!text.contains("cannot_follow"), "{text}");
+        // JSON written before the field existed parses, with nobody unable to follow.
+        let back: Announced = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, a);
+        // With plain clients the field is there and round-trips.
+        let mut b = announced();
+        b.outcome.cannot_follow = vec![3, 4];
+        if let Some(q) = &mut b.quiesce {
+            q.cannot_follow = vec![3];
+        }
+        let text = serde_json::to_string(&b).unwrap();
+        assert!(text.contains("\"cannot_follow\":[3,4]"), "{text}");
+        assert_eq!(serde_json::from_str::<Announced>(&text).unwrap(), b);
     }
 
     #[test]

@@ -213,6 +213,11 @@ pub struct MoveReport {
     /// a cold move (all memory in the freeze).
     #[serde(default)]
     pub post_copy: Option<PostCopyReport>,
+    /// The stable-address mode (`control up --front`): the clients' address was a front's,
+    /// which keeps every client's 4-tuple, so plain QUIC clients (the announce's
+    /// `cannot_follow`) follow the move too. Omitted when false (older readers' JSON).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub front: bool,
 }
 
 impl MoveReport {
@@ -252,6 +257,7 @@ impl MoveReport {
             timeline,
             recovered_after: None,
             post_copy: None,
+            front: false,
         }
     }
 

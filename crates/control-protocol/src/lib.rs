@@ -39,7 +39,14 @@
 //! (a decoder per connection, the [`migration_core::SessionRegistry`], the rounds of a
 //! migration and their deadlines) and is fed raw bytes and time. Neither reads a clock:
 //! time is a [`migration_core::Timestamp`] passed in, so both are tested in virtual time.
+//!
+//! Which connections have a control stream at all is told by the ALPN ([`alpn::with_control`],
+//! [`alpn::split`]): a wrapper-aware client offers the marked form `qlm1+<app ALPN>`, and the
+//! server's list puts the marked forms first, so a plain QUIC client negotiates the plain form
+//! and is served as a *plain session* ([`ServerControl::on_connect_plain`]): it takes a slot,
+//! is never told of a move, and is listed as `cannot_follow` in a round's report.
 
+pub mod alpn;
 mod client;
 mod close;
 mod codec;
@@ -47,6 +54,7 @@ mod message;
 mod server;
 mod types;
 
+pub use alpn::{AlpnError, Negotiated};
 pub use client::{ClientControl, ClientError, ClientEvent, ClientState, DowntimeRefused};
 pub use close::{CloseCode, UnknownCloseCode};
 pub use codec::{

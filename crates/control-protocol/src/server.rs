@@ -5,6 +5,7 @@
 //!  wrapper (I/O)                        ServerControl                         wrapper (I/O)
 //!  ─────────────                        ─────────────                         ─────────────
 //!  connection up  ──on_connect(now)──► SessionId, hello deadline  (Err(Full): close it)
+//!  plain client   ──on_connect_plain(now)──► SessionId, no deadline (Err(Full): close it)
 //!  stream bytes   ──on_bytes(s, b, now)──► ControlDecoder(Role::Server) per session
 //!  stream end     ──on_stream_finished / on_stream_error / on_disconnect
 //!  operator       ──quiesce / announce / abort / resumed (now)
@@ -20,6 +21,9 @@
 //! ```text
 //!  on_connect ──connections < max_sessions──► AwaitingHello
 //!             └─otherwise──────────────────► Err(Refusal::Full): the wrapper closes it
+//!  on_connect_plain ──connections < max_sessions──► Plain (no deadline, no stream, no
+//!             │                                    message; until on_disconnect)
+//!             └─otherwise──────────────────► Err(Refusal::Full): the wrapper closes it
 //!  AwaitingHello ──Hello (common version, room)──► Open ──Bye──► ByeReceived
 //!       │  ├─Hello (no common version)──► Bye + Close(UnsupportedVersion)
 //!       │  ├─Hello (registry full)──────► Bye + Close(Internal), Event Refused{Full}
@@ -32,7 +36,7 @@
 //!
 //! A migration is a sequence of *rounds*; each round sends one message to every session that
 //! can hear it and waits for every answer or its deadline, then reports who answered and who
-//! is missing ([`RoundReport`]):
+//! is missing ([`RoundReport`]), and which plain sessions could not be told at all:
 //!
 //! ```text
 //!  idle ──quiesce(id)──► Quiesce round ──► (QuiesceComplete) ──announce(id)──┐
@@ -40,6 +44,8 @@
 //!       ──► (AnnounceComplete) ──resumed()──► Resumed to every told session ──► idle
 //!  any point of a migration ──abort(fallback)──► Abort round ──► (AbortComplete) ──► idle
 //!  afterwards, each told session ──Downtime{id}──► (DowntimeReported), once per migration
+//!  every round: Plain sessions (alive at its start or joining during it) ──► cannot_follow,
+//!               never waited for; a report with any is not complete()
 //! ```
 //!
 //! Decisions worth knowing:
@@ -50,6 +56,15 @@
 //!   ([`Refusal::Full`]) and nothing is kept for it. A connection that misses its hello
 //!   deadline keeps its slot until the wrapper closes it and reports `on_disconnect`, which
 //!   is what a wrapper must do on [`ServerEvent::HelloTimeout`].
+//! - **A plain session is a slot and nothing else.** A plain QUIC client (one that did not
+//!   negotiate the marker ALPN, see [`crate::alpn`]) has no control stream: the wrapper
+//!   reports it with [`ServerControl::on_connect_plain`] and hands it to the application at
+//!   once. It counts against `max_sessions` like any connection (else plain clients would be
+//!   an unbounded side door), has no hello deadline (it will never say `Hello`: closing it
+//!   would cut off a legitimate client), and bytes or stream events reported for it are
+//!   ignored. It cannot be told of a move, so every round lists it in
+//!   [`RoundReport::cannot_follow`] instead of waiting for it: it keeps working after a move
+//!   only if its address stays (a front keeps the 4-tuple), which this crate cannot know.
 //! - **Only sessions that can hear are waited for.** A session whose control stream is closed
 //!   (garbage, a client `Bye`, a finished stream) is reported missing at once, so a round never
 //!   waits for someone who cannot answer; one that disconnects during a round is dropped from
@@ -164,12 +179,16 @@ pub struct RoundReport {
     /// Whether it ended because its deadline passed (rather than every answer being in, or
     /// being cut short by an abort or `resumed`).
     pub deadline_passed: bool,
+    /// Plain sessions (no control stream) that were connected at the round's start or
+    /// connected during it and were still connected at its end: they were not told and not
+    /// waited for. They follow a move only if their address stays (behind a front).
+    pub cannot_follow: Vec<SessionId>,
 }
 
 impl RoundReport {
-    /// Every session that was asked answered.
+    /// Every session answered: none missing, and no plain session that could not be told.
     pub fn complete(&self) -> bool {
-        self.missing.is_empty()
+        self.missing.is_empty() && self.cannot_follow.is_empty()
     }
 }
 
@@ -406,11 +425,18 @@ pub struct SessionView {
     pub control_open: bool,
     /// Messages from it that were repeated or ignored without an event.
     pub repeats: u64,
+    /// A plain session ([`ServerControl::on_connect_plain`]): no control stream, an empty
+    /// `client_id`, always [`SessionState::Connected`].
+    pub plain: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    AwaitingHello { deadline: Timestamp },
+    /// A plain client: no control stream, ever.
+    Plain,
+    AwaitingHello {
+        deadline: Timestamp,
+    },
     Open,
     ByeReceived,
     Finished,
@@ -478,6 +504,7 @@ struct Round {
     waiting: BTreeMap<SessionId, u8>,
     acked: Vec<(SessionId, ClientId)>,
     missing: Vec<(SessionId, ClientId)>,
+    cannot_follow: Vec<SessionId>,
 }
 
 /// The server's control-stream state machine for every connection: feed it connections,
@@ -550,29 +577,45 @@ impl ServerControl {
         self.repeats
     }
 
-    /// Every registered session.
+    /// Every registered session and every plain session, by session id.
     pub fn sessions(&self) -> Vec<SessionView> {
-        self.registry
-            .iter()
-            .filter_map(|(id, s)| self.view(id, s.state()))
+        self.conns
+            .keys()
+            .filter_map(|id| self.session(*id))
             .collect()
     }
 
-    /// One registered session.
+    /// One registered or plain session.
     pub fn session(&self, session: SessionId) -> Option<SessionView> {
-        let s = self.registry.get(session)?;
-        self.view(session, s.state())
-    }
-
-    fn view(&self, session: SessionId, state: SessionState) -> Option<SessionView> {
         let c = self.conns.get(&session)?;
+        if c.phase == Phase::Plain {
+            return Some(SessionView {
+                session,
+                // Empty is a valid id (the bound is on the length only).
+                client_id: ClientId::new("").ok()?,
+                state: SessionState::Connected,
+                control_open: false,
+                repeats: 0,
+                plain: true,
+            });
+        }
+        let s = self.registry.get(session)?;
         Some(SessionView {
             session,
             client_id: c.client_id()?.clone(),
-            state,
+            state: s.state(),
             control_open: c.phase == Phase::Open,
             repeats: c.repeats,
+            plain: false,
         })
+    }
+
+    /// Plain sessions connected now.
+    pub fn plain_sessions(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.phase == Phase::Plain)
+            .count()
     }
 
     // ---- outputs and time ----
@@ -644,6 +687,33 @@ impl ServerControl {
     /// [`Refusal::Full`] when every slot is taken: nothing is kept, and the wrapper closes the
     /// connection.
     pub fn on_connect(&mut self, now: Timestamp) -> Result<SessionId, Refusal> {
+        let deadline = now + self.config.hello_timeout;
+        let session = self.take_slot(Phase::AwaitingHello { deadline })?;
+        self.hello_deadlines.insert((deadline, session));
+        Ok(session)
+    }
+
+    /// A plain QUIC client is up (handshake done, no marker ALPN): it takes one of the
+    /// `max_sessions` slots until [`ServerControl::on_disconnect`], like
+    /// [`ServerControl::on_connect`], but has no hello deadline and no control stream
+    /// (bytes or stream events reported for it are ignored). A round under way lists it in
+    /// its [`RoundReport::cannot_follow`]; it is never told anything.
+    ///
+    /// `now` is taken for symmetry with `on_connect`; nothing about a plain session expires.
+    ///
+    /// # Errors
+    /// [`Refusal::Full`] when every slot is taken: nothing is kept, and the wrapper closes the
+    /// connection.
+    pub fn on_connect_plain(&mut self, now: Timestamp) -> Result<SessionId, Refusal> {
+        let _ = now;
+        let session = self.take_slot(Phase::Plain)?;
+        if let Some(r) = &mut self.round {
+            r.cannot_follow.push(session);
+        }
+        Ok(session)
+    }
+
+    fn take_slot(&mut self, phase: Phase) -> Result<SessionId, Refusal> {
         if self.conns.len() >= self.config.max_sessions {
             return Err(Refusal::Full {
                 max: self.config.max_sessions,
@@ -651,12 +721,11 @@ impl ServerControl {
         }
         let session = SessionId(self.next_session);
         self.next_session = self.next_session.saturating_add(1);
-        let deadline = now + self.config.hello_timeout;
         self.conns.insert(
             session,
             Conn {
                 decoder: ControlDecoder::new(Role::Server),
-                phase: Phase::AwaitingHello { deadline },
+                phase,
                 hello: None,
                 noted: 0,
                 repeats: 0,
@@ -665,7 +734,6 @@ impl ServerControl {
                 reportable: VecDeque::new(),
             },
         );
-        self.hello_deadlines.insert((deadline, session));
         Ok(session)
     }
 
@@ -681,6 +749,7 @@ impl ServerControl {
             r.waiting.remove(&session);
             r.acked.retain(|(s, _)| *s != session);
             r.missing.retain(|(s, _)| *s != session);
+            r.cannot_follow.retain(|s| *s != session);
         }
         self.check_round(now);
     }
@@ -690,7 +759,7 @@ impl ServerControl {
         let Some(c) = self.conns.get_mut(&session) else {
             return;
         };
-        if c.phase == Phase::Closed || c.phase == Phase::Finished {
+        if matches!(c.phase, Phase::Closed | Phase::Finished | Phase::Plain) {
             return;
         }
         if let Err(e) = c.decoder.finish() {
@@ -711,6 +780,9 @@ impl ServerControl {
     /// The control stream broke under the wrapper (reset by the peer, a failed write): it is
     /// closed with [`CloseCode::Internal`].
     pub fn on_stream_error(&mut self, session: SessionId, now: Timestamp) {
+        if self.is_plain(session) {
+            return;
+        }
         self.close(session, CloseCode::Internal, CloseCause::StreamError);
         self.check_round(now);
     }
@@ -720,7 +792,7 @@ impl ServerControl {
         let Some(c) = self.conns.get_mut(&session) else {
             return;
         };
-        if matches!(c.phase, Phase::Closed | Phase::Finished) {
+        if matches!(c.phase, Phase::Closed | Phase::Finished | Phase::Plain) {
             return;
         }
         c.decoder.push(bytes);
@@ -743,6 +815,12 @@ impl ServerControl {
         self.check_round(now);
     }
 
+    fn is_plain(&self, session: SessionId) -> bool {
+        self.conns
+            .get(&session)
+            .is_some_and(|c| c.phase == Phase::Plain)
+    }
+
     fn unhook_hello(&mut self, session: SessionId) {
         if let Some(c) = self.conns.get(&session)
             && let Phase::AwaitingHello { deadline } = c.phase
@@ -757,7 +835,8 @@ impl ServerControl {
         let Some(c) = self.conns.get_mut(&session) else {
             return;
         };
-        if matches!(c.phase, Phase::Closed) {
+        // A plain session has no stream to close.
+        if matches!(c.phase, Phase::Closed | Phase::Plain) {
             return;
         }
         c.phase = Phase::Closed;
@@ -874,7 +953,7 @@ impl ServerControl {
                     CloseCause::Unexpected { kind },
                 );
             }
-            (Phase::Finished | Phase::Closed, _) => {}
+            (Phase::Finished | Phase::Closed | Phase::Plain, _) => {}
         }
     }
 
@@ -1149,6 +1228,7 @@ impl ServerControl {
         }
         r.acked.sort_by_key(|(s, _)| *s);
         r.missing.sort_by_key(|(s, _)| *s);
+        r.cannot_follow.sort();
         let report = RoundReport {
             kind: r.kind,
             migration_id: r.migration_id,
@@ -1157,6 +1237,7 @@ impl ServerControl {
             started: r.started,
             ended: now,
             deadline_passed,
+            cannot_follow: r.cannot_follow,
         };
         let ev = match r.kind {
             RoundKind::Quiesce => ServerEvent::QuiesceComplete(report),
@@ -1200,6 +1281,13 @@ impl ServerControl {
             waiting: BTreeMap::new(),
             acked: Vec::new(),
             missing: Vec::new(),
+            // Every plain session: none can be told, whatever the round asks.
+            cannot_follow: self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.phase == Phase::Plain)
+                .map(|(s, _)| *s)
+                .collect(),
         };
         let mut told = Vec::new();
         for (session, owed) in targets {

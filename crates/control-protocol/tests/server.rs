@@ -1300,6 +1300,129 @@ fn announce_with_nobody_to_tell_completes_at_once() {
     assert!(r.acked.is_empty() && r.missing.is_empty() && !r.deadline_passed);
 }
 
+/// A plain QUIC client (no marker ALPN): a slot, no control stream.
+fn plain(w: &mut World) -> SessionId {
+    let s = w.server.on_connect_plain(w.now).unwrap();
+    w.drain();
+    s
+}
+
+#[test]
+fn a_plain_session_takes_a_slot_until_it_disconnects() {
+    let mut w = World::new(2);
+    let p = plain(&mut w);
+    let a = w.connect("a");
+    assert_eq!(w.server.connections(), 2);
+    // Full, for both kinds of connection.
+    assert_eq!(w.server.on_connect(w.now), Err(Refusal::Full { max: 2 }));
+    assert_eq!(
+        w.server.on_connect_plain(w.now),
+        Err(Refusal::Full { max: 2 })
+    );
+    // It is listed, as plain.
+    let views = w.server.sessions();
+    assert_eq!(views.len(), 2);
+    let v = w.server.session(p).unwrap();
+    assert!(v.plain && !v.control_open && v.client_id.as_str().is_empty());
+    assert_eq!(v.state, SessionState::Connected);
+    assert!(!w.server.session(a).unwrap().plain);
+    assert_eq!(w.server.plain_sessions(), 1);
+    // Disconnecting frees its slot.
+    w.server.on_disconnect(p, w.now);
+    assert_eq!(w.server.connections(), 1);
+    assert!(w.server.session(p).is_none());
+    let q = plain(&mut w);
+    assert!(w.server.session(q).unwrap().plain);
+}
+
+#[test]
+fn a_plain_session_has_no_hello_deadline_and_ignores_stream_events() {
+    let mut w = World::new(4);
+    let p = plain(&mut w);
+    // Nothing to time out: no deadline is armed, and an hour later it is still there.
+    assert_eq!(w.server.poll_timeout(), None);
+    w.advance(ms(3_600_000));
+    assert!(w.closed.is_empty());
+    assert!(w.take_events().is_empty());
+    assert!(w.server.session(p).is_some());
+    // A confused wrapper's reports about a stream it does not have change nothing.
+    w.server.on_bytes(
+        p,
+        &frame(&Message::Bye {
+            reason: ByeReason::truncating("x"),
+        }),
+        w.now,
+    );
+    w.server.on_bytes(p, b"garbage", w.now);
+    w.server.on_stream_finished(p, w.now);
+    w.server.on_stream_error(p, w.now);
+    w.drain();
+    assert!(w.closed.is_empty());
+    assert!(w.take_events().is_empty());
+    assert!(w.server.session(p).unwrap().plain);
+}
+
+#[test]
+fn plain_sessions_cannot_follow_and_the_round_does_not_wait_for_them() {
+    let (mut w, s) = three();
+    let p = plain(&mut w);
+    let gone = plain(&mut w);
+    let told = w.announce(M1);
+    assert_eq!(told, s.to_vec());
+    // A plain client that connects during the round is listed too; one that leaves during
+    // it is not (its connection is gone anyway, as for the aware ones).
+    let late = plain(&mut w);
+    w.server.on_disconnect(gone, w.now);
+    for x in s {
+        w.handle(x);
+        w.flush(x);
+    }
+    // Ended by the last ack, long before the deadline: the plain ones are not waited for.
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert_eq!(ids(&r.acked), s.to_vec());
+    assert!(r.missing.is_empty());
+    assert_eq!(r.cannot_follow, vec![p, late]);
+    assert!(!r.deadline_passed);
+    assert_eq!(r.ended, w.now);
+    assert!(!r.complete());
+    // Nothing was sent to them.
+    assert!(!w.closed.contains_key(&p));
+}
+
+#[test]
+fn plain_sessions_are_listed_in_quiesce_and_abort_reports() {
+    let mut w = World::new(4);
+    let a = w.connect("a");
+    let p = plain(&mut w);
+    w.server.quiesce(M1, DEADLINE, w.now).unwrap();
+    w.drain();
+    w.handle(a);
+    w.flush(a);
+    let q = w.report(RoundKind::Quiesce).unwrap();
+    assert_eq!(ids(&q.acked), vec![a]);
+    assert_eq!(q.cannot_follow, vec![p]);
+    assert!(!q.complete());
+    w.server.abort(addr(1), DEADLINE, w.now).unwrap();
+    w.drain();
+    w.handle(a);
+    w.flush(a);
+    let r = w.report(RoundKind::Abort).unwrap();
+    assert_eq!(ids(&r.acked), vec![a]);
+    assert_eq!(r.cannot_follow, vec![p]);
+    assert!(!r.complete());
+}
+
+#[test]
+fn a_round_of_plain_sessions_only_ends_at_once_and_is_not_complete() {
+    let mut w = World::new(4);
+    let p = plain(&mut w);
+    assert!(w.announce(M1).is_empty());
+    let r = w.report(RoundKind::Announce).unwrap();
+    assert!(r.acked.is_empty() && r.missing.is_empty() && !r.deadline_passed);
+    assert_eq!(r.cannot_follow, vec![p]);
+    assert!(!r.complete());
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Bytes(usize, Vec<u8>),

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //!  Identity ──server_config / client_config──► quinn configs (TLS 1.3, ALPN, idle timeout)
+//!           (the ALPN list gets the control marker: qlm1+app first, then app)
+//!  quinn::Connection ──tls::app_alpn / tls::speaks_control──► the app's ALPN, marked or not
 //!  quinn bi stream ──ControlReader / ControlWriter──► control_protocol::Message
 //!  MonotonicClock::now() ──► migration_core::Timestamp (the wrappers' clock for the registry)
 //!  the app's quinn config ──TransportFacts──► check (idle timeout vs the longest freeze, ...)

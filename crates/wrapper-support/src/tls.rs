@@ -104,6 +104,10 @@ pub enum TlsError {
     /// The rustls configuration does not suit QUIC (no TLS 1.3 cipher suite).
     #[error("TLS configuration unusable for QUIC: {0}")]
     Quic(String),
+    /// An application ALPN cannot carry the control marker (empty, too long, or already
+    /// marked).
+    #[error("ALPN: {0}")]
+    Alpn(#[from] control_protocol::AlpnError),
 }
 
 /// A certificate chain and its private key.
@@ -315,7 +319,31 @@ pub fn transport_config(idle_timeout: Duration) -> Result<quinn::TransportConfig
     Ok(t)
 }
 
-/// A quinn server configuration for `identity`, offering `alpn`.
+/// The ALPN the handshake of `conn` settled on, if any.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The application's ALPN negotiated on `conn`, the control marker stripped (see
+/// [`control_protocol::alpn`]); `None` when no ALPN was negotiated. What an application that
+/// checks its ALPN should look at instead of the raw handshake data.
+pub fn app_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let alpn = negotiated_alpn(conn)?;
+    Some(control_protocol::alpn::split(&alpn).app.to_vec())
+}
+
+/// Whether the peer of `conn` negotiated the control marker: a wrapper-aware peer (cwrapper,
+/// swrapper) that speaks the control protocol on the connection's first bidirectional stream.
+pub fn speaks_control(conn: &quinn::Connection) -> bool {
+    negotiated_alpn(conn).is_some_and(|a| control_protocol::alpn::split(&a).aware)
+}
+
+/// A quinn server configuration for `identity`, offering `alpn` and its marked forms
+/// ([`control_protocol::alpn::with_control`]: the marked ones first, so a wrapper-aware
+/// client negotiates the marked form and a plain client the plain one).
 pub fn server_config(
     identity: Identity,
     alpn: &[&[u8]],
@@ -327,7 +355,7 @@ pub fn server_config(
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_no_client_auth()
     .with_single_cert(identity.certs, identity.key)?;
-    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tls.alpn_protocols = control_protocol::alpn::with_control(alpn)?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -335,7 +363,10 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// A quinn client configuration trusting `roots` only, offering `alpn`.
+/// A quinn client configuration trusting `roots` only, offering `alpn` and its marked forms
+/// first ([`control_protocol::alpn::with_control`]): the client wrapper's, which opens the
+/// control stream. A swrapper server negotiates the marked form; a plain server (which lists
+/// no marked form) the plain one, which cwrapper then refuses.
 pub fn client_config(
     roots: &[CertificateDer<'static>],
     alpn: &[&[u8]],
@@ -351,7 +382,7 @@ pub fn client_config(
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(store)
     .with_no_client_auth();
-    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tls.alpn_protocols = control_protocol::alpn::with_control(alpn)?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
@@ -382,6 +413,93 @@ mod tests {
         let t = || transport_config(Duration::from_secs(30)).unwrap();
         client_config(&back.certs, &[b"x"], t()).unwrap();
         server_config(back, &[b"x"], t()).unwrap();
+    }
+
+    /// A client with its own rustls configuration offering exactly `offer`.
+    fn raw_client(roots: &[CertificateDer<'static>], offer: &[&[u8]]) -> quinn::ClientConfig {
+        let mut store = RootCertStore::empty();
+        for r in roots {
+            store.add(r.clone()).unwrap();
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+        tls.alpn_protocols = offer.iter().map(|a| a.to_vec()).collect();
+        quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ))
+    }
+
+    /// The design rests on rustls' choice: a server picks the first protocol of its own list
+    /// that the client offered, whatever the client's order. Checked by real handshakes.
+    #[tokio::test]
+    async fn the_server_list_decides_marked_for_aware_clients_plain_for_the_others() {
+        let (id, _) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+        let roots = id.certs.clone();
+        let t = || transport_config(Duration::from_secs(30)).unwrap();
+        let server = quinn::Endpoint::server(
+            server_config(id, &[b"app/1", b"app/0"], t()).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            while let Some(i) = server.accept().await {
+                if let Ok(c) = i.await {
+                    tokio::spawn(async move { c.closed().await });
+                }
+            }
+        });
+        let cases: Vec<(quinn::ClientConfig, &[u8], bool)> = vec![
+            // The wrapper's own client config: the marked form of the first app ALPN.
+            (
+                client_config(&roots, &[b"app/1"], t()).unwrap(),
+                b"app/1",
+                true,
+            ),
+            // A plain client: the plain form.
+            (raw_client(&roots, &[b"app/1"]), b"app/1", false),
+            (raw_client(&roots, &[b"app/0"]), b"app/0", false),
+            // The client's order does not matter: the server's does.
+            (
+                raw_client(&roots, &[b"app/1", b"qlm1+app/1"]),
+                b"app/1",
+                true,
+            ),
+            (
+                raw_client(&roots, &[b"app/0", b"qlm1+app/1"]),
+                b"app/1",
+                true,
+            ),
+        ];
+        for (cfg, app, aware) in cases {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(cfg);
+            let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+            assert_eq!(app_alpn(&conn).as_deref(), Some(app));
+            assert_eq!(speaks_control(&conn), aware, "{:?}", negotiated_alpn(&conn));
+            conn.close(0u32.into(), b"");
+            ep.wait_idle().await;
+        }
+        accepting.abort();
+    }
+
+    #[test]
+    fn an_unmarkable_alpn_is_a_typed_error() {
+        let (id, _) = Identity::self_signed(&["localhost".to_owned()]).unwrap();
+        let t = || transport_config(Duration::from_secs(30)).unwrap();
+        assert!(matches!(
+            client_config(&id.certs, &[b""], t()),
+            Err(TlsError::Alpn(_))
+        ));
+        assert!(matches!(
+            server_config(id, &[&[b'a'; 251][..]], t()),
+            Err(TlsError::Alpn(_))
+        ));
     }
 
     #[test]

@@ -428,6 +428,14 @@ impl Outbound {
             ms = format_args!("{:.1}", announced.outcome.elapsed_ms),
             "clients told"
         );
+        // A move between hosts has no front: plain QUIC clients are cut off. Not a reason to
+        // stop: nothing could tell them, and the wrapper-aware clients follow.
+        if !announced.outcome.cannot_follow.is_empty() {
+            warn!(
+                plain = announced.outcome.cannot_follow.len(),
+                "plain QUIC clients (no control stream) cannot follow this move"
+            );
+        }
         self.cross.handshakes_before = Some(announced.handshakes);
         let parked = announced.parked;
         self.report.announce = Some(announced);
