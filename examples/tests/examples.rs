@@ -300,6 +300,9 @@ async fn h3_file_server_serves_a_plain_http3_client() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hello.txt"), b"hello, plain client").unwrap();
+        // Four of the server's 64 KiB steps, paced below at 1 MiB/s.
+        let paced: Vec<u8> = (0u32..256 * 1024).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("paced.bin"), &paced).unwrap();
         let (identity, roots) = identity();
         let mut server_opts = ServerOptions::with_server_config(
             loopback(),
@@ -309,7 +312,11 @@ async fn h3_file_server_serves_a_plain_http3_client() {
         server_opts.hello_timeout = Duration::from_secs(30);
         let server = MigratableServer::bind(server_opts).unwrap();
         let addr = server.local_addr();
-        tokio::spawn(h3_file_server::serve(server, dir.path().to_path_buf()));
+        tokio::spawn(h3_file_server::serve(
+            server,
+            dir.path().to_path_buf(),
+            Some(1024 * 1024),
+        ));
 
         let mut store = quinn::rustls::RootCertStore::empty();
         for r in roots {
@@ -345,6 +352,17 @@ async fn h3_file_server_serves_a_plain_http3_client() {
         assert_eq!(
             get(&mut send, "/nothing").await.0,
             http::StatusCode::NOT_FOUND
+        );
+        // Paced: the last step leaves no earlier than 256 KiB / (1 MiB/s) = 250 ms after the
+        // first (a lower bound only: a slow machine takes longer, never shorter).
+        let paced_from = std::time::Instant::now();
+        let (status, body) = get(&mut send, "/paced.bin").await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert!(body == paced, "paced body of {} bytes differs", body.len());
+        assert!(
+            paced_from.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            paced_from.elapsed()
         );
     })
     .await
