@@ -87,9 +87,16 @@ pub async fn run() -> Result<Outcome, Box<dyn Error>> {
     let to = free_address()?;
     let id = swrapper::random_migration_id()?;
     let report = handle.announce(id, to, ACK_DEADLINE).await?;
-    if !report.complete() {
+    if !report.missing.is_empty() {
         // Clients that did not ack will lose what they send during the freeze; the move goes on.
         eprintln!("not acknowledged by {:?}", report.missing);
+    }
+    if !report.cannot_follow.is_empty() {
+        // Plain QUIC clients (no marker ALPN): never told; without a front they are cut off.
+        eprintln!(
+            "plain clients that cannot follow: {:?}",
+            report.cannot_follow
+        );
     }
     // The rule in action: this migration is in progress until resumed() or abort().
     let second = handle
@@ -145,7 +152,7 @@ async fn roll_back(handle: &MigrationHandle, back: SocketAddr) -> Result<(), Ser
         handle.unpark(None)?;
     }
     let report = handle.abort(back, ACK_DEADLINE).await?;
-    if !report.complete() {
+    if !report.missing.is_empty() {
         eprintln!("abort not acknowledged by {:?}", report.missing);
     }
     Ok(())

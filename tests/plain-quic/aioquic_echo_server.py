@@ -4,7 +4,7 @@ plain-echo-server's protocol (see tests/plain-quic/src/lib.rs), ALPN "plain-echo
     python3 aioquic_echo_server.py --listen 0.0.0.0:4242
 
 Each bidirectional stream a client opens is echoed back once the client finishes it (at most
-64 KiB; a longer request is reset). A self-signed certificate for "localhost" is made at
+64 KiB; a longer request is reset and stopped, and the rest of it ignored). A self-signed certificate for "localhost" is made at
 start-up and kept in memory only (clients of the scenario skip verification). Prints one line
 per connection whose handshake completed (`accepted HOST:PORT`): the end-to-end test counts
 handshakes from it. Stops on SIGINT or SIGTERM.
@@ -50,17 +50,24 @@ class EchoServer(QuicConnectionProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._requests = {}
+        # Streams reset for a request over MAX_REQUEST: whatever else arrives on them is
+        # ignored (answering or resetting again would raise inside aioquic).
+        self._refused = set()
 
     def quic_event_received(self, event):
         if isinstance(event, HandshakeCompleted):
             host, port = self._quic._network_paths[0].addr[:2]
             print(f"accepted {host}:{port}", flush=True)
         elif isinstance(event, StreamDataReceived):
+            if event.stream_id in self._refused:
+                return
             data = self._requests.setdefault(event.stream_id, bytearray())
             data += event.data
             if len(data) > MAX_REQUEST:
                 del self._requests[event.stream_id]
+                self._refused.add(event.stream_id)
                 self._quic.reset_stream(event.stream_id, 1)
+                self._quic.stop_stream(event.stream_id, 1)
             elif event.end_stream:
                 self._quic.send_stream_data(event.stream_id, bytes(data), end_stream=True)
                 del self._requests[event.stream_id]

@@ -62,6 +62,7 @@ pub(crate) fn clean_up_after_a_kill(root: &Path) {
     for name in NAMES.iter().chain(&[
         crate::front_e2e::NAME,
         crate::front_e2e::PLAIN_NAME,
+        crate::front_e2e::AIOQUIC_NAME,
         crate::front_e2e::H3_NAME,
     ]) {
         println!("e2e: cleaning up after the stop: control down --name {name}");
@@ -74,6 +75,7 @@ pub(crate) fn clean_up_after_a_kill(root: &Path) {
             println!("e2e: control down --name {name} did not succeed: {res:?}");
         }
     }
+    crate::front_e2e::clean_up_after_a_kill();
 }
 
 /// The options of `cargo xtask e2e-migrate`.
@@ -263,9 +265,11 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             "control",
             "-p",
             "plain-quic",
-            // The HTTP/3 file server of the stable-address scenario.
+            // The HTTP/3 file server of the stable-address scenario. With a target selection
+            // (`--example`), cargo builds only what is selected: `--bins` keeps the binaries.
             "-p",
             "app-examples",
+            "--bins",
             "--example",
             "h3_file_server",
         ])

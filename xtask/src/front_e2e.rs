@@ -94,6 +94,14 @@ impl Drop for ClientSite {
     }
 }
 
+/// After a kill: the client's namespace and the HTTP/3 part's served folder, which their
+/// guards would have removed.
+pub(crate) fn clean_up_after_a_kill() {
+    println!("e2e: cleaning up after the stop: the network namespace {NETNS} and {H3_DIR}");
+    remove_site();
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(H3_DIR));
+}
+
 fn remove_site() {
     // Removing the namespace removes its end of the link, and with it the host's end.
     let _ = Command::new("ip")
@@ -450,6 +458,8 @@ fn with_plain_deployment(
 /// The deployment's name of the HTTP/3 part.
 pub(crate) const H3_NAME: &str = "qlm-e2e-h3";
 const H3_FRONT: &str = "10.235.0.1:5302";
+/// The served folder's name, under the system's temporary folder.
+const H3_DIR: &str = "qlm-e2e-h3";
 /// The downloaded file's size, and the pace the server sends it at: about 8 s, long enough
 /// for two moves (checked: the download must span them).
 pub(crate) const H3_FILE_MIB: u64 = 64;
@@ -482,7 +492,7 @@ impl Drop for Served {
 fn served_folder(user: &str, mib: u64) -> Result<(Served, String)> {
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = std::env::temp_dir().join("qlm-e2e-h3");
+    let dir = std::env::temp_dir().join(H3_DIR);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let served = Served(dir.clone());

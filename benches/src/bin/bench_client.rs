@@ -18,9 +18,10 @@
 //! monotonic clock, to line up with control's MoveReport timestamps.
 //!
 //! The reconnect client opens the control stream and says Hello, but never acks a Migrate and
-//! never follows one: swrapper takes every connection's first bidirectional stream as its
-//! control stream and closes a connection that says no Hello within its hello timeout (5 s),
-//! so a client without one would lose its first request to it (or the connection).
+//! never follows one: its config offers the marker ALPN (it is built by wrapper-support), so
+//! swrapper takes its first bidirectional stream as the control stream and would close it
+//! without a Hello within the hello timeout (5 s). A plain QUIC client (no marker) would be
+//! served without any of this.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

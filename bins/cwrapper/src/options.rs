@@ -88,7 +88,9 @@ impl ClientOptions {
 
     /// Options that dial with the application's own quinn client configuration: its TLS
     /// (roots, ALPN, client certificate), its `TransportConfig` (keep-alive, idle timeout,
-    /// windows). The wrapper needs no TLS or ALPN setting of its own, and
+    /// windows). One thing is the wrapper's: the config's ALPN list must be
+    /// [`alpn_with_control`](crate::alpn_with_control)`(&[your ALPNs])`, or the server
+    /// negotiates no marker and the connect fails with `ClientError::ServerWithoutControl`; and
     /// [`MigratingClient::connect`](crate::MigratingClient::connect) refuses, with a
     /// [`ConfigError`], an idle timeout shorter than the overlap's time cap +
     /// [`IDLE_MARGIN`](crate::IDLE_MARGIN) (15 s by default).

@@ -23,9 +23,11 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     /// The quinn server configuration, or what to build one from.
     pub quic: ServerQuic,
-    /// Most connections held at once, registered or still to say Hello.
+    /// Most connections held at once: wrapper-aware ones (registered or still to say Hello)
+    /// and plain QUIC clients alike.
     pub max_sessions: usize,
-    /// How long a new connection has to open its control stream and say Hello.
+    /// How long a new wrapper-aware connection (marker ALPN) has to open its control stream
+    /// and say Hello; a plain QUIC client has no such deadline.
     pub hello_timeout: Duration,
     /// The longest freeze a move of this server may cause (the clients' overlap cap): the
     /// idle timeout must exceed it by [`IDLE_MARGIN`](crate::IDLE_MARGIN). Default
@@ -74,9 +76,10 @@ impl ServerOptions {
     }
 
     /// Options that serve with the application's own quinn configuration: its TLS (and
-    /// ALPN), its `TransportConfig`, its validation tokens. The wrapper needs no ALPN or TLS
-    /// setting of its own (the control stream is the connection's first bidirectional
-    /// stream, whatever the protocol), and [`MigratableServer::bind`](crate::MigratableServer::bind)
+    /// ALPN), its `TransportConfig`, its validation tokens. One thing is the wrapper's: the
+    /// config's ALPN list must be [`alpn_with_control`](crate::alpn_with_control)`(&[your
+    /// ALPNs])` (each marked form first, then the plain ones), or every cwrapper client is
+    /// treated as a plain QUIC client (and refuses the server: `ServerWithoutControl`); and [`MigratableServer::bind`](crate::MigratableServer::bind)
     /// refuses, with a [`ConfigError`], a configuration that cannot carry a move: an idle
     /// timeout shorter than [`ServerOptions::max_freeze`] + [`IDLE_MARGIN`](crate::IDLE_MARGIN)
     /// (15 s by default), or no bidirectional stream for clients (the control stream takes

@@ -1158,7 +1158,6 @@ mod tests {
 
     const CS: usize = 8;
 
-    /// A source tree, the chunk size to send it with and the key to seal with.
     /// Writing threads whose staging directory is under this directory pause before each
     /// operation: lets a test make the writer fall behind the verifying side.
     static LAGGING_UNDER: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
@@ -1172,6 +1171,7 @@ mod tests {
         }
     }
 
+    /// A source tree, the chunk size to send it with and the key to seal with.
     struct Fixture {
         src: tempfile::TempDir,
         out: tempfile::TempDir,
@@ -1455,10 +1455,15 @@ mod tests {
 
     #[test]
     fn an_error_while_the_writer_is_behind_leaves_nothing() {
-        // The end item fails its check (and the state machine aborts) while the writing thread
-        // still sleeps before creating "d/e/f" and its directories. Removing the staging
-        // directory then, rather than after that thread ended, left "d/e/f" behind.
+        // The stream's last file is a nested one of one chunk, "z/y/x": its three operations
+        // (create, write, close) are what the lagging writing thread still has to do when the
+        // end item fails its check and the state machine aborts (the queue holds two, the
+        // thread one). Removing the staging
+        // directory at the abort, rather than after that thread ended, let the thread recreate
+        // it ("z/y" is created recursively) and left it behind.
         let f = fixture();
+        fs::create_dir_all(f.src.path().join("z/y")).unwrap();
+        fs::write(f.src.path().join("z/y/x"), b"last").unwrap();
         let mut items = f.items(Compression::None, false);
         match items.last_mut() {
             Some(StreamItem::End(e)) => e.summary.bytes += 1,

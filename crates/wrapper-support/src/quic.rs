@@ -77,8 +77,8 @@ pub enum ConfigError {
     /// control stream.
     #[error(
         "max_concurrent_bidi_streams is 0: clients could not open the control stream (the \
-         first bidirectional stream of every connection); allow one more than the \
-         application needs"
+         first bidirectional stream of every wrapper-aware connection); allow one more than \
+         the application needs"
     )]
     NoBidiStreams,
     /// A setting could not be read from quinn's `Debug` output (a quinn release that prints
