@@ -281,7 +281,13 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
     }
 }
 
-pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
+/// `control migrate --to HOST`: `memory` is `--memory` (post-copy: the server runs at the
+/// target before its memory arrived, the pages relayed by the agents).
+pub(crate) fn migrate(
+    a: &CrossMoveArgs,
+    phases: Phases,
+    memory: crate::postcopy::Memory,
+) -> Result<()> {
     let (Some(to), Some(service)) = (&a.to, &a.service) else {
         bail!("--to needs --service NAME");
     };
@@ -293,6 +299,10 @@ pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
             phases,
             fault: a.fault,
             plain_copy_after: a.plain_copy_after,
+            memory: match memory {
+                crate::postcopy::Memory::Cold => agent_protocol::Memory::Cold,
+                crate::postcopy::Memory::PostCopy => agent_protocol::Memory::PostCopy,
+            },
         }),
         Duration::from_secs(600),
     )?;

@@ -896,6 +896,8 @@ pub(crate) fn kind_of(body: &PeerBody) -> &'static str {
         PeerBody::Abort { .. } => "abort",
         PeerBody::Status => "status",
         PeerBody::PlainCopy { .. } => "plain_copy",
+        PeerBody::PreparePostCopy(_) => "prepare_post_copy",
+        PeerBody::Pages { .. } => "pages",
         _ => "unknown",
     }
 }

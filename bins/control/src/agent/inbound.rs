@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use admin_api::AdminDir;
 use agent_protocol::{
-    Name, PeerBody, PeerReply, PeerRequest, Prepare, Refusal, ServiceSpec, TargetFault,
+    Memory, Name, PeerBody, PeerReply, PeerRequest, Prepare, Refusal, ServiceSpec, TargetFault,
     TransferFigures,
 };
 use anyhow::{Context, Result, anyhow, bail};
@@ -56,6 +56,9 @@ pub(crate) struct Inbound {
     pub(crate) step_running: bool,
     /// An abort came while a step ran: the migration is given up when the step ends.
     pub(crate) abandoned: bool,
+    /// How the memory arrives (post-copy: over a [`PeerBody::Pages`] stream after the
+    /// restore).
+    pub(crate) memory: Memory,
 }
 
 impl Inbound {
@@ -95,6 +98,21 @@ pub(crate) async fn handle(
     recv: quinn::RecvStream,
 ) -> Option<PeerReply> {
     let kind = kind_of(&request.body);
+    let memory = match &request.body {
+        PeerBody::PreparePostCopy(_) => Memory::PostCopy,
+        _ => Memory::Cold,
+    };
+    // Checked before anything is prepared: a target that cannot run criu's lazy-pages daemon
+    // says so at once (the source then moves nothing).
+    let post_copy_refused = (memory == Memory::PostCopy)
+        .then(|| {
+            post_copy_refusal(
+                &agent.config.host,
+                std::path::Path::new(crate::postcopy::PIPE_MAX_SIZE),
+            )
+            .err()
+        })
+        .flatten();
     let reply = match request.body {
         PeerBody::Status => PeerReply::Status(agent.host_status()),
         // A benchmark's baseline: only between agents that run for tests and benchmarks.
@@ -108,10 +126,14 @@ pub(crate) async fn handle(
             Ok(figures) => PeerReply::Received(figures),
             Err(e) => failed(&agent, "plain copy", &e),
         },
-        PeerBody::Prepare(p) => {
+        PeerBody::PreparePostCopy(_) if post_copy_refused.is_some() => {
+            let r = post_copy_refused.unwrap_or_else(|| Refusal::Malformed("post-copy".into()));
+            refuse(&agent, &peer, kind, r)
+        }
+        PeerBody::Prepare(p) | PeerBody::PreparePostCopy(p) => {
             let a = agent.clone();
             let from = peer.clone();
-            match tokio::task::spawn_blocking(move || prepare(&a, &from, p)).await {
+            match tokio::task::spawn_blocking(move || prepare(&a, &from, p, memory)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(refusal)) => refuse(&agent, &peer, kind, refusal),
                 Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
@@ -315,7 +337,22 @@ impl From<anyhow::Error> for Rejected {
     }
 }
 
-fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal> {
+/// Why this host cannot be the target of a post-copy move (`pipe_max_size`: the sysctl's
+/// file). Of `postcopy::refusal`'s checks, only `fs.pipe-max-size` applies here: the pid
+/// namespace is the source's server's, checked by the source.
+pub(crate) fn post_copy_refusal(
+    host: &Name,
+    pipe_max_size: &std::path::Path,
+) -> Result<(), Refusal> {
+    crate::postcopy::check_pipe_max_size(pipe_max_size)
+        .map(|_| ())
+        .map_err(|e| Refusal::PostCopy {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+fn prepare(agent: &Agent, peer: &Name, p: Prepare, memory: Memory) -> Result<PeerReply, Refusal> {
     let name = p.service.name.clone();
     if p.fault.is_some() && !agent.allow_faults {
         return Err(Refusal::Malformed(
@@ -340,7 +377,7 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
             p.migration
         )));
     }
-    match prepare_inner(agent, peer, &p) {
+    match prepare_inner(agent, peer, &p, memory) {
         Ok((inbound, reply)) => {
             let port = inbound.slot.host_port;
             lock(&agent.inbound).insert(p.migration, inbound);
@@ -360,7 +397,12 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
     }
 }
 
-fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, PeerReply)> {
+fn prepare_inner(
+    agent: &Agent,
+    peer: &Name,
+    p: &Prepare,
+    memory: Memory,
+) -> Result<(Inbound, PeerReply)> {
     if agent.free_slots() == 0 {
         bail!("no free slot (max_services {})", agent.config.max_services);
     }
@@ -372,7 +414,7 @@ fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, Pe
         "the image set",
     )?;
     let port = agent.free_port()?;
-    let prepared = prepare_with_port(agent, peer, p, port);
+    let prepared = prepare_with_port(agent, peer, p, port, memory);
     if prepared.is_err() {
         agent.unreserve(port);
     }
@@ -384,6 +426,7 @@ fn prepare_with_port(
     peer: &Name,
     p: &Prepare,
     port: u16,
+    memory: Memory,
 ) -> Result<(Inbound, PeerReply)> {
     let agreement = migration_crypto::KeyAgreement::generate()?;
     let public = agreement.public_key();
@@ -436,6 +479,7 @@ fn prepare_with_port(
         slot_name: slot.name.clone(),
         server_pid: p.server_pid,
         supervisor_pid,
+        memory,
     };
     if let Err(e) = journal.write(&dir) {
         let _ = service::tear_down(&paths, &slot, None);
@@ -456,6 +500,7 @@ fn prepare_with_port(
         touched: Instant::now(),
         step_running: false,
         abandoned: false,
+        memory,
     };
     Ok((
         inbound,
@@ -478,6 +523,10 @@ pub(crate) struct Journal {
     pub(crate) server_pid: i32,
     /// The idle supervisor that restores it (its parent once restored).
     pub(crate) supervisor_pid: i32,
+    /// Post-copy: a server restored here is not adoptable by a later agent (its memory came
+    /// through this agent's relay, which died with it). Absent in older journals: cold.
+    #[serde(default)]
+    pub(crate) memory: Memory,
 }
 
 impl Journal {
@@ -508,7 +557,12 @@ pub(crate) fn adoptable(storage: &std::path::Path) -> Vec<Journal> {
                 );
             }
             let ours = crate::sys::parent_pid(j.server_pid) == Some(j.supervisor_pid);
-            if ours && crate::sys::process_runs(j.server_pid, "swrapper") {
+            // A post-copy server restored before the agent died may miss pages for good (the
+            // relay that brought them died with the agent): killed like a half-restored one.
+            if ours
+                && j.memory == Memory::Cold
+                && crate::sys::process_runs(j.server_pid, "swrapper")
+            {
                 return Some(j);
             }
             if ours {
@@ -555,6 +609,7 @@ pub(crate) fn adopt(agent: &Agent, j: Journal) -> Result<MigrationId> {
             touched: Instant::now(),
             step_running: false,
             abandoned: false,
+            memory: Memory::Cold,
         },
     );
     Ok(j.migration)
@@ -799,4 +854,57 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
         clients,
         handshakes: resumed.handshakes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target whose fs.pipe-max-size is too low (or unreadable) refuses a post-copy move
+    /// with a typed refusal that names the host and the fix; one with enough passes.
+    #[test]
+    fn a_target_without_room_in_its_pipes_refuses_post_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pipe-max-size");
+        let host = Name::new("b").unwrap();
+        std::fs::write(&f, "1048576\n").unwrap();
+        let r = post_copy_refusal(&host, &f).unwrap_err();
+        let Refusal::PostCopy { host: h, reason } = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(h, "b");
+        assert!(reason.contains("fs.pipe-max-size"), "{reason}");
+        assert!(r.to_string().contains("post-copy refused at b"), "{r}");
+        assert!(matches!(
+            post_copy_refusal(&host, &dir.path().join("none")),
+            Err(Refusal::PostCopy { .. })
+        ));
+        std::fs::write(&f, "4194304\n").unwrap();
+        assert_eq!(post_copy_refusal(&host, &f), Ok(()));
+    }
+
+    /// An inbound journal written before post-copy (no `memory`) reads as a cold move's,
+    /// and a post-copy one keeps its mode (a later agent must not adopt its server).
+    #[test]
+    fn an_older_journal_reads_as_cold() {
+        let j = Journal {
+            migration: MigrationId::from_bytes([1; 16]),
+            source: Name::new("a").unwrap(),
+            service: ServiceSpec {
+                name: Name::new("s").unwrap(),
+                server_user: None,
+                moves: 0,
+            },
+            slot_name: "x".into(),
+            server_pid: 7,
+            supervisor_pid: 6,
+            memory: Memory::PostCopy,
+        };
+        let mut v = serde_json::to_value(&j).unwrap();
+        let back: Journal = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.memory, Memory::PostCopy);
+        v.as_object_mut().unwrap().remove("memory");
+        let old: Journal = serde_json::from_value(v).unwrap();
+        assert_eq!(old.memory, Memory::Cold);
+    }
 }
