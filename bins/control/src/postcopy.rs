@@ -66,7 +66,7 @@ pub(crate) const MIN_PIPE_MAX_SIZE: u64 = 4 << 20;
 /// How long the dump and the lazy-pages daemon may take to say they are ready.
 const READY_LIMIT: Duration = Duration::from_secs(60);
 /// How long the pages may take to arrive after the restore.
-const RESIDENT_LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const RESIDENT_LIMIT: Duration = Duration::from_secs(300);
 
 /// Why a post-copy move is refused before anything is touched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -503,8 +503,16 @@ impl PageFlow {
             Some(format!(
                 "the page transfer failed after the restore: source's criu dump {}, \
                  lazy-pages daemon {}; dump log {}:\n{}\nlazy-pages log {}:\n{}",
-                describe(dump),
-                describe(daemon),
+                if self.dump.is_some() {
+                    describe(dump)
+                } else {
+                    "at the other host".to_owned()
+                },
+                if self.daemon.is_some() {
+                    describe(daemon)
+                } else {
+                    "at the other host".to_owned()
+                },
                 self.dir.join("dump.log").display(),
                 errors_of(&self.dir.join("dump.log")),
                 log.display(),
@@ -686,6 +694,7 @@ mod tests {
         assert_eq!(r.transport, "agents-quic-stream");
         let error = r.error.expect("the daemon failed");
         assert!(error.contains("exit status: 4"), "{error}");
+        assert!(error.contains("dump at the other host"), "{error}");
         let r = PageFlow::source_half(Command::new("true").spawn().unwrap(), dir.path())
             .wait_resident(Instant::now());
         assert_eq!(r.error, None);

@@ -12,6 +12,18 @@
 //!               (then, off the move's path: the clients' downtime reports into the metrics)
 //!  Abort    ──► kill what was restored, supervisor, slot, folders, images ──► Aborted
 //! ```
+//!
+//! A post-copy move (`PreparePostCopy`) adds a page stream and waits for the memory:
+//!
+//! ```text
+//!  Pages    ──► criu lazy-pages --page-server on the received image set, its --ps-socket a
+//!               socket pair whose other end this agent relays (agent::page_relay) to the
+//!               rest of the stream: the source's lazy dump ──► PagesReady, then raw bytes
+//!  Restore  ──► criu restore --lazy-pages (the server runs, its memory arrives on faults and
+//!               in the background)
+//!  Resume   ──► as above, then the lazy-pages daemon's exit: 0 ──► ResumedResident; else the
+//!               restored server is killed (its memory is incomplete) ──► Failed, loudly
+//! ```
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,12 +71,22 @@ pub(crate) struct Inbound {
     /// How the memory arrives (post-copy: over a [`PeerBody::Pages`] stream after the
     /// restore).
     pub(crate) memory: Memory,
+    /// Post-copy: the lazy-pages daemon, from the Pages request until the resume waits for it.
+    pub(crate) page_daemon: Option<std::process::Child>,
+    /// Post-copy: when the restore ended (the start of "resident after").
+    pub(crate) restored_at: Option<Instant>,
 }
 
 impl Inbound {
     /// Undoes everything of this migration here.
-    pub(crate) fn give_up(self) -> String {
+    pub(crate) fn give_up(mut self) -> String {
         let mut undone = Vec::new();
+        if let Some(mut d) = self.page_daemon.take() {
+            // Its socket closes: the source's dump sees its page server's peer gone.
+            let _ = d.kill();
+            let _ = d.wait();
+            undone.push("stopped the lazy-pages daemon".to_owned());
+        }
         if let Some(pid) = self.restored_pid {
             undone.push(format!("killed the restored server (PID {pid})"));
         }
@@ -94,7 +116,7 @@ pub(crate) async fn handle(
     agent: Arc<Agent>,
     peer: Name,
     request: PeerRequest,
-    _send: &mut quinn::SendStream,
+    send: &mut quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Option<PeerReply> {
     let kind = kind_of(&request.body);
@@ -138,6 +160,9 @@ pub(crate) async fn handle(
                 Ok(Err(refusal)) => refuse(&agent, &peer, kind, refusal),
                 Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
             }
+        }
+        PeerBody::Pages { migration } => {
+            return pages(agent, peer, kind, migration, send, recv).await;
         }
         PeerBody::Receive { migration } => {
             match stepped_receive(&agent, &peer, migration, recv).await {
@@ -501,6 +526,8 @@ fn prepare_with_port(
         step_running: false,
         abandoned: false,
         memory,
+        page_daemon: None,
+        restored_at: None,
     };
     Ok((
         inbound,
@@ -610,6 +637,8 @@ pub(crate) fn adopt(agent: &Agent, j: Journal) -> Result<MigrationId> {
             step_running: false,
             abandoned: false,
             memory: Memory::Cold,
+            page_daemon: None,
+            restored_at: None,
         },
     );
     Ok(j.migration)
@@ -721,6 +750,112 @@ async fn plain_copy(
     })
 }
 
+/// [`PeerBody::Pages`]: starts the lazy-pages daemon, answers `PagesReady`, then relays the
+/// rest of the stream to and from the daemon until both ends are done. `None`: answered.
+///
+/// Not a step: the relay lasts until every page arrived, while the restore and the resume
+/// run. An abort meanwhile kills the daemon, which ends the relay.
+async fn pages(
+    agent: Arc<Agent>,
+    peer: Name,
+    kind: &'static str,
+    migration: MigrationId,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Option<PeerReply> {
+    let a = agent.clone();
+    let from = peer.clone();
+    let started = tokio::task::spawn_blocking(move || start_pages(&a, &from, migration)).await;
+    let local = match started {
+        Ok(Ok(local)) => local,
+        Ok(Err(Rejected::Refused(r))) => return Some(refuse(&agent, &peer, kind, r)),
+        Ok(Err(Rejected::Failed(e))) => {
+            warn!(%peer, %migration, "starting the lazy-pages daemon failed: {e:#}");
+            return Some(failed(&agent, "pages", &e));
+        }
+        Err(e) => return Some(failed(&agent, "pages", &anyhow!("{e}"))),
+    };
+    let mut local = match local
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(local))
+    {
+        Ok(l) => l,
+        Err(e) => return Some(failed(&agent, "pages", &anyhow!("the page socket: {e}"))),
+    };
+    if let Err(e) = super::daemon::write_frame(send, &PeerReply::PagesReady).await {
+        // The daemon sees its socket close and fails; the resume reports it.
+        warn!(%peer, %migration, "answering the page stream: {e:#}");
+        return None;
+    }
+    info!(%peer, %migration, "post-copy: the lazy-pages daemon waits; relaying its pages");
+    match super::page_relay::relay(&mut local, send, &mut recv).await {
+        Ok(f) => info!(
+            %peer, %migration,
+            from_source = f.from_peer,
+            to_source = f.to_peer,
+            "post-copy page stream ended"
+        ),
+        // The daemon's memory source is gone: the resume finds it failed and kills the
+        // restored server; before the restore, the source's rollback aborts this migration.
+        Err(e) => tracing::error!(%peer, %migration, "POST-COPY PAGE RELAY FAILED: {e}"),
+    }
+    None
+}
+
+/// The blocking part of [`pages`]: checks the migration, starts the daemon on the received
+/// image set, keeps it in the migration; returns this agent's end of the daemon's socket.
+fn start_pages(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+) -> Result<std::os::unix::net::UnixStream, Rejected> {
+    let (memory, received, has_daemon, dir) = with_inbound(agent, peer, migration, |i| {
+        (
+            i.memory,
+            i.received,
+            i.page_daemon.is_some(),
+            i.dir.join("set").join("criu"),
+        )
+    })?;
+    if memory != Memory::PostCopy {
+        return Err(Rejected::Refused(Refusal::PostCopy {
+            host: agent.config.host.to_string(),
+            reason: format!("migration {migration} was prepared for a cold move"),
+        }));
+    }
+    if !received {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "no image set was received for this migration".into(),
+        )));
+    }
+    if has_daemon {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "this migration has its page stream already".into(),
+        )));
+    }
+    let (ours, daemons) =
+        std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
+    let mut daemon = Some(crate::postcopy::start_daemon(&dir, daemons)?);
+    {
+        let mut inbound = lock(&agent.inbound);
+        match inbound.get_mut(&migration) {
+            Some(i) if &i.source == peer && i.page_daemon.is_none() => {
+                i.page_daemon = daemon.take();
+            }
+            _ => {}
+        }
+    }
+    if let Some(mut daemon) = daemon {
+        // Aborted (or given a stream) meanwhile.
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(Rejected::Refused(Refusal::UnknownMigration(
+            migration.to_string(),
+        )));
+    }
+    Ok(ours)
+}
+
 /// Exits this agent at once, as if killed (the scenario's "target agent killed" cases).
 fn die(why: &str) -> ! {
     warn!("FAULT INJECTION: the agent dies {why}");
@@ -729,16 +864,19 @@ fn die(why: &str) -> ! {
 }
 
 fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerReply, Rejected> {
-    let (received, dir, paths, slot, fault, name) = with_inbound(agent, peer, migration, |i| {
-        (
-            i.received,
-            i.dir.join("set"),
-            i.paths.clone(),
-            i.slot.clone(),
-            i.fault,
-            i.service.name.clone(),
-        )
-    })?;
+    let (received, dir, paths, slot, fault, name, memory, paging) =
+        with_inbound(agent, peer, migration, |i| {
+            (
+                i.received,
+                i.dir.join("set"),
+                i.paths.clone(),
+                i.slot.clone(),
+                i.fault,
+                i.service.name.clone(),
+                i.memory,
+                i.page_daemon.is_some(),
+            )
+        })?;
     if let Some(pid) = with_inbound(agent, peer, migration, |i| i.restored_pid)? {
         // Restored before (by this agent's predecessor, which died before answering).
         info!(%peer, %migration, pid, "already restored: answering again");
@@ -751,6 +889,11 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
     if !received {
         return Err(Rejected::Refused(Refusal::Busy(
             "no image set was received for this migration".into(),
+        )));
+    }
+    if memory == Memory::PostCopy && !paging {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "post-copy: no page stream yet (the lazy restore needs the lazy-pages daemon)".into(),
         )));
     }
     if fault == Some(TargetFault::DieBeforeRestore) {
@@ -778,8 +921,20 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
             die("during the restore");
         });
     }
-    let restored =
-        crate::engine::restore_via_supervisor(&paths.socket, &slot.netns, &criu_dir, "restore.log");
+    let restored = match memory {
+        Memory::Cold => crate::engine::restore_via_supervisor(
+            &paths.socket,
+            &slot.netns,
+            &criu_dir,
+            "restore.log",
+        ),
+        Memory::PostCopy => crate::engine::restore_lazy_via_supervisor(
+            &paths.socket,
+            &slot.netns,
+            &criu_dir,
+            "restore.log",
+        ),
+    };
     if hidden {
         let _ = std::fs::rename(
             criu_dir.join("pstree.img.hidden"),
@@ -787,15 +942,21 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
         );
     }
     let (pid, timing) = restored.context("criu restore at the target")?;
-    with_inbound(agent, peer, migration, |i| i.restored_pid = Some(pid))?;
+    with_inbound(agent, peer, migration, |i| {
+        i.restored_pid = Some(pid);
+        i.restored_at = Some(Instant::now());
+    })?;
     let placement = crate::engine::observe_placement(pid, &service::container_of(&name, &slot))?;
     if !placement.is_right() {
         return Err(Rejected::Failed(anyhow!(
             "the restored server (PID {pid}) is not in the slot's network namespace"
         )));
     }
-    // The images hold the process's memory and keys; the process runs now.
-    if let Err(e) = service::wipe_dir(&dir) {
+    // The images hold the process's memory and keys; the process runs now. Post-copy: the
+    // lazy-pages daemon works in them until every page arrived (the resume wipes them).
+    if memory == Memory::Cold
+        && let Err(e) = service::wipe_dir(&dir)
+    {
         warn!("wiping the received images: {e:#}");
     }
     info!(%peer, %migration, pid, "restored");
@@ -818,6 +979,7 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     let admin = AdminDir::open(&paths.admin).context("opening the service's admin folder")?;
     let resumed = crate::engine::ask_resume(&admin, pid, migration)?;
     let clients = u32::try_from(resumed.told).unwrap_or(u32::MAX);
+    let resident = wait_resident(agent, peer, migration, pid)?;
     let service = with_inbound(agent, peer, migration, |i| Service {
         name: i.service.name.clone(),
         address: agent.service_address(i.slot.host_port),
@@ -850,10 +1012,69 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     // The server runs here now: its clients' downtime reports come to this host.
     super::daemon::record_downtimes_later(agent.metrics.clone(), admin, migration, resumed.told);
     info!(%peer, %migration, service = %name, pid, "resumed: the service runs here");
-    Ok(PeerReply::Resumed {
-        clients,
-        handshakes: resumed.handshakes,
+    Ok(match resident {
+        None => PeerReply::Resumed {
+            clients,
+            handshakes: resumed.handshakes,
+        },
+        Some(r) => PeerReply::ResumedResident {
+            clients,
+            handshakes: resumed.handshakes,
+            resident_after_ms: r.resident_after_ms.unwrap_or_default(),
+            pages: r.pages_transferred,
+        },
     })
+}
+
+/// Post-copy: waits until the lazy-pages daemon exited (every page resident) and wipes the
+/// images; `None` for a cold move. A daemon that failed leaves the restored server `pid`
+/// with incomplete memory (a missing page would read as zeros): it is killed and the resume
+/// fails, loudly; the source's rollback then aborts the migration here.
+fn wait_resident(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+    pid: i32,
+) -> Result<Option<admin_api::PostCopyReport>, Rejected> {
+    let (memory, daemon, restored_at, dir) = with_inbound(agent, peer, migration, |i| {
+        (
+            i.memory,
+            i.page_daemon.take(),
+            i.restored_at,
+            i.dir.join("set"),
+        )
+    })?;
+    if memory == Memory::Cold {
+        return Ok(None);
+    }
+    let daemon = daemon.context("post-copy: the lazy-pages daemon is gone")?;
+    let report = crate::postcopy::PageFlow::target_half(daemon, &dir.join("criu"))
+        .wait_resident(restored_at.unwrap_or_else(Instant::now));
+    if let Some(error) = &report.error {
+        tracing::error!(
+            %peer, %migration,
+            "POST-COPY PAGE TRANSFER FAILED after the restore: the restored server's memory is \
+             incomplete; killing it (PID {pid}). {error}"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(Rejected::Failed(anyhow!(
+            "post-copy page transfer failed after the restore; the restored server (PID {pid}) \
+             was killed, its memory being incomplete: {error}"
+        )));
+    }
+    if let Err(e) = service::wipe_dir(&dir) {
+        warn!("wiping the received images: {e:#}");
+    }
+    info!(
+        %peer, %migration,
+        resident_after_ms = report.resident_after_ms,
+        pages = report.pages_transferred,
+        "post-copy: every page is resident"
+    );
+    Ok(Some(report))
 }
 
 #[cfg(test)]

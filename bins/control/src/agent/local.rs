@@ -205,6 +205,7 @@ fn migrate(agent: &Arc<Agent>, m: &MigrateService) -> Result<LocalReply> {
             fault: m.fault,
             policy: policy(),
             plain_copy_after: m.plain_copy_after,
+            memory: m.memory,
         },
     )?;
     Ok(LocalReply::Moved {
@@ -279,6 +280,9 @@ async fn drain(agent: Arc<Agent>, d: Drain) -> Result<Vec<MoveSummary>> {
                 fault: None,
                 policy: policy(),
                 plain_copy_after: false,
+                // A drain moves cold: post-copy's failure loses a server, which a drain
+                // of many services should not risk unasked.
+                memory: agent_protocol::Memory::Cold,
             };
             let a = agent.clone();
             let moved = tokio::task::spawn_blocking(move || outbound::run(&a, &spec)).await;

@@ -10,8 +10,6 @@ pub(crate) mod gate;
 pub(crate) mod inbound;
 pub(crate) mod local;
 pub(crate) mod outbound;
-// Used by the post-copy move (next commits).
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod page_relay;
 pub(crate) mod recovery;
 pub(crate) mod service;

@@ -26,6 +26,10 @@
 //!   memory does not grow with the pages (QUIC's flow control holds the sender back).
 //! - No timeout here: the caller bounds the whole transfer (it knows how long the pages may
 //!   take) and drops the future to stop it.
+//! - The unix socket is borrowed, and an error leaves it open: at the source, criu's lazy
+//!   dump takes its page socket's close for the end of the transfer and kills the frozen
+//!   source, whereas a killed dump lets it go on. So the source agent kills the dump first
+//!   and only then lets the socket go.
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -68,14 +72,15 @@ pub(crate) enum RelayError {
 /// module's decisions. On success, the figures; on failure, the first error (the stream reset
 /// and stopped, `local` closed).
 ///
-/// The streams are borrowed: the target's request handler keeps its send side afterwards
-/// (to wait for the peer to have read the end).
+/// Everything is borrowed: the target's request handler keeps its send side afterwards (to
+/// wait for the peer to have read the end), and the caller decides when the unix socket
+/// closes (see the module's decisions).
 pub(crate) async fn relay(
-    local: tokio::net::UnixStream,
+    local: &mut tokio::net::UnixStream,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<RelayFigures, RelayError> {
-    let (mut local_read, mut local_write) = local.into_split();
+    let (mut local_read, mut local_write) = local.split();
     let mut figures = RelayFigures::default();
     let copied = {
         let up = up(&mut local_read, send, &mut figures.to_peer);
@@ -96,7 +101,7 @@ pub(crate) async fn relay(
 
 /// Local socket to the peer; the local EOF finishes the stream.
 async fn up(
-    local: &mut tokio::net::unix::OwnedReadHalf,
+    local: &mut tokio::net::unix::ReadHalf<'_>,
     send: &mut quinn::SendStream,
     count: &mut u64,
 ) -> Result<(), RelayError> {
@@ -115,7 +120,7 @@ async fn up(
 /// The peer to the local socket; the stream's end shuts the local write half down.
 async fn down(
     recv: &mut quinn::RecvStream,
-    local: &mut tokio::net::unix::OwnedWriteHalf,
+    local: &mut tokio::net::unix::WriteHalf<'_>,
     count: &mut u64,
 ) -> Result<(), RelayError> {
     let mut buf = vec![0u8; BUF];
@@ -192,12 +197,13 @@ mod tests {
 
     type Streams = (quinn::SendStream, quinn::RecvStream);
 
+    /// The relay, its unix end closed when it ends (the target's way).
     async fn owned_relay(
-        local: UnixStream,
+        mut local: UnixStream,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<RelayFigures, RelayError> {
-        relay(local, &mut send, &mut recv).await
+        relay(&mut local, &mut send, &mut recv).await
     }
 
     async fn stream(link: &Link) -> (Streams, Streams) {
@@ -320,16 +326,22 @@ mod tests {
             let link = link().await;
             let ((a_send, a_recv), (mut b_send, mut b_recv)) = stream(&link).await;
             let (a_criu, a_agent) = UnixStream::pair().unwrap();
-            let a = tokio::spawn(owned_relay(a_agent, a_send, a_recv));
+            // The source's way: the relay keeps the socket; its owner closes it later.
+            let a = tokio::spawn(async move {
+                let (mut local, mut send, mut recv) = (a_agent, a_send, a_recv);
+                let r = relay(&mut local, &mut send, &mut recv).await;
+                (r, local)
+            });
             let (mut a_r, mut a_w) = a_criu.into_split();
             a_w.write_all(&noise(100_000, 4)).await.unwrap();
             b_send.reset(quinn::VarInt::from_u32(7)).unwrap();
             b_recv.stop(quinn::VarInt::from_u32(7)).unwrap();
-            let e = tokio::time::timeout(LIMIT, a)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap_err();
+            let (e, local) = tokio::time::timeout(LIMIT, a).await.unwrap().unwrap();
+            let e = e.unwrap_err();
+            // After the error criu's socket is still open (criu would not see an end yet)...
+            a_w.write_all(b"still open").await.unwrap();
+            // ... until its owner lets it go.
+            drop(local);
             assert!(
                 matches!(
                     e,
