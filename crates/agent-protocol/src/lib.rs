@@ -500,6 +500,10 @@ pub struct StartService {
     pub server_user: Option<String>,
     /// Extra arguments for the server (the demo server's `--ballast-mib 64`, ...).
     pub server_args: Vec<String>,
+    /// Start the server as PID 1 of its own pid namespace, which post-copy moves need (with
+    /// no `server_user`: criu dumps such a server only if it may mount a /proc for it). A
+    /// field, like [`MigrateService::memory`]: the command line and its agent are one binary.
+    pub pid_namespace: bool,
 }
 
 /// [`LocalRequest::Migrate`].

@@ -140,6 +140,7 @@ fn local_messages_round_trip() {
             port: 0,
             server_user: None,
             server_args: vec!["--ballast-mib".into(), "8".into()],
+            pid_namespace: true,
         }),
         LocalRequest::Stop { service: name("s") },
         LocalRequest::Migrate(MigrateService {

@@ -110,6 +110,12 @@ enum ServiceCmd {
         /// The account the server runs as.
         #[arg(long, default_value = "qlm-server")]
         server_user: String,
+        /// Start the server as PID 1 of its own pid namespace, which `migrate --to HOST
+        /// --memory post-copy` needs (cold moves work too). Needs `--server-user root`, as
+        /// `control up --pid-namespace`: criu dumps a process in its own pid namespace only
+        /// if that process may mount a /proc for it.
+        #[arg(long)]
+        pid_namespace: bool,
         /// Extra arguments for the server (e.g. `-- --ballast-mib 64`).
         #[arg(last = true)]
         server_args: Vec<String>,
@@ -247,8 +253,16 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
             service: name,
             port,
             server_user,
+            pid_namespace,
             server_args,
         } => {
+            // As `control up`: root only with its own pid namespace, and the other way round.
+            if *pid_namespace != (server_user == "root") {
+                bail!(
+                    "--pid-namespace goes with --server-user root (criu dumps a server in its \
+                     own pid namespace only if it may mount /proc), and root only with it"
+                );
+            }
             let user = (server_user != "root").then(|| server_user.clone());
             match ask(
                 &a.socket,
@@ -257,6 +271,7 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
                     port: *port,
                     server_user: user,
                     server_args: server_args.clone(),
+                    pid_namespace: *pid_namespace,
                 }),
                 Duration::from_secs(60),
             )? {

@@ -126,6 +126,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
         key: copy(&config.service_key, "service-key.pem")?,
         user: None,
         extra: Vec::new(),
+        pid_namespace: false,
     };
     let token_key = migration_crypto::load_token_key_file(&config.token_key)
         .context("loading the fleet's token key")?;

@@ -108,6 +108,12 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
             s.name
         );
     }
+    if s.pid_namespace && s.server_user.is_some() {
+        bail!(
+            "a server in its own pid namespace runs as root (criu dumps it only if it may \
+             mount /proc): start it without a server account"
+        );
+    }
     let here = lock(&agent.services).contains_key(&s.name);
     if here || !agent.claim(&s.name) {
         bail!("a service {} is already here", s.name);
@@ -128,6 +134,7 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
             let mut server = agent.server.clone();
             server.user.clone_from(&s.server_user);
             server.extra.clone_from(&s.server_args);
+            server.pid_namespace = s.pid_namespace;
             service::start(
                 &s.name,
                 paths.clone(),
