@@ -265,6 +265,7 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
         page_socket: None,
         page_relay: None,
         restored_at: None,
+        resume_settled: false,
     };
     info!(%id, service = %spec.service, to = %spec.to, "cross-host migration starts");
     let driven = engine::drive(&mut machine, &spec.policy, &mut work, &engine::now, &|| {
@@ -318,6 +319,9 @@ struct Outbound {
     /// stopped or finished.
     page_relay: Option<RelayTask>,
     restored_at: Option<Instant>,
+    /// Post-copy: the target's answer to the resume settled the move even though it failed
+    /// (its server was lost), so no recovery is left to decide it.
+    resume_settled: bool,
 }
 
 /// The source's page relay, and the page socket it keeps open past an error.
@@ -686,6 +690,36 @@ impl Outbound {
         });
     }
 
+    /// Post-copy, the resume not answered with every page resident: the restored server at
+    /// the target is lost (its memory incomplete; the target killed it, and is told to give
+    /// the migration up), the move fails loudly. The engine undoes nothing after a failed
+    /// resume, so this does what can be done: the dump is stopped and, when the source's
+    /// server runs again (criu unfreezes it when its page server fails, or when the dump is
+    /// killed), its clients are sent back to it. The target's answer settled the move: no
+    /// recovery is left to decide it.
+    fn post_copy_lost(&mut self, e: anyhow::Error) -> anyhow::Error {
+        tracing::error!(
+            "POST-COPY MOVE FAILED after the restore: the restored server's memory could not \
+             all arrive ({e:#}); the target gives it up"
+        );
+        self.abort_target();
+        let back = match self.post_copy_back() {
+            Ok(()) => "the source's server runs again and its clients were sent back".to_owned(),
+            Err(b) => format!("{b:#}"),
+        };
+        self.report.post_copy = Some(admin_api::PostCopyReport {
+            transport: "agents-quic-stream".to_owned(),
+            resident_after_ms: None,
+            pages_transferred: None,
+            bytes_transferred: self.cross.page_bytes_to_target,
+            error: Some(format!("{e:#}; {back}")),
+        });
+        self.resume_settled = true;
+        e.context(format!(
+            "post-copy page transfer failed after the restore; {back}"
+        ))
+    }
+
     /// Post-copy's way back: the dump is stopped (killed: criu lets the frozen source go on)
     /// and the relay with it; the source's server must run again, its clients come back.
     fn post_copy_back(&mut self) -> Result<()> {
@@ -879,10 +913,19 @@ impl Outbound {
                 self.completed_at_target = true;
                 self.wait_pages(resident_after_ms, pages);
             }
-            Ok(other) => return Err(self.unexpected("resuming", other)),
+            Ok(other) => {
+                let e = self.unexpected("resuming", other);
+                if self.post_copy() {
+                    return Err(self.post_copy_lost(e));
+                }
+                return Err(e);
+            }
             Err(e) => {
                 let to = self.spec.to.to_string();
                 self.fail_at("resuming", &to);
+                if self.post_copy() {
+                    return Err(self.post_copy_lost(e));
+                }
                 return Err(e);
             }
         }
@@ -998,7 +1041,8 @@ impl Outbound {
         // The resume was asked but no answer settled the move: the target may run the
         // service, or may not. The journal and the image set stay, and the recovery an agent
         // started anew would run decides it now (the target's status, else a rollback here).
-        let undecided = self.journal.resume_asked && !completed && !rolled_back;
+        let undecided =
+            self.journal.resume_asked && !self.resume_settled && !completed && !rolled_back;
         if undecided {
             let svc = lock(&self.agent.services).get(&self.spec.service).cloned();
             match svc {
@@ -1123,6 +1167,10 @@ impl Work for Outbound {
 
     fn resume_source(&mut self) -> Result<()> {
         self.abort_target();
+        if self.post_copy() {
+            // A lazy dump that started keeps the source frozen until it is stopped.
+            return self.post_copy_back();
+        }
         self.send_back()
     }
 
