@@ -264,6 +264,7 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
         page_flow: None,
         page_socket: None,
         page_relay: None,
+        page_relay_stop: None,
         restored_at: None,
         resume_settled: false,
     };
@@ -318,6 +319,8 @@ struct Outbound {
     /// (closing it would make the dump kill the frozen source): dropped after the dump was
     /// stopped or finished.
     page_relay: Option<RelayTask>,
+    /// Post-copy: stops the relay with a reset of its stream (see `page_relay::relay_until`).
+    page_relay_stop: Option<tokio::sync::oneshot::Sender<()>>,
     restored_at: Option<Instant>,
     /// Post-copy: the target's answer to the resume settled the move even though it failed
     /// (its server was lost), so no recovery is left to decide it.
@@ -640,12 +643,18 @@ impl Outbound {
         if reply != PeerReply::PagesReady {
             return Err(self.unexpected("transferring", reply));
         }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.page_relay_stop = Some(stop);
         self.page_relay = Some(self.agent.runtime.spawn(async move {
             let mut local = match tokio::net::UnixStream::from_std(socket) {
                 Ok(l) => l,
                 Err(e) => return (Err(RelayError::LocalRead(e)), None),
             };
-            let relayed = page_relay::relay(&mut local, &mut send, &mut recv).await;
+            // A dropped sender stops it too (the move gave up).
+            let stop = async {
+                let _ = stopped.await;
+            };
+            let relayed = page_relay::relay_until(&mut local, &mut send, &mut recv, stop).await;
             (relayed, Some(local))
         }));
         info!("post-copy: the page stream to the target is open");
@@ -702,6 +711,7 @@ impl Outbound {
             "POST-COPY MOVE FAILED after the restore: the restored server's memory could not \
              all arrive ({e:#}); the target gives it up"
         );
+        self.stop_dump();
         self.abort_target();
         let back = match self.post_copy_back() {
             Ok(()) => "the source's server runs again and its clients were sent back".to_owned(),
@@ -720,16 +730,32 @@ impl Outbound {
         ))
     }
 
-    /// Post-copy's way back: the dump is stopped (killed: criu lets the frozen source go on)
-    /// and the relay with it; the source's server must run again, its clients come back.
-    fn post_copy_back(&mut self) -> Result<()> {
+    /// Post-copy: stops the lazy dump (killed: criu lets the frozen source go on), then the
+    /// relay (its stream reset, so that the target's daemon does not take it for the pages'
+    /// end), then lets the page socket go: in that order, since the dump would kill the frozen
+    /// source if it saw its socket close first. Called before the target is told to abort:
+    /// the target's daemon, killed, would close its end, and that end would reach the dump.
+    fn stop_dump(&mut self) {
         if let Some(flow) = self.page_flow.take() {
             flow.abort();
         }
+        if let Some(stop) = self.page_relay_stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(relay) = self.page_relay.take() {
-            relay.abort();
+            // Its output (the socket) is dropped here, after the dump was stopped.
+            let _ = self
+                .agent
+                .runtime
+                .block_on(async { tokio::time::timeout(RELAY_END_LIMIT, relay).await });
         }
         self.page_socket = None;
+    }
+
+    /// Post-copy's way back: the dump is stopped (killed: criu lets the frozen source go on)
+    /// and the relay with it; the source's server must run again, its clients come back.
+    fn post_copy_back(&mut self) -> Result<()> {
+        self.stop_dump();
         let runs = lock(&self.agent.services)
             .get(&self.spec.service)
             .is_some_and(super::service::Service::server_runs);
@@ -1016,12 +1042,9 @@ impl Outbound {
     fn finish(mut self, machine: &migration_core::Migration) -> (MoveSummary, CrossReport) {
         // Post-copy pages still pinned in a dump nobody took back (a failure the engine's
         // recovery did not reach): stopped, so that the source goes on.
-        if let Some(flow) = self.page_flow.take() {
+        if self.page_flow.is_some() || self.page_relay.is_some() {
             warn!("post-copy: stopping a lazy dump left at the end of the move");
-            flow.abort();
-        }
-        if let Some(relay) = self.page_relay.take() {
-            relay.abort();
+            self.stop_dump();
         }
         drop(self.dump_worker.take());
         drop(self.spent_dump_worker.take());
@@ -1166,21 +1189,28 @@ impl Work for Outbound {
     }
 
     fn resume_source(&mut self) -> Result<()> {
-        self.abort_target();
         if self.post_copy() {
-            // A lazy dump that started keeps the source frozen until it is stopped.
+            // A lazy dump that started keeps the source frozen until it is stopped; stopped
+            // before the target's abort (see `stop_dump`).
+            self.stop_dump();
+            self.abort_target();
             return self.post_copy_back();
         }
+        self.abort_target();
         self.send_back()
     }
 
     fn restore_on_source(&mut self) -> Result<()> {
-        // The target first: no second copy may run there once the source runs again.
-        self.abort_target();
         if self.post_copy() {
-            // No memory in the image set here: the source itself runs on instead.
+            // No memory in the image set here: the source itself runs on instead. The dump is
+            // stopped before the target's abort (see `stop_dump`); a server the target
+            // restored is parked (its clients were not told) and is killed by the abort.
+            self.stop_dump();
+            self.abort_target();
             return self.post_copy_back();
         }
+        // The target first: no second copy may run there once the source runs again.
+        self.abort_target();
         let dir = self
             .dump_dir
             .clone()

@@ -66,6 +66,9 @@ pub(crate) enum RelayError {
     /// The QUIC send side could not be finished.
     #[error("finishing the page stream to the peer agent: {0}")]
     PeerFinish(#[from] quinn::ClosedStream),
+    /// The owner stopped the relay ([`relay_until`]).
+    #[error("the page relay was stopped")]
+    Stopped,
 }
 
 /// Copies both directions between `local` and (`send`, `recv`) until both have ended; see the
@@ -97,6 +100,32 @@ pub(crate) async fn relay(
             Err(e)
         }
     }
+}
+
+/// [`relay`] until `stop` completes, whichever ends first. Stopped, the stream is reset (and
+/// its receive side stopped) like on an error, never finished: dropping the relay instead
+/// would drop the quinn send stream, which finishes it, and the peer's criu would take the
+/// truncated page stream for its clean end.
+pub(crate) async fn relay_until(
+    local: &mut tokio::net::UnixStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<RelayFigures, RelayError> {
+    {
+        // The relay's borrows end with this block, before the reset below.
+        let relayed = relay(local, send, recv);
+        tokio::pin!(relayed);
+        tokio::pin!(stop);
+        tokio::select! {
+            r = &mut relayed => return r,
+            () = &mut stop => {}
+        }
+    }
+    let code = quinn::VarInt::from_u32(RELAY_FAILED);
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+    Err(RelayError::Stopped)
 }
 
 /// Local socket to the peer; the local EOF finishes the stream.
@@ -359,6 +388,52 @@ mod tests {
                 .await
                 .unwrap();
             assert!(read.is_ok_and(|n| n == 0) || rest.is_empty());
+        });
+    }
+
+    /// The source agent stops its relay (a rollback): the target's relay sees a reset, not a
+    /// finished stream, and the source's socket stays open for its owner.
+    #[test]
+    fn a_stopped_relay_resets_the_stream_and_keeps_the_socket() {
+        runtime().block_on(async {
+            let link = link().await;
+            let ((a_send, a_recv), (b_send, b_recv)) = stream(&link).await;
+            let (a_criu, a_agent) = UnixStream::pair().unwrap();
+            let (_b_criu, b_agent) = UnixStream::pair().unwrap();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let a = tokio::spawn(async move {
+                let (mut local, mut send, mut recv) = (a_agent, a_send, a_recv);
+                let r = relay_until(&mut local, &mut send, &mut recv, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+                (r, local)
+            });
+            let b = tokio::spawn(owned_relay(b_agent, b_send, b_recv));
+            let (_a_r, mut a_w) = a_criu.into_split();
+            a_w.write_all(&noise(200_000, 6)).await.unwrap();
+            stop_tx.send(()).unwrap();
+            let (ra, local) = tokio::time::timeout(LIMIT, a).await.unwrap().unwrap();
+            assert!(matches!(ra, Err(RelayError::Stopped)), "{ra:?}");
+            a_w.write_all(b"still open").await.unwrap();
+            drop(local);
+            let eb = tokio::time::timeout(LIMIT, b)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_err();
+            assert!(
+                matches!(
+                    eb,
+                    RelayError::PeerRead(quinn::ReadError::Reset(c))
+                        if c.into_inner() == u64::from(RELAY_FAILED)
+                ) || matches!(
+                    eb,
+                    RelayError::PeerWrite(quinn::WriteError::Stopped(c))
+                        if c.into_inner() == u64::from(RELAY_FAILED)
+                ),
+                "{eb:?}"
+            );
         });
     }
 
