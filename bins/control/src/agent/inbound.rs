@@ -475,6 +475,10 @@ fn prepare_with_port(
         service::make_folders(&paths, p.service.server_user.as_deref())?;
         let supervisor_pid = service::start_supervisor(&paths, &slot, None)?;
         // A restore worker waits in the slot's namespace: criu's start-up is not in the freeze.
+        // Post-copy's lazy restore is a criu of its own (postcopy::restore): no worker.
+        if memory == Memory::PostCopy {
+            return Ok(supervisor_pid);
+        }
         match supervisor::ask(
             &paths.socket,
             &SupervisorRequest::PrepareRestore {
@@ -802,6 +806,35 @@ async fn pages(
     None
 }
 
+/// Why a Pages request for a migration found here is refused: only a migration prepared for
+/// post-copy (`PreparePostCopy`), whose image set arrived (the daemon reads it), gets one page
+/// stream.
+fn pages_refusal(
+    host: &Name,
+    migration: MigrationId,
+    memory: Memory,
+    received: bool,
+    has_daemon: bool,
+) -> Option<Refusal> {
+    if memory != Memory::PostCopy {
+        return Some(Refusal::PostCopy {
+            host: host.to_string(),
+            reason: format!("migration {migration} was prepared for a cold move"),
+        });
+    }
+    if !received {
+        return Some(Refusal::Busy(
+            "no image set was received for this migration".into(),
+        ));
+    }
+    if has_daemon {
+        return Some(Refusal::Busy(
+            "this migration has its page stream already".into(),
+        ));
+    }
+    None
+}
+
 /// The blocking part of [`pages`]: checks the migration, starts the daemon on the received
 /// image set, keeps it in the migration; returns this agent's end of the daemon's socket.
 fn start_pages(
@@ -817,21 +850,8 @@ fn start_pages(
             i.dir.join("set").join("criu"),
         )
     })?;
-    if memory != Memory::PostCopy {
-        return Err(Rejected::Refused(Refusal::PostCopy {
-            host: agent.config.host.to_string(),
-            reason: format!("migration {migration} was prepared for a cold move"),
-        }));
-    }
-    if !received {
-        return Err(Rejected::Refused(Refusal::Busy(
-            "no image set was received for this migration".into(),
-        )));
-    }
-    if has_daemon {
-        return Err(Rejected::Refused(Refusal::Busy(
-            "this migration has its page stream already".into(),
-        )));
+    if let Some(r) = pages_refusal(&agent.config.host, migration, memory, received, has_daemon) {
+        return Err(Rejected::Refused(r));
     }
     let (ours, daemons) =
         std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
@@ -1102,6 +1122,28 @@ mod tests {
         ));
         std::fs::write(&f, "4194304\n").unwrap();
         assert_eq!(post_copy_refusal(&host, &f), Ok(()));
+    }
+
+    /// A page stream is accepted only for a migration prepared for post-copy, once its image
+    /// set arrived, and only once.
+    #[test]
+    fn a_page_stream_needs_a_post_copy_migration_with_its_images_and_no_stream_yet() {
+        let host = Name::new("b").unwrap();
+        let m = MigrationId::from_bytes([3; 16]);
+        let cold = pages_refusal(&host, m, Memory::Cold, true, false);
+        assert!(
+            matches!(&cold, Some(Refusal::PostCopy { reason, .. }) if reason.contains("cold")),
+            "{cold:?}"
+        );
+        assert!(matches!(
+            pages_refusal(&host, m, Memory::PostCopy, false, false),
+            Some(Refusal::Busy(_))
+        ));
+        assert!(matches!(
+            pages_refusal(&host, m, Memory::PostCopy, true, true),
+            Some(Refusal::Busy(_))
+        ));
+        assert_eq!(pages_refusal(&host, m, Memory::PostCopy, true, false), None);
     }
 
     /// An inbound journal written before post-copy (no `memory`) reads as a cold move's,
