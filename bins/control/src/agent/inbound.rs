@@ -770,8 +770,8 @@ async fn pages(
     let a = agent.clone();
     let from = peer.clone();
     let started = tokio::task::spawn_blocking(move || start_pages(&a, &from, migration)).await;
-    let local = match started {
-        Ok(Ok(local)) => local,
+    let (local, daemon_pid) = match started {
+        Ok(Ok(x)) => x,
         Ok(Err(Rejected::Refused(r))) => return Some(refuse(&agent, &peer, kind, r)),
         Ok(Err(Rejected::Failed(e))) => {
             warn!(%peer, %migration, "starting the lazy-pages daemon failed: {e:#}");
@@ -792,7 +792,8 @@ async fn pages(
         return None;
     }
     info!(%peer, %migration, "post-copy: the lazy-pages daemon waits; relaying its pages");
-    match super::page_relay::relay(&mut local, send, &mut recv).await {
+    let ended_well = daemon_ended_well(daemon_pid);
+    match super::page_relay::relay_gated(&mut local, send, &mut recv, ended_well).await {
         Ok(f) => info!(
             %peer, %migration,
             from_source = f.from_peer,
@@ -841,7 +842,7 @@ fn start_pages(
     agent: &Agent,
     peer: &Name,
     migration: MigrationId,
-) -> Result<std::os::unix::net::UnixStream, Rejected> {
+) -> Result<(std::os::unix::net::UnixStream, i32), Rejected> {
     let (memory, received, has_daemon, dir) = with_inbound(agent, peer, migration, |i| {
         (
             i.memory,
@@ -855,7 +856,9 @@ fn start_pages(
     }
     let (ours, daemons) =
         std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
-    let mut daemon = Some(crate::postcopy::start_daemon(&dir, daemons)?);
+    let started = crate::postcopy::start_daemon(&dir, daemons)?;
+    let pid = i32::try_from(started.id()).context("the daemon's PID")?;
+    let mut daemon = Some(started);
     {
         let mut inbound = lock(&agent.inbound);
         match inbound.get_mut(&migration) {
@@ -873,7 +876,35 @@ fn start_pages(
             migration.to_string(),
         )));
     }
-    Ok(ours)
+    Ok((ours, pid))
+}
+
+/// How long the lazy-pages daemon may take to exit once its page socket closed.
+const DAEMON_END_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether the lazy-pages daemon `pid` ended well, asked when its page socket reads EOF (the
+/// relay passes the end on to the source only then, see `page_relay::relay_gated`): its exit
+/// status, read without reaping it (`WNOWAIT`: the resume reaps and judges it). Already
+/// reaped (by the resume, or killed by an abort the source asked for after stopping its
+/// dump), or still running after [`DAEMON_END_LIMIT`]: the end is passed on.
+async fn daemon_ended_well(pid: i32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + DAEMON_END_LIMIT;
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        loop {
+            match waitid(Id::Pid(nix::unistd::Pid::from_raw(pid)), flags) {
+                Ok(WaitStatus::Exited(_, code)) => return code == 0,
+                Ok(WaitStatus::Signaled(..)) => return false,
+                Ok(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(_) | Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .unwrap_or(true)
 }
 
 /// Exits this agent at once, as if killed (the scenario's "target agent killed" cases).
@@ -1144,6 +1175,28 @@ mod tests {
             Some(Refusal::Busy(_))
         ));
         assert_eq!(pages_refusal(&host, m, Memory::PostCopy, true, false), None);
+    }
+
+    /// The daemon's end is judged by its exit status, without reaping it (the resume does):
+    /// 0 is a good end, anything else or a signal is not, an unknown child is passed on.
+    #[test]
+    fn a_daemons_end_is_judged_by_its_exit_status_and_left_to_be_reaped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (script, well) in [("exit 0", true), ("exit 3", false), ("kill -9 $$", false)] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            assert_eq!(rt.block_on(daemon_ended_well(pid)), well, "{script}");
+            // Still there to be reaped, with the same status.
+            assert_eq!(child.wait().unwrap().success(), well, "{script}");
+        }
+        // Reaped already (or not ours): passed on.
+        assert!(rt.block_on(daemon_ended_well(i32::MAX - 7)));
     }
 
     /// An inbound journal written before post-copy (no `memory`) reads as a cold move's,

@@ -69,6 +69,10 @@ pub(crate) enum RelayError {
     /// The owner stopped the relay ([`relay_until`]).
     #[error("the page relay was stopped")]
     Stopped,
+    /// The local criu closed its socket and had failed ([`relay_gated`]): its end is not
+    /// passed on as the stream's clean end.
+    #[error("the local criu failed (its page socket closed with it)")]
+    LocalFailed,
 }
 
 /// Copies both directions between `local` and (`send`, `recv`) until both have ended; see the
@@ -83,10 +87,26 @@ pub(crate) async fn relay(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<RelayFigures, RelayError> {
+    relay_gated(local, send, recv, async { true }).await
+}
+
+/// [`relay`], with the local side's end judged first: when the unix socket reads EOF,
+/// `local_end_ok` says whether the local criu ended well (the target agent asks whether its
+/// lazy-pages daemon exited 0). Only then is the QUIC stream finished; otherwise it is reset
+/// ([`RelayError::LocalFailed`]). At the source, a lazy dump that sees its page socket close
+/// kills the frozen source, whereas a reset leaves the source agent free to stop the dump
+/// first (which lets the source go on): a daemon that died must not look like one that
+/// finished.
+pub(crate) async fn relay_gated(
+    local: &mut tokio::net::UnixStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    local_end_ok: impl std::future::Future<Output = bool>,
+) -> Result<RelayFigures, RelayError> {
     let (mut local_read, mut local_write) = local.split();
     let mut figures = RelayFigures::default();
     let copied = {
-        let up = up(&mut local_read, send, &mut figures.to_peer);
+        let up = up(&mut local_read, send, &mut figures.to_peer, local_end_ok);
         let down = down(recv, &mut local_write, &mut figures.from_peer);
         tokio::try_join!(up, down)
     };
@@ -133,11 +153,15 @@ async fn up(
     local: &mut tokio::net::unix::ReadHalf<'_>,
     send: &mut quinn::SendStream,
     count: &mut u64,
+    local_end_ok: impl std::future::Future<Output = bool>,
 ) -> Result<(), RelayError> {
     let mut buf = vec![0u8; BUF];
     loop {
         let n = local.read(&mut buf).await.map_err(RelayError::LocalRead)?;
         if n == 0 {
+            if !local_end_ok.await {
+                return Err(RelayError::LocalFailed);
+            }
             send.finish()?;
             return Ok(());
         }
@@ -434,6 +458,71 @@ mod tests {
                 ),
                 "{eb:?}"
             );
+        });
+    }
+
+    /// The target's daemon closes its socket having failed: the source's relay sees a reset,
+    /// not a clean end, and its socket stays open (its agent stops the dump first); one that
+    /// ended well is passed on as the end.
+    #[test]
+    fn a_failed_local_criu_is_not_passed_on_as_a_clean_end() {
+        runtime().block_on(async {
+            for ok in [false, true] {
+                let link = link().await;
+                let ((a_send, a_recv), (b_send, b_recv)) = stream(&link).await;
+                let (a_criu, a_agent) = UnixStream::pair().unwrap();
+                let (b_criu, b_agent) = UnixStream::pair().unwrap();
+                let a = tokio::spawn(async move {
+                    let (mut local, mut send, mut recv) = (a_agent, a_send, a_recv);
+                    let r = relay(&mut local, &mut send, &mut recv).await;
+                    (r, local)
+                });
+                let b = tokio::spawn(async move {
+                    let (mut local, mut send, mut recv) = (b_agent, b_send, b_recv);
+                    relay_gated(&mut local, &mut send, &mut recv, async move { ok }).await
+                });
+                // The daemon writes a request, then dies (its socket closes).
+                let (_b_r, mut b_w) = b_criu.into_split();
+                b_w.write_all(b"pages please").await.unwrap();
+                drop(b_w);
+                let (mut a_r, mut a_w) = a_criu.into_split();
+                if ok {
+                    let mut got = vec![0u8; 12];
+                    tokio::time::timeout(LIMIT, a_r.read_exact(&mut got))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(&got, b"pages please");
+                    // The end arrives as an end; the dump then ends its side.
+                    let mut rest = Vec::new();
+                    tokio::time::timeout(LIMIT, a_r.read_to_end(&mut rest))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert!(rest.is_empty());
+                    a_w.shutdown().await.unwrap();
+                    let (ra, _) = tokio::time::timeout(LIMIT, a).await.unwrap().unwrap();
+                    assert_eq!(ra.unwrap().from_peer, 12);
+                    let fb = tokio::time::timeout(LIMIT, b).await.unwrap().unwrap();
+                    assert_eq!(fb.unwrap().to_peer, 12);
+                } else {
+                    // A reset may drop what was in flight: only the end matters here.
+                    let eb = tokio::time::timeout(LIMIT, b).await.unwrap().unwrap();
+                    assert!(matches!(eb, Err(RelayError::LocalFailed)), "{eb:?}");
+                    let (ra, local) = tokio::time::timeout(LIMIT, a).await.unwrap().unwrap();
+                    assert!(
+                        matches!(
+                            ra,
+                            Err(RelayError::PeerRead(quinn::ReadError::Reset(_))
+                                | RelayError::PeerWrite(quinn::WriteError::Stopped(_)))
+                        ),
+                        "{ra:?}"
+                    );
+                    // The source's criu saw no end: its socket is open until its owner drops it.
+                    a_w.write_all(b"x").await.unwrap();
+                    drop(local);
+                }
+            }
         });
     }
 
