@@ -111,6 +111,9 @@ pub(crate) struct CrossHost {
     /// figures (resident after, pages).
     pub(crate) page_bytes_to_target: Option<u64>,
     pub(crate) page_bytes_from_target: Option<u64>,
+    /// Post-copy: what went wrong at the source after the target had every page (its dump's
+    /// exit, the relay's end); the move completed regardless.
+    pub(crate) page_source_note: Option<String>,
 }
 
 /// A move's full report.
@@ -690,6 +693,7 @@ impl Outbound {
         if let Some(e) = &error {
             warn!("post-copy: the target has every page, but here: {e}");
         }
+        self.cross.page_source_note = error;
         self.report.post_copy = Some(admin_api::PostCopyReport {
             transport: "agents-quic-stream".to_owned(),
             resident_after_ms: Some(resident_after_ms),
