@@ -332,6 +332,9 @@ pub(crate) fn migrate(
         crate::secure::write_private(path, report_json.as_bytes())?;
     }
     print_moves(std::slice::from_ref(&summary));
+    if let Some(line) = post_copy_line(&report_json) {
+        println!("{line}");
+    }
     if summary.outcome != agent_protocol::Outcome::Completed {
         bail!(
             "migration {}: {}",
@@ -343,6 +346,30 @@ pub(crate) fn migrate(
         );
     }
     Ok(())
+}
+
+/// A post-copy move's figures in a line (None for a cold move): the image set without the
+/// memory, the pages relayed inside the agents' connection, resident after, or the failure.
+fn post_copy_line(report_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(report_json).ok()?;
+    let cross = &v["cross_host"];
+    if cross["memory"].as_str() != Some("post-copy") {
+        return None;
+    }
+    let pc = &v["report"]["post_copy"];
+    let bytes =
+        |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_owned(), |b| b.to_string());
+    let mut line = format!(
+        "post-copy: image set {} B, {} B of pages relayed over the agents' connection",
+        bytes(&v["report"]["image_bytes"]),
+        bytes(&cross["page_bytes_to_target"]),
+    );
+    match (pc["resident_after_ms"].as_f64(), pc["error"].as_str()) {
+        (_, Some(e)) => line.push_str(&format!(", PAGE TRANSFER FAILED: {e}")),
+        (Some(ms), None) => line.push_str(&format!(", resident after {ms:.0} ms")),
+        (None, None) => line.push_str(", not resident"),
+    }
+    Some(line)
 }
 
 pub(crate) fn drain(a: &DrainArgs) -> Result<()> {
@@ -474,4 +501,29 @@ pub(crate) fn status(a: &FleetStatusArgs) -> Result<()> {
         print_moves(&recent);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod post_copy_tests {
+    use super::post_copy_line;
+
+    #[test]
+    fn a_post_copy_moves_figures_are_printed_and_a_cold_moves_are_not() {
+        let cold = r#"{"cross_host":{"memory":"cold"},"report":{}}"#;
+        assert_eq!(post_copy_line(cold), None);
+        assert_eq!(post_copy_line("not json"), None);
+        let done = r#"{"cross_host":{"memory":"post-copy","page_bytes_to_target":67200000},
+            "report":{"image_bytes":900000,"post_copy":{"resident_after_ms":412.4}}}"#;
+        let line = post_copy_line(done).unwrap();
+        assert!(line.contains("image set 900000 B"), "{line}");
+        assert!(line.contains("67200000 B of pages"), "{line}");
+        assert!(line.contains("resident after 412 ms"), "{line}");
+        let failed = r#"{"cross_host":{"memory":"post-copy"},
+            "report":{"post_copy":{"error":"daemon exit 1"}}}"#;
+        let line = post_copy_line(failed).unwrap();
+        assert!(
+            line.contains("PAGE TRANSFER FAILED: daemon exit 1"),
+            "{line}"
+        );
+    }
 }
