@@ -208,6 +208,52 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
     })
 }
 
+/// An agent for in-process tests: `config`'s identity, an endpoint on 127.0.0.1 port 0 (its
+/// address is the second value), nothing started; call within a tokio runtime.
+#[cfg(test)]
+pub(crate) fn test_agent(config: Config, storage: &Path) -> (Arc<Agent>, SocketAddr) {
+    let (server_cfg, client_cfg) = tls::configs(&config, 1 << 20).unwrap();
+    let mut endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_cfg);
+    let addr = endpoint.local_addr().unwrap();
+    let token_key = migration_crypto::load_token_key_file(&config.token_key).unwrap();
+    let gate = Gate::new(
+        config.host.clone(),
+        config.allow.iter().cloned(),
+        token_key.clone(),
+        config.peer_rate,
+        Duration::from_secs(config.token_lifetime_s),
+    );
+    let agent = Arc::new(Agent {
+        config,
+        storage: storage.to_path_buf(),
+        token_key,
+        gate: Mutex::new(gate),
+        endpoint,
+        started: Instant::now(),
+        services: Mutex::new(BTreeMap::new()),
+        busy: Mutex::new(BTreeSet::new()),
+        reserved_ports: Mutex::new(BTreeSet::new()),
+        inbound: Mutex::new(HashMap::new()),
+        recent: Mutex::new(VecDeque::new()),
+        conns: tokio::sync::Mutex::new(HashMap::new()),
+        server: ServerSpec {
+            swrapper: PathBuf::from("/nonexistent/swrapper"),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            user: None,
+            extra: Vec::new(),
+            pid_namespace: false,
+        },
+        allow_faults: false,
+        draining: std::sync::atomic::AtomicBool::new(false),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        runtime: tokio::runtime::Handle::current(),
+        metrics: crate::metrics::Metrics::new(),
+    });
+    (agent, addr)
+}
+
 /// What an agent started after another died on this host takes over.
 #[derive(Debug, Default)]
 pub(crate) struct Kept {
@@ -766,7 +812,7 @@ async fn read_reply(recv: &mut quinn::RecvStream) -> Result<PeerReply> {
     Ok(agent_protocol::decode(&body)?)
 }
 
-async fn accept_peers(agent: Arc<Agent>) {
+pub(crate) async fn accept_peers(agent: Arc<Agent>) {
     while let Some(incoming) = agent.endpoint.accept().await {
         let agent = agent.clone();
         if !incoming.remote_address_validated() {

@@ -1199,6 +1199,99 @@ mod tests {
         assert!(rt.block_on(daemon_ended_well(i32::MAX - 7)));
     }
 
+    /// Over two in-process agents' real mutual-TLS connection: a page stream passes the gate
+    /// with its migration's token and is refused with a frame (no raw bytes, no criu) unless
+    /// the migration was prepared for post-copy here and its images arrived; a token of
+    /// another migration is refused by the gate.
+    #[test]
+    fn a_page_stream_between_two_agents_is_refused_unless_prepared_for_post_copy() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = crate::agent::tls::tests::fleet(
+            &dir.path().join("fleet"),
+            &[("a", "127.0.0.1"), ("b", "127.0.0.1")],
+        );
+        let (a_name, b_name) = (Name::new("a").unwrap(), Name::new("b").unwrap());
+        rt.block_on(async {
+            let (b, b_addr) =
+                crate::agent::daemon::test_agent(fleet[1].clone(), &dir.path().join("b"));
+            tokio::spawn(crate::agent::daemon::accept_peers(b.clone()));
+            let mut a_config = fleet[0].clone();
+            a_config.peers.insert(b_name.clone(), b_addr);
+            let (a, _) = crate::agent::daemon::test_agent(a_config, &dir.path().join("a"));
+            let m = MigrationId::from_bytes([9; 16]);
+            let storage = dir.path().join("b");
+            let service = ServiceSpec {
+                name: Name::new("s").unwrap(),
+                server_user: None,
+                moves: 0,
+            };
+            lock(&b.inbound).insert(
+                m,
+                Inbound {
+                    migration: m,
+                    source: a_name.clone(),
+                    paths: Paths::new(&storage, &service.name),
+                    service,
+                    key: None,
+                    slot: crate::slot::Slot::for_test("qlm-mh-s", &storage),
+                    dir: storage.join("inbound").join(m.to_string()),
+                    received: true,
+                    restored_pid: None,
+                    fault: None,
+                    touched: Instant::now(),
+                    step_running: false,
+                    abandoned: false,
+                    memory: Memory::Cold,
+                    page_daemon: None,
+                    restored_at: None,
+                },
+            );
+            let pages = |migration| PeerRequest {
+                token: a.token_for(m, &b_name).unwrap(),
+                body: PeerBody::Pages { migration },
+            };
+            let limit = Duration::from_secs(10);
+            let reply = a.ask(&b_name, &pages(m), limit).await.unwrap();
+            assert!(
+                matches!(&reply, PeerReply::Refused(Refusal::PostCopy { host, reason })
+                    if host == "b" && reason.contains("cold")),
+                "{reply:?}"
+            );
+            if let Some(i) = lock(&b.inbound).get_mut(&m) {
+                i.memory = Memory::PostCopy;
+                i.received = false;
+            }
+            let reply = a.ask(&b_name, &pages(m), limit).await.unwrap();
+            assert!(
+                matches!(&reply, PeerReply::Refused(Refusal::Busy(r)) if r.contains("image set")),
+                "{reply:?}"
+            );
+            let other = MigrationId::from_bytes([8; 16]);
+            let reply = a.ask(&b_name, &pages(other), limit).await.unwrap();
+            assert_eq!(
+                reply,
+                PeerReply::Refused(Refusal::Token(agent_protocol::TokenRefusal::WrongMigration))
+            );
+            // A migration this target does not hold, with its own token.
+            let unknown = PeerRequest {
+                token: a.token_for(other, &b_name).unwrap(),
+                body: PeerBody::Pages { migration: other },
+            };
+            let reply = a.ask(&b_name, &unknown, limit).await.unwrap();
+            assert!(
+                matches!(reply, PeerReply::Refused(Refusal::UnknownMigration(_))),
+                "{reply:?}"
+            );
+            a.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+            b.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        });
+    }
+
     /// An inbound journal written before post-copy (no `memory`) reads as a cold move's,
     /// and a post-copy one keeps its mode (a later agent must not adopt its server).
     #[test]
