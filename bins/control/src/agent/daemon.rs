@@ -70,7 +70,15 @@ pub(crate) struct Agent {
     pub(crate) stopping: std::sync::atomic::AtomicBool,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Starts a post-copy target's lazy-pages daemon on its page socket (`postcopy::
+    /// start_daemon`; a stand-in in tests, which have no criu).
+    pub(crate) lazy_pages: LazyPagesLauncher,
 }
+
+/// How a target agent starts `criu lazy-pages --page-server` on the received image set and
+/// its end of the page socket pair.
+pub(crate) type LazyPagesLauncher =
+    fn(&Path, std::os::unix::net::UnixStream) -> Result<std::process::Child>;
 
 /// `control agent`'s options.
 #[derive(Debug, Clone)]
@@ -178,6 +186,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             stopping: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             metrics: crate::metrics::Metrics::new(),
+            lazy_pages: crate::postcopy::start_daemon,
         });
         for journal in kept.inbound {
             match super::inbound::adopt(&agent, journal) {
@@ -211,7 +220,11 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
 /// An agent for in-process tests: `config`'s identity, an endpoint on 127.0.0.1 port 0 (its
 /// address is the second value), nothing started; call within a tokio runtime.
 #[cfg(test)]
-pub(crate) fn test_agent(config: Config, storage: &Path) -> (Arc<Agent>, SocketAddr) {
+pub(crate) fn test_agent(
+    config: Config,
+    storage: &Path,
+    lazy_pages: LazyPagesLauncher,
+) -> (Arc<Agent>, SocketAddr) {
     let (server_cfg, client_cfg) = tls::configs(&config, 1 << 20).unwrap();
     let mut endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_cfg);
@@ -250,6 +263,7 @@ pub(crate) fn test_agent(config: Config, storage: &Path) -> (Arc<Agent>, SocketA
         stopping: std::sync::atomic::AtomicBool::new(false),
         runtime: tokio::runtime::Handle::current(),
         metrics: crate::metrics::Metrics::new(),
+        lazy_pages,
     });
     (agent, addr)
 }

@@ -856,7 +856,7 @@ fn start_pages(
     }
     let (ours, daemons) =
         std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
-    let started = crate::postcopy::start_daemon(&dir, daemons)?;
+    let started = (agent.lazy_pages)(&dir, daemons)?;
     let pid = i32::try_from(started.id()).context("the daemon's PID")?;
     let mut daemon = Some(started);
     {
@@ -1217,12 +1217,19 @@ mod tests {
         );
         let (a_name, b_name) = (Name::new("a").unwrap(), Name::new("b").unwrap());
         rt.block_on(async {
-            let (b, b_addr) =
-                crate::agent::daemon::test_agent(fleet[1].clone(), &dir.path().join("b"));
+            let (b, b_addr) = crate::agent::daemon::test_agent(
+                fleet[1].clone(),
+                &dir.path().join("b"),
+                crate::postcopy::start_daemon,
+            );
             tokio::spawn(crate::agent::daemon::accept_peers(b.clone()));
             let mut a_config = fleet[0].clone();
             a_config.peers.insert(b_name.clone(), b_addr);
-            let (a, _) = crate::agent::daemon::test_agent(a_config, &dir.path().join("a"));
+            let (a, _) = crate::agent::daemon::test_agent(
+                a_config,
+                &dir.path().join("a"),
+                crate::postcopy::start_daemon,
+            );
             let m = MigrationId::from_bytes([9; 16]);
             let storage = dir.path().join("b");
             let service = ServiceSpec {
@@ -1287,6 +1294,155 @@ mod tests {
                 matches!(reply, PeerReply::Refused(Refusal::UnknownMigration(_))),
                 "{reply:?}"
             );
+            a.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+            b.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        });
+    }
+
+    /// A stand-in for `criu lazy-pages` with the page socket as stdin and stdout: asks for
+    /// pages (`REQ`), writes what it gets to `<dir>/got` until the end, exits with the code in
+    /// `<dir>/code`.
+    fn fake_lazy_pages(
+        dir: &std::path::Path,
+        ps: std::os::unix::net::UnixStream,
+    ) -> Result<std::process::Child> {
+        use std::process::{Command, Stdio};
+        let input = ps.try_clone()?;
+        Ok(Command::new("sh")
+            .args([
+                "-c",
+                "printf REQ; cat > \"$1/got\"; exit $(cat \"$1/code\")",
+                "sh",
+            ])
+            .arg(dir)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(ps)))
+            .spawn()?)
+    }
+
+    /// The whole page path between two in-process agents, criu replaced at both ends: the
+    /// source's relay (as `outbound::open_pages` runs it) and the target's real Pages handler
+    /// with a stand-in daemon. Its bytes cross intact both ways, `PagesReady` comes first as
+    /// a frame; a daemon that exits 0 ends the stream cleanly at the source's socket, one
+    /// that fails resets it (the source's socket stays open, its dump not told an end).
+    #[test]
+    fn pages_cross_between_two_agents_and_a_failed_daemon_is_no_clean_end() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = crate::agent::tls::tests::fleet(
+            &dir.path().join("fleet"),
+            &[("a", "127.0.0.1"), ("b", "127.0.0.1")],
+        );
+        let (a_name, b_name) = (Name::new("a").unwrap(), Name::new("b").unwrap());
+        let storage = dir.path().join("b");
+        let limit = Duration::from_secs(30);
+        rt.block_on(async {
+            let (b, b_addr) =
+                crate::agent::daemon::test_agent(fleet[1].clone(), &storage, fake_lazy_pages);
+            tokio::spawn(crate::agent::daemon::accept_peers(b.clone()));
+            let mut a_config = fleet[0].clone();
+            a_config.peers.insert(b_name.clone(), b_addr);
+            let (a, _) =
+                crate::agent::daemon::test_agent(a_config, &dir.path().join("a"), fake_lazy_pages);
+            for (i, code) in [0u8, 3].into_iter().enumerate() {
+                let m = MigrationId::from_bytes([20 + code; 16]);
+                let inbound_dir = storage.join("inbound").join(m.to_string());
+                let criu_dir = inbound_dir.join("set").join("criu");
+                std::fs::create_dir_all(&criu_dir).unwrap();
+                std::fs::write(criu_dir.join("code"), code.to_string()).unwrap();
+                let service = ServiceSpec {
+                    name: Name::new(&format!("s{i}")).unwrap(),
+                    server_user: None,
+                    moves: 0,
+                };
+                lock(&b.inbound).insert(
+                    m,
+                    Inbound {
+                        migration: m,
+                        source: a_name.clone(),
+                        paths: Paths::new(&storage, &service.name),
+                        service,
+                        key: None,
+                        slot: crate::slot::Slot::for_test("qlm-mh-s", &storage),
+                        dir: inbound_dir,
+                        received: true,
+                        restored_pid: None,
+                        fault: None,
+                        touched: Instant::now(),
+                        step_running: false,
+                        abandoned: false,
+                        memory: Memory::PostCopy,
+                        page_daemon: None,
+                        restored_at: None,
+                    },
+                );
+                // The source agent's side, as open_pages runs it.
+                let request = PeerRequest {
+                    token: a.token_for(m, &b_name).unwrap(),
+                    body: PeerBody::Pages { migration: m },
+                };
+                let conn = a.connection(&b_name).await.unwrap();
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                crate::agent::daemon::write_frame(&mut send, &request)
+                    .await
+                    .unwrap();
+                let body = tokio::time::timeout(limit, crate::agent::daemon::read_body(&mut recv))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let reply: PeerReply = agent_protocol::decode(&body).unwrap();
+                assert_eq!(reply, PeerReply::PagesReady);
+                let (dump, mut ours) = tokio::net::UnixStream::pair().unwrap();
+                let relay = tokio::spawn(async move {
+                    let r = crate::agent::page_relay::relay(&mut ours, &mut send, &mut recv).await;
+                    (r, ours)
+                });
+                // The stand-in dump: answers the request with its pages, then ends its side.
+                let (mut dump_r, mut dump_w) = dump.into_split();
+                let mut req = [0u8; 3];
+                tokio::time::timeout(limit, dump_r.read_exact(&mut req))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&req, b"REQ");
+                let pages: Vec<u8> = (0..(2u32 << 20))
+                    .map(|x| (x.wrapping_mul(7) ^ (x >> 12)) as u8)
+                    .collect();
+                dump_w.write_all(&pages).await.unwrap();
+                dump_w.shutdown().await.unwrap();
+                let (relayed, _ours) = tokio::time::timeout(limit, relay).await.unwrap().unwrap();
+                let daemon = lock(&b.inbound)
+                    .get_mut(&m)
+                    .and_then(|i| i.page_daemon.take());
+                let status = daemon.expect("the target keeps its daemon").wait().unwrap();
+                assert_eq!(status.code(), Some(i32::from(code)));
+                assert!(std::fs::read(criu_dir.join("got")).unwrap() == pages);
+                if code == 0 {
+                    let f = relayed.unwrap();
+                    assert_eq!((f.to_peer, f.from_peer), (2 << 20, 3));
+                    let mut rest = Vec::new();
+                    tokio::time::timeout(limit, dump_r.read_to_end(&mut rest))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert!(rest.is_empty(), "the end came as an end");
+                } else {
+                    assert!(
+                        matches!(
+                            relayed,
+                            Err(crate::agent::page_relay::RelayError::PeerRead(
+                                quinn::ReadError::Reset(_)
+                            ))
+                        ),
+                        "{relayed:?}"
+                    );
+                }
+            }
             a.endpoint.close(quinn::VarInt::from_u32(0), b"done");
             b.endpoint.close(quinn::VarInt::from_u32(0), b"done");
         });
