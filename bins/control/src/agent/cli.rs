@@ -348,23 +348,41 @@ pub(crate) fn migrate(
     Ok(())
 }
 
+/// The parts of a move's report (`outbound::CrossReport`, JSON) a post-copy line needs.
+#[derive(Debug, serde::Deserialize)]
+struct PostCopyView {
+    cross_host: CrossView,
+    report: ReportView,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CrossView {
+    #[serde(default)]
+    memory: String,
+    page_bytes_to_target: Option<u64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ReportView {
+    image_bytes: Option<u64>,
+    post_copy: Option<admin_api::PostCopyReport>,
+}
+
 /// A post-copy move's figures in a line (None for a cold move): the image set without the
 /// memory, the pages relayed inside the agents' connection, resident after, or the failure.
 fn post_copy_line(report_json: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(report_json).ok()?;
-    let cross = &v["cross_host"];
-    if cross["memory"].as_str() != Some("post-copy") {
+    let v: PostCopyView = serde_json::from_str(report_json).ok()?;
+    if v.cross_host.memory != "post-copy" {
         return None;
     }
-    let pc = &v["report"]["post_copy"];
-    let bytes =
-        |x: &serde_json::Value| x.as_u64().map_or_else(|| "-".to_owned(), |b| b.to_string());
+    let bytes = |x: Option<u64>| x.map_or_else(|| "-".to_owned(), |b| b.to_string());
     let mut line = format!(
         "post-copy: image set {} B, {} B of pages relayed over the agents' connection",
-        bytes(&v["report"]["image_bytes"]),
-        bytes(&cross["page_bytes_to_target"]),
+        bytes(v.report.image_bytes),
+        bytes(v.cross_host.page_bytes_to_target),
     );
-    match (pc["resident_after_ms"].as_f64(), pc["error"].as_str()) {
+    let pc = v.report.post_copy.unwrap_or_default();
+    match (pc.resident_after_ms, pc.error) {
         (_, Some(e)) => line.push_str(&format!(", PAGE TRANSFER FAILED: {e}")),
         (Some(ms), None) => line.push_str(&format!(", resident after {ms:.0} ms")),
         (None, None) => line.push_str(", not resident"),
@@ -509,17 +527,21 @@ mod post_copy_tests {
 
     #[test]
     fn a_post_copy_moves_figures_are_printed_and_a_cold_moves_are_not() {
-        let cold = r#"{"cross_host":{"memory":"cold"},"report":{}}"#;
+        let cold = r#"{"cross_host":{"memory":"cold"},"report":{"image_bytes":7}}"#;
         assert_eq!(post_copy_line(cold), None);
         assert_eq!(post_copy_line("not json"), None);
         let done = r#"{"cross_host":{"memory":"post-copy","page_bytes_to_target":67200000},
-            "report":{"image_bytes":900000,"post_copy":{"resident_after_ms":412.4}}}"#;
+            "report":{"image_bytes":900000,"post_copy":{"transport":"agents-quic-stream",
+            "resident_after_ms":412.4,"pages_transferred":null,"bytes_transferred":null,
+            "error":null}}}"#;
         let line = post_copy_line(done).unwrap();
         assert!(line.contains("image set 900000 B"), "{line}");
         assert!(line.contains("67200000 B of pages"), "{line}");
         assert!(line.contains("resident after 412 ms"), "{line}");
         let failed = r#"{"cross_host":{"memory":"post-copy"},
-            "report":{"post_copy":{"error":"daemon exit 1"}}}"#;
+            "report":{"image_bytes":null,"post_copy":{"transport":"agents-quic-stream",
+            "resident_after_ms":null,"pages_transferred":null,"bytes_transferred":null,
+            "error":"daemon exit 1"}}}"#;
         let line = post_copy_line(failed).unwrap();
         assert!(
             line.contains("PAGE TRANSFER FAILED: daemon exit 1"),
