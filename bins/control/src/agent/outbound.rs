@@ -20,7 +20,8 @@
 //! lazy-pages daemon (`page_relay`); the target restores with `--lazy-pages` and answers the
 //! resume once every page arrived (`ResumedResident`). Preconditions are checked before
 //! anything is touched, here (`postcopy::refusal`: the server is PID 1 of its own pid
-//! namespace, fs.pipe-max-size) and at the target (`Refusal::PostCopy`). Any failure before
+//! namespace, fs.pipe-max-size; the move is refused, not started) and at the target
+//! (`Refusal::PostCopy`, at Prepare: rolled back like any refused Prepare). Any failure before
 //! the target has every page is a rollback by *stopping the dump*: a killed criu dump lets the
 //! frozen source go on, its memory intact (postcopy.rs checks this), so there is no image set
 //! to restore here. A target whose pages could not all arrive kills its restored server and
@@ -209,6 +210,18 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
             s.migrations,
         )
     };
+    // Post-copy's preconditions here, before anything is touched (as on one host; the target
+    // checks its own when it prepares): the move is refused, not rolled back.
+    if spec.memory == Memory::PostCopy
+        && let Err(r) = postcopy::refusal(
+            pid,
+            crate::engine::Transfer::Local,
+            std::path::Path::new(postcopy::PIPE_MAX_SIZE),
+        )
+    {
+        warn!(service = %spec.service, "REFUSED post-copy move: {r}");
+        bail!("post-copy refused at {}: {r}", agent.config.host);
+    }
     let id = engine::random_id()?;
     let moves = agent.storage.join("moves");
     secure::private_dir(&moves)?;
@@ -399,19 +412,6 @@ impl Outbound {
 
     /// Preparing: the target gets ready, then the server tells its clients and parks.
     fn prepare(&mut self) -> Result<Event> {
-        // Post-copy's preconditions here, before anything is touched (the target checks its
-        // own when it prepares).
-        if self.post_copy()
-            && let Err(r) = postcopy::refusal(
-                self.pid,
-                crate::engine::Transfer::Local,
-                std::path::Path::new(postcopy::PIPE_MAX_SIZE),
-            )
-        {
-            let here = self.agent.config.host.to_string();
-            self.fail_at("preparing", &here);
-            bail!("post-copy refused at {here}: {r}");
-        }
         // The dump lands in this host's storage first: refuse now rather than mid-dump.
         let image_estimate = sys::resident_bytes(self.pid).unwrap_or(0);
         sys::check_room(&self.images, image_estimate, "the server's dump").inspect_err(|_| {
