@@ -1061,7 +1061,7 @@ pub(crate) fn restore_via_supervisor(
 
 /// Post-copy: `criu restore --lazy-pages` of `dir` into `netns`, run by the supervisor at
 /// `socket`.
-fn restore_lazy_via_supervisor(
+pub(crate) fn restore_lazy_via_supervisor(
     socket: &Path,
     netns: &Path,
     dir: &Path,

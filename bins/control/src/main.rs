@@ -405,7 +405,9 @@ fn dispatch(cli: &Cli) -> Result<()> {
             let _lock = lock::acquire(state_dir, "control up")?;
             deploy::up(&settings, &opts).map(|_| ())
         }
-        Cmd::Migrate(a) if a.cross.to.is_some() => agent::cli::migrate(&a.cross, a.phases),
+        Cmd::Migrate(a) if a.cross.to.is_some() => {
+            agent::cli::migrate(&a.cross, a.phases, a.memory)
+        }
         Cmd::Migrate(a) => {
             interrupt::install()?;
             let _lock = locked_existing(state_dir, "control migrate")?;

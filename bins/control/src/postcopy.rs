@@ -66,7 +66,7 @@ pub(crate) const MIN_PIPE_MAX_SIZE: u64 = 4 << 20;
 /// How long the dump and the lazy-pages daemon may take to say they are ready.
 const READY_LIMIT: Duration = Duration::from_secs(60);
 /// How long the pages may take to arrive after the restore.
-const RESIDENT_LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const RESIDENT_LIMIT: Duration = Duration::from_secs(300);
 
 /// Why a post-copy move is refused before anything is touched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,12 +192,15 @@ pub(crate) fn server_host_pid(supervisor_pid: i32) -> Result<i32> {
 }
 
 /// The pages on their way: the source's lazy dump (its page server) and the target's
-/// lazy-pages daemon, both children of this control, joined by a unix socket pair.
+/// lazy-pages daemon, joined by a unix socket pair. On one host both are children of this
+/// control; across hosts each agent holds its half (the other field is `None`: that process
+/// runs at the other host, and the agents relay the socket's bytes, `agent::page_relay`).
 #[derive(Debug)]
 pub(crate) struct PageFlow {
-    dump: Child,
-    daemon: Child,
+    dump: Option<Child>,
+    daemon: Option<Child>,
     dir: PathBuf,
+    transport: &'static str,
 }
 
 /// The source's memory is ready to be served: what [`start`] returns.
@@ -297,6 +300,48 @@ pub(crate) fn start(
 ) -> Result<Started> {
     let started = Instant::now();
     let (ps_dump, ps_daemon) = UnixStream::pair().context("creating the page socket pair")?;
+    let (mut dump, dump_timing) = start_dump(pid, netns, dir, dump_as, ps_dump, started)?;
+    let daemon = match start_daemon(dir, ps_daemon) {
+        Ok(d) => d,
+        Err(e) => {
+            // The dump's page server sees its socket close: it unfreezes the source.
+            // Killed, so that the frozen source goes on (see `PageFlow::abort`).
+            let _ = dump.kill();
+            let status = dump.wait().ok();
+            return Err(e.context(format!(
+                "the lazy-pages daemon did not start; the source's dump was stopped ({})",
+                describe(status)
+            )));
+        }
+    };
+    info!(
+        ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+        "post-copy: source frozen, its pages ready to be served"
+    );
+    Ok(Started {
+        flow: PageFlow {
+            dump: Some(dump),
+            daemon: Some(daemon),
+            dir: dir.to_path_buf(),
+            transport: "unix-socket-pair",
+        },
+        dump: dump_timing,
+    })
+}
+
+/// The source's half: `criu dump --lazy-pages` of `pid` (in `netns`, as `dump_as`) into
+/// `dir`, its page server on `ps` (its fd 3 is that end; whoever holds the other end reaches
+/// the page server: the lazy-pages daemon on one host, the source agent's relay across hosts).
+/// Returns once the dump is ready (the source frozen, everything but its memory in `dir`),
+/// with its timing counted from `started`.
+pub(crate) fn start_dump(
+    pid: i32,
+    netns: &Path,
+    dir: &Path,
+    dump_as: Option<criu::DumpAs>,
+    ps_dump: UnixStream,
+    started: Instant,
+) -> Result<(Child, CriuTiming)> {
     let (ready_r, ready_w) = status_pipe()?;
     let log = dir.join("dump.log");
     // criu's kernel-feature cache (`kdat`): ~30 ms less per call; it needs --unprivileged.
@@ -322,37 +367,17 @@ pub(crate) fn start(
     let mut dump = cmd.spawn().context("starting criu dump --lazy-pages")?;
     drop((ps_dump, ready_w));
     wait_ready(ready_r, &mut dump, "criu dump --lazy-pages", &log)?;
-    let dump_timing = criu::timing(started.elapsed(), &log, criu::DUMP_TASK_MARKERS);
-    let daemon = match start_daemon(dir, ps_daemon) {
-        Ok(d) => d,
-        Err(e) => {
-            // The dump's page server sees its socket close: it unfreezes the source.
-            // Killed, so that the frozen source goes on (see `PageFlow::abort`).
-            let _ = dump.kill();
-            let status = dump.wait().ok();
-            return Err(e.context(format!(
-                "the lazy-pages daemon did not start; the source's dump was stopped ({})",
-                describe(status)
-            )));
-        }
-    };
-    info!(
-        ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-        "post-copy: source frozen, its pages ready to be served"
-    );
-    Ok(Started {
-        flow: PageFlow {
-            dump,
-            daemon,
-            dir: dir.to_path_buf(),
-        },
-        dump: dump_timing,
-    })
+    Ok((
+        dump,
+        criu::timing(started.elapsed(), &log, criu::DUMP_TASK_MARKERS),
+    ))
 }
 
-/// `criu lazy-pages --page-server` on the socket `ps`: waits for the restore's userfaultfds
-/// and fills them from the source's page server.
-fn start_daemon(dir: &Path, ps: UnixStream) -> Result<Child> {
+/// The target's half: `criu lazy-pages --page-server` on the socket `ps` (its fd 3): waits for
+/// the restore's userfaultfds and fills them from the source's page server at the other end
+/// of `ps` (the dump on one host, the target agent's relay across hosts). `dir` holds the
+/// image set the restore will read (the daemon's socket and log go there).
+pub(crate) fn start_daemon(dir: &Path, ps: UnixStream) -> Result<Child> {
     use std::os::unix::process::CommandExt as _;
     let (ready_r, ready_w) = status_pipe()?;
     let log = dir.join("lazy-pages.log");
@@ -413,13 +438,50 @@ pub(crate) fn parse_transferred_pages(log: &str) -> Option<(u64, u64)> {
     })
 }
 
+/// A half that runs at the other host counts as done here: that host judges it.
+fn wait_half(child: Option<&mut Child>, limit: Duration) -> Option<ExitStatus> {
+    match child {
+        Some(c) => wait_limited(c, limit),
+        None => Some(ExitStatus::default()),
+    }
+}
+
+fn kill_half(child: Option<&mut Child>) -> Option<ExitStatus> {
+    let c = child?;
+    let _ = c.kill();
+    c.wait().ok()
+}
+
 impl PageFlow {
+    /// The source's half across hosts: its lazy dump (from [`start_dump`]); the lazy-pages
+    /// daemon runs at the target.
+    pub(crate) fn source_half(dump: Child, dir: &Path) -> PageFlow {
+        PageFlow {
+            dump: Some(dump),
+            daemon: None,
+            dir: dir.to_path_buf(),
+            transport: "agents-quic-stream",
+        }
+    }
+
+    /// The target's half across hosts: its lazy-pages daemon (from [`start_daemon`]); the
+    /// lazy dump runs at the source.
+    pub(crate) fn target_half(daemon: Child, dir: &Path) -> PageFlow {
+        PageFlow {
+            dump: None,
+            daemon: Some(daemon),
+            dir: dir.to_path_buf(),
+            transport: "agents-quic-stream",
+        }
+    }
+
     /// Waits until both the source's page server and the lazy-pages daemon have exited (every
-    /// page resident in the restored process), and says what moved.
+    /// page resident in the restored process), and says what moved. Across hosts, each agent
+    /// waits for its half.
     pub(crate) fn wait_resident(mut self, restored_at: Instant) -> PostCopyReport {
-        let dump = wait_limited(&mut self.dump, RESIDENT_LIMIT);
+        let dump = wait_half(self.dump.as_mut(), RESIDENT_LIMIT);
         let left = RESIDENT_LIMIT.saturating_sub(restored_at.elapsed());
-        let daemon = wait_limited(&mut self.daemon, left.max(Duration::from_secs(1)));
+        let daemon = wait_half(self.daemon.as_mut(), left.max(Duration::from_secs(1)));
         let after = restored_at.elapsed();
         let log = self.dir.join("lazy-pages.log");
         let pages = parse_transferred_pages(&std::fs::read_to_string(&log).unwrap_or_default());
@@ -436,15 +498,21 @@ impl PageFlow {
         } else {
             // Whatever still runs is stopped, the dump first (a killed dump lets the source
             // go on; see `abort`): the transfer is over either way.
-            let _ = self.dump.kill();
-            let _ = self.dump.wait();
-            let _ = self.daemon.kill();
-            let _ = self.daemon.wait();
+            kill_half(self.dump.as_mut());
+            kill_half(self.daemon.as_mut());
             Some(format!(
                 "the page transfer failed after the restore: source's criu dump {}, \
                  lazy-pages daemon {}; dump log {}:\n{}\nlazy-pages log {}:\n{}",
-                describe(dump),
-                describe(daemon),
+                if self.dump.is_some() {
+                    describe(dump)
+                } else {
+                    "at the other host".to_owned()
+                },
+                if self.daemon.is_some() {
+                    describe(daemon)
+                } else {
+                    "at the other host".to_owned()
+                },
                 self.dir.join("dump.log").display(),
                 errors_of(&self.dir.join("dump.log")),
                 log.display(),
@@ -452,7 +520,7 @@ impl PageFlow {
             ))
         };
         PostCopyReport {
-            transport: "unix-socket-pair".to_owned(),
+            transport: self.transport.to_owned(),
             resident_after_ms: error.is_none().then_some(after.as_secs_f64() * 1e3),
             pages_transferred: pages.map(|p| p.0),
             bytes_transferred: pages.map(|p| p.0 * page),
@@ -465,10 +533,8 @@ impl PageFlow {
     /// here: its memory intact), whereas a dump whose page server merely sees its peer close
     /// takes that for the end of the transfer and kills the source.
     pub(crate) fn abort(mut self) {
-        let _ = self.dump.kill();
-        let dump = self.dump.wait().ok();
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
+        let dump = kill_half(self.dump.as_mut());
+        kill_half(self.daemon.as_mut());
         warn!(
             dump = %describe(dump),
             "post-copy transfer stopped before the restore used it (source's dump killed)"
@@ -595,9 +661,10 @@ mod tests {
         .unwrap();
         // The source's dump dies (exit 3), the daemon ends fine: the pages never all arrived.
         let flow = PageFlow {
-            dump: Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap(),
-            daemon: Command::new("true").spawn().unwrap(),
+            dump: Some(Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap()),
+            daemon: Some(Command::new("true").spawn().unwrap()),
             dir: dir.path().to_path_buf(),
+            transport: "unix-socket-pair",
         };
         let r = flow.wait_resident(Instant::now());
         let error = r.error.expect("a failed transfer is an error");
@@ -608,13 +675,29 @@ mod tests {
         assert_eq!(r.pages_transferred, Some(7));
         // Both fine: resident, with a figure.
         let flow = PageFlow {
-            dump: Command::new("true").spawn().unwrap(),
-            daemon: Command::new("true").spawn().unwrap(),
+            dump: Some(Command::new("true").spawn().unwrap()),
+            daemon: Some(Command::new("true").spawn().unwrap()),
             dir: dir.path().to_path_buf(),
+            transport: "unix-socket-pair",
         };
         let r = flow.wait_resident(Instant::now());
         assert_eq!(r.error, None);
         assert!(r.resident_after_ms.is_some());
+        // Across hosts, each agent judges its half: the target's daemon failing is an error
+        // at the target, with the agents' transport named; the source's dump ending well is
+        // resident as far as the source can tell.
+        let flow = PageFlow::target_half(
+            Command::new("sh").args(["-c", "exit 4"]).spawn().unwrap(),
+            dir.path(),
+        );
+        let r = flow.wait_resident(Instant::now());
+        assert_eq!(r.transport, "agents-quic-stream");
+        let error = r.error.expect("the daemon failed");
+        assert!(error.contains("exit status: 4"), "{error}");
+        assert!(error.contains("dump at the other host"), "{error}");
+        let r = PageFlow::source_half(Command::new("true").spawn().unwrap(), dir.path())
+            .wait_resident(Instant::now());
+        assert_eq!(r.error, None);
     }
 
     /// A process that holds `mib` MiB (every page written with its own offset) and prints
@@ -769,7 +852,7 @@ mod tests {
         let mut started = start(pid, &a.path(), &images, None).unwrap();
         let (new_pid, _) = restore(&b.path(), &images, "restore.log").unwrap();
         let _restored = KillOnDrop(new_pid);
-        started.flow.dump.kill().unwrap();
+        started.flow.dump.as_mut().unwrap().kill().unwrap();
         let report = started.flow.wait_resident(Instant::now());
         let error = report.error.expect("the transfer cannot have completed");
         assert!(error.contains("failed after the restore"), "{error}");

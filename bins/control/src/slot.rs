@@ -106,6 +106,18 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// A slot record for tests that never touch it (no namespace, no container).
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, storage: &std::path::Path) -> Slot {
+        Slot {
+            name: name.to_owned(),
+            netns: storage.join("no-netns"),
+            host_port: 0,
+            kind: SlotKind::Podman,
+            storage: storage.to_path_buf(),
+        }
+    }
+
     /// Makes the slot: the host's podman (prepared on first use), the image (imported on
     /// first use), the container with its port map. Must run in the host's network namespace
     /// and the agent's private mount namespace (on the calling thread: commands inherit the

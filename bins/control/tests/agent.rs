@@ -316,6 +316,19 @@ fn every_bad_request_is_refused_typed_logged_and_the_agent_serves_on() {
             .await,
             PeerReply::Refused(Refusal::UnknownMigration(_))
         ));
+        // A page stream for a migration that is not prepared here: refused before any
+        // criu starts, with a frame (not raw bytes).
+        assert!(matches!(
+            ask(
+                &conn,
+                &PeerRequest {
+                    token: t2.clone(),
+                    body: PeerBody::Pages { migration: m2 }
+                }
+            )
+            .await,
+            PeerReply::Refused(Refusal::UnknownMigration(_))
+        ));
         assert!(matches!(
             ask(
                 &conn,

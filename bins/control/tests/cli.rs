@@ -163,6 +163,35 @@ fn bad_flags_are_refused_by_the_parser() {
     );
 }
 
+/// A service in its own pid namespace (post-copy across hosts) runs as root, and root only
+/// there: refused before the agent is even asked (no agent runs here).
+#[test]
+fn an_agent_service_in_its_own_pid_namespace_needs_the_root_server_and_only_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    for args in [
+        vec!["--pid-namespace"],
+        vec!["--server-user", "root"],
+        vec!["--pid-namespace", "--server-user", "qlm-server"],
+    ] {
+        let mut all = vec![
+            "service",
+            "--agent-socket",
+            socket.to_str().unwrap(),
+            "start",
+            "s1",
+        ];
+        all.extend(args.iter().copied());
+        let o = control(&all);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--pid-namespace goes with --server-user root"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn dirtying_without_a_ballast_is_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,6 +19,15 @@
 //! before it looks at the body. A `Prepare` is accepted once per token (replay cache); the
 //! later requests of the same migration carry the same token and must come over a connection
 //! authenticated as the same source host.
+//!
+//! Growing the protocol: postcard numbers enum variants by position and fields by order, and
+//! keeps no names. An addition is a new variant at the end of its enum, so that the bytes of
+//! every older message stay what they were (golden tests) and an agent that predates it
+//! refuses it as a request it does not know (`Refusal::Malformed`), never mis-reads it. That is
+//! how post-copy came in: [`PeerBody::PreparePostCopy`], [`PeerBody::Pages`],
+//! [`PeerReply::PagesReady`], [`PeerReply::ResumedResident`], [`Refusal::PostCopy`]; a cold
+//! move is byte for byte the move it was. [`VERSION`] changes only for a change that cannot
+//! be made so.
 
 use std::net::SocketAddr;
 
@@ -152,6 +161,33 @@ pub enum PeerBody {
         /// The migration whose image set it is.
         migration: MigrationId,
     },
+    /// [`PeerBody::Prepare`] for a post-copy move (the memory follows the restore over a
+    /// [`PeerBody::Pages`] stream). A request of its own rather than a field of [`Prepare`]:
+    /// a cold move's `Prepare` keeps its bytes, and an agent without post-copy refuses this
+    /// one as unknown. The target also refuses it when it cannot run criu's lazy-pages
+    /// daemon ([`Refusal::PostCopy`]).
+    PreparePostCopy(Prepare),
+    /// The page stream of a post-copy move prepared with [`PeerBody::PreparePostCopy`]: the
+    /// target starts `criu lazy-pages --page-server` on the received image set and answers
+    /// [`PeerReply::PagesReady`]; from then on the rest of the stream, both ways, is criu's
+    /// page-server traffic between the source's lazy dump and that daemon, relayed as it is.
+    Pages {
+        /// The migration.
+        migration: MigrationId,
+    },
+}
+
+/// How the server's memory moves.
+///
+/// Deliberately exhaustive: a new mode changes what both agents do at every phase, so every
+/// `match` on it should have to say what that is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Memory {
+    /// All of it in the image set, during the freeze.
+    #[default]
+    Cold,
+    /// After the restore, while the server runs, over a [`PeerBody::Pages`] stream.
+    PostCopy,
 }
 
 /// A fault the target agent injects when it runs with faults allowed (tests and the
@@ -238,6 +274,21 @@ pub enum PeerReply {
     Status(HostStatus),
     /// The request was refused; nothing was done.
     Refused(Refusal),
+    /// Answer to [`PeerBody::Pages`]: the lazy-pages daemon waits; the rest of the stream is
+    /// criu's page traffic.
+    PagesReady,
+    /// Answer to [`PeerBody::Resume`] of a post-copy move: the restored server serves here
+    /// and every page of its memory arrived (the lazy-pages daemon exited successfully).
+    ResumedResident {
+        /// Clients the server told (`Resumed`).
+        clients: u32,
+        /// Handshakes the server completed since it started.
+        handshakes: u64,
+        /// From the end of the restore until every page was resident, milliseconds.
+        resident_after_ms: f64,
+        /// Pages the lazy-pages daemon copied into the process (from its log).
+        pages: Option<u64>,
+    },
 }
 
 /// Figures of one image transfer, as the receiver counted them.
@@ -295,6 +346,15 @@ pub enum Refusal {
         host: String,
         /// Why.
         message: String,
+    },
+    /// Post-copy cannot run on this host (its sysctls, criu), or the request needs a
+    /// migration prepared for post-copy; nothing was done.
+    #[error("post-copy refused at {host}: {reason}")]
+    PostCopy {
+        /// Which host.
+        host: String,
+        /// Why, and what to do about it.
+        reason: String,
     },
 }
 
@@ -440,6 +500,10 @@ pub struct StartService {
     pub server_user: Option<String>,
     /// Extra arguments for the server (the demo server's `--ballast-mib 64`, ...).
     pub server_args: Vec<String>,
+    /// Start the server as PID 1 of its own pid namespace, which post-copy moves need (with
+    /// no `server_user`: criu dumps such a server only if it may mount a /proc for it). A
+    /// field, like [`MigrateService::memory`]: the command line and its agent are one binary.
+    pub pid_namespace: bool,
 }
 
 /// [`LocalRequest::Migrate`].
@@ -456,6 +520,9 @@ pub struct MigrateService {
     /// After a completed move, copy the same image set plainly to the target and report how
     /// long it took (the sealed transfer's baseline over the same link).
     pub plain_copy_after: bool,
+    /// How the memory moves. A field, not a new variant: the command line and its agent are
+    /// the same `control` binary of one host, never of two versions.
+    pub memory: Memory,
 }
 
 /// A fault in a cross-host move.

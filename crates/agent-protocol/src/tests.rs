@@ -13,27 +13,33 @@ fn body_of(frame: &[u8]) -> &[u8] {
     &frame[wire_frame::LEN_PREFIX..]
 }
 
+fn a_prepare() -> Prepare {
+    Prepare {
+        migration: id(1),
+        service: ServiceSpec {
+            name: name("edge-1"),
+            server_user: Some("qlm-server".into()),
+            moves: 2,
+        },
+        seal_public: [9; 32],
+        server_pid: 77,
+        phases: Phases::Two,
+        fault: Some(TargetFault::RestoreFails),
+        image_estimate: 5 << 20,
+    }
+}
+
 fn requests() -> Vec<PeerRequest> {
     let bodies = vec![
-        PeerBody::Prepare(Prepare {
-            migration: id(1),
-            service: ServiceSpec {
-                name: name("edge-1"),
-                server_user: Some("qlm-server".into()),
-                moves: 2,
-            },
-            seal_public: [9; 32],
-            server_pid: 77,
-            phases: Phases::Two,
-            fault: Some(TargetFault::RestoreFails),
-            image_estimate: 5 << 20,
-        }),
+        PeerBody::Prepare(a_prepare()),
         PeerBody::Receive { migration: id(2) },
         PeerBody::Restore { migration: id(3) },
         PeerBody::Resume { migration: id(4) },
         PeerBody::Abort { migration: id(5) },
         PeerBody::Status,
         PeerBody::PlainCopy { migration: id(6) },
+        PeerBody::PreparePostCopy(a_prepare()),
+        PeerBody::Pages { migration: id(7) },
     ];
     bodies
         .into_iter()
@@ -80,6 +86,17 @@ fn replies_round_trip() {
             undone: "slot".into(),
         },
         PeerReply::Refused(Refusal::Token(TokenRefusal::Replayed)),
+        PeerReply::Refused(Refusal::PostCopy {
+            host: "b".into(),
+            reason: "fs.pipe-max-size".into(),
+        }),
+        PeerReply::PagesReady,
+        PeerReply::ResumedResident {
+            clients: 3,
+            handshakes: 3,
+            resident_after_ms: 812.5,
+            pages: Some(16_384),
+        },
         PeerReply::Refused(Refusal::Failed {
             phase: "restoring".into(),
             host: "b".into(),
@@ -123,6 +140,7 @@ fn local_messages_round_trip() {
             port: 0,
             server_user: None,
             server_args: vec!["--ballast-mib".into(), "8".into()],
+            pid_namespace: true,
         }),
         LocalRequest::Stop { service: name("s") },
         LocalRequest::Migrate(MigrateService {
@@ -131,6 +149,7 @@ fn local_messages_round_trip() {
             phases: Phases::One,
             fault: Some(MoveFault::Target(TargetFault::DieDuringRestore)),
             plain_copy_after: true,
+            memory: Memory::PostCopy,
         }),
         LocalRequest::Drain(Drain {
             targets: None,
@@ -279,4 +298,128 @@ fn a_local_reply_may_exceed_a_peer_message_but_stays_bounded() {
     ));
     // Garbage of a plausible size is a typed error too.
     assert!(decode_local_reply(&[0xff; 64]).is_err());
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Post-copy came in as new variants at the end of their enums: a cold move's messages are
+/// byte for byte what they were before it (these bytes were taken before the change).
+#[test]
+fn a_cold_moves_messages_keep_their_bytes() {
+    let prepare = PeerRequest {
+        token: vec![1, 2, 3],
+        body: PeerBody::Prepare(a_prepare()),
+    };
+    assert_eq!(hex(body_of(&to_frame(&prepare).unwrap())), GOLDEN_PREPARE);
+    let resumed = PeerReply::Resumed {
+        clients: 100,
+        handshakes: 100,
+    };
+    assert_eq!(hex(body_of(&to_frame(&resumed).unwrap())), GOLDEN_RESUMED);
+    // The new ones: the variant's position is its number.
+    let pages = PeerRequest {
+        token: vec![],
+        body: PeerBody::Pages { migration: id(7) },
+    };
+    assert_eq!(
+        hex(body_of(&to_frame(&pages).unwrap())),
+        format!("0100{:02x}{}", 8, "07".repeat(16)),
+    );
+    assert_eq!(
+        hex(body_of(&to_frame(&PeerReply::PagesReady).unwrap())),
+        "0107"
+    );
+}
+
+/// Taken from the encoding before post-copy (commit adf81a1).
+const GOLDEN_PREPARE: &str = "0103010203000101010101010101010101010101010106656467652d31010a716c6d2d7365727665720209090909090909090909090909090909090909090909090909090909090909099a010101028080c002";
+const GOLDEN_RESUMED: &str = "01036464";
+
+/// An agent that predates post-copy (its `PeerBody` ends at `PlainCopy`) refuses the new
+/// requests as malformed instead of mis-reading them.
+#[test]
+fn an_agent_without_post_copy_refuses_its_requests() {
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    enum OldBody {
+        Prepare(Prepare),
+        Receive { migration: MigrationId },
+        Restore { migration: MigrationId },
+        Resume { migration: MigrationId },
+        Abort { migration: MigrationId },
+        Status,
+        PlainCopy { migration: MigrationId },
+    }
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct OldRequest {
+        #[serde(with = "serde_bytes")]
+        token: Vec<u8>,
+        body: OldBody,
+    }
+    for body in [
+        PeerBody::PreparePostCopy(a_prepare()),
+        PeerBody::Pages { migration: id(7) },
+    ] {
+        let frame = to_frame(&PeerRequest {
+            token: vec![1],
+            body,
+        })
+        .unwrap();
+        let err = decode::<OldRequest>(body_of(&frame)).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Frame(wire_frame::FrameError::Decode(_))),
+            "{err:?}"
+        );
+    }
+    // The cold Prepare still reads.
+    let frame = to_frame(&requests()[0]).unwrap();
+    assert!(decode::<OldRequest>(body_of(&frame)).is_ok());
+}
+
+/// Bad bytes in the new messages are typed errors: a memory mode that does not exist, a
+/// truncated Pages request, an unknown reply variant.
+#[test]
+fn bad_post_copy_bytes_are_refused() {
+    let local = LocalRequest::Migrate(MigrateService {
+        service: name("s"),
+        to: name("c"),
+        phases: Phases::One,
+        fault: None,
+        plain_copy_after: false,
+        memory: Memory::Cold,
+    });
+    let frame = to_frame(&local).unwrap();
+    let mut body = body_of(&frame).to_vec();
+    // The memory mode is the last byte: 0 cold, 1 post-copy, nothing else.
+    assert_eq!(body.last(), Some(&0));
+    *body.last_mut().unwrap() = 2;
+    assert!(matches!(
+        decode::<LocalRequest>(&body).unwrap_err(),
+        ProtocolError::Frame(wire_frame::FrameError::Decode(_))
+    ));
+    *body.last_mut().unwrap() = 1;
+    assert!(matches!(
+        decode::<LocalRequest>(&body).unwrap(),
+        LocalRequest::Migrate(MigrateService {
+            memory: Memory::PostCopy,
+            ..
+        })
+    ));
+    let pages = to_frame(&PeerRequest {
+        token: vec![],
+        body: PeerBody::Pages { migration: id(7) },
+    })
+    .unwrap();
+    let pages = body_of(&pages);
+    for cut in 1..pages.len() {
+        assert!(
+            decode::<PeerRequest>(&pages[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // A reply variant past the last one.
+    assert!(decode::<PeerReply>(&[1, 0x7f]).is_err());
 }

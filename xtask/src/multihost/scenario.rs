@@ -65,6 +65,15 @@ pub(crate) struct Options {
     /// Only remove what an earlier (killed or --keep) run left, then exit.
     #[arg(long)]
     cleanup_only: bool,
+    /// Also move a service post-copy (`control migrate --to HOST --memory post-copy`: the
+    /// server runs at the target before its memory arrived, the pages relayed inside the
+    /// agents' QUIC connection): a ballast service started in its own pid namespace as root,
+    /// with one client connection that must live through the move; and a post-copy move of a
+    /// service that is not in its own pid namespace, refused at the source with the service
+    /// left where it runs. Needs fs.pipe-max-size >= 4 MiB (`cargo xtask setup`). Opt-in: CI
+    /// (`--quick`) moves cold only.
+    #[arg(long)]
+    post_copy: bool,
 }
 
 /// Where the run keeps binaries, logs and reports.
@@ -392,6 +401,25 @@ struct Summary {
     reconnected: u64,
     /// The links' MTU.
     mtu: u16,
+    /// `--post-copy`: the post-copy move.
+    post_copy: Option<PostCopyFigures>,
+}
+
+/// The post-copy move of `--post-copy`.
+#[derive(Debug, Serialize)]
+struct PostCopyFigures {
+    from: String,
+    to: String,
+    ballast_mib: u32,
+    freeze_ms: Option<f64>,
+    /// The image set without the memory.
+    image_bytes: u64,
+    /// criu's page traffic the agents relayed to the target.
+    page_bytes_to_target: Option<u64>,
+    /// From the restore until every page was resident at the target.
+    resident_after_ms: Option<f64>,
+    pages: Option<u64>,
+    downtime_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -847,11 +875,163 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
         compressed_bytes: r.figures.compressed_bytes,
         sealed_bytes: r.figures.sealed_bytes,
     });
+    if opts.post_copy {
+        summary.post_copy = Some(post_copy_moves(
+            paths,
+            world,
+            &client_site,
+            (&from.0, &from.1),
+            mib,
+        )?);
+    }
     std::fs::write(
         paths.out.join("report.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// `--post-copy`: the big service (in the host's pid namespace, at `big_at.1`) may not move
+/// post-copy (refused at its host before anything moves, and it stays); a ballast service in
+/// its own pid namespace moves post-copy from `big_at.0` to `big_at.1` with one client
+/// connection that lives through it, its memory relayed by the agents.
+fn post_copy_moves(
+    paths: &Paths,
+    world: &World,
+    client_site: &Node,
+    big_at: (&str, &str),
+    mib: u32,
+) -> Result<PostCopyFigures> {
+    let (from, to) = (big_at.0.to_owned(), big_at.1.to_owned());
+    // Refused before anything is touched: the big service shares its host's pid namespace.
+    let refused = migrate_cmd(paths, world.host(&to)?, &from, "big")
+        .args(["--memory", "post-copy"])
+        .output()
+        .context("running control migrate --to --memory post-copy")?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    if refused.status.success() || !said.contains("own pid namespace") {
+        bail!(
+            "a post-copy move of a server outside its own pid namespace was not refused as \
+             such ({}): {said}",
+            refused.status
+        );
+    }
+    let big_where = where_is(paths, world.host(&to)?, "big")?;
+    if big_where != to {
+        bail!("after the refused post-copy move, big runs at {big_where}, not {to}");
+    }
+    println!(
+        "e2e-multihost: a post-copy move of a server in the host's pid namespace: refused, it stays at {to}"
+    );
+
+    // The post-copy move: root server, PID 1 of its own pid namespace.
+    let mut cmd = world.host(&from)?.cmd(&paths.bin.join("control"));
+    cmd.args(["--log", "warn", "service", "start", "lazy"])
+        .args(["--pid-namespace", "--server-user", "root"])
+        .args(["--", "--ballast-mib", &mib.to_string()]);
+    let out = run_ok(&mut cmd, "control service start --pid-namespace")?;
+    let addr = out
+        .split_whitespace()
+        .nth(4)
+        .map(str::to_owned)
+        .with_context(|| format!("unexpected answer: {out}"))?;
+    let json = paths.out.join("clients-lazy.json");
+    let mut client = start_clients(paths, client_site, &addr, 1, 98, &json)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let report = paths.out.join("post-copy.json");
+    let r = migrate(
+        paths,
+        world.host(&from)?,
+        &to,
+        "lazy",
+        &["--memory", "post-copy"],
+        &report,
+    );
+    // The client's report is read whatever the move's result (it says what it saw).
+    std::thread::sleep(Duration::from_secs(2));
+    end(&mut client, Duration::from_secs(20));
+    let r = r?;
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+    if r.outcome != "completed" {
+        bail!(
+            "the post-copy move {from} -> {to}: {} at {:?}; post_copy: {}",
+            r.outcome,
+            r.failed,
+            v["report"]["post_copy"]
+        );
+    }
+    let cross = &v["cross_host"];
+    let pc = &v["report"]["post_copy"];
+    if cross["memory"].as_str() != Some("post-copy") || pc["transport"] != "agents-quic-stream" {
+        bail!("the move's report does not say post-copy over the agents' stream: {cross} {pc}");
+    }
+    let resident_after_ms = pc["resident_after_ms"].as_f64();
+    let page_bytes = cross["page_bytes_to_target"].as_u64();
+    if resident_after_ms.is_none() {
+        bail!("no resident-after figure: {pc}");
+    }
+    // The ballast crossed as pages, not in the image set.
+    let ballast = u64::from(mib) << 20;
+    if page_bytes.unwrap_or(0) < ballast {
+        bail!("only {page_bytes:?} bytes of pages were relayed for a {mib} MiB ballast");
+    }
+    if r.figures.raw_bytes >= ballast {
+        bail!(
+            "the post-copy image set holds {} bytes, the ballast with it",
+            r.figures.raw_bytes
+        );
+    }
+    let lazy_where = where_is(paths, world.host(&from)?, "lazy")?;
+    if lazy_where != to {
+        bail!("after the post-copy move, lazy runs at {lazy_where}, not {to}");
+    }
+    let client_report: admin_api::ClientReport = serde_json::from_slice(
+        &std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?,
+    )
+    .with_context(|| format!("{} is not a client report", json.display()))?;
+    if client_report.connections != 1 || client_report.handshakes != 1 {
+        bail!(
+            "the post-copy move's client made {} connections and {} handshakes",
+            client_report.connections,
+            client_report.handshakes
+        );
+    }
+    let seen = client_report
+        .migrations
+        .iter()
+        .find(|m| m.id == r.id && !m.aborted && m.completed);
+    let Some(seen) = seen else {
+        bail!("the client did not see the post-copy move {} through", r.id);
+    };
+    let figures = PostCopyFigures {
+        from: from.clone(),
+        to: to.clone(),
+        ballast_mib: mib,
+        freeze_ms: r.figures.freeze_ms,
+        image_bytes: r.figures.raw_bytes,
+        page_bytes_to_target: page_bytes,
+        resident_after_ms,
+        pages: pc["pages_transferred"].as_u64(),
+        downtime_ms: seen.downtime_ms,
+    };
+    println!(
+        "e2e-multihost: post-copy {mib} MiB service {from} -> {to}: freeze {} ms, image set {} B, \
+         {} B of pages relayed over the agents' QUIC connection, resident after {} ms, client \
+         downtime {} ms",
+        fmt_ms(figures.freeze_ms),
+        figures.image_bytes,
+        page_bytes.unwrap_or(0),
+        fmt_ms(resident_after_ms),
+        fmt_ms(figures.downtime_ms)
+    );
+    run_ok(
+        world
+            .host(&to)?
+            .cmd(&paths.bin.join("control"))
+            .args(["--log", "warn", "service", "stop", "lazy"]),
+        "control service stop",
+    )?;
+    Ok(figures)
 }
 
 /// A host pair for the big move that leaves the drained services where they are.

@@ -110,6 +110,12 @@ enum ServiceCmd {
         /// The account the server runs as.
         #[arg(long, default_value = "qlm-server")]
         server_user: String,
+        /// Start the server as PID 1 of its own pid namespace, which `migrate --to HOST
+        /// --memory post-copy` needs (cold moves work too). Needs `--server-user root`, as
+        /// `control up --pid-namespace`: criu dumps a process in its own pid namespace only
+        /// if that process may mount a /proc for it.
+        #[arg(long)]
+        pid_namespace: bool,
         /// Extra arguments for the server (e.g. `-- --ballast-mib 64`).
         #[arg(last = true)]
         server_args: Vec<String>,
@@ -247,8 +253,16 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
             service: name,
             port,
             server_user,
+            pid_namespace,
             server_args,
         } => {
+            // As `control up`: root only with its own pid namespace, and the other way round.
+            if *pid_namespace != (server_user == "root") {
+                bail!(
+                    "--pid-namespace goes with --server-user root (criu dumps a server in its \
+                     own pid namespace only if it may mount /proc), and root only with it"
+                );
+            }
             let user = (server_user != "root").then(|| server_user.clone());
             match ask(
                 &a.socket,
@@ -257,6 +271,7 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
                     port: *port,
                     server_user: user,
                     server_args: server_args.clone(),
+                    pid_namespace: *pid_namespace,
                 }),
                 Duration::from_secs(60),
             )? {
@@ -281,7 +296,13 @@ pub(crate) fn service(a: &ServiceArgs) -> Result<()> {
     }
 }
 
-pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
+/// `control migrate --to HOST`: `memory` is `--memory` (post-copy: the server runs at the
+/// target before its memory arrived, the pages relayed by the agents).
+pub(crate) fn migrate(
+    a: &CrossMoveArgs,
+    phases: Phases,
+    memory: crate::postcopy::Memory,
+) -> Result<()> {
     let (Some(to), Some(service)) = (&a.to, &a.service) else {
         bail!("--to needs --service NAME");
     };
@@ -293,6 +314,10 @@ pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
             phases,
             fault: a.fault,
             plain_copy_after: a.plain_copy_after,
+            memory: match memory {
+                crate::postcopy::Memory::Cold => agent_protocol::Memory::Cold,
+                crate::postcopy::Memory::PostCopy => agent_protocol::Memory::PostCopy,
+            },
         }),
         Duration::from_secs(600),
     )?;
@@ -307,6 +332,9 @@ pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
         crate::secure::write_private(path, report_json.as_bytes())?;
     }
     print_moves(std::slice::from_ref(&summary));
+    if let Some(line) = post_copy_line(&report_json) {
+        println!("{line}");
+    }
     if summary.outcome != agent_protocol::Outcome::Completed {
         bail!(
             "migration {}: {}",
@@ -318,6 +346,48 @@ pub(crate) fn migrate(a: &CrossMoveArgs, phases: Phases) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The parts of a move's report (`outbound::CrossReport`, JSON) a post-copy line needs.
+#[derive(Debug, serde::Deserialize)]
+struct PostCopyView {
+    cross_host: CrossView,
+    report: ReportView,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CrossView {
+    #[serde(default)]
+    memory: String,
+    page_bytes_to_target: Option<u64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ReportView {
+    image_bytes: Option<u64>,
+    post_copy: Option<admin_api::PostCopyReport>,
+}
+
+/// A post-copy move's figures in a line (None for a cold move): the image set without the
+/// memory, the pages relayed inside the agents' connection, resident after, or the failure.
+fn post_copy_line(report_json: &str) -> Option<String> {
+    let v: PostCopyView = serde_json::from_str(report_json).ok()?;
+    if v.cross_host.memory != "post-copy" {
+        return None;
+    }
+    let bytes = |x: Option<u64>| x.map_or_else(|| "-".to_owned(), |b| b.to_string());
+    let mut line = format!(
+        "post-copy: image set {} B, {} B of pages relayed over the agents' connection",
+        bytes(v.report.image_bytes),
+        bytes(v.cross_host.page_bytes_to_target),
+    );
+    let pc = v.report.post_copy.unwrap_or_default();
+    match (pc.resident_after_ms, pc.error) {
+        (_, Some(e)) => line.push_str(&format!(", PAGE TRANSFER FAILED: {e}")),
+        (Some(ms), None) => line.push_str(&format!(", resident after {ms:.0} ms")),
+        (None, None) => line.push_str(", not resident"),
+    }
+    Some(line)
 }
 
 pub(crate) fn drain(a: &DrainArgs) -> Result<()> {
@@ -449,4 +519,33 @@ pub(crate) fn status(a: &FleetStatusArgs) -> Result<()> {
         print_moves(&recent);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod post_copy_tests {
+    use super::post_copy_line;
+
+    #[test]
+    fn a_post_copy_moves_figures_are_printed_and_a_cold_moves_are_not() {
+        let cold = r#"{"cross_host":{"memory":"cold"},"report":{"image_bytes":7}}"#;
+        assert_eq!(post_copy_line(cold), None);
+        assert_eq!(post_copy_line("not json"), None);
+        let done = r#"{"cross_host":{"memory":"post-copy","page_bytes_to_target":67200000},
+            "report":{"image_bytes":900000,"post_copy":{"transport":"agents-quic-stream",
+            "resident_after_ms":412.4,"pages_transferred":null,"bytes_transferred":null,
+            "error":null}}}"#;
+        let line = post_copy_line(done).unwrap();
+        assert!(line.contains("image set 900000 B"), "{line}");
+        assert!(line.contains("67200000 B of pages"), "{line}");
+        assert!(line.contains("resident after 412 ms"), "{line}");
+        let failed = r#"{"cross_host":{"memory":"post-copy"},
+            "report":{"image_bytes":null,"post_copy":{"transport":"agents-quic-stream",
+            "resident_after_ms":null,"pages_transferred":null,"bytes_transferred":null,
+            "error":"daemon exit 1"}}}"#;
+        let line = post_copy_line(failed).unwrap();
+        assert!(
+            line.contains("PAGE TRANSFER FAILED: daemon exit 1"),
+            "{line}"
+        );
+    }
 }

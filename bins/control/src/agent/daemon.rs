@@ -70,7 +70,15 @@ pub(crate) struct Agent {
     pub(crate) stopping: std::sync::atomic::AtomicBool,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Starts a post-copy target's lazy-pages daemon on its page socket (`postcopy::
+    /// start_daemon`; a stand-in in tests, which have no criu).
+    pub(crate) lazy_pages: LazyPagesLauncher,
 }
+
+/// How a target agent starts `criu lazy-pages --page-server` on the received image set and
+/// its end of the page socket pair.
+pub(crate) type LazyPagesLauncher =
+    fn(&Path, std::os::unix::net::UnixStream) -> Result<std::process::Child>;
 
 /// `control agent`'s options.
 #[derive(Debug, Clone)]
@@ -126,6 +134,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
         key: copy(&config.service_key, "service-key.pem")?,
         user: None,
         extra: Vec::new(),
+        pid_namespace: false,
     };
     let token_key = migration_crypto::load_token_key_file(&config.token_key)
         .context("loading the fleet's token key")?;
@@ -177,6 +186,7 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
             stopping: std::sync::atomic::AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             metrics: crate::metrics::Metrics::new(),
+            lazy_pages: crate::postcopy::start_daemon,
         });
         for journal in kept.inbound {
             match super::inbound::adopt(&agent, journal) {
@@ -205,6 +215,57 @@ pub(crate) fn run(opts: &AgentOptions) -> Result<()> {
         }
         serve(agent).await
     })
+}
+
+/// An agent for in-process tests: `config`'s identity, an endpoint on 127.0.0.1 port 0 (its
+/// address is the second value), nothing started; call within a tokio runtime.
+#[cfg(test)]
+pub(crate) fn test_agent(
+    config: Config,
+    storage: &Path,
+    lazy_pages: LazyPagesLauncher,
+) -> (Arc<Agent>, SocketAddr) {
+    let (server_cfg, client_cfg) = tls::configs(&config, 1 << 20).unwrap();
+    let mut endpoint = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_cfg);
+    let addr = endpoint.local_addr().unwrap();
+    let token_key = migration_crypto::load_token_key_file(&config.token_key).unwrap();
+    let gate = Gate::new(
+        config.host.clone(),
+        config.allow.iter().cloned(),
+        token_key.clone(),
+        config.peer_rate,
+        Duration::from_secs(config.token_lifetime_s),
+    );
+    let agent = Arc::new(Agent {
+        config,
+        storage: storage.to_path_buf(),
+        token_key,
+        gate: Mutex::new(gate),
+        endpoint,
+        started: Instant::now(),
+        services: Mutex::new(BTreeMap::new()),
+        busy: Mutex::new(BTreeSet::new()),
+        reserved_ports: Mutex::new(BTreeSet::new()),
+        inbound: Mutex::new(HashMap::new()),
+        recent: Mutex::new(VecDeque::new()),
+        conns: tokio::sync::Mutex::new(HashMap::new()),
+        server: ServerSpec {
+            swrapper: PathBuf::from("/nonexistent/swrapper"),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            user: None,
+            extra: Vec::new(),
+            pid_namespace: false,
+        },
+        allow_faults: false,
+        draining: std::sync::atomic::AtomicBool::new(false),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        runtime: tokio::runtime::Handle::current(),
+        metrics: crate::metrics::Metrics::new(),
+        lazy_pages,
+    });
+    (agent, addr)
 }
 
 /// What an agent started after another died on this host takes over.
@@ -765,7 +826,7 @@ async fn read_reply(recv: &mut quinn::RecvStream) -> Result<PeerReply> {
     Ok(agent_protocol::decode(&body)?)
 }
 
-async fn accept_peers(agent: Arc<Agent>) {
+pub(crate) async fn accept_peers(agent: Arc<Agent>) {
     while let Some(incoming) = agent.endpoint.accept().await {
         let agent = agent.clone();
         if !incoming.remote_address_validated() {
@@ -896,6 +957,8 @@ pub(crate) fn kind_of(body: &PeerBody) -> &'static str {
         PeerBody::Abort { .. } => "abort",
         PeerBody::Status => "status",
         PeerBody::PlainCopy { .. } => "plain_copy",
+        PeerBody::PreparePostCopy(_) => "prepare_post_copy",
+        PeerBody::Pages { .. } => "pages",
         _ => "unknown",
     }
 }

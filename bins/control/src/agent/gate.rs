@@ -76,7 +76,7 @@ impl Gate {
         // The first request of a migration (and a status request, which stands alone) spends
         // its token; the later ones of the same migration show it again.
         let (claims, migration) = match &request.body {
-            PeerBody::Prepare(p) => (
+            PeerBody::Prepare(p) | PeerBody::PreparePostCopy(p) => (
                 self.verifier.verify(token, source, target, now_unix),
                 Some(p.migration),
             ),
@@ -87,7 +87,8 @@ impl Gate {
             | PeerBody::Restore { migration }
             | PeerBody::Resume { migration }
             | PeerBody::Abort { migration }
-            | PeerBody::PlainCopy { migration } => (
+            | PeerBody::PlainCopy { migration }
+            | PeerBody::Pages { migration } => (
                 self.verifier.check(token, source, target, now_unix),
                 Some(*migration),
             ),
@@ -245,6 +246,50 @@ mod tests {
             g.admit(&name("a"), &other, NOW + 1, Duration::from_secs(3))
                 .unwrap_err(),
             Refusal::Token(TokenRefusal::WrongMigration)
+        );
+    }
+
+    /// A post-copy move's requests pass the gate like a cold move's: its Prepare spends the
+    /// token once, its page stream shows the same token and must name the same migration.
+    #[test]
+    fn a_post_copy_prepare_and_its_page_stream_are_gated_like_the_others() {
+        let mut g = gate();
+        let m = MigrationId::from_bytes([4; 16]);
+        let t = token(m, "a", "b", NOW);
+        let PeerBody::Prepare(p) = prepare(m, t.clone()).body else {
+            unreachable!("prepare() makes a Prepare")
+        };
+        let lazy = PeerRequest {
+            token: t.clone(),
+            body: PeerBody::PreparePostCopy(p),
+        };
+        g.admit(&name("a"), &lazy, NOW, Duration::ZERO).unwrap();
+        assert_eq!(
+            g.admit(&name("a"), &lazy, NOW, Duration::from_secs(1))
+                .unwrap_err(),
+            Refusal::Token(TokenRefusal::Replayed)
+        );
+        let pages = |migration| PeerRequest {
+            token: t.clone(),
+            body: PeerBody::Pages { migration },
+        };
+        g.admit(&name("a"), &pages(m), NOW + 1, Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(
+            g.admit(
+                &name("a"),
+                &pages(MigrationId::from_bytes([5; 16])),
+                NOW + 1,
+                Duration::from_secs(3)
+            )
+            .unwrap_err(),
+            Refusal::Token(TokenRefusal::WrongMigration)
+        );
+        // From a host the token does not name.
+        assert_eq!(
+            g.admit(&name("c"), &pages(m), NOW + 1, Duration::from_secs(4))
+                .unwrap_err(),
+            Refusal::Token(TokenRefusal::WrongBinding)
         );
     }
 

@@ -12,6 +12,18 @@
 //!               (then, off the move's path: the clients' downtime reports into the metrics)
 //!  Abort    ──► kill what was restored, supervisor, slot, folders, images ──► Aborted
 //! ```
+//!
+//! A post-copy move (`PreparePostCopy`) adds a page stream and waits for the memory:
+//!
+//! ```text
+//!  Pages    ──► criu lazy-pages --page-server on the received image set, its --ps-socket a
+//!               socket pair whose other end this agent relays (agent::page_relay) to the
+//!               rest of the stream: the source's lazy dump ──► PagesReady, then raw bytes
+//!  Restore  ──► criu restore --lazy-pages (the server runs, its memory arrives on faults and
+//!               in the background)
+//!  Resume   ──► as above, then the lazy-pages daemon's exit: 0 ──► ResumedResident; else the
+//!               restored server is killed (its memory is incomplete) ──► Failed, loudly
+//! ```
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use admin_api::AdminDir;
 use agent_protocol::{
-    Name, PeerBody, PeerReply, PeerRequest, Prepare, Refusal, ServiceSpec, TargetFault,
+    Memory, Name, PeerBody, PeerReply, PeerRequest, Prepare, Refusal, ServiceSpec, TargetFault,
     TransferFigures,
 };
 use anyhow::{Context, Result, anyhow, bail};
@@ -56,12 +68,25 @@ pub(crate) struct Inbound {
     pub(crate) step_running: bool,
     /// An abort came while a step ran: the migration is given up when the step ends.
     pub(crate) abandoned: bool,
+    /// How the memory arrives (post-copy: over a [`PeerBody::Pages`] stream after the
+    /// restore).
+    pub(crate) memory: Memory,
+    /// Post-copy: the lazy-pages daemon, from the Pages request until the resume waits for it.
+    pub(crate) page_daemon: Option<std::process::Child>,
+    /// Post-copy: when the restore ended (the start of "resident after").
+    pub(crate) restored_at: Option<Instant>,
 }
 
 impl Inbound {
     /// Undoes everything of this migration here.
-    pub(crate) fn give_up(self) -> String {
+    pub(crate) fn give_up(mut self) -> String {
         let mut undone = Vec::new();
+        if let Some(mut d) = self.page_daemon.take() {
+            // Its socket closes: the source's dump sees its page server's peer gone.
+            let _ = d.kill();
+            let _ = d.wait();
+            undone.push("stopped the lazy-pages daemon".to_owned());
+        }
         if let Some(pid) = self.restored_pid {
             undone.push(format!("killed the restored server (PID {pid})"));
         }
@@ -91,10 +116,25 @@ pub(crate) async fn handle(
     agent: Arc<Agent>,
     peer: Name,
     request: PeerRequest,
-    _send: &mut quinn::SendStream,
+    send: &mut quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Option<PeerReply> {
     let kind = kind_of(&request.body);
+    let memory = match &request.body {
+        PeerBody::PreparePostCopy(_) => Memory::PostCopy,
+        _ => Memory::Cold,
+    };
+    // Checked before anything is prepared: a target that cannot run criu's lazy-pages daemon
+    // says so at once (the source then moves nothing).
+    let post_copy_refused = (memory == Memory::PostCopy)
+        .then(|| {
+            post_copy_refusal(
+                &agent.config.host,
+                std::path::Path::new(crate::postcopy::PIPE_MAX_SIZE),
+            )
+            .err()
+        })
+        .flatten();
     let reply = match request.body {
         PeerBody::Status => PeerReply::Status(agent.host_status()),
         // A benchmark's baseline: only between agents that run for tests and benchmarks.
@@ -108,14 +148,21 @@ pub(crate) async fn handle(
             Ok(figures) => PeerReply::Received(figures),
             Err(e) => failed(&agent, "plain copy", &e),
         },
-        PeerBody::Prepare(p) => {
+        PeerBody::PreparePostCopy(_) if post_copy_refused.is_some() => {
+            let r = post_copy_refused.unwrap_or_else(|| Refusal::Malformed("post-copy".into()));
+            refuse(&agent, &peer, kind, r)
+        }
+        PeerBody::Prepare(p) | PeerBody::PreparePostCopy(p) => {
             let a = agent.clone();
             let from = peer.clone();
-            match tokio::task::spawn_blocking(move || prepare(&a, &from, p)).await {
+            match tokio::task::spawn_blocking(move || prepare(&a, &from, p, memory)).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(refusal)) => refuse(&agent, &peer, kind, refusal),
                 Err(e) => failed(&agent, "preparing", &anyhow!("{e}")),
             }
+        }
+        PeerBody::Pages { migration } => {
+            return pages(agent, peer, kind, migration, send, recv).await;
         }
         PeerBody::Receive { migration } => {
             match stepped_receive(&agent, &peer, migration, recv).await {
@@ -315,7 +362,22 @@ impl From<anyhow::Error> for Rejected {
     }
 }
 
-fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal> {
+/// Why this host cannot be the target of a post-copy move (`pipe_max_size`: the sysctl's
+/// file). Of `postcopy::refusal`'s checks, only `fs.pipe-max-size` applies here: the pid
+/// namespace is the source's server's, checked by the source.
+pub(crate) fn post_copy_refusal(
+    host: &Name,
+    pipe_max_size: &std::path::Path,
+) -> Result<(), Refusal> {
+    crate::postcopy::check_pipe_max_size(pipe_max_size)
+        .map(|_| ())
+        .map_err(|e| Refusal::PostCopy {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+fn prepare(agent: &Agent, peer: &Name, p: Prepare, memory: Memory) -> Result<PeerReply, Refusal> {
     let name = p.service.name.clone();
     if p.fault.is_some() && !agent.allow_faults {
         return Err(Refusal::Malformed(
@@ -340,7 +402,7 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
             p.migration
         )));
     }
-    match prepare_inner(agent, peer, &p) {
+    match prepare_inner(agent, peer, &p, memory) {
         Ok((inbound, reply)) => {
             let port = inbound.slot.host_port;
             lock(&agent.inbound).insert(p.migration, inbound);
@@ -360,7 +422,12 @@ fn prepare(agent: &Agent, peer: &Name, p: Prepare) -> Result<PeerReply, Refusal>
     }
 }
 
-fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, PeerReply)> {
+fn prepare_inner(
+    agent: &Agent,
+    peer: &Name,
+    p: &Prepare,
+    memory: Memory,
+) -> Result<(Inbound, PeerReply)> {
     if agent.free_slots() == 0 {
         bail!("no free slot (max_services {})", agent.config.max_services);
     }
@@ -372,7 +439,7 @@ fn prepare_inner(agent: &Agent, peer: &Name, p: &Prepare) -> Result<(Inbound, Pe
         "the image set",
     )?;
     let port = agent.free_port()?;
-    let prepared = prepare_with_port(agent, peer, p, port);
+    let prepared = prepare_with_port(agent, peer, p, port, memory);
     if prepared.is_err() {
         agent.unreserve(port);
     }
@@ -384,6 +451,7 @@ fn prepare_with_port(
     peer: &Name,
     p: &Prepare,
     port: u16,
+    memory: Memory,
 ) -> Result<(Inbound, PeerReply)> {
     let agreement = migration_crypto::KeyAgreement::generate()?;
     let public = agreement.public_key();
@@ -407,6 +475,10 @@ fn prepare_with_port(
         service::make_folders(&paths, p.service.server_user.as_deref())?;
         let supervisor_pid = service::start_supervisor(&paths, &slot, None)?;
         // A restore worker waits in the slot's namespace: criu's start-up is not in the freeze.
+        // Post-copy's lazy restore is a criu of its own (postcopy::restore): no worker.
+        if memory == Memory::PostCopy {
+            return Ok(supervisor_pid);
+        }
         match supervisor::ask(
             &paths.socket,
             &SupervisorRequest::PrepareRestore {
@@ -436,6 +508,7 @@ fn prepare_with_port(
         slot_name: slot.name.clone(),
         server_pid: p.server_pid,
         supervisor_pid,
+        memory,
     };
     if let Err(e) = journal.write(&dir) {
         let _ = service::tear_down(&paths, &slot, None);
@@ -456,6 +529,9 @@ fn prepare_with_port(
         touched: Instant::now(),
         step_running: false,
         abandoned: false,
+        memory,
+        page_daemon: None,
+        restored_at: None,
     };
     Ok((
         inbound,
@@ -478,6 +554,10 @@ pub(crate) struct Journal {
     pub(crate) server_pid: i32,
     /// The idle supervisor that restores it (its parent once restored).
     pub(crate) supervisor_pid: i32,
+    /// Post-copy: a server restored here is not adoptable by a later agent (its memory came
+    /// through this agent's relay, which died with it). Absent in older journals: cold.
+    #[serde(default)]
+    pub(crate) memory: Memory,
 }
 
 impl Journal {
@@ -508,7 +588,12 @@ pub(crate) fn adoptable(storage: &std::path::Path) -> Vec<Journal> {
                 );
             }
             let ours = crate::sys::parent_pid(j.server_pid) == Some(j.supervisor_pid);
-            if ours && crate::sys::process_runs(j.server_pid, "swrapper") {
+            // A post-copy server restored before the agent died may miss pages for good (the
+            // relay that brought them died with the agent): killed like a half-restored one.
+            if ours
+                && j.memory == Memory::Cold
+                && crate::sys::process_runs(j.server_pid, "swrapper")
+            {
                 return Some(j);
             }
             if ours {
@@ -555,6 +640,9 @@ pub(crate) fn adopt(agent: &Agent, j: Journal) -> Result<MigrationId> {
             touched: Instant::now(),
             step_running: false,
             abandoned: false,
+            memory: Memory::Cold,
+            page_daemon: None,
+            restored_at: None,
         },
     );
     Ok(j.migration)
@@ -666,6 +754,159 @@ async fn plain_copy(
     })
 }
 
+/// [`PeerBody::Pages`]: starts the lazy-pages daemon, answers `PagesReady`, then relays the
+/// rest of the stream to and from the daemon until both ends are done. `None`: answered.
+///
+/// Not a step: the relay lasts until every page arrived, while the restore and the resume
+/// run. An abort meanwhile kills the daemon, which ends the relay.
+async fn pages(
+    agent: Arc<Agent>,
+    peer: Name,
+    kind: &'static str,
+    migration: MigrationId,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Option<PeerReply> {
+    let a = agent.clone();
+    let from = peer.clone();
+    let started = tokio::task::spawn_blocking(move || start_pages(&a, &from, migration)).await;
+    let (local, daemon_pid) = match started {
+        Ok(Ok(x)) => x,
+        Ok(Err(Rejected::Refused(r))) => return Some(refuse(&agent, &peer, kind, r)),
+        Ok(Err(Rejected::Failed(e))) => {
+            warn!(%peer, %migration, "starting the lazy-pages daemon failed: {e:#}");
+            return Some(failed(&agent, "pages", &e));
+        }
+        Err(e) => return Some(failed(&agent, "pages", &anyhow!("{e}"))),
+    };
+    let mut local = match local
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(local))
+    {
+        Ok(l) => l,
+        Err(e) => return Some(failed(&agent, "pages", &anyhow!("the page socket: {e}"))),
+    };
+    if let Err(e) = super::daemon::write_frame(send, &PeerReply::PagesReady).await {
+        // The daemon sees its socket close and fails; the resume reports it.
+        warn!(%peer, %migration, "answering the page stream: {e:#}");
+        return None;
+    }
+    info!(%peer, %migration, "post-copy: the lazy-pages daemon waits; relaying its pages");
+    let ended_well = daemon_ended_well(daemon_pid);
+    match super::page_relay::relay_gated(&mut local, send, &mut recv, ended_well).await {
+        Ok(f) => info!(
+            %peer, %migration,
+            from_source = f.from_peer,
+            to_source = f.to_peer,
+            "post-copy page stream ended"
+        ),
+        // The daemon's memory source is gone: the resume finds it failed and kills the
+        // restored server; before the restore, the source's rollback aborts this migration.
+        Err(e) => tracing::error!(%peer, %migration, "POST-COPY PAGE RELAY FAILED: {e}"),
+    }
+    None
+}
+
+/// Why a Pages request for a migration found here is refused: only a migration prepared for
+/// post-copy (`PreparePostCopy`), whose image set arrived (the daemon reads it), gets one page
+/// stream.
+fn pages_refusal(
+    host: &Name,
+    migration: MigrationId,
+    memory: Memory,
+    received: bool,
+    has_daemon: bool,
+) -> Option<Refusal> {
+    if memory != Memory::PostCopy {
+        return Some(Refusal::PostCopy {
+            host: host.to_string(),
+            reason: format!("migration {migration} was prepared for a cold move"),
+        });
+    }
+    if !received {
+        return Some(Refusal::Busy(
+            "no image set was received for this migration".into(),
+        ));
+    }
+    if has_daemon {
+        return Some(Refusal::Busy(
+            "this migration has its page stream already".into(),
+        ));
+    }
+    None
+}
+
+/// The blocking part of [`pages`]: checks the migration, starts the daemon on the received
+/// image set, keeps it in the migration; returns this agent's end of the daemon's socket.
+fn start_pages(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+) -> Result<(std::os::unix::net::UnixStream, i32), Rejected> {
+    let (memory, received, has_daemon, dir) = with_inbound(agent, peer, migration, |i| {
+        (
+            i.memory,
+            i.received,
+            i.page_daemon.is_some(),
+            i.dir.join("set").join("criu"),
+        )
+    })?;
+    if let Some(r) = pages_refusal(&agent.config.host, migration, memory, received, has_daemon) {
+        return Err(Rejected::Refused(r));
+    }
+    let (ours, daemons) =
+        std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
+    let started = (agent.lazy_pages)(&dir, daemons)?;
+    let pid = i32::try_from(started.id()).context("the daemon's PID")?;
+    let mut daemon = Some(started);
+    {
+        let mut inbound = lock(&agent.inbound);
+        match inbound.get_mut(&migration) {
+            Some(i) if &i.source == peer && i.page_daemon.is_none() => {
+                i.page_daemon = daemon.take();
+            }
+            _ => {}
+        }
+    }
+    if let Some(mut daemon) = daemon {
+        // Aborted (or given a stream) meanwhile.
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        return Err(Rejected::Refused(Refusal::UnknownMigration(
+            migration.to_string(),
+        )));
+    }
+    Ok((ours, pid))
+}
+
+/// How long the lazy-pages daemon may take to exit once its page socket closed.
+const DAEMON_END_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether the lazy-pages daemon `pid` ended well, asked when its page socket reads EOF (the
+/// relay passes the end on to the source only then, see `page_relay::relay_gated`): its exit
+/// status, read without reaping it (`WNOWAIT`: the resume reaps and judges it). Already
+/// reaped (by the resume, or killed by an abort the source asked for after stopping its
+/// dump), or still running after [`DAEMON_END_LIMIT`]: the end is passed on.
+async fn daemon_ended_well(pid: i32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + DAEMON_END_LIMIT;
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        loop {
+            match waitid(Id::Pid(nix::unistd::Pid::from_raw(pid)), flags) {
+                Ok(WaitStatus::Exited(_, code)) => return code == 0,
+                Ok(WaitStatus::Signaled(..)) => return false,
+                Ok(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(_) | Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .unwrap_or(true)
+}
+
 /// Exits this agent at once, as if killed (the scenario's "target agent killed" cases).
 fn die(why: &str) -> ! {
     warn!("FAULT INJECTION: the agent dies {why}");
@@ -674,16 +915,19 @@ fn die(why: &str) -> ! {
 }
 
 fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerReply, Rejected> {
-    let (received, dir, paths, slot, fault, name) = with_inbound(agent, peer, migration, |i| {
-        (
-            i.received,
-            i.dir.join("set"),
-            i.paths.clone(),
-            i.slot.clone(),
-            i.fault,
-            i.service.name.clone(),
-        )
-    })?;
+    let (received, dir, paths, slot, fault, name, memory, paging) =
+        with_inbound(agent, peer, migration, |i| {
+            (
+                i.received,
+                i.dir.join("set"),
+                i.paths.clone(),
+                i.slot.clone(),
+                i.fault,
+                i.service.name.clone(),
+                i.memory,
+                i.page_daemon.is_some(),
+            )
+        })?;
     if let Some(pid) = with_inbound(agent, peer, migration, |i| i.restored_pid)? {
         // Restored before (by this agent's predecessor, which died before answering).
         info!(%peer, %migration, pid, "already restored: answering again");
@@ -696,6 +940,11 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
     if !received {
         return Err(Rejected::Refused(Refusal::Busy(
             "no image set was received for this migration".into(),
+        )));
+    }
+    if memory == Memory::PostCopy && !paging {
+        return Err(Rejected::Refused(Refusal::Busy(
+            "post-copy: no page stream yet (the lazy restore needs the lazy-pages daemon)".into(),
         )));
     }
     if fault == Some(TargetFault::DieBeforeRestore) {
@@ -723,8 +972,20 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
             die("during the restore");
         });
     }
-    let restored =
-        crate::engine::restore_via_supervisor(&paths.socket, &slot.netns, &criu_dir, "restore.log");
+    let restored = match memory {
+        Memory::Cold => crate::engine::restore_via_supervisor(
+            &paths.socket,
+            &slot.netns,
+            &criu_dir,
+            "restore.log",
+        ),
+        Memory::PostCopy => crate::engine::restore_lazy_via_supervisor(
+            &paths.socket,
+            &slot.netns,
+            &criu_dir,
+            "restore.log",
+        ),
+    };
     if hidden {
         let _ = std::fs::rename(
             criu_dir.join("pstree.img.hidden"),
@@ -732,15 +993,21 @@ fn restore(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRep
         );
     }
     let (pid, timing) = restored.context("criu restore at the target")?;
-    with_inbound(agent, peer, migration, |i| i.restored_pid = Some(pid))?;
+    with_inbound(agent, peer, migration, |i| {
+        i.restored_pid = Some(pid);
+        i.restored_at = Some(Instant::now());
+    })?;
     let placement = crate::engine::observe_placement(pid, &service::container_of(&name, &slot))?;
     if !placement.is_right() {
         return Err(Rejected::Failed(anyhow!(
             "the restored server (PID {pid}) is not in the slot's network namespace"
         )));
     }
-    // The images hold the process's memory and keys; the process runs now.
-    if let Err(e) = service::wipe_dir(&dir) {
+    // The images hold the process's memory and keys; the process runs now. Post-copy: the
+    // lazy-pages daemon works in them until every page arrived (the resume wipes them).
+    if memory == Memory::Cold
+        && let Err(e) = service::wipe_dir(&dir)
+    {
         warn!("wiping the received images: {e:#}");
     }
     info!(%peer, %migration, pid, "restored");
@@ -763,6 +1030,7 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     let admin = AdminDir::open(&paths.admin).context("opening the service's admin folder")?;
     let resumed = crate::engine::ask_resume(&admin, pid, migration)?;
     let clients = u32::try_from(resumed.told).unwrap_or(u32::MAX);
+    let resident = wait_resident(agent, peer, migration, pid)?;
     let service = with_inbound(agent, peer, migration, |i| Service {
         name: i.service.name.clone(),
         address: agent.service_address(i.slot.host_port),
@@ -795,8 +1063,413 @@ fn resume(agent: &Agent, peer: &Name, migration: MigrationId) -> Result<PeerRepl
     // The server runs here now: its clients' downtime reports come to this host.
     super::daemon::record_downtimes_later(agent.metrics.clone(), admin, migration, resumed.told);
     info!(%peer, %migration, service = %name, pid, "resumed: the service runs here");
-    Ok(PeerReply::Resumed {
-        clients,
-        handshakes: resumed.handshakes,
+    Ok(match resident {
+        None => PeerReply::Resumed {
+            clients,
+            handshakes: resumed.handshakes,
+        },
+        Some(r) => PeerReply::ResumedResident {
+            clients,
+            handshakes: resumed.handshakes,
+            resident_after_ms: r.resident_after_ms.unwrap_or_default(),
+            pages: r.pages_transferred,
+        },
     })
+}
+
+/// Post-copy: waits until the lazy-pages daemon exited (every page resident) and wipes the
+/// images; `None` for a cold move. A daemon that failed leaves the restored server `pid`
+/// with incomplete memory (a missing page would read as zeros): it is killed and the resume
+/// fails, loudly; the source's rollback then aborts the migration here.
+fn wait_resident(
+    agent: &Agent,
+    peer: &Name,
+    migration: MigrationId,
+    pid: i32,
+) -> Result<Option<admin_api::PostCopyReport>, Rejected> {
+    let (memory, daemon, restored_at, dir) = with_inbound(agent, peer, migration, |i| {
+        (
+            i.memory,
+            i.page_daemon.take(),
+            i.restored_at,
+            i.dir.join("set"),
+        )
+    })?;
+    if memory == Memory::Cold {
+        return Ok(None);
+    }
+    let daemon = daemon.context("post-copy: the lazy-pages daemon is gone")?;
+    let report = crate::postcopy::PageFlow::target_half(daemon, &dir.join("criu"))
+        .wait_resident(restored_at.unwrap_or_else(Instant::now));
+    if let Some(error) = &report.error {
+        tracing::error!(
+            %peer, %migration,
+            "POST-COPY PAGE TRANSFER FAILED after the restore: the restored server's memory is \
+             incomplete; killing it (PID {pid}). {error}"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(Rejected::Failed(anyhow!(
+            "post-copy page transfer failed after the restore; the restored server (PID {pid}) \
+             was killed, its memory being incomplete: {error}"
+        )));
+    }
+    if let Err(e) = service::wipe_dir(&dir) {
+        warn!("wiping the received images: {e:#}");
+    }
+    info!(
+        %peer, %migration,
+        resident_after_ms = report.resident_after_ms,
+        pages = report.pages_transferred,
+        "post-copy: every page is resident"
+    );
+    Ok(Some(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target whose fs.pipe-max-size is too low (or unreadable) refuses a post-copy move
+    /// with a typed refusal that names the host and the fix; one with enough passes.
+    #[test]
+    fn a_target_without_room_in_its_pipes_refuses_post_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pipe-max-size");
+        let host = Name::new("b").unwrap();
+        std::fs::write(&f, "1048576\n").unwrap();
+        let r = post_copy_refusal(&host, &f).unwrap_err();
+        let Refusal::PostCopy { host: h, reason } = &r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(h, "b");
+        assert!(reason.contains("fs.pipe-max-size"), "{reason}");
+        assert!(r.to_string().contains("post-copy refused at b"), "{r}");
+        assert!(matches!(
+            post_copy_refusal(&host, &dir.path().join("none")),
+            Err(Refusal::PostCopy { .. })
+        ));
+        std::fs::write(&f, "4194304\n").unwrap();
+        assert_eq!(post_copy_refusal(&host, &f), Ok(()));
+    }
+
+    /// A page stream is accepted only for a migration prepared for post-copy, once its image
+    /// set arrived, and only once.
+    #[test]
+    fn a_page_stream_needs_a_post_copy_migration_with_its_images_and_no_stream_yet() {
+        let host = Name::new("b").unwrap();
+        let m = MigrationId::from_bytes([3; 16]);
+        let cold = pages_refusal(&host, m, Memory::Cold, true, false);
+        assert!(
+            matches!(&cold, Some(Refusal::PostCopy { reason, .. }) if reason.contains("cold")),
+            "{cold:?}"
+        );
+        assert!(matches!(
+            pages_refusal(&host, m, Memory::PostCopy, false, false),
+            Some(Refusal::Busy(_))
+        ));
+        assert!(matches!(
+            pages_refusal(&host, m, Memory::PostCopy, true, true),
+            Some(Refusal::Busy(_))
+        ));
+        assert_eq!(pages_refusal(&host, m, Memory::PostCopy, true, false), None);
+    }
+
+    /// The daemon's end is judged by its exit status, without reaping it (the resume does):
+    /// 0 is a good end, anything else or a signal is not, an unknown child is passed on.
+    #[test]
+    fn a_daemons_end_is_judged_by_its_exit_status_and_left_to_be_reaped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (script, well) in [("exit 0", true), ("exit 3", false), ("kill -9 $$", false)] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            assert_eq!(rt.block_on(daemon_ended_well(pid)), well, "{script}");
+            // Still there to be reaped, with the same status.
+            assert_eq!(child.wait().unwrap().success(), well, "{script}");
+        }
+        // Reaped already (or not ours): passed on.
+        assert!(rt.block_on(daemon_ended_well(i32::MAX - 7)));
+    }
+
+    /// Over two in-process agents' real mutual-TLS connection: a page stream passes the gate
+    /// with its migration's token and is refused with a frame (no raw bytes, no criu) unless
+    /// the migration was prepared for post-copy here and its images arrived; a token of
+    /// another migration is refused by the gate.
+    #[test]
+    fn a_page_stream_between_two_agents_is_refused_unless_prepared_for_post_copy() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = crate::agent::tls::tests::fleet(
+            &dir.path().join("fleet"),
+            &[("a", "127.0.0.1"), ("b", "127.0.0.1")],
+        );
+        let (a_name, b_name) = (Name::new("a").unwrap(), Name::new("b").unwrap());
+        rt.block_on(async {
+            let (b, b_addr) = crate::agent::daemon::test_agent(
+                fleet[1].clone(),
+                &dir.path().join("b"),
+                crate::postcopy::start_daemon,
+            );
+            tokio::spawn(crate::agent::daemon::accept_peers(b.clone()));
+            let mut a_config = fleet[0].clone();
+            a_config.peers.insert(b_name.clone(), b_addr);
+            let (a, _) = crate::agent::daemon::test_agent(
+                a_config,
+                &dir.path().join("a"),
+                crate::postcopy::start_daemon,
+            );
+            let m = MigrationId::from_bytes([9; 16]);
+            let storage = dir.path().join("b");
+            let service = ServiceSpec {
+                name: Name::new("s").unwrap(),
+                server_user: None,
+                moves: 0,
+            };
+            lock(&b.inbound).insert(
+                m,
+                Inbound {
+                    migration: m,
+                    source: a_name.clone(),
+                    paths: Paths::new(&storage, &service.name),
+                    service,
+                    key: None,
+                    slot: crate::slot::Slot::for_test("qlm-mh-s", &storage),
+                    dir: storage.join("inbound").join(m.to_string()),
+                    received: true,
+                    restored_pid: None,
+                    fault: None,
+                    touched: Instant::now(),
+                    step_running: false,
+                    abandoned: false,
+                    memory: Memory::Cold,
+                    page_daemon: None,
+                    restored_at: None,
+                },
+            );
+            let pages = |migration| PeerRequest {
+                token: a.token_for(m, &b_name).unwrap(),
+                body: PeerBody::Pages { migration },
+            };
+            let limit = Duration::from_secs(10);
+            let reply = a.ask(&b_name, &pages(m), limit).await.unwrap();
+            assert!(
+                matches!(&reply, PeerReply::Refused(Refusal::PostCopy { host, reason })
+                    if host == "b" && reason.contains("cold")),
+                "{reply:?}"
+            );
+            if let Some(i) = lock(&b.inbound).get_mut(&m) {
+                i.memory = Memory::PostCopy;
+                i.received = false;
+            }
+            let reply = a.ask(&b_name, &pages(m), limit).await.unwrap();
+            assert!(
+                matches!(&reply, PeerReply::Refused(Refusal::Busy(r)) if r.contains("image set")),
+                "{reply:?}"
+            );
+            let other = MigrationId::from_bytes([8; 16]);
+            let reply = a.ask(&b_name, &pages(other), limit).await.unwrap();
+            assert_eq!(
+                reply,
+                PeerReply::Refused(Refusal::Token(agent_protocol::TokenRefusal::WrongMigration))
+            );
+            // A migration this target does not hold, with its own token.
+            let unknown = PeerRequest {
+                token: a.token_for(other, &b_name).unwrap(),
+                body: PeerBody::Pages { migration: other },
+            };
+            let reply = a.ask(&b_name, &unknown, limit).await.unwrap();
+            assert!(
+                matches!(reply, PeerReply::Refused(Refusal::UnknownMigration(_))),
+                "{reply:?}"
+            );
+            a.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+            b.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        });
+    }
+
+    /// A stand-in for `criu lazy-pages` with the page socket as stdin and stdout: asks for
+    /// pages (`REQ`), writes what it gets to `<dir>/got` until the end, exits with the code in
+    /// `<dir>/code`.
+    fn fake_lazy_pages(
+        dir: &std::path::Path,
+        ps: std::os::unix::net::UnixStream,
+    ) -> Result<std::process::Child> {
+        use std::process::{Command, Stdio};
+        let input = ps.try_clone()?;
+        Ok(Command::new("sh")
+            .args([
+                "-c",
+                "printf REQ; cat > \"$1/got\"; exit $(cat \"$1/code\")",
+                "sh",
+            ])
+            .arg(dir)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(input)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(ps)))
+            .spawn()?)
+    }
+
+    /// The whole page path between two in-process agents, criu replaced at both ends: the
+    /// source's relay (as `outbound::open_pages` runs it) and the target's real Pages handler
+    /// with a stand-in daemon. Its bytes cross intact both ways, `PagesReady` comes first as
+    /// a frame; a daemon that exits 0 ends the stream cleanly at the source's socket, one
+    /// that fails resets it (the source's socket stays open, its dump not told an end).
+    #[test]
+    fn pages_cross_between_two_agents_and_a_failed_daemon_is_no_clean_end() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = crate::agent::tls::tests::fleet(
+            &dir.path().join("fleet"),
+            &[("a", "127.0.0.1"), ("b", "127.0.0.1")],
+        );
+        let (a_name, b_name) = (Name::new("a").unwrap(), Name::new("b").unwrap());
+        let storage = dir.path().join("b");
+        let limit = Duration::from_secs(30);
+        rt.block_on(async {
+            let (b, b_addr) =
+                crate::agent::daemon::test_agent(fleet[1].clone(), &storage, fake_lazy_pages);
+            tokio::spawn(crate::agent::daemon::accept_peers(b.clone()));
+            let mut a_config = fleet[0].clone();
+            a_config.peers.insert(b_name.clone(), b_addr);
+            let (a, _) =
+                crate::agent::daemon::test_agent(a_config, &dir.path().join("a"), fake_lazy_pages);
+            for (i, code) in [0u8, 3].into_iter().enumerate() {
+                let m = MigrationId::from_bytes([20 + code; 16]);
+                let inbound_dir = storage.join("inbound").join(m.to_string());
+                let criu_dir = inbound_dir.join("set").join("criu");
+                std::fs::create_dir_all(&criu_dir).unwrap();
+                std::fs::write(criu_dir.join("code"), code.to_string()).unwrap();
+                let service = ServiceSpec {
+                    name: Name::new(&format!("s{i}")).unwrap(),
+                    server_user: None,
+                    moves: 0,
+                };
+                lock(&b.inbound).insert(
+                    m,
+                    Inbound {
+                        migration: m,
+                        source: a_name.clone(),
+                        paths: Paths::new(&storage, &service.name),
+                        service,
+                        key: None,
+                        slot: crate::slot::Slot::for_test("qlm-mh-s", &storage),
+                        dir: inbound_dir,
+                        received: true,
+                        restored_pid: None,
+                        fault: None,
+                        touched: Instant::now(),
+                        step_running: false,
+                        abandoned: false,
+                        memory: Memory::PostCopy,
+                        page_daemon: None,
+                        restored_at: None,
+                    },
+                );
+                // The source agent's side, as open_pages runs it.
+                let request = PeerRequest {
+                    token: a.token_for(m, &b_name).unwrap(),
+                    body: PeerBody::Pages { migration: m },
+                };
+                let conn = a.connection(&b_name).await.unwrap();
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                crate::agent::daemon::write_frame(&mut send, &request)
+                    .await
+                    .unwrap();
+                let body = tokio::time::timeout(limit, crate::agent::daemon::read_body(&mut recv))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let reply: PeerReply = agent_protocol::decode(&body).unwrap();
+                assert_eq!(reply, PeerReply::PagesReady);
+                let (dump, mut ours) = tokio::net::UnixStream::pair().unwrap();
+                let relay = tokio::spawn(async move {
+                    let r = crate::agent::page_relay::relay(&mut ours, &mut send, &mut recv).await;
+                    (r, ours)
+                });
+                // The stand-in dump: answers the request with its pages, then ends its side.
+                let (mut dump_r, mut dump_w) = dump.into_split();
+                let mut req = [0u8; 3];
+                tokio::time::timeout(limit, dump_r.read_exact(&mut req))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&req, b"REQ");
+                let pages: Vec<u8> = (0..(2u32 << 20))
+                    .map(|x| (x.wrapping_mul(7) ^ (x >> 12)) as u8)
+                    .collect();
+                dump_w.write_all(&pages).await.unwrap();
+                dump_w.shutdown().await.unwrap();
+                let (relayed, _ours) = tokio::time::timeout(limit, relay).await.unwrap().unwrap();
+                let daemon = lock(&b.inbound)
+                    .get_mut(&m)
+                    .and_then(|i| i.page_daemon.take());
+                let status = daemon.expect("the target keeps its daemon").wait().unwrap();
+                assert_eq!(status.code(), Some(i32::from(code)));
+                assert!(std::fs::read(criu_dir.join("got")).unwrap() == pages);
+                if code == 0 {
+                    let f = relayed.unwrap();
+                    assert_eq!((f.to_peer, f.from_peer), (2 << 20, 3));
+                    let mut rest = Vec::new();
+                    tokio::time::timeout(limit, dump_r.read_to_end(&mut rest))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert!(rest.is_empty(), "the end came as an end");
+                } else {
+                    assert!(
+                        matches!(
+                            relayed,
+                            Err(crate::agent::page_relay::RelayError::PeerRead(
+                                quinn::ReadError::Reset(_)
+                            ))
+                        ),
+                        "{relayed:?}"
+                    );
+                }
+            }
+            a.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+            b.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        });
+    }
+
+    /// An inbound journal written before post-copy (no `memory`) reads as a cold move's,
+    /// and a post-copy one keeps its mode (a later agent must not adopt its server).
+    #[test]
+    fn an_older_journal_reads_as_cold() {
+        let j = Journal {
+            migration: MigrationId::from_bytes([1; 16]),
+            source: Name::new("a").unwrap(),
+            service: ServiceSpec {
+                name: Name::new("s").unwrap(),
+                server_user: None,
+                moves: 0,
+            },
+            slot_name: "x".into(),
+            server_pid: 7,
+            supervisor_pid: 6,
+            memory: Memory::PostCopy,
+        };
+        let mut v = serde_json::to_value(&j).unwrap();
+        let back: Journal = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back.memory, Memory::PostCopy);
+        v.as_object_mut().unwrap().remove("memory");
+        let old: Journal = serde_json::from_value(v).unwrap();
+        assert_eq!(old.memory, Memory::Cold);
+    }
 }

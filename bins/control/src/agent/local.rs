@@ -108,6 +108,12 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
             s.name
         );
     }
+    if s.pid_namespace && s.server_user.is_some() {
+        bail!(
+            "a server in its own pid namespace runs as root (criu dumps it only if it may \
+             mount /proc): start it without a server account"
+        );
+    }
     let here = lock(&agent.services).contains_key(&s.name);
     if here || !agent.claim(&s.name) {
         bail!("a service {} is already here", s.name);
@@ -128,6 +134,7 @@ fn start(agent: &Agent, s: &StartService) -> Result<agent_protocol::ServiceStatu
             let mut server = agent.server.clone();
             server.user.clone_from(&s.server_user);
             server.extra.clone_from(&s.server_args);
+            server.pid_namespace = s.pid_namespace;
             service::start(
                 &s.name,
                 paths.clone(),
@@ -205,6 +212,7 @@ fn migrate(agent: &Arc<Agent>, m: &MigrateService) -> Result<LocalReply> {
             fault: m.fault,
             policy: policy(),
             plain_copy_after: m.plain_copy_after,
+            memory: m.memory,
         },
     )?;
     Ok(LocalReply::Moved {
@@ -279,6 +287,9 @@ async fn drain(agent: Arc<Agent>, d: Drain) -> Result<Vec<MoveSummary>> {
                 fault: None,
                 policy: policy(),
                 plain_copy_after: false,
+                // A drain moves cold: post-copy's failure loses a server, which a drain
+                // of many services should not risk unasked.
+                memory: agent_protocol::Memory::Cold,
             };
             let a = agent.clone();
             let moved = tokio::task::spawn_blocking(move || outbound::run(&a, &spec)).await;

@@ -10,6 +10,7 @@ pub(crate) mod gate;
 pub(crate) mod inbound;
 pub(crate) mod local;
 pub(crate) mod outbound;
+pub(crate) mod page_relay;
 pub(crate) mod recovery;
 pub(crate) mod service;
 pub(crate) mod tls;

@@ -14,6 +14,19 @@
 //! is told to abort); after it, the target is told to abort first (so that no second copy
 //! runs), then the source's own image set is restored here and the clients come back.
 //!
+//! Post-copy (`MoveSpec::memory`): the dump is `criu dump --lazy-pages` (the memory stays in
+//! the frozen source), the image set streamed is everything but the memory, and after it a
+//! Pages stream carries criu's page-server traffic between the dump's socket and the target's
+//! lazy-pages daemon (`page_relay`); the target restores with `--lazy-pages` and answers the
+//! resume once every page arrived (`ResumedResident`). Preconditions are checked before
+//! anything is touched, here (`postcopy::refusal`: the server is PID 1 of its own pid
+//! namespace, fs.pipe-max-size; the move is refused, not started) and at the target
+//! (`Refusal::PostCopy`, at Prepare: rolled back like any refused Prepare). Any failure before
+//! the target has every page is a rollback by *stopping the dump*: a killed criu dump lets the
+//! frozen source go on, its memory intact (postcopy.rs checks this), so there is no image set
+//! to restore here. A target whose pages could not all arrive kills its restored server and
+//! the move fails loudly; the source, unfrozen, takes its clients back when it runs.
+//!
 //! The clients' downtime reports go to the agent where the server runs afterwards: the
 //! target's after a completed move, this one after a rollback (in the background, once the
 //! result is known). They do not reach this move's report: it is returned before they come.
@@ -27,8 +40,8 @@ use admin_api::{
     AdminDir, Announced, MigrateRequest, MoveReport, MoveResult, Phases, PortProbe, TransferStats,
 };
 use agent_protocol::{
-    MoveFault, MoveSummary, Name, Outcome, PeerBody, PeerReply, PeerRequest, Prepare, Refusal,
-    ServiceSpec,
+    Memory, MoveFault, MoveSummary, Name, Outcome, PeerBody, PeerReply, PeerRequest, Prepare,
+    Refusal, ServiceSpec,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use migration_core::{Event, MigrationId, MigrationPolicy, Phase};
@@ -37,10 +50,11 @@ use tracing::{info, warn};
 
 use super::daemon::{Agent, lock, now_unix};
 use super::inbound::seal_context;
+use super::page_relay::{self, RelayError, RelayFigures};
 use crate::criu_rpc::Worker;
 use crate::engine::{self, Work};
 use crate::state::Container;
-use crate::{criu, kdat, secure, sys};
+use crate::{criu, kdat, postcopy, secure, sys};
 
 /// How long the server may take beyond the ack deadline to write `announce`.
 const ANNOUNCE_SLACK: Duration = Duration::from_secs(5);
@@ -53,6 +67,11 @@ const ABORT_LIMIT: Duration = Duration::from_secs(15);
 /// How long a target whose agent stopped answering during the restore is waited for.
 const TARGET_RETURN_LIMIT: Duration = Duration::from_secs(10);
 const REAP_LIMIT: Duration = Duration::from_secs(5);
+/// How long the target may take to start its lazy-pages daemon (criu's readiness limit and
+/// some).
+const PAGES_READY_LIMIT: Duration = Duration::from_secs(70);
+/// How long the page relay may take to end after the dump's page server exited.
+const RELAY_END_LIMIT: Duration = Duration::from_secs(10);
 
 /// A cross-host move to run.
 #[derive(Debug, Clone)]
@@ -64,6 +83,8 @@ pub(crate) struct MoveSpec {
     pub(crate) policy: MigrationPolicy,
     /// After a completed move, copy the image set plainly to the target, for comparison.
     pub(crate) plain_copy_after: bool,
+    /// How the memory moves.
+    pub(crate) memory: Memory,
 }
 
 /// The figures of a cross-host move beyond admin-api's `MoveReport`.
@@ -84,6 +105,16 @@ pub(crate) struct CrossHost {
     pub(crate) plain_copy_bytes: Option<u64>,
     pub(crate) handshakes_after: Option<u64>,
     pub(crate) handshakes_before: Option<u64>,
+    /// `cold` or `post-copy`.
+    pub(crate) memory: &'static str,
+    /// Post-copy: bytes of criu's page traffic the relay carried to the target (the pages)
+    /// and back (the lazy-pages daemon's requests). `report.post_copy` has the target's
+    /// figures (resident after, pages).
+    pub(crate) page_bytes_to_target: Option<u64>,
+    pub(crate) page_bytes_from_target: Option<u64>,
+    /// Post-copy: what went wrong at the source after the target had every page (its dump's
+    /// exit, the relay's end); the move completed regardless.
+    pub(crate) page_source_note: Option<String>,
 }
 
 /// A move's full report.
@@ -112,6 +143,10 @@ pub(crate) struct MoveJournal {
     pub(crate) dumped: bool,
     /// The resume was asked of the target: the service may run there.
     pub(crate) resume_asked: bool,
+    /// A post-copy move: its image set holds no memory (a server dumped by it cannot be
+    /// restored from it). Absent in older journals: cold.
+    #[serde(default)]
+    pub(crate) post_copy: bool,
 }
 
 /// The journal's file name in the move's folder.
@@ -175,6 +210,18 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
             s.migrations,
         )
     };
+    // Post-copy's preconditions here, before anything is touched (as on one host; the target
+    // checks its own when it prepares): the move is refused, not rolled back.
+    if spec.memory == Memory::PostCopy
+        && let Err(r) = postcopy::refusal(
+            pid,
+            crate::engine::Transfer::Local,
+            std::path::Path::new(postcopy::PIPE_MAX_SIZE),
+        )
+    {
+        warn!(service = %spec.service, "REFUSED post-copy move: {r}");
+        bail!("post-copy refused at {}: {r}", agent.config.host);
+    }
     let id = engine::random_id()?;
     let moves = agent.storage.join("moves");
     secure::private_dir(&moves)?;
@@ -211,6 +258,10 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
         cross: CrossHost {
             source_host: agent.config.host.to_string(),
             target_host: spec.to.to_string(),
+            memory: match spec.memory {
+                Memory::Cold => "cold",
+                Memory::PostCopy => "post-copy",
+            },
             ..CrossHost::default()
         },
         started: Instant::now(),
@@ -224,7 +275,14 @@ fn run_claimed(agent: &Arc<Agent>, spec: &MoveSpec) -> Result<(MoveSummary, Cros
             dumping: false,
             dumped: false,
             resume_asked: false,
+            post_copy: spec.memory == Memory::PostCopy,
         },
+        page_flow: None,
+        page_socket: None,
+        page_relay: None,
+        page_relay_stop: None,
+        restored_at: None,
+        resume_settled: false,
     };
     info!(%id, service = %spec.service, to = %spec.to, "cross-host migration starts");
     let driven = engine::drive(&mut machine, &spec.policy, &mut work, &engine::now, &|| {
@@ -268,9 +326,34 @@ struct Outbound {
     started: Instant,
     completed_at_target: bool,
     journal: MoveJournal,
+    /// Post-copy: the lazy dump (the source frozen, serving its pages), from the dump until
+    /// every page arrived or the move gave up.
+    page_flow: Option<postcopy::PageFlow>,
+    /// Post-copy: this agent's end of the dump's page socket, until the Pages stream opens.
+    page_socket: Option<std::os::unix::net::UnixStream>,
+    /// Post-copy: the relay of the Pages stream. Its output holds the dump's page socket
+    /// (closing it would make the dump kill the frozen source): dropped after the dump was
+    /// stopped or finished.
+    page_relay: Option<RelayTask>,
+    /// Post-copy: stops the relay with a reset of its stream (see `page_relay::relay_until`).
+    page_relay_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    restored_at: Option<Instant>,
+    /// Post-copy: the target's answer to the resume settled the move even though it failed
+    /// (its server was lost), so no recovery is left to decide it.
+    resume_settled: bool,
 }
 
+/// The source's page relay, and the page socket it keeps open past an error.
+type RelayTask = tokio::task::JoinHandle<(
+    Result<RelayFigures, RelayError>,
+    Option<tokio::net::UnixStream>,
+)>;
+
 impl Outbound {
+    fn post_copy(&self) -> bool {
+        self.spec.memory == Memory::PostCopy
+    }
+
     fn ask(&self, body: PeerBody, limit: Duration) -> Result<PeerReply> {
         let token = if self.spec.fault == Some(MoveFault::ForgedToken) {
             // A token of the right shape made with another key: the target must refuse it.
@@ -336,7 +419,7 @@ impl Outbound {
             self.fail_at("preparing", &here);
         })?;
         let agreement = migration_crypto::KeyAgreement::generate()?;
-        let body = PeerBody::Prepare(Prepare {
+        let prepare = Prepare {
             migration: self.id,
             service: ServiceSpec {
                 name: self.spec.service.clone(),
@@ -351,7 +434,11 @@ impl Outbound {
                 _ => None,
             },
             image_estimate,
-        });
+        };
+        let body = match self.spec.memory {
+            Memory::Cold => PeerBody::Prepare(prepare),
+            Memory::PostCopy => PeerBody::PreparePostCopy(prepare),
+        };
         // From here on the target may hold something of this migration (even when its answer
         // is lost): a failure tells it to abort, which is harmless if it has nothing. So may
         // an agent started here after this one died: the journal tells it.
@@ -391,13 +478,16 @@ impl Outbound {
         }
         self.target_addr = Some(address);
         self.report.target_addr = address;
-        // The dump's criu worker starts before the clients are told.
+        // The dump's criu worker starts before the clients are told (post-copy's lazy dump
+        // is a criu of its own: postcopy::start_dump).
         let (uid, gid) = self.dump_as.map_or((0, 0), |u| (u.uid, u.gid));
         self.dump_kdat = kdat::for_account(uid, gid);
-        self.dump_worker = Some(
-            criu::dump_worker(&self.src.netns, self.dump_as, self.dump_kdat.as_deref())
-                .map_err(|e| e.to_string()),
-        );
+        if !self.post_copy() {
+            self.dump_worker = Some(
+                criu::dump_worker(&self.src.netns, self.dump_as, self.dump_kdat.as_deref())
+                    .map_err(|e| e.to_string()),
+            );
+        }
         let removed = self.admin.clear()?;
         if !removed.is_empty() {
             warn!(
@@ -460,17 +550,25 @@ impl Outbound {
             user: self.dump_as,
             kdat: self.dump_kdat.clone(),
         };
-        let worker = self
-            .dump_worker
-            .take()
-            .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
         self.journal.dumping = true;
         self.journal.write(&self.images)?;
-        let (timing, spent) = criu::dump_via_deferred(worker, &args).inspect_err(|_| {
-            let host = self.agent.config.host.to_string();
-            self.fail_at("dumping", &host);
-        })?;
-        self.spent_dump_worker = spent;
+        let timing = if self.post_copy() {
+            self.dump_lazy(&dir).inspect_err(|_| {
+                let host = self.agent.config.host.to_string();
+                self.fail_at("dumping", &host);
+            })?
+        } else {
+            let worker = self
+                .dump_worker
+                .take()
+                .unwrap_or_else(|| Err("no dump worker was started".to_owned()));
+            let (timing, spent) = criu::dump_via_deferred(worker, &args).inspect_err(|_| {
+                let host = self.agent.config.host.to_string();
+                self.fail_at("dumping", &host);
+            })?;
+            self.spent_dump_worker = spent;
+            timing
+        };
         let bytes = sys::dir_size(&dir);
         self.report.dump = Some(timing);
         self.report.image_bytes = Some(bytes);
@@ -493,6 +591,192 @@ impl Outbound {
         })
     }
 
+    /// Post-copy's dump: everything but the memory into `dir`; the source stays frozen, its
+    /// page server on a socket pair whose other end this agent keeps for the Pages stream.
+    fn dump_lazy(&mut self, dir: &std::path::Path) -> Result<admin_api::CriuTiming> {
+        let (ps_dump, ours) =
+            std::os::unix::net::UnixStream::pair().context("creating the page socket pair")?;
+        let (dump, timing) = postcopy::start_dump(
+            self.pid,
+            &self.src.netns,
+            dir,
+            self.dump_as,
+            ps_dump,
+            Instant::now(),
+        )?;
+        self.page_flow = Some(postcopy::PageFlow::source_half(dump, dir));
+        self.page_socket = Some(ours);
+        Ok(timing)
+    }
+
+    /// Post-copy, after the image set arrived: the Pages stream. The target starts its
+    /// lazy-pages daemon and answers `PagesReady`; the relay then runs in the background
+    /// until every page has crossed.
+    fn open_pages(&mut self) -> Result<()> {
+        let socket = self.page_socket.take().context("no page socket")?;
+        socket
+            .set_nonblocking(true)
+            .context("the page socket (non-blocking)")?;
+        let request = PeerRequest {
+            token: self.agent.token_for(self.id, &self.spec.to)?,
+            body: PeerBody::Pages { migration: self.id },
+        };
+        let agent = self.agent.clone();
+        let to = self.spec.to.clone();
+        let opened = self.agent.runtime.block_on(async move {
+            let conn = agent.connection(&to).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            super::daemon::write_frame(&mut send, &request).await?;
+            let body = tokio::time::timeout(PAGES_READY_LIMIT, super::daemon::read_body(&mut recv))
+                .await
+                .map_err(|_| {
+                    anyhow!("no answer to the page stream within {PAGES_READY_LIMIT:?}")
+                })??;
+            let reply: PeerReply = agent_protocol::decode(&body)?;
+            anyhow::Ok((reply, send, recv))
+        });
+        let (reply, mut send, mut recv) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                let to = self.spec.to.to_string();
+                self.fail_at("transferring", &to);
+                return Err(e.context("opening the page stream"));
+            }
+        };
+        if reply != PeerReply::PagesReady {
+            return Err(self.unexpected("transferring", reply));
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.page_relay_stop = Some(stop);
+        self.page_relay = Some(self.agent.runtime.spawn(async move {
+            let mut local = match tokio::net::UnixStream::from_std(socket) {
+                Ok(l) => l,
+                Err(e) => return (Err(RelayError::LocalRead(e)), None),
+            };
+            // A dropped sender stops it too (the move gave up).
+            let stop = async {
+                let _ = stopped.await;
+            };
+            let relayed = page_relay::relay_until(&mut local, &mut send, &mut recv, stop).await;
+            (relayed, Some(local))
+        }));
+        info!("post-copy: the page stream to the target is open");
+        Ok(())
+    }
+
+    /// Post-copy, after the target said every page arrived: the dump's page server exits
+    /// and the relay ends. The target's word decides the move (its lazy-pages daemon exited
+    /// 0: the memory is complete there); a source half ending badly afterwards is a warning.
+    fn wait_pages(&mut self, resident_after_ms: f64, pages: Option<u64>) {
+        let Some(flow) = self.page_flow.take() else {
+            return;
+        };
+        let mine = flow.wait_resident(self.restored_at.unwrap_or_else(Instant::now));
+        let relayed = self.page_relay.take().map(|h| {
+            self.agent
+                .runtime
+                .block_on(async { tokio::time::timeout(RELAY_END_LIMIT, h).await })
+        });
+        let mut error = mine.error;
+        match relayed {
+            Some(Ok(Ok((Ok(f), _)))) => {
+                self.cross.page_bytes_to_target = Some(f.to_peer);
+                self.cross.page_bytes_from_target = Some(f.from_peer);
+            }
+            Some(Ok(Ok((Err(e), _)))) => error = Some(format!("the page relay failed: {e}")),
+            Some(Ok(Err(e))) => error = Some(format!("the page relay panicked: {e}")),
+            Some(Err(_)) => {
+                error = Some(format!("the page relay did not end in {RELAY_END_LIMIT:?}"))
+            }
+            None => error = Some("no page relay ran".to_owned()),
+        }
+        if let Some(e) = &error {
+            warn!("post-copy: the target has every page, but here: {e}");
+        }
+        self.cross.page_source_note = error;
+        self.report.post_copy = Some(admin_api::PostCopyReport {
+            transport: "agents-quic-stream".to_owned(),
+            resident_after_ms: Some(resident_after_ms),
+            pages_transferred: pages,
+            bytes_transferred: self.cross.page_bytes_to_target,
+            error: None,
+        });
+    }
+
+    /// Post-copy, the resume not answered with every page resident: the restored server at
+    /// the target is lost (its memory incomplete; the target killed it, and is told to give
+    /// the migration up), the move fails loudly. The engine undoes nothing after a failed
+    /// resume, so this does what can be done: the dump is stopped and, when the source's
+    /// server runs again (criu unfreezes it when its page server fails, or when the dump is
+    /// killed), its clients are sent back to it. The target's answer settled the move: no
+    /// recovery is left to decide it.
+    fn post_copy_lost(&mut self, e: anyhow::Error) -> anyhow::Error {
+        tracing::error!(
+            "POST-COPY MOVE FAILED after the restore: the restored server's memory could not \
+             all arrive ({e:#}); the target gives it up"
+        );
+        self.stop_dump();
+        self.abort_target();
+        let back = match self.post_copy_back() {
+            Ok(()) => "the source's server runs again and its clients were sent back".to_owned(),
+            Err(b) => format!("{b:#}"),
+        };
+        self.report.post_copy = Some(admin_api::PostCopyReport {
+            transport: "agents-quic-stream".to_owned(),
+            resident_after_ms: None,
+            pages_transferred: None,
+            bytes_transferred: self.cross.page_bytes_to_target,
+            error: Some(format!("{e:#}; {back}")),
+        });
+        self.resume_settled = true;
+        e.context(format!(
+            "post-copy page transfer failed after the restore; {back}"
+        ))
+    }
+
+    /// Post-copy: stops the lazy dump (killed: criu lets the frozen source go on), then the
+    /// relay (its stream reset, so that the target's daemon does not take it for the pages'
+    /// end), then lets the page socket go: in that order, since the dump would kill the frozen
+    /// source if it saw its socket close first. Called before the target is told to abort:
+    /// the target's daemon, killed, would close its end, and that end would reach the dump.
+    fn stop_dump(&mut self) {
+        if let Some(flow) = self.page_flow.take() {
+            flow.abort();
+        }
+        if let Some(stop) = self.page_relay_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(relay) = self.page_relay.take() {
+            // Its output (the socket) is dropped here, after the dump was stopped.
+            let _ = self
+                .agent
+                .runtime
+                .block_on(async { tokio::time::timeout(RELAY_END_LIMIT, relay).await });
+        }
+        self.page_socket = None;
+    }
+
+    /// Post-copy's way back: the dump is stopped (killed: criu lets the frozen source go on)
+    /// and the relay with it; the source's server must run again, its clients come back.
+    fn post_copy_back(&mut self) -> Result<()> {
+        self.stop_dump();
+        let runs = lock(&self.agent.services)
+            .get(&self.spec.service)
+            .is_some_and(super::service::Service::server_runs);
+        if !runs {
+            tracing::error!(
+                "POST-COPY: the source's server (PID {}) did not survive the stopped dump; the \
+                 service is lost",
+                self.pid
+            );
+            bail!(
+                "post-copy: the source's server (PID {}) does not run after the stopped dump",
+                self.pid
+            );
+        }
+        self.send_back()
+    }
+
     fn admin_log(&self) -> PathBuf {
         lock(&self.agent.services)
             .get(&self.spec.service)
@@ -503,7 +787,11 @@ impl Outbound {
     /// Transferring: the image set, sealed with the agreed key, to the target, which
     /// verifies it before answering.
     fn transfer(&mut self) -> Result<Event> {
-        sys::reap(self.pid, REAP_LIMIT)?;
+        // Post-copy: the source stays frozen (its memory is served from it) until every page
+        // crossed; criu ends it then.
+        if !self.post_copy() {
+            sys::reap(self.pid, REAP_LIMIT)?;
+        }
         let set = self.images.join("set");
         let key = self.key.clone().context("no agreed key")?;
         let request = PeerRequest {
@@ -576,6 +864,9 @@ impl Outbound {
                     chunks: None,
                     first_byte_ms: None,
                 });
+                if self.post_copy() {
+                    self.open_pages()?;
+                }
                 Ok(Event::TransferDone)
             }
             other => Err(self.unexpected("transferring", other)),
@@ -593,6 +884,7 @@ impl Outbound {
             match reply {
                 Ok(PeerReply::Restored { pid, restore, .. }) => {
                     info!(pid, "restored at the target");
+                    self.restored_at = Some(Instant::now());
                     self.report.restore = Some(restore);
                     return Ok(Event::RestoreDone);
                 }
@@ -619,19 +911,51 @@ impl Outbound {
     fn resume(&mut self) -> Result<Event> {
         self.journal.resume_asked = true;
         self.journal.write(&self.images)?;
-        match self.ask(PeerBody::Resume { migration: self.id }, RESUME_LIMIT) {
+        // Post-copy: the target answers once every page arrived.
+        let limit = if self.post_copy() {
+            RESUME_LIMIT + postcopy::RESIDENT_LIMIT
+        } else {
+            RESUME_LIMIT
+        };
+        match self.ask(PeerBody::Resume { migration: self.id }, limit) {
             Ok(PeerReply::Resumed {
                 clients,
                 handshakes,
-            }) => {
+            }) if !self.post_copy() => {
                 info!(clients, handshakes, "the service runs at the target");
                 self.cross.handshakes_after = Some(handshakes);
                 self.completed_at_target = true;
             }
-            Ok(other) => return Err(self.unexpected("resuming", other)),
+            Ok(PeerReply::ResumedResident {
+                clients,
+                handshakes,
+                resident_after_ms,
+                pages,
+            }) if self.post_copy() => {
+                info!(
+                    clients,
+                    handshakes,
+                    resident_after_ms,
+                    pages,
+                    "the service runs at the target, every page resident"
+                );
+                self.cross.handshakes_after = Some(handshakes);
+                self.completed_at_target = true;
+                self.wait_pages(resident_after_ms, pages);
+            }
+            Ok(other) => {
+                let e = self.unexpected("resuming", other);
+                if self.post_copy() {
+                    return Err(self.post_copy_lost(e));
+                }
+                return Err(e);
+            }
             Err(e) => {
                 let to = self.spec.to.to_string();
                 self.fail_at("resuming", &to);
+                if self.post_copy() {
+                    return Err(self.post_copy_lost(e));
+                }
                 return Err(e);
             }
         }
@@ -720,6 +1044,12 @@ impl Outbound {
     }
 
     fn finish(mut self, machine: &migration_core::Migration) -> (MoveSummary, CrossReport) {
+        // Post-copy pages still pinned in a dump nobody took back (a failure the engine's
+        // recovery did not reach): stopped, so that the source goes on.
+        if self.page_flow.is_some() || self.page_relay.is_some() {
+            warn!("post-copy: stopping a lazy dump left at the end of the move");
+            self.stop_dump();
+        }
         drop(self.dump_worker.take());
         drop(self.spent_dump_worker.take());
         // The target resumed the service (its answer came) even if a check after it failed:
@@ -738,7 +1068,8 @@ impl Outbound {
         // The resume was asked but no answer settled the move: the target may run the
         // service, or may not. The journal and the image set stay, and the recovery an agent
         // started anew would run decides it now (the target's status, else a rollback here).
-        let undecided = self.journal.resume_asked && !completed && !rolled_back;
+        let undecided =
+            self.journal.resume_asked && !self.resume_settled && !completed && !rolled_back;
         if undecided {
             let svc = lock(&self.agent.services).get(&self.spec.service).cloned();
             match svc {
@@ -862,11 +1193,26 @@ impl Work for Outbound {
     }
 
     fn resume_source(&mut self) -> Result<()> {
+        if self.post_copy() {
+            // A lazy dump that started keeps the source frozen until it is stopped; stopped
+            // before the target's abort (see `stop_dump`).
+            self.stop_dump();
+            self.abort_target();
+            return self.post_copy_back();
+        }
         self.abort_target();
         self.send_back()
     }
 
     fn restore_on_source(&mut self) -> Result<()> {
+        if self.post_copy() {
+            // No memory in the image set here: the source itself runs on instead. The dump is
+            // stopped before the target's abort (see `stop_dump`); a server the target
+            // restored is parked (its clients were not told) and is killed by the abort.
+            self.stop_dump();
+            self.abort_target();
+            return self.post_copy_back();
+        }
         // The target first: no second copy may run there once the source runs again.
         self.abort_target();
         let dir = self
@@ -910,6 +1256,7 @@ mod tests {
             dumping: true,
             dumped: true,
             resume_asked: false,
+            post_copy: false,
         };
         std::fs::create_dir_all(moves.join(id.to_string())).unwrap();
         j.write(&moves.join(id.to_string())).unwrap();

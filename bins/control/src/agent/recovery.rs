@@ -137,6 +137,15 @@ fn recover(agent: &Arc<Agent>, j: &MoveJournal, mut svc: Service) -> Result<Outc
     wait_untraced(j.server_pid);
     let dumped = j.dumped || move_dir.join("set/criu/pstree.img").is_file();
     if !svc.server_runs() {
+        if j.post_copy {
+            // Its image set holds no memory; the pages were in the dump that died with the
+            // agent (criu ended the source when its page server lost its peer).
+            bail!(
+                "post-copy: the server (PID {}) is gone and its image set holds no memory: \
+                 the service is lost",
+                j.server_pid
+            );
+        }
         if !dumped {
             bail!(
                 "the server (PID {}) is gone and no complete image set is here",

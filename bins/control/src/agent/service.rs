@@ -200,6 +200,8 @@ pub(crate) struct ServerSpec {
     pub(crate) key: PathBuf,
     pub(crate) user: Option<String>,
     pub(crate) extra: Vec<String>,
+    /// PID 1 of its own pid namespace (`unshare --pid --fork`): post-copy moves need it.
+    pub(crate) pid_namespace: bool,
 }
 
 /// Creates the service's folders (refusing an existing one), 0700; the admin folder is
@@ -260,9 +262,9 @@ pub(crate) fn start_supervisor(
         .unwrap_or_default();
     let start = match server {
         None => supervisor::Start::Idle,
-        Some(_) => supervisor::Start::Server {
+        Some(s) => supervisor::Start::Server {
             argv: &argv,
-            pid_namespace: false,
+            pid_namespace: s.pid_namespace,
         },
     };
     let pid = supervisor::spawn(
@@ -305,8 +307,15 @@ pub(crate) fn start(
         )
     })?;
     let server_pid = i32::try_from(ready.pid).context("PID out of range")?;
-    if sys::parent_pid(server_pid) != Some(supervisor_pid) {
-        bail!("the server (PID {server_pid}) is not the supervisor's ({supervisor_pid}) child");
+    // In its own pid namespace the server knows itself as PID 1; its host PID is unshare's
+    // child (the supervisor's grandchild).
+    let server_pid = if server.pid_namespace {
+        crate::postcopy::server_host_pid(supervisor_pid)?
+    } else {
+        server_pid
+    };
+    if !supervised_here_by(server_pid, supervisor_pid) {
+        bail!("the server (PID {server_pid}) is not under the supervisor ({supervisor_pid})");
     }
     info!(service = %name, pid = server_pid, %address, "service started");
     Ok(Service {
@@ -481,14 +490,28 @@ pub(crate) fn kill_servers_of(socket: &Path) -> usize {
 
 /// Whether `pid`'s parent is the supervisor of the service at `paths`.
 pub(crate) fn supervised_here(pid: i32, paths: &Paths) -> bool {
+    let socket = paths.socket.as_os_str().as_encoded_bytes();
+    let by_this_supervisor = |parent: i32| {
+        std::fs::read(format!("/proc/{parent}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == socket))
+    };
     let Some(parent) = sys::parent_pid(pid) else {
         return false;
     };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{parent}/cmdline")) else {
-        return false;
-    };
-    let socket = paths.socket.as_os_str().as_encoded_bytes();
-    cmdline.split(|b| *b == 0).any(|arg| arg == socket)
+    // A server started in its own pid namespace is unshare's child, unshare the
+    // supervisor's (a restored one is the supervisor's own child).
+    by_this_supervisor(parent)
+        || (crate::postcopy::own_pid_namespace(pid)
+            && sys::parent_pid(parent).is_some_and(by_this_supervisor))
+}
+
+/// Whether `pid` is `supervisor`'s child, or, PID 1 of its own pid namespace, its grandchild
+/// (through `unshare`).
+fn supervised_here_by(pid: i32, supervisor: i32) -> bool {
+    let parent = sys::parent_pid(pid);
+    parent == Some(supervisor)
+        || (crate::postcopy::own_pid_namespace(pid)
+            && parent.and_then(sys::parent_pid) == Some(supervisor))
 }
 
 /// Overwrites every regular file under `dir` with zeros, then removes it: image sets hold a

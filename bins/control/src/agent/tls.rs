@@ -113,11 +113,12 @@ pub(crate) fn server_name(host: &Name) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::agent::config::{Config, FleetInit, HostArg, fleet_init};
 
-    fn fleet(dir: &std::path::Path, hosts: &[(&str, &str)]) -> Vec<Config> {
+    /// A fleet's configurations (`fleet_init`) for `hosts` (name, address) under `dir`.
+    pub(crate) fn fleet(dir: &std::path::Path, hosts: &[(&str, &str)]) -> Vec<Config> {
         fleet_init(&FleetInit {
             out: dir.to_path_buf(),
             hosts: hosts
