@@ -351,12 +351,14 @@ fn ci(root: &Path) -> Result<()> {
         let step_started = Instant::now();
         let limit = step_limit(deadline, 20);
         println!(
-            "xtask ci: the migration across hosts (cargo xtask e2e-multihost --quick, limit {} s)",
+            "xtask ci: the migration across hosts (cargo xtask e2e-multihost --quick --post-copy, \
+             limit {} s)",
             limit.as_secs()
         );
         let res = limit::status(
             Command::new(&exe)
-                .args(["e2e-multihost", "--quick"])
+                // Post-copy between hosts included: the page traffic through the agents' relay.
+                .args(["e2e-multihost", "--quick", "--post-copy"])
                 .current_dir(root),
             "e2e-multihost",
             limit,
@@ -374,7 +376,7 @@ fn ci(root: &Path) -> Result<()> {
         if !res.as_ref().is_ok_and(|s| s.success()) {
             return Err(res
                 .err()
-                .unwrap_or_else(|| anyhow::anyhow!("e2e-multihost --quick failed")));
+                .unwrap_or_else(|| anyhow::anyhow!("e2e-multihost --quick --post-copy failed")));
         }
         println!(
             "xtask ci: e2e-multihost --quick passed in {:.1} s",

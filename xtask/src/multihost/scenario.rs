@@ -70,8 +70,8 @@ pub(crate) struct Options {
     /// agents' QUIC connection): a ballast service started in its own pid namespace as root,
     /// with one client connection that must live through the move; and a post-copy move of a
     /// service that is not in its own pid namespace, refused at the source with the service
-    /// left where it runs. Needs fs.pipe-max-size >= 4 MiB (`cargo xtask setup`). Opt-in: CI
-    /// (`--quick`) moves cold only.
+    /// left where it runs. Needs fs.pipe-max-size >= 4 MiB (`cargo xtask setup`). CI runs it
+    /// (`cargo xtask ci`: `--quick --post-copy`).
     #[arg(long)]
     post_copy: bool,
 }
