@@ -882,11 +882,31 @@ fn start_pages(
 /// How long the lazy-pages daemon may take to exit once its page socket closed.
 const DAEMON_END_LIMIT: Duration = Duration::from_secs(5);
 
+/// The lazy-pages daemons' ends as the resume judged them when it reaped them (by PID; read
+/// once by [`daemon_ended_well`]): the relay and the resume race to see the daemon's exit,
+/// and a daemon the resume reaped first must not read as a good end when it failed.
+static DAEMON_ENDS: std::sync::Mutex<Vec<(i32, bool)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records how the daemon `pid` ended, once the resume reaped it.
+fn record_daemon_end(pid: i32, well: bool) {
+    let mut ends = lock(&DAEMON_ENDS);
+    ends.retain(|(p, _)| *p != pid);
+    ends.push((pid, well));
+}
+
+/// How the resume judged the daemon `pid`, if it did (the record is taken).
+fn take_daemon_end(pid: i32) -> Option<bool> {
+    let mut ends = lock(&DAEMON_ENDS);
+    let at = ends.iter().position(|(p, _)| *p == pid)?;
+    Some(ends.swap_remove(at).1)
+}
+
 /// Whether the lazy-pages daemon `pid` ended well, asked when its page socket reads EOF (the
 /// relay passes the end on to the source only then, see `page_relay::relay_gated`): its exit
-/// status, read without reaping it (`WNOWAIT`: the resume reaps and judges it). Already
-/// reaped (by the resume, or killed by an abort the source asked for after stopping its
-/// dump), or still running after [`DAEMON_END_LIMIT`]: the end is passed on.
+/// status, read without reaping it (`WNOWAIT`). Reaped already by the resume: what the resume
+/// recorded ([`record_daemon_end`]), waited for up to [`DAEMON_END_LIMIT`]; nothing recorded
+/// by then (killed by an abort the source asked for after stopping its dump, or not ours):
+/// not a good end, the stream is reset. Still running after the limit: passed on.
 async fn daemon_ended_well(pid: i32) -> bool {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     tokio::task::spawn_blocking(move || {
@@ -899,12 +919,22 @@ async fn daemon_ended_well(pid: i32) -> bool {
                 Ok(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Ok(_) | Err(_) => return true,
+                Ok(_) => return true,
+                // Reaped already: the resume says how it ended.
+                Err(_) => loop {
+                    if let Some(well) = take_daemon_end(pid) {
+                        return well;
+                    }
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                },
             }
         }
     })
     .await
-    .unwrap_or(true)
+    .unwrap_or(false)
 }
 
 /// Exits this agent at once, as if killed (the scenario's "target agent killed" cases).
@@ -1099,8 +1129,11 @@ fn wait_resident(
         return Ok(None);
     }
     let daemon = daemon.context("post-copy: the lazy-pages daemon is gone")?;
+    let daemon_pid = i32::try_from(daemon.id()).unwrap_or(0);
     let report = crate::postcopy::PageFlow::target_half(daemon, &dir.join("criu"))
         .wait_resident(restored_at.unwrap_or_else(Instant::now));
+    // The relay may be asking how the daemon ended, which it can no longer read itself.
+    record_daemon_end(daemon_pid, report.error.is_none());
     if let Some(error) = &report.error {
         tracing::error!(
             %peer, %migration,
@@ -1195,8 +1228,20 @@ mod tests {
             // Still there to be reaped, with the same status.
             assert_eq!(child.wait().unwrap().success(), well, "{script}");
         }
-        // Reaped already (or not ours): passed on.
-        assert!(rt.block_on(daemon_ended_well(i32::MAX - 7)));
+        // Reaped already (or not ours) and nothing recorded: not a good end.
+        assert!(!rt.block_on(daemon_ended_well(i32::MAX - 7)));
+        // Reaped by the resume, which recorded how it ended: that decides, both ways.
+        for well in [true, false] {
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", if well { "exit 0" } else { "exit 3" }])
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            assert_eq!(child.wait().unwrap().success(), well);
+            record_daemon_end(pid, well);
+            assert_eq!(rt.block_on(daemon_ended_well(pid)), well);
+            assert_eq!(take_daemon_end(pid), None, "the record is taken once");
+        }
     }
 
     /// Over two in-process agents' real mutual-TLS connection: a page stream passes the gate

@@ -613,8 +613,12 @@ impl Outbound {
     /// lazy-pages daemon and answers `PagesReady`; the relay then runs in the background
     /// until every page has crossed.
     fn open_pages(&mut self) -> Result<()> {
-        let socket = self.page_socket.take().context("no page socket")?;
-        socket
+        // The socket stays ours until the relay has it: on any failure before, `stop_dump`
+        // kills the dump first and closes it after (a lazy dump that sees its socket close
+        // first kills the frozen source, where a killed dump lets it go on).
+        self.page_socket
+            .as_ref()
+            .context("no page socket")?
             .set_nonblocking(true)
             .context("the page socket (non-blocking)")?;
         let request = PeerRequest {
@@ -646,6 +650,7 @@ impl Outbound {
         if reply != PeerReply::PagesReady {
             return Err(self.unexpected("transferring", reply));
         }
+        let socket = self.page_socket.take().context("no page socket")?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         self.page_relay_stop = Some(stop);
         self.page_relay = Some(self.agent.runtime.spawn(async move {
@@ -740,19 +745,21 @@ impl Outbound {
     /// source if it saw its socket close first. Called before the target is told to abort:
     /// the target's daemon, killed, would close its end, and that end would reach the dump.
     fn stop_dump(&mut self) {
-        if let Some(flow) = self.page_flow.take() {
-            flow.abort();
-        }
+        // The relay first (stopped, it resets the stream: the target never takes it for a
+        // clean end), keeping the socket it returns; then the dump is killed; the socket is
+        // closed last, when the dump can no longer see it close.
         if let Some(stop) = self.page_relay_stop.take() {
             let _ = stop.send(());
         }
-        if let Some(relay) = self.page_relay.take() {
-            // Its output (the socket) is dropped here, after the dump was stopped.
-            let _ = self
-                .agent
+        let relay_out = self.page_relay.take().map(|relay| {
+            self.agent
                 .runtime
-                .block_on(async { tokio::time::timeout(RELAY_END_LIMIT, relay).await });
+                .block_on(async { tokio::time::timeout(RELAY_END_LIMIT, relay).await })
+        });
+        if let Some(flow) = self.page_flow.take() {
+            flow.abort();
         }
+        drop(relay_out);
         self.page_socket = None;
     }
 
