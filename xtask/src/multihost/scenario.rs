@@ -686,9 +686,18 @@ fn scenario(paths: &Paths, opts: &Options, spec: &Spec, world: &mut World) -> Re
             );
         }
         // The target kept nothing of a move that rolled back: no migration in flight, no
-        // slot taken (its free slots are what its services leave).
+        // slot taken (its free slots are what its services leave). An abort that came during
+        // a running step is answered at once and applied when the step ends: within
+        // ABORT_APPLIED, not necessarily by the time the source reports the rollback (seen
+        // under load for target-dies-during-restore: one migration still in flight).
         if case.outcome == "rolled back" {
-            check_target_clean(paths, world.host(to)?, to)?;
+            let since = Instant::now();
+            while let Err(e) = check_target_clean(paths, world.host(to)?, to) {
+                if since.elapsed() > ABORT_APPLIED {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         summary.failures.push(case);
     }
@@ -1473,6 +1482,9 @@ fn fleet_status(paths: &Paths, host: &Host) -> Result<agent_protocol::FleetStatu
 }
 
 /// `host`'s agent holds no migration in flight and no slot beyond its services'.
+/// How long a target may take to apply an abort that came during a running step.
+const ABORT_APPLIED: Duration = Duration::from_secs(15);
+
 fn check_target_clean(paths: &Paths, host: &Host, name: &str) -> Result<()> {
     let fleet = fleet_status(paths, host)?;
     let me = fleet
