@@ -1642,6 +1642,23 @@ fn write_benchmarks(root: &Path, summary: &Summary) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    if let Some(pc) = &summary.post_copy {
+        writeln!(
+            s,
+            "Post-copy between hosts (`--post-copy`): a {} MiB service {} -> {}, freeze {} ms, \
+             image set {} B without the memory, {} B of pages relayed over the agents' QUIC \
+             connection, every page resident {} ms after the restore, client downtime {} ms.\n",
+            pc.ballast_mib,
+            pc.from,
+            pc.to,
+            fmt_ms(pc.freeze_ms),
+            pc.image_bytes,
+            pc.page_bytes_to_target
+                .map_or("-".to_owned(), |b| b.to_string()),
+            fmt_ms(pc.resident_after_ms),
+            fmt_ms(pc.downtime_ms),
+        )?;
+    }
     writeln!(s, "{END}")?;
     let path = root.join("BENCHMARKS.md");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
